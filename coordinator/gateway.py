@@ -1,0 +1,243 @@
+"""The OpenAI-compatible HTTP edge: parse, check, let the Router pick, pass the engine's bytes on.
+
+Every refusal is OpenAI-shaped JSON and happens before any engine work. The response body is
+the engine's own bytes, streamed as they arrive: the gateway never re-encodes a chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from coordinator.config import RETRY_AFTER_S, Config, ModelSpec
+from coordinator.errors import ApiError
+from coordinator.routing import Routing, Target
+from coordinator.store import Store
+from node_agent.engine.protocol import (
+    InvalidRequest,
+    parse_chat_request,
+    parse_completion_request,
+)
+
+logger = logging.getLogger(__name__)
+
+ATTEMPTS = 3  # engines tried for one request before answering 503 (only before any byte is sent)
+ENGINE_CONNECT_TIMEOUT_S = 5.0
+SSE_DONE = b"data: [DONE]"
+MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(err: ApiError) -> web.Response:
+    return web.json_response(err.body(), status=err.status, headers=err.headers)
+
+
+def unavailable(model: str) -> ApiError:
+    return ApiError(
+        503,
+        f"model {model!r} has no engine ready; retry shortly",
+        type="service_unavailable",
+        code="model_unavailable",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure at this edge into an OpenAI-shaped error, never a traceback."""
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return error_response(err)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[MAX_BODY_KEY]
+        return error_response(
+            ApiError(413, f"request body over the {limit}-byte limit", code="request_too_large")
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(ApiError(exc.status, exc.reason, type="invalid_request_error"))
+
+
+class Gateway:
+    """Routes /v1 requests to engines. Create and use from the event loop."""
+
+    def __init__(self, config: Config, store: Store, routing: Routing) -> None:
+        self._config = config
+        self._store = store
+        self._routing = routing
+        self._specs: dict[str, ModelSpec] = {m.name: m for m in config.models}
+        self._session: aiohttp.ClientSession | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[openai_errors], client_max_size=self._config.max_body_bytes
+        )
+        app[MAX_BODY_KEY] = self._config.max_body_bytes
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.on_startup.append(self._open)
+        app.on_cleanup.append(self._close)
+        return app
+
+    async def _open(self, _app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=ENGINE_CONNECT_TIMEOUT_S)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+
+    async def _close(self, _app: web.Application) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    # Handlers
+    async def health(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def models(self, request: web.Request) -> web.Response:
+        self._authenticate(request)
+        created = int(time.time())
+        data = [
+            {"id": name, "object": "model", "created": created, "owned_by": "mlxfleet"}
+            for name in self._routing.models()
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "chat")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "completion")
+
+    # The request path
+    def _authenticate(self, request: web.Request) -> str:
+        header = request.headers.get("Authorization", "")
+        key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        name = self._store.api_key_name(key) if key else None
+        if name is None:
+            raise ApiError(
+                401,
+                "missing or invalid API key (send Authorization: Bearer <team key>)",
+                code="invalid_api_key",
+            )
+        return name
+
+    async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
+        self._authenticate(request)
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "'model' must be a non-empty string", param="model")
+        spec = self._specs.get(model)
+        if spec is None and model not in self._routing.models():
+            raise ApiError(
+                404, f"model {model!r} does not exist", param="model", code="model_not_found"
+            )
+        parse = parse_chat_request if kind == "chat" else parse_completion_request
+        try:
+            parsed = parse(body)
+        except InvalidRequest as exc:
+            raise ApiError(
+                exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code
+            ) from None
+        max_tokens = parsed.params.max_tokens
+        # The prompt is tokenized on the engine (it holds the tokenizer), which refuses an
+        # over-long prompt before generating; a max_tokens that alone fills the context is
+        # refused here without engine work.
+        if spec is not None and max_tokens is not None and max_tokens >= spec.context_length:
+            raise ApiError(
+                400,
+                f"max_tokens {max_tokens} leaves no room for the prompt in "
+                f"{model!r}'s context of {spec.context_length} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return await self._forward(request, model, raw, parsed.stream)
+
+    async def _forward(
+        self, request: web.Request, model: str, raw: bytes, stream: bool
+    ) -> web.StreamResponse:
+        assert self._session is not None
+        for _ in range(ATTEMPTS):
+            target = await self._routing.pick(model)
+            if target is None:
+                break
+            try:
+                upstream = await self._session.post(
+                    f"{target.url}{request.path}",
+                    data=raw,
+                    headers={
+                        "Authorization": f"Bearer {target.secret}",
+                        "Content-Type": "application/json",
+                    },
+                )
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                # Nothing reached the client yet: take the engine out and try the next one.
+                logger.warning("engine %s unreachable (%s): unrouting it", target.engine_id, exc)
+                self._routing.remove_engine(target.engine_id)
+                continue
+            async with upstream:
+                if upstream.status != 200 or not stream:
+                    try:
+                        data = await upstream.read()
+                    except aiohttp.ClientError as exc:
+                        logger.warning("engine %s failed mid-response: %s", target.engine_id, exc)
+                        self._routing.remove_engine(target.engine_id)
+                        continue
+                    return web.Response(
+                        body=data,
+                        status=upstream.status,
+                        content_type="application/json",
+                        headers=_passthrough_headers(upstream),
+                    )
+                return await self._relay_stream(request, upstream, target)
+        raise unavailable(model)
+
+    async def _relay_stream(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, target: Target
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        tail = b""
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+                tail = (tail + chunk)[-64:]
+        except aiohttp.ClientError as exc:
+            logger.warning("engine %s broke a stream: %s", target.engine_id, exc)
+        except ConnectionResetError:
+            # The client left: closing upstream (on return) frees the engine's slot.
+            return response
+        if SSE_DONE not in tail:
+            # The engine died mid-stream: end with an error event, never a silent close.
+            err = ApiError(
+                502,
+                "the engine serving this stream stopped before finishing",
+                type="server_error",
+                code="engine_failed",
+            )
+            await response.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+            await response.write(SSE_DONE + b"\n\n")
+        await response.write_eof()
+        return response
+
+
+def _passthrough_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
+    retry_after = upstream.headers.get("Retry-After")
+    return {"Retry-After": retry_after} if retry_after else {}

@@ -1,0 +1,209 @@
+"""The agent-facing gRPC service. The only coordinator module that imports *_pb2."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator
+
+import grpc
+
+from coordinator.reconcile import Reconciler
+from coordinator.registry import (
+    Command,
+    Engine,
+    EngineId,
+    LoadCommand,
+    NodeFacts,
+    NodeId,
+    NodeStatus,
+    Registry,
+)
+from coordinator.store import Store
+from mlxfleet.v1 import fleet_pb2 as pb
+from mlxfleet.v1 import fleet_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+HELLO_TIMEOUT_S = 10.0  # a stream must say Hello this soon after opening
+MAX_MESSAGE_BYTES = 1 * 1024 * 1024  # larger agent messages are refused by gRPC itself
+NODE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def _enum_name(enum: type, value: int, prefix: str) -> str:
+    """pb.MemoryPressure WARNING -> "warning"; an unknown number -> "unknown"."""
+    try:
+        name: str = enum.Name(value)  # type: ignore[attr-defined]
+    except ValueError:
+        return "unknown"
+    name = name.removeprefix(prefix).lower()
+    return "unknown" if name == "unspecified" else name
+
+
+def facts_from_pb(f: pb.NodeFacts) -> NodeFacts:
+    return NodeFacts(
+        hostname=f.hostname,
+        chip=f.chip,
+        os=f.os,
+        ram_bytes=f.ram_bytes,
+        performance_cores=f.performance_cores,
+        gpu_cores=f.gpu_cores,
+        memory_bandwidth_gbps=f.memory_bandwidth_gbps,
+        gpu_wired_limit_bytes=f.gpu_wired_limit_bytes,
+        mlx_version=f.mlx_version,
+        mlx_lm_version=f.mlx_lm_version,
+        agent_version=f.agent_version,
+        role=_enum_name(pb.Role, f.role, "ROLE_"),
+    )
+
+
+def status_from_pb(s: pb.NodeStatus) -> NodeStatus:
+    return NodeStatus(
+        available_bytes=s.available_bytes,
+        swap_used_bytes=s.swap_used_bytes,
+        memory_pressure=_enum_name(pb.MemoryPressure, s.memory_pressure, "MEMORY_PRESSURE_"),
+        thermal_state=_enum_name(pb.ThermalState, s.thermal_state, "THERMAL_STATE_"),
+        power_source=_enum_name(pb.PowerSource, s.power_source, "POWER_SOURCE_"),
+        low_power_mode=s.low_power_mode,
+    )
+
+
+def engine_from_pb(node_id: NodeId, e: pb.EngineInfo) -> Engine:
+    state = _enum_name(pb.EngineState, e.state, "ENGINE_STATE_")
+    return Engine(
+        engine_id=EngineId(e.engine_id),
+        model=e.model,
+        node_id=node_id,
+        tier=_enum_name(pb.Tier, e.tier, "TIER_"),
+        state=state if state in ("starting", "ready", "stopping") else "exited",  # type: ignore[arg-type]
+        url=e.url,
+        secret=e.secret,
+        context_length=e.context_length,
+    )
+
+
+def command_to_pb(command: Command) -> pb.CoordinatorMessage:
+    if isinstance(command, LoadCommand):
+        return pb.CoordinatorMessage(
+            load=pb.LoadModel(
+                engine_id=command.engine_id,
+                model=command.model,
+                source=command.source,
+                tier=pb.Tier.Value(f"TIER_{command.tier.upper()}"),
+                context_length=command.context_length,
+            )
+        )
+    return pb.CoordinatorMessage(unload=pb.UnloadModel(engine_id=command.engine_id))
+
+
+class FleetService(fleet_pb2_grpc.FleetServicer):
+    """Enrollment and the per-node control stream."""
+
+    def __init__(
+        self, join_token: str, store: Store, registry: Registry, reconciler: Reconciler
+    ) -> None:
+        self._join_token = join_token
+        self._store = store
+        self._registry = registry
+        self._reconciler = reconciler
+
+    async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext):
+        if not secrets.compare_digest(request.token.encode(), self._join_token.encode()):
+            logger.warning("refused enrollment from %s: wrong join token", context.peer())
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong join token")
+        node_id = request.node_id or f"{_slug(request.facts.hostname)}-{secrets.token_hex(3)}"
+        if not NODE_ID_RE.match(node_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad node id {node_id!r}")
+        node_key = secrets.token_urlsafe(32)
+        facts = facts_from_pb(request.facts)
+        self._store.save_node(node_id, node_key, facts.hostname, _facts_dict(facts))
+        self._store.add_event(node_id, "node_enrolled", f"{facts.hostname} ({facts.chip})")
+        logger.info("enrolled node %s (%s)", node_id, facts.hostname)
+        return pb.EnrollResponse(node_id=node_id, node_key=node_key)
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CoordinatorMessage]:
+        metadata = dict(context.invocation_metadata() or ())
+        node_id = NodeId(str(metadata.get("x-mlxfleet-node-id", "")))
+        node_key = str(metadata.get("x-mlxfleet-node-key", ""))
+        if not node_id or not self._store.node_key_matches(node_id, node_key):
+            logger.warning("refused stream from %s: unknown node or key", context.peer())
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown node or node key")
+        messages = aiter(request_iterator)
+        try:
+            first = await asyncio.wait_for(anext(messages), HELLO_TIMEOUT_S)
+        except (TimeoutError, StopAsyncIteration):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stream must open with hello")
+        if first.WhichOneof("body") != "hello":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stream must open with hello")
+        hello = first.hello
+        engines = [engine_from_pb(node_id, e) for e in hello.engines]
+        node = self._registry.connect(node_id, facts_from_pb(hello.facts), engines)
+        self._store.touch_node(node_id)
+        logger.info("node %s connected with %d running engine(s)", node_id, len(engines))
+        reader = asyncio.create_task(self._read(node_id, messages))
+        try:
+            while True:
+                get = asyncio.create_task(node.outbox.get())
+                done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    break
+                command = get.result()
+                if command is None:
+                    break
+                yield command_to_pb(command)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            if reader.done() and not reader.cancelled() and reader.exception():
+                logger.warning("node %s stream cut: %s", node_id, reader.exception())
+            self._registry.disconnect(node_id, only=node)
+
+    async def _read(self, node_id: NodeId, messages: AsyncIterator[pb.AgentMessage]) -> None:
+        async for message in messages:
+            kind = message.WhichOneof("body")
+            if kind == "status":
+                rss = {e.engine_id: e.rss_bytes for e in message.status.engines}
+                self._registry.heartbeat(node_id, status_from_pb(message.status), rss)
+            elif kind == "event":
+                self._on_event(node_id, message.event)
+            else:
+                raise ValueError(f"unexpected {kind!r} message after hello")
+
+    def _on_event(self, node_id: NodeId, event: pb.EngineEvent) -> None:
+        kind = _enum_name(pb.EngineEvent.Kind, event.kind, "KIND_")
+        engine = engine_from_pb(node_id, event.engine)
+        if kind in ("started", "ready"):
+            known = self._registry.engines.get(engine.engine_id)
+            if known is None or known.node_id != node_id:
+                return  # an engine this coordinator never placed there
+            self._registry.upsert_engine(engine)
+            if kind == "ready":
+                self._reconciler.engine_ready(engine.model)
+                self._store.add_event(node_id, "engine_ready", f"{engine.model} {engine.url}")
+            return
+        reason = _enum_name(pb.ExitReason, event.exit_reason, "EXIT_REASON_")
+        detail = f"{engine.model} engine {engine.engine_id}: {reason}"
+        if event.detail:
+            detail += f": {event.detail}"
+        self._store.add_event(node_id, f"engine_{kind}", detail)
+        logger.warning("node %s: %s", node_id, detail)
+        self._registry.drop_engine(engine.engine_id)
+        self._store.delete_placement(engine.engine_id)
+        if reason != "clean":
+            self._reconciler.engine_failed(engine.model)
+
+
+def _slug(hostname: str) -> str:
+    slug = re.sub(r"[^a-z0-9-]+", "-", hostname.lower()).strip("-")[:40]
+    return slug or "node"
+
+
+def _facts_dict(facts: NodeFacts) -> dict[str, object]:
+    return {name: getattr(facts, name) for name in facts.__slots__}  # type: ignore[attr-defined]

@@ -1,0 +1,172 @@
+"""Live nodes and engines as the coordinator knows them. Use from the event loop only."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Literal, NewType, Protocol
+
+logger = logging.getLogger(__name__)
+
+NodeId = NewType("NodeId", str)
+EngineId = NewType("EngineId", str)
+EngineState = Literal["starting", "ready", "stopping", "exited"]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeFacts:
+    """What a node is (from its Hello)."""
+
+    hostname: str
+    chip: str
+    os: str
+    ram_bytes: int
+    performance_cores: int
+    gpu_cores: int
+    memory_bandwidth_gbps: float
+    gpu_wired_limit_bytes: int
+    mlx_version: str
+    mlx_lm_version: str
+    agent_version: str
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """A node's latest heartbeat reading."""
+
+    available_bytes: int
+    swap_used_bytes: int
+    memory_pressure: str
+    thermal_state: str
+    power_source: str
+    low_power_mode: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """One engine process: a model served on a node."""
+
+    engine_id: EngineId
+    model: str
+    node_id: NodeId
+    tier: str
+    state: EngineState
+    url: str = ""
+    secret: str = ""
+    context_length: int = 0
+    rss_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LoadCommand:
+    engine_id: EngineId
+    model: str
+    source: str
+    tier: str
+    context_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class UnloadCommand:
+    engine_id: EngineId
+
+
+Command = LoadCommand | UnloadCommand
+
+
+@dataclass(slots=True)
+class Node:
+    """A connected node. `outbox` feeds its control stream."""
+
+    node_id: NodeId
+    facts: NodeFacts
+    status: NodeStatus | None = None
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    # None tells the stream writer that this connection was replaced or dropped.
+    outbox: asyncio.Queue[Command | None] = field(default_factory=asyncio.Queue)
+
+
+class RouteTable(Protocol):
+    """What the registry tells the router (coordinator/routing.py implements it)."""
+
+    def add_engine(self, engine: Engine) -> None: ...
+
+    def remove_engine(self, engine_id: EngineId) -> None: ...
+
+
+class Registry:
+    """Nodes and engines. Every change that affects routing goes to the route table at once."""
+
+    def __init__(self, routes: RouteTable) -> None:
+        self.nodes: dict[NodeId, Node] = {}
+        self.engines: dict[EngineId, Engine] = {}
+        self._routes = routes
+        self.changed = asyncio.Event()  # wakes the reconcile loop
+
+    def connect(self, node_id: NodeId, facts: NodeFacts, engines: list[Engine]) -> Node:
+        """A node opened its stream; engines it still runs are taken back, not reloaded."""
+        self.disconnect(node_id)
+        node = Node(node_id=node_id, facts=facts)
+        self.nodes[node_id] = node
+        for engine in engines:
+            self.upsert_engine(engine)
+        self.changed.set()
+        return node
+
+    def disconnect(self, node_id: NodeId, only: Node | None = None) -> None:
+        """The node's stream ended or went silent: nothing on it is routable any more.
+
+        With `only`, act only if that connection is still the current one, so an old
+        stream closing late cannot drop the node's newer connection.
+        """
+        node = self.nodes.get(node_id)
+        if node is None or (only is not None and node is not only):
+            return
+        del self.nodes[node_id]
+        node.outbox.put_nowait(None)
+        for engine in [e for e in self.engines.values() if e.node_id == node_id]:
+            self.drop_engine(engine.engine_id)
+        logger.info("node %s disconnected", node_id)
+        self.changed.set()
+
+    def heartbeat(self, node_id: NodeId, status: NodeStatus, rss: dict[str, int]) -> None:
+        node = self.nodes.get(node_id)
+        if node is None:
+            return
+        if node.status is None:
+            self.changed.set()  # placement waits for a node's first reading
+        node.status = status
+        node.last_heartbeat = time.monotonic()
+        for engine_id, rss_bytes in rss.items():
+            engine = self.engines.get(EngineId(engine_id))
+            if engine is not None and engine.rss_bytes != rss_bytes:
+                self.engines[engine.engine_id] = replace(engine, rss_bytes=rss_bytes)
+
+    def upsert_engine(self, engine: Engine) -> None:
+        """Record an engine's new state; a ready engine becomes routable."""
+        self.engines[engine.engine_id] = engine
+        if engine.state == "ready":
+            self._routes.add_engine(engine)
+        else:
+            self._routes.remove_engine(engine.engine_id)
+        self.changed.set()
+
+    def drop_engine(self, engine_id: EngineId) -> Engine | None:
+        """Forget an engine (it exited or its node left) and unroute it."""
+        engine = self.engines.pop(engine_id, None)
+        self._routes.remove_engine(engine_id)
+        self.changed.set()
+        return engine
+
+    def engines_of(self, model: str) -> list[Engine]:
+        return [e for e in self.engines.values() if e.model == model]
+
+    def send(self, node_id: NodeId, command: Command) -> bool:
+        node = self.nodes.get(node_id)
+        if node is None:
+            return False
+        node.outbox.put_nowait(command)
+        return True

@@ -1,0 +1,144 @@
+"""The embedded state store: one SQLite file under MLXFLEET_HOME, nothing to install."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.errors import StoreError
+
+API_KEY_PREFIX = "mlxf-"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id     TEXT PRIMARY KEY,
+    key_hash    TEXT NOT NULL,
+    hostname    TEXT NOT NULL,
+    facts_json  TEXT NOT NULL,
+    enrolled_at REAL NOT NULL,
+    last_seen   REAL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_hash    TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    created_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS placements (
+    engine_id   TEXT PRIMARY KEY,
+    model       TEXT NOT NULL,
+    node_id     TEXT NOT NULL,
+    tier        TEXT NOT NULL,
+    created_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts          REAL NOT NULL,
+    node_id     TEXT,
+    kind        TEXT NOT NULL,
+    detail      TEXT NOT NULL
+);
+"""
+
+
+def hash_secret(secret: str) -> str:
+    """Keys and tokens are random and long, so a plain SHA-256 is enough to store them."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One stored event: an engine exit, a load failure, an enrollment."""
+
+    ts: float
+    node_id: str | None
+    kind: str
+    detail: str
+
+
+class Store:
+    """SQLite access. Calls are short and synchronous; safe from the event loop thread only."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open state store {path}: {exc}") from None
+        path.chmod(0o600)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # API keys
+    def create_api_key(self, name: str, key: str | None = None) -> str:
+        """Store a new team key (hashed) and return it; the plain key is never stored."""
+        key = key or API_KEY_PREFIX + secrets.token_urlsafe(32)
+        self._db.execute(
+            "INSERT OR REPLACE INTO api_keys VALUES (?, ?, ?)",
+            (hash_secret(key), name, time.time()),
+        )
+        return key
+
+    def revoke_api_keys(self, name: str) -> int:
+        """Delete every key with this name; returns how many."""
+        return self._db.execute("DELETE FROM api_keys WHERE name = ?", (name,)).rowcount
+
+    def api_key_name(self, key: str) -> str | None:
+        """The name of a valid key, or None."""
+        row = self._db.execute(
+            "SELECT name FROM api_keys WHERE key_hash = ?", (hash_secret(key),)
+        ).fetchone()
+        return row[0] if row else None
+
+    def api_key_count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM api_keys").fetchone()[0])
+
+    # Nodes
+    def save_node(self, node_id: str, node_key: str, hostname: str, facts: dict) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, NULL)",
+            (node_id, hash_secret(node_key), hostname, json.dumps(facts), time.time()),
+        )
+
+    def node_key_matches(self, node_id: str, node_key: str) -> bool:
+        row = self._db.execute(
+            "SELECT key_hash FROM nodes WHERE node_id = ?", (node_id,)
+        ).fetchone()
+        return bool(row) and secrets.compare_digest(row[0], hash_secret(node_key))
+
+    def touch_node(self, node_id: str) -> None:
+        self._db.execute("UPDATE nodes SET last_seen = ? WHERE node_id = ?", (time.time(), node_id))
+
+    # Placements
+    def save_placement(self, engine_id: str, model: str, node_id: str, tier: str) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO placements VALUES (?, ?, ?, ?, ?)",
+            (engine_id, model, node_id, tier, time.time()),
+        )
+
+    def delete_placement(self, engine_id: str) -> None:
+        self._db.execute("DELETE FROM placements WHERE engine_id = ?", (engine_id,))
+
+    def placements(self) -> list[tuple[str, str, str, str]]:
+        """(engine_id, model, node_id, tier) for every recorded placement."""
+        return list(self._db.execute("SELECT engine_id, model, node_id, tier FROM placements"))
+
+    # Events
+    def add_event(self, node_id: str | None, kind: str, detail: str) -> None:
+        self._db.execute(
+            "INSERT INTO events (ts, node_id, kind, detail) VALUES (?, ?, ?, ?)",
+            (time.time(), node_id, kind, detail),
+        )
+
+    def events(self, limit: int = 100) -> list[Event]:
+        rows = self._db.execute(
+            "SELECT ts, node_id, kind, detail FROM events ORDER BY id DESC LIMIT ?", (limit,)
+        )
+        return [Event(*row) for row in rows]

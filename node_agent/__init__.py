@@ -1,0 +1,1 @@
+"""The node agent: probes, mDNS, coordinator client, engine supervisor and the engine."""

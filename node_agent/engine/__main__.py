@@ -1,0 +1,33 @@
+"""`python -m node_agent.engine`: one model, one OpenAI-compatible server (see config.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+from node_agent.engine.config import ConfigError, load_config
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(sys.argv[1:] if argv is None else argv, os.environ)
+    except ConfigError as exc:
+        print(f"mlxfleet engine: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=os.environ.get("MLXFLEET_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Imported late: a usage error should not pay for importing mlx.
+    from node_agent.engine.server import EngineServer
+
+    return asyncio.run(EngineServer(config).serve())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

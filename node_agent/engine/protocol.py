@@ -1,0 +1,310 @@
+"""Parsing and validation of OpenAI chat and completion requests; pure, no engine state.
+
+The gateway imports this module too, so it must stay free of mlx and of any engine object.
+Every refusal raises `InvalidRequest` carrying the OpenAI error fields (status, type, param, code).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from node_agent.engine.errors import InvalidRequest
+
+ALLOWED_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+MAX_STOP_SEQUENCES = 4
+MIN_TEMPERATURE = 0.0
+MAX_TEMPERATURE = 2.0
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 1.0
+
+__all__ = [
+    "InvalidRequest",
+    "Message",
+    "SamplingParams",
+    "ChatRequest",
+    "CompletionRequest",
+    "parse_json_body",
+    "parse_chat_request",
+    "parse_completion_request",
+    "resolve_max_tokens",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat message with its content flattened to text."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to sample and when to stop; max_tokens None means "the rest of the context"."""
+
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """A validated POST /v1/chat/completions body."""
+
+    model: str | None
+    messages: tuple[Message, ...]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    """A validated POST /v1/completions body; prompt is text or token ids."""
+
+    model: str | None
+    prompt: str | tuple[int, ...]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """Decode a request body that must be one JSON object."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(
+            f"We could not parse the JSON body of your request: {exc}", None, "invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", None, "invalid_json")
+    return body
+
+
+def _is_int(value: Any) -> bool:
+    # bool is a subclass of int, but `"max_tokens": true` is a client bug, not 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+def _type_error(param: str, expected: str, value: Any) -> InvalidRequest:
+    return InvalidRequest(
+        f"Invalid type for '{param}': expected {expected}, got {type(value).__name__} ({value!r}).",
+        param,
+        "invalid_type",
+    )
+
+
+def _parse_max_tokens(body: dict[str, Any]) -> int | None:
+    # max_completion_tokens is OpenAI's newer name; when both are sent it wins.
+    chosen: int | None = None
+    for param in ("max_tokens", "max_completion_tokens"):
+        value = body.get(param)
+        if value is None:
+            continue
+        if not _is_int(value):
+            raise _type_error(param, "an integer", value)
+        # 0 is refused like OpenAI does: a request that may generate nothing is a client bug.
+        if value < 1:
+            raise InvalidRequest(
+                f"Invalid '{param}': integer below minimum value. "
+                f"Expected a value >= 1, but got {value} instead.",
+                param,
+                "integer_below_min_value",
+            )
+        chosen = value
+    return chosen
+
+
+def _parse_stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        stops = [value]
+    elif isinstance(value, list) and all(isinstance(s, str) for s in value):
+        stops = value
+    else:
+        raise _type_error("stop", "a string or a list of strings", value)
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(
+            f"Invalid 'stop': at most {MAX_STOP_SEQUENCES} sequences, got {len(stops)}.",
+            "stop",
+            "array_above_max_length",
+        )
+    # An empty stop string would match before the first token; ignore it, as OpenAI does.
+    return tuple(s for s in stops if s)
+
+
+def _parse_sampling(body: dict[str, Any]) -> SamplingParams:
+    temperature = body.get("temperature")
+    if temperature is None:
+        temperature = DEFAULT_TEMPERATURE
+    elif not _is_number(temperature):
+        raise _type_error("temperature", "a number", temperature)
+    elif not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise InvalidRequest(
+            f"Invalid 'temperature': {temperature} is not in "
+            f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}].",
+            "temperature",
+            "invalid_value",
+        )
+    top_p = body.get("top_p")
+    if top_p is None:
+        top_p = DEFAULT_TOP_P
+    elif not _is_number(top_p):
+        raise _type_error("top_p", "a number", top_p)
+    elif not 0.0 < top_p <= 1.0:
+        raise InvalidRequest(
+            f"Invalid 'top_p': {top_p} is not in (0, 1].", "top_p", "invalid_value"
+        )
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise _type_error("seed", "an integer", seed)
+    n = body.get("n")
+    if n is not None:
+        if not _is_int(n):
+            raise _type_error("n", "an integer", n)
+        if n < 1:
+            raise InvalidRequest(f"Invalid 'n': {n} is below 1.", "n", "integer_below_min_value")
+        if n > 1:
+            raise InvalidRequest(
+                f"Unsupported value for 'n': {n}; this server returns one choice.",
+                "n",
+                "unsupported_parameter",
+            )
+    for param in ("logprobs", "echo"):
+        if body.get(param) not in (None, False):
+            raise InvalidRequest(
+                f"Unsupported parameter '{param}'.", param, "unsupported_parameter"
+            )
+    return SamplingParams(
+        max_tokens=_parse_max_tokens(body),
+        temperature=float(temperature),
+        top_p=float(top_p),
+        seed=seed,
+        stop=_parse_stop(body.get("stop")),
+    )
+
+
+def _parse_common(body: dict[str, Any]) -> tuple[str | None, bool, bool]:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _type_error("model", "a string", model)
+    stream = body.get("stream")
+    if stream is None:
+        stream = False
+    elif not isinstance(stream, bool):
+        raise _type_error("stream", "a boolean", stream)
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _type_error("stream_options", "an object", options)
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise _type_error("stream_options.include_usage", "a boolean", include_usage)
+    return model, stream, include_usage
+
+
+def _parse_content(index: int, role: str, content: Any) -> str:
+    param = f"messages[{index}].content"
+    if isinstance(content, str):
+        return content
+    # Assistant turns that only carried tool calls have null content in OpenAI's format.
+    if content is None and role == "assistant":
+        return ""
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text"):
+                raise InvalidRequest(
+                    f"Invalid '{param}[{j}]': only text parts are supported.",
+                    f"{param}[{j}]",
+                    "invalid_value",
+                )
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _type_error(f"{param}[{j}].text", "a string", text)
+            texts.append(text)
+        return "".join(texts)
+    raise _type_error(param, "a string or a list of text parts", content)
+
+
+def _parse_messages(value: Any) -> tuple[Message, ...]:
+    if not isinstance(value, list) or not value:
+        raise InvalidRequest(
+            "Invalid 'messages': expected a non-empty array of message objects.",
+            "messages",
+            "invalid_value" if isinstance(value, list) else "invalid_type",
+        )
+    messages = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise _type_error(f"messages[{i}]", "an object", item)
+        role = item.get("role")
+        if role not in ALLOWED_ROLES:
+            raise InvalidRequest(
+                f"Invalid 'messages[{i}].role': {role!r}; expected one of "
+                f"{', '.join(sorted(ALLOWED_ROLES))}.",
+                f"messages[{i}].role",
+                "invalid_value",
+            )
+        messages.append(Message(role, _parse_content(i, role, item.get("content"))))
+    return tuple(messages)
+
+
+def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
+    """Validate a chat completions body."""
+    model, stream, include_usage = _parse_common(body)
+    messages = _parse_messages(body.get("messages"))
+    return ChatRequest(model, messages, _parse_sampling(body), stream, include_usage)
+
+
+def _parse_prompt(value: Any) -> str | tuple[int, ...]:
+    if isinstance(value, str):
+        prompt: str | tuple[int, ...] = value
+    elif isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        prompt = value[0]
+    elif isinstance(value, list) and value and all(_is_int(t) and t >= 0 for t in value):
+        prompt = tuple(value)
+    else:
+        raise _type_error("prompt", "a string, a list of one string or a list of token ids", value)
+    if not prompt:
+        raise InvalidRequest("Invalid 'prompt': it must not be empty.", "prompt", "invalid_value")
+    return prompt
+
+
+def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
+    """Validate a (legacy) completions body."""
+    model, stream, include_usage = _parse_common(body)
+    prompt = _parse_prompt(body.get("prompt"))
+    return CompletionRequest(model, prompt, _parse_sampling(body), stream, include_usage)
+
+
+def resolve_max_tokens(
+    prompt_tokens: int,
+    max_tokens: int | None,
+    context_length: int,
+    param: Literal["messages", "prompt"],
+) -> int:
+    """The generation budget for a tokenized prompt; refuses what cannot fit the context."""
+    remaining = context_length - prompt_tokens
+    wanted = max_tokens if max_tokens is not None else remaining
+    if remaining < 1 or wanted > remaining:
+        raise InvalidRequest(
+            f"This model's maximum context length is {context_length} tokens. However, you "
+            f"requested {prompt_tokens + max(wanted, 1)} tokens ({prompt_tokens} in the "
+            f"{param}, {max(wanted, 1)} in the completion). Please reduce the length of the "
+            f"{param} or completion.",
+            param,
+            "context_length_exceeded",
+        )
+    return wanted

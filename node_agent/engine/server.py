@@ -1,0 +1,331 @@
+"""The engine's HTTP server: parse -> tokenize -> hand to the model thread -> respond."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import hmac
+import itertools
+import logging
+import signal
+import sys
+import time
+from typing import Any, Literal, TextIO
+
+from aiohttp import web
+
+from node_agent.engine.config import EngineConfig
+from node_agent.engine.errors import InvalidRequest, QueueFull
+from node_agent.engine.generator import Event, Job, ModelThread
+from node_agent.engine.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    parse_chat_request,
+    parse_completion_request,
+    parse_json_body,
+    resolve_max_tokens,
+)
+from node_agent.engine.responses import (
+    SSE_DONE,
+    Kind,
+    ResponseHeader,
+    Usage,
+    chunk,
+    error_body,
+    full_response,
+    sse,
+    usage_chunk,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+DRAIN_TIMEOUT_S = 10.0
+MODEL_THREAD_JOIN_TIMEOUT_S = 5.0
+RETRY_AFTER_S = 1
+LISTENING_LINE = "MLXFLEET_ENGINE_LISTENING port={port}"
+# OpenAI's "developer" role is its newer name for "system"; chat templates only know the latter.
+_TEMPLATE_ROLE = {"developer": "system"}
+
+
+def _json_error(status: int, message: str, type: str, code: str | None, **headers: str):
+    return web.json_response(
+        error_body(message, type, None, code), status=status, headers=headers or None
+    )
+
+
+class _Handle:
+    """One request's view of the model thread; used from the event loop only."""
+
+    def __init__(self, request_id: int) -> None:
+        self.request_id = request_id
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.done = False
+
+    async def next(self) -> Event:
+        event = await self.events.get()
+        self.done = event.finish_reason is not None
+        return event
+
+
+class EngineServer:
+    """Serves one model over HTTP until SIGTERM/SIGINT; all methods run on the event loop."""
+
+    def __init__(self, config: EngineConfig, out: TextIO = sys.stdout) -> None:
+        self._config = config
+        self._out = out
+        self._expected_auth = f"Bearer {config.secret}".encode()
+        self._model = ModelThread(
+            config.model_path,
+            max_concurrency=config.max_concurrency,
+            queue_limit=config.queue_limit,
+            context_length=config.context_length,
+        )
+        # One worker: HF fast tokenizers are not safe to call from several threads at once.
+        self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, "mlxfleet-tokenize")
+        self._ids = itertools.count(1)
+        self._ready = False
+        self._started = int(time.time())
+        self._stop = asyncio.Event()
+
+    def build_app(self) -> web.Application:
+        app = web.Application(
+            client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._auth]
+        )
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/v1/engine/stats", self._stats)
+        app.router.add_get("/health", self._health)
+        return app
+
+    async def serve(self) -> int:
+        """Listen, load the model, serve; on a signal drain in-flight work and return 0."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        runner = web.AppRunner(
+            self.build_app(),
+            access_log=None,
+            handler_cancellation=True,  # a client that goes away cancels its handler
+            shutdown_timeout=DRAIN_TIMEOUT_S,
+        )
+        await runner.setup()
+        await web.TCPSite(runner, self._config.host, self._config.port).start()
+        port = runner.addresses[0][1]
+        print(LISTENING_LINE.format(port=port), file=self._out, flush=True)
+        logger.info("listening on port %d, loading %s", port, self._config.model_path)
+        self._model.start()
+        loaded = asyncio.wrap_future(self._model.loaded)
+        stopping = asyncio.ensure_future(self._stop.wait())
+        waiting: set[asyncio.Future[Any]] = {loaded, stopping}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        exit_code = 0
+        if loaded.done() and loaded.exception() is not None:
+            exit_code = 1
+        elif loaded.done():
+            self._ready = True
+            logger.info("ready: serving %s", self._config.model_name)
+            await stopping
+        # `loaded` is left alone when a signal comes first: cancelling it would make the model
+        # thread's set_result fail; the thread is a daemon and is stopped below.
+        stopping.cancel()
+        if exit_code == 0:
+            logger.info("shutting down: draining in-flight work (up to %.0f s)", DRAIN_TIMEOUT_S)
+        await runner.cleanup()
+        await asyncio.to_thread(self._model.stop, MODEL_THREAD_JOIN_TIMEOUT_S)
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        return exit_code
+
+    # --- middlewares ---------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except InvalidRequest as exc:
+            headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status in (429, 503) else None
+            body = error_body(exc.message, exc.type, exc.param, exc.code)
+            return web.json_response(body, status=exc.status, headers=headers)
+        except web.HTTPException as exc:
+            if exc.status == 413:
+                message = f"Request body is larger than {MAX_BODY_BYTES} bytes."
+                return _json_error(413, message, "invalid_request_error", "request_too_large")
+            code = "not_found" if exc.status == 404 else None
+            return _json_error(exc.status, exc.reason, "invalid_request_error", code)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            logger.exception("internal error on %s %s", request.method, request.path)
+            return _json_error(500, "Internal server error.", "server_error", None)
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, self._expected_auth):
+            return _json_error(
+                401,
+                "Incorrect or missing API key: send 'Authorization: Bearer <engine secret>'.",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
+        return await handler(request)
+
+    # --- handlers ------------------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        if self._ready:
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "loading"}, status=503)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        model = {
+            "id": self._config.model_name,
+            "object": "model",
+            "created": self._started,
+            "owned_by": "mlxfleet",
+        }
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response(dataclasses.asdict(self._model.stats()))
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        parsed = parse_chat_request(parse_json_body(await request.read()))
+        return await self._generate(request, "chat", parsed)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        parsed = parse_completion_request(parse_json_body(await request.read()))
+        return await self._generate(request, "completion", parsed)
+
+    async def _generate(
+        self, request: web.Request, kind: Kind, parsed: ChatRequest | CompletionRequest
+    ) -> web.StreamResponse:
+        if not self._ready:
+            raise InvalidRequest(
+                "The model is still loading.", None, "model_loading", 503, "server_error"
+            )
+        loop = asyncio.get_running_loop()
+        prompt_ids = await loop.run_in_executor(self._tokenize_pool, self._tokenize, parsed)
+        param: Literal["messages", "prompt"] = "messages" if kind == "chat" else "prompt"
+        max_tokens = resolve_max_tokens(
+            len(prompt_ids), parsed.params.max_tokens, self._model.context_length, param
+        )
+        handle = _Handle(next(self._ids))
+
+        def sink(event: Event) -> None:
+            loop.call_soon_threadsafe(handle.events.put_nowait, event)
+
+        job = Job(handle.request_id, prompt_ids, max_tokens, parsed.params, sink)
+        try:
+            self._model.submit(job)
+        except QueueFull:
+            raise InvalidRequest(
+                "The engine is at capacity; retry shortly.",
+                None,
+                "rate_limit_exceeded",
+                429,
+                "rate_limit_error",
+            ) from None
+        header = ResponseHeader.new(kind, self._config.model_name)
+        usage_base = Usage(len(prompt_ids), 0)
+        try:
+            if parsed.stream:
+                return await self._stream(request, handle, header, usage_base, parsed.include_usage)
+            return await self._collect(handle, header, usage_base)
+        finally:
+            if not handle.done:
+                # The client went away (or we failed): the model thread frees the slot.
+                self._model.cancel(handle.request_id)
+
+    def _tokenize(self, parsed: ChatRequest | CompletionRequest) -> list[int]:
+        tokenizer = self._model.tokenizer
+        if isinstance(parsed, ChatRequest):
+            messages = [
+                {"role": _TEMPLATE_ROLE.get(m.role, m.role), "content": m.content}
+                for m in parsed.messages
+            ]
+            try:
+                ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            except Exception as exc:
+                raise InvalidRequest(
+                    f"The model's chat template rejected the messages: {exc}",
+                    "messages",
+                    "invalid_value",
+                ) from None
+        elif isinstance(parsed.prompt, str):
+            ids = list(tokenizer.encode(parsed.prompt))
+        else:
+            ids = list(parsed.prompt)
+            bad = [t for t in ids if t >= self._model.vocab_size]
+            if bad:
+                raise InvalidRequest(
+                    f"Invalid 'prompt': token id {bad[0]} is outside the vocabulary "
+                    f"(size {self._model.vocab_size}).",
+                    "prompt",
+                    "invalid_value",
+                )
+        if not ids:
+            raise InvalidRequest("The prompt tokenizes to nothing.", "prompt", "invalid_value")
+        return ids
+
+    async def _collect(self, handle: _Handle, header: ResponseHeader, usage: Usage) -> web.Response:
+        texts: list[str] = []
+        token_ids: list[int] = []
+        while True:
+            event = await handle.next()
+            texts.append(event.text)
+            token_ids.extend(event.token_ids)
+            if event.finish_reason is not None:
+                break
+        if event.finish_reason in ("error", "cancelled"):
+            message = f"Generation failed: {event.error or event.finish_reason}."
+            return _json_error(500, message, "server_error", None)
+        usage = Usage(usage.prompt_tokens, event.completion_tokens)
+        body = full_response(header, "".join(texts), event.finish_reason, usage, token_ids)
+        return web.json_response(body)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        handle: _Handle,
+        header: ResponseHeader,
+        usage: Usage,
+        include_usage: bool,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        try:
+            if header.kind == "chat":
+                await response.write(sse(chunk(header, "", first=True)))
+            while True:
+                event = await handle.next()
+                if event.finish_reason in ("error", "cancelled"):
+                    message = f"Generation failed: {event.error or event.finish_reason}."
+                    await response.write(sse(error_body(message, "server_error")))
+                    break
+                if event.text:
+                    await response.write(sse(chunk(header, event.text, None, event.token_ids)))
+                if event.finish_reason is not None:
+                    # Ids not yet sent (their text was held back, then cut) ride on the last chunk.
+                    ids = event.token_ids if event.token_ids and not event.text else None
+                    await response.write(sse(chunk(header, "", event.finish_reason, ids)))
+                    if include_usage:
+                        final = Usage(usage.prompt_tokens, event.completion_tokens)
+                        await response.write(sse(usage_chunk(header, final)))
+                    break
+            await response.write(SSE_DONE)
+            await response.write_eof()
+        except ConnectionResetError:
+            logger.info("client went away during request %d", handle.request_id)
+        except Exception:
+            # Headers are sent: the only honest ending left is an error event, never a silent close.
+            logger.exception("stream of request %d failed", handle.request_id)
+            error = error_body("Internal error while streaming.", "server_error")
+            with contextlib.suppress(ConnectionResetError):
+                await response.write(sse(error) + SSE_DONE)
+        return response

@@ -1,0 +1,54 @@
+"""What a probe reports about its machine: facts once, readings every heartbeat."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+Role = Literal["laptop", "server"]
+MemoryPressure = Literal["normal", "warning", "critical", "unknown"]
+# The macOS ProcessInfo.ThermalState scale; Linux maps thermal zones onto it.
+ThermalState = Literal["nominal", "fair", "serious", "critical", "unknown"]
+PowerSource = Literal["ac", "battery", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeFacts:
+    """What a machine is; read once at agent start."""
+
+    hostname: str
+    chip: str
+    os: str
+    ram_bytes: int
+    performance_cores: int
+    gpu_cores: int  # 0 = unknown
+    memory_bandwidth_gbps: float  # 0.0 = unknown
+    gpu_wired_limit_bytes: int  # 0 = no separate GPU limit (Linux)
+    role: Role
+
+
+@dataclass(frozen=True, slots=True)
+class NodeReading:
+    """The machine's state now; read every heartbeat."""
+
+    available_bytes: int
+    swap_used_bytes: int
+    memory_pressure: MemoryPressure
+    thermal_state: ThermalState
+    power_source: PowerSource
+    low_power_mode: bool
+    # Total kernel out-of-memory kills seen so far in the agent's cgroup tree; the
+    # supervisor compares it before and after an engine's SIGKILL.
+    oom_kills: int
+
+
+class Probe(Protocol):
+    """Reads one operating system. Implementations live in probes/<os>.py."""
+
+    def facts(self) -> NodeFacts: ...
+
+    def reading(self) -> NodeReading: ...
+
+    def oom_kills(self, cgroup_path: str | None = None) -> int:
+        """Kernel OOM kills recorded for that cgroup (or the whole machine when None)."""
+        ...

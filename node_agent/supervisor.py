@@ -1,0 +1,281 @@
+"""Engine supervisor: one subprocess per loaded model; start, readiness, stop, exit reason."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import aiohttp
+
+from node_agent.probes.base import Probe
+
+logger = logging.getLogger(__name__)
+
+LISTENING_PREFIX = b"MLXFLEET_ENGINE_LISTENING port="  # the engine's one stdout line
+ENGINE_LISTEN_TIMEOUT_S = 60.0  # process start to socket listening (imports mlx, mlx-lm)
+ENGINE_READY_TIMEOUT_S = 600.0  # listening to /health ready (a large download or load)
+HEALTH_POLL_S = 0.1
+STOP_TIMEOUT_S = 15.0  # SIGTERM lets in-flight requests finish; SIGKILL after this
+LOG_TAIL_LINES = 5
+
+EngineState = Literal["starting", "ready", "stopping", "exited"]
+ExitReason = Literal["clean", "crash", "sigkill", "oom"]
+EventKind = Literal["started", "ready", "exited", "load_failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRequest:
+    """What the coordinator asked this node to run."""
+
+    engine_id: str
+    model: str
+    source: str
+    tier: str
+    context_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """An engine as reported up the stream; `secret` goes only in Hello and READY."""
+
+    engine_id: str
+    model: str
+    tier: str
+    state: EngineState
+    url: str = ""
+    secret: str = ""
+    context_length: int = 0
+    pid: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineEvent:
+    kind: EventKind
+    engine: EngineInfo
+    exit_reason: ExitReason | None = None
+    exit_code: int = 0
+    signal: int = 0
+    detail: str = ""
+
+
+def classify_exit(returncode: int, oom_kills_before: int, oom_kills_after: int) -> ExitReason:
+    """Why an engine ended, from its return code and the kernel's OOM-kill counter."""
+    if returncode == 0:
+        return "clean"
+    if returncode == -signal.SIGKILL:
+        return "oom" if oom_kills_after > oom_kills_before else "sigkill"
+    return "crash"
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process; 0 when it cannot be read."""
+    try:
+        if sys.platform == "linux":
+            pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+            return pages * os.sysconf("SC_PAGE_SIZE")
+        import subprocess
+
+        out = subprocess.run(
+            ["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True, timeout=2
+        )
+        return int(out.stdout.strip() or 0) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@dataclass(slots=True)
+class _Managed:
+    info: EngineInfo
+    process: asyncio.subprocess.Process
+    log_path: Path
+    oom_kills_at_start: int
+    stop_requested: bool = False
+    watcher: asyncio.Task[None] | None = None
+
+
+class Supervisor:
+    """Runs engine subprocesses. Use from the event loop; it owns one watcher task per engine."""
+
+    def __init__(
+        self,
+        probe: Probe,
+        emit: Callable[[EngineEvent], None],
+        log_dir: Path,
+        engine_host: str = "127.0.0.1",
+    ) -> None:
+        self._probe = probe
+        self._emit = emit
+        self._log_dir = log_dir
+        self._host = engine_host
+        self._engines: dict[str, _Managed] = {}
+
+    def infos(self) -> list[EngineInfo]:
+        return [m.info for m in self._engines.values()]
+
+    def rss(self) -> dict[str, tuple[EngineState, int, int]]:
+        """engine_id -> (state, rss bytes, pid) for the heartbeat."""
+        return {
+            eid: (m.info.state, rss_bytes(m.process.pid), m.process.pid)
+            for eid, m in self._engines.items()
+        }
+
+    async def load(self, request: LoadRequest) -> None:
+        """Start an engine and report STARTED, then READY or LOAD_FAILED. Returns once started."""
+        if request.engine_id in self._engines:
+            return  # the coordinator re-sent a command we already run
+        secret = secrets.token_urlsafe(32)
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self._log_dir / f"{request.engine_id}.log"
+        args = [
+            sys.executable,
+            "-m",
+            "node_agent.engine",
+            "--model-path",
+            request.source,
+            "--model-name",
+            request.model,
+            "--host",
+            self._host,
+            "--port",
+            "0",
+            "--context-length",
+            str(request.context_length),
+        ]
+        # The secret goes through the environment: argv is visible to every local user.
+        env = {**os.environ, "MLXFLEET_ENGINE_SECRET": secret}
+        with log_path.open("ab") as log:
+            process = await asyncio.create_subprocess_exec(
+                *args,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                env=env,
+                start_new_session=True,  # Ctrl-C on the agent's terminal must not hit engines
+            )
+        info = EngineInfo(
+            request.engine_id,
+            request.model,
+            request.tier,
+            "starting",
+            secret=secret,
+            context_length=request.context_length,
+            pid=process.pid,
+        )
+        managed = _Managed(info, process, log_path, self._probe.oom_kills())
+        self._engines[request.engine_id] = managed
+        self._emit(EngineEvent("started", info))
+        managed.watcher = asyncio.create_task(self._watch(managed), name=request.engine_id)
+
+    async def _watch(self, m: _Managed) -> None:
+        """Wait for readiness, then for the exit, and report both."""
+        failure = await self._await_ready(m)
+        if failure is None:
+            m.info = replace(m.info, state="ready")
+            logger.info("engine %s (%s) ready at %s", m.info.engine_id, m.info.model, m.info.url)
+            self._emit(EngineEvent("ready", m.info))
+        returncode = await m.process.wait()
+        self._engines.pop(m.info.engine_id, None)
+        reason = classify_exit(returncode, m.oom_kills_at_start, self._probe.oom_kills())
+        if m.stop_requested and returncode in (0, -signal.SIGTERM):
+            reason = "clean"
+        kind: EventKind = "exited" if failure is None or m.stop_requested else "load_failed"
+        detail = failure or self._log_tail(m.log_path)
+        logger.log(
+            logging.INFO if reason == "clean" else logging.WARNING,
+            "engine %s (%s) %s: %s (code %s)",
+            m.info.engine_id,
+            m.info.model,
+            kind,
+            reason,
+            returncode,
+        )
+        self._emit(
+            EngineEvent(
+                kind,
+                replace(m.info, state="exited", secret=""),
+                reason,
+                exit_code=max(returncode, 0),
+                signal=max(-returncode, 0),
+                detail=detail if reason != "clean" else "",
+            )
+        )
+
+    async def _await_ready(self, m: _Managed) -> str | None:
+        """None when the engine answered /health ready; else a one-line reason (it is killed)."""
+        assert m.process.stdout is not None
+        try:
+            port = await asyncio.wait_for(
+                self._read_port(m.process.stdout), ENGINE_LISTEN_TIMEOUT_S
+            )
+        except TimeoutError:
+            port = None
+        if port is None:
+            await self._kill(m)
+            return "engine never started listening: " + self._log_tail(m.log_path)
+        m.info = replace(m.info, url=f"http://{self._host}:{port}")
+        headers = {"Authorization": f"Bearer {m.info.secret}"}
+        deadline = time.monotonic() + ENGINE_READY_TIMEOUT_S
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            while time.monotonic() < deadline:
+                if m.process.returncode is not None:
+                    return "engine exited while loading: " + self._log_tail(m.log_path)
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(f"{m.info.url}/health", headers=headers) as r:
+                        if r.status == 200:
+                            return None
+                await asyncio.sleep(HEALTH_POLL_S)
+        await self._kill(m)
+        return f"engine not ready after {ENGINE_READY_TIMEOUT_S:.0f} s"
+
+    @staticmethod
+    async def _read_port(stdout: asyncio.StreamReader) -> int | None:
+        while line := await stdout.readline():
+            if line.startswith(LISTENING_PREFIX):
+                return int(line[len(LISTENING_PREFIX) :].strip())
+        return None  # EOF: the process ended before listening
+
+    async def unload(self, engine_id: str) -> None:
+        """Stop one engine: SIGTERM (it finishes in-flight requests), SIGKILL after a timeout."""
+        m = self._engines.get(engine_id)
+        if m is None:
+            return
+        m.stop_requested = True
+        m.info = replace(m.info, state="stopping")
+        with contextlib.suppress(ProcessLookupError):
+            m.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(m.process.wait()), STOP_TIMEOUT_S)
+        except TimeoutError:
+            logger.warning(
+                "engine %s ignored SIGTERM for %.0f s: killing it", engine_id, STOP_TIMEOUT_S
+            )
+            await self._kill(m)
+        if m.watcher is not None:
+            await m.watcher
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(self.unload(eid) for eid in list(self._engines)))
+
+    @staticmethod
+    async def _kill(m: _Managed) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            m.process.kill()
+        await m.process.wait()
+
+    @staticmethod
+    def _log_tail(path: Path) -> str:
+        """The engine's last log lines, as one line, for an event's detail."""
+        try:
+            lines = path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(line.strip() for line in lines[-LOG_TAIL_LINES:])[:500]

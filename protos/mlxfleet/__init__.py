@@ -1,0 +1,1 @@
+"""The mlxfleet wire contract; versions live in subpackages (v1)."""

@@ -1,0 +1,277 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLE_UNSPECIFIED: _ClassVar[Role]
+    ROLE_LAPTOP: _ClassVar[Role]
+    ROLE_SERVER: _ClassVar[Role]
+
+class MemoryPressure(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MEMORY_PRESSURE_UNSPECIFIED: _ClassVar[MemoryPressure]
+    MEMORY_PRESSURE_NORMAL: _ClassVar[MemoryPressure]
+    MEMORY_PRESSURE_WARNING: _ClassVar[MemoryPressure]
+    MEMORY_PRESSURE_CRITICAL: _ClassVar[MemoryPressure]
+
+class ThermalState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    THERMAL_STATE_UNSPECIFIED: _ClassVar[ThermalState]
+    THERMAL_STATE_NOMINAL: _ClassVar[ThermalState]
+    THERMAL_STATE_FAIR: _ClassVar[ThermalState]
+    THERMAL_STATE_SERIOUS: _ClassVar[ThermalState]
+    THERMAL_STATE_CRITICAL: _ClassVar[ThermalState]
+
+class PowerSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    POWER_SOURCE_UNSPECIFIED: _ClassVar[PowerSource]
+    POWER_SOURCE_AC: _ClassVar[PowerSource]
+    POWER_SOURCE_BATTERY: _ClassVar[PowerSource]
+
+class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TIER_UNSPECIFIED: _ClassVar[Tier]
+    TIER_INTERACTIVE: _ClassVar[Tier]
+    TIER_BATCH: _ClassVar[Tier]
+
+class EngineState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENGINE_STATE_UNSPECIFIED: _ClassVar[EngineState]
+    ENGINE_STATE_STARTING: _ClassVar[EngineState]
+    ENGINE_STATE_READY: _ClassVar[EngineState]
+    ENGINE_STATE_STOPPING: _ClassVar[EngineState]
+    ENGINE_STATE_EXITED: _ClassVar[EngineState]
+
+class ExitReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXIT_REASON_UNSPECIFIED: _ClassVar[ExitReason]
+    EXIT_REASON_CLEAN: _ClassVar[ExitReason]
+    EXIT_REASON_CRASH: _ClassVar[ExitReason]
+    EXIT_REASON_SIGKILL: _ClassVar[ExitReason]
+    EXIT_REASON_OOM: _ClassVar[ExitReason]
+ROLE_UNSPECIFIED: Role
+ROLE_LAPTOP: Role
+ROLE_SERVER: Role
+MEMORY_PRESSURE_UNSPECIFIED: MemoryPressure
+MEMORY_PRESSURE_NORMAL: MemoryPressure
+MEMORY_PRESSURE_WARNING: MemoryPressure
+MEMORY_PRESSURE_CRITICAL: MemoryPressure
+THERMAL_STATE_UNSPECIFIED: ThermalState
+THERMAL_STATE_NOMINAL: ThermalState
+THERMAL_STATE_FAIR: ThermalState
+THERMAL_STATE_SERIOUS: ThermalState
+THERMAL_STATE_CRITICAL: ThermalState
+POWER_SOURCE_UNSPECIFIED: PowerSource
+POWER_SOURCE_AC: PowerSource
+POWER_SOURCE_BATTERY: PowerSource
+TIER_UNSPECIFIED: Tier
+TIER_INTERACTIVE: Tier
+TIER_BATCH: Tier
+ENGINE_STATE_UNSPECIFIED: EngineState
+ENGINE_STATE_STARTING: EngineState
+ENGINE_STATE_READY: EngineState
+ENGINE_STATE_STOPPING: EngineState
+ENGINE_STATE_EXITED: EngineState
+EXIT_REASON_UNSPECIFIED: ExitReason
+EXIT_REASON_CLEAN: ExitReason
+EXIT_REASON_CRASH: ExitReason
+EXIT_REASON_SIGKILL: ExitReason
+EXIT_REASON_OOM: ExitReason
+
+class EnrollRequest(_message.Message):
+    __slots__ = ("token", "node_id", "facts")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    FACTS_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    node_id: str
+    facts: NodeFacts
+    def __init__(self, token: _Optional[str] = ..., node_id: _Optional[str] = ..., facts: _Optional[_Union[NodeFacts, _Mapping]] = ...) -> None: ...
+
+class EnrollResponse(_message.Message):
+    __slots__ = ("node_id", "node_key")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_KEY_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    node_key: str
+    def __init__(self, node_id: _Optional[str] = ..., node_key: _Optional[str] = ...) -> None: ...
+
+class NodeFacts(_message.Message):
+    __slots__ = ("hostname", "chip", "os", "ram_bytes", "performance_cores", "gpu_cores", "memory_bandwidth_gbps", "gpu_wired_limit_bytes", "mlx_version", "mlx_lm_version", "agent_version", "role")
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    CHIP_FIELD_NUMBER: _ClassVar[int]
+    OS_FIELD_NUMBER: _ClassVar[int]
+    RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PERFORMANCE_CORES_FIELD_NUMBER: _ClassVar[int]
+    GPU_CORES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BANDWIDTH_GBPS_FIELD_NUMBER: _ClassVar[int]
+    GPU_WIRED_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MLX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MLX_LM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    hostname: str
+    chip: str
+    os: str
+    ram_bytes: int
+    performance_cores: int
+    gpu_cores: int
+    memory_bandwidth_gbps: float
+    gpu_wired_limit_bytes: int
+    mlx_version: str
+    mlx_lm_version: str
+    agent_version: str
+    role: Role
+    def __init__(self, hostname: _Optional[str] = ..., chip: _Optional[str] = ..., os: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., performance_cores: _Optional[int] = ..., gpu_cores: _Optional[int] = ..., memory_bandwidth_gbps: _Optional[float] = ..., gpu_wired_limit_bytes: _Optional[int] = ..., mlx_version: _Optional[str] = ..., mlx_lm_version: _Optional[str] = ..., agent_version: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ...) -> None: ...
+
+class TierKnobs(_message.Message):
+    __slots__ = ("max_concurrency", "batch_window_ms", "max_batch_size")
+    MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    BATCH_WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    max_concurrency: int
+    batch_window_ms: int
+    max_batch_size: int
+    def __init__(self, max_concurrency: _Optional[int] = ..., batch_window_ms: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+
+class EngineInfo(_message.Message):
+    __slots__ = ("engine_id", "model", "tier", "state", "url", "secret", "context_length")
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    engine_id: str
+    model: str
+    tier: Tier
+    state: EngineState
+    url: str
+    secret: str
+    context_length: int
+    def __init__(self, engine_id: _Optional[str] = ..., model: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., state: _Optional[_Union[EngineState, str]] = ..., url: _Optional[str] = ..., secret: _Optional[str] = ..., context_length: _Optional[int] = ...) -> None: ...
+
+class EngineStatus(_message.Message):
+    __slots__ = ("engine_id", "state", "rss_bytes", "pid")
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    engine_id: str
+    state: EngineState
+    rss_bytes: int
+    pid: int
+    def __init__(self, engine_id: _Optional[str] = ..., state: _Optional[_Union[EngineState, str]] = ..., rss_bytes: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("seq", "unix_time", "available_bytes", "swap_used_bytes", "memory_pressure", "thermal_state", "power_source", "low_power_mode", "engines")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    UNIX_TIME_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SWAP_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_PRESSURE_FIELD_NUMBER: _ClassVar[int]
+    THERMAL_STATE_FIELD_NUMBER: _ClassVar[int]
+    POWER_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LOW_POWER_MODE_FIELD_NUMBER: _ClassVar[int]
+    ENGINES_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    unix_time: float
+    available_bytes: int
+    swap_used_bytes: int
+    memory_pressure: MemoryPressure
+    thermal_state: ThermalState
+    power_source: PowerSource
+    low_power_mode: bool
+    engines: _containers.RepeatedCompositeFieldContainer[EngineStatus]
+    def __init__(self, seq: _Optional[int] = ..., unix_time: _Optional[float] = ..., available_bytes: _Optional[int] = ..., swap_used_bytes: _Optional[int] = ..., memory_pressure: _Optional[_Union[MemoryPressure, str]] = ..., thermal_state: _Optional[_Union[ThermalState, str]] = ..., power_source: _Optional[_Union[PowerSource, str]] = ..., low_power_mode: _Optional[bool] = ..., engines: _Optional[_Iterable[_Union[EngineStatus, _Mapping]]] = ...) -> None: ...
+
+class EngineEvent(_message.Message):
+    __slots__ = ("kind", "engine", "exit_reason", "exit_code", "signal", "detail")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[EngineEvent.Kind]
+        KIND_STARTED: _ClassVar[EngineEvent.Kind]
+        KIND_READY: _ClassVar[EngineEvent.Kind]
+        KIND_EXITED: _ClassVar[EngineEvent.Kind]
+        KIND_LOAD_FAILED: _ClassVar[EngineEvent.Kind]
+    KIND_UNSPECIFIED: EngineEvent.Kind
+    KIND_STARTED: EngineEvent.Kind
+    KIND_READY: EngineEvent.Kind
+    KIND_EXITED: EngineEvent.Kind
+    KIND_LOAD_FAILED: EngineEvent.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    EXIT_REASON_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    kind: EngineEvent.Kind
+    engine: EngineInfo
+    exit_reason: ExitReason
+    exit_code: int
+    signal: int
+    detail: str
+    def __init__(self, kind: _Optional[_Union[EngineEvent.Kind, str]] = ..., engine: _Optional[_Union[EngineInfo, _Mapping]] = ..., exit_reason: _Optional[_Union[ExitReason, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("facts", "engines", "metrics_port")
+    FACTS_FIELD_NUMBER: _ClassVar[int]
+    ENGINES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_PORT_FIELD_NUMBER: _ClassVar[int]
+    facts: NodeFacts
+    engines: _containers.RepeatedCompositeFieldContainer[EngineInfo]
+    metrics_port: int
+    def __init__(self, facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., engines: _Optional[_Iterable[_Union[EngineInfo, _Mapping]]] = ..., metrics_port: _Optional[int] = ...) -> None: ...
+
+class AgentMessage(_message.Message):
+    __slots__ = ("hello", "status", "event")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    status: NodeStatus
+    event: EngineEvent
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., status: _Optional[_Union[NodeStatus, _Mapping]] = ..., event: _Optional[_Union[EngineEvent, _Mapping]] = ...) -> None: ...
+
+class LoadModel(_message.Message):
+    __slots__ = ("engine_id", "model", "source", "tier", "context_length", "knobs")
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    KNOBS_FIELD_NUMBER: _ClassVar[int]
+    engine_id: str
+    model: str
+    source: str
+    tier: Tier
+    context_length: int
+    knobs: TierKnobs
+    def __init__(self, engine_id: _Optional[str] = ..., model: _Optional[str] = ..., source: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., context_length: _Optional[int] = ..., knobs: _Optional[_Union[TierKnobs, _Mapping]] = ...) -> None: ...
+
+class UnloadModel(_message.Message):
+    __slots__ = ("engine_id",)
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    engine_id: str
+    def __init__(self, engine_id: _Optional[str] = ...) -> None: ...
+
+class Drain(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CoordinatorMessage(_message.Message):
+    __slots__ = ("load", "unload", "drain")
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    UNLOAD_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    load: LoadModel
+    unload: UnloadModel
+    drain: Drain
+    def __init__(self, load: _Optional[_Union[LoadModel, _Mapping]] = ..., unload: _Optional[_Union[UnloadModel, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,116 @@
+"""Shared test helpers: real processes, readiness polling, never sleeps as synchronisation."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_for(check: Callable[[], T | None], timeout_s: float, what: str, poll_s: float = 0.05) -> T:
+    """Poll `check` until it returns something truthy; fail the test naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+class Proc:
+    """A real subprocess whose output goes to a log file the test can show on failure."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        self._fh = log.open("wb")
+        self.popen = subprocess.Popen(
+            args,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM the process group (the agent's engines too), SIGKILL if it lingers."""
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        # Engines run in their own sessions: make sure none outlives the test.
+        for pid in children_of(self.popen.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._fh.close()
+        return self.popen.returncode
+
+
+def run_ok(args: list[str], timeout_s: float = 60) -> str:
+    """Run a command to completion; fail the test with its output if it fails."""
+    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
+    assert done.returncode == 0, f"{args} exited {done.returncode}: {done.stderr[-2000:]}"
+    return done.stdout.strip()
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of a process, from /proc."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def mlxfleet(*args: str) -> list[str]:
+    return [sys.executable, "-m", "coordinator.cli", *args]
+
+
+def read_runtime(home: Path) -> dict | None:
+    try:
+        return json.loads((home / "coordinator.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The offline demo model, written once per test session."""
+    from node_agent.engine.demo_model import write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("models") / "demo")
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    """Processes a test starts; all stopped at the end, their logs printed on failure."""
+    started: list[Proc] = []
+    yield started
+    for p in reversed(started):
+        p.stop()

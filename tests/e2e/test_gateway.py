@@ -1,0 +1,319 @@
+"""The whole path, real processes on 127.0.0.1: coordinator, agent, engine with the demo model.
+
+Clients are the official `openai` client and httpx, through the gateway only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Proc, children_of, mlxfleet, read_runtime, run_ok, wait_for
+
+MODEL = "demo"
+JOIN_TOKEN = "test-join-token-0123456789"
+READY_TIMEOUT_S = 120.0  # cold start on 2 cores: imports, model load, g++ kernel compile
+
+
+@dataclass
+class Fleet:
+    base: str  # http://127.0.0.1:PORT
+    key: str
+    coordinator: Proc
+    agent: Proc
+
+    def client(self, key: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=key or self.key, max_retries=0)
+
+    def models(self) -> list[str]:
+        r = httpx.get(f"{self.base}/v1/models", headers={"Authorization": f"Bearer {self.key}"})
+        return [m["id"] for m in r.json()["data"]]
+
+    def engine_pids(self) -> list[int]:
+        return children_of(self.agent.popen.pid)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Fleet]:
+    home = tmp_path_factory.mktemp("coord")
+    agent_home = tmp_path_factory.mktemp("agent")
+    config = home / "fleet.toml"
+    config.write_text(
+        f'join_token = "{JOIN_TOKEN}"\n'
+        f'[[models]]\nname = "{MODEL}"\nsource = "{demo_model}"\ncontext_length = 2048\n'
+    )
+    logs = tmp_path_factory.mktemp("logs")
+    coordinator = Proc(
+        mlxfleet(
+            "coordinator",
+            "--config",
+            str(config),
+            "--home",
+            str(home),
+            "--port",
+            "0",
+            "--grpc-port",
+            "0",
+        ),
+        logs / "coordinator.log",
+    )
+    agent = None
+    try:
+        runtime = wait_for(lambda: read_runtime(home), 30, "the coordinator to listen")
+        key = run_ok(mlxfleet("keys", "create", "--name", "e2e", "--home", str(home)))
+        agent = Proc(
+            mlxfleet(
+                "agent",
+                "--coordinator",
+                f"127.0.0.1:{runtime['grpc_port']}",
+                "--token",
+                JOIN_TOKEN,
+                "--home",
+                str(agent_home),
+            ),
+            logs / "agent.log",
+        )
+        f = Fleet(f"http://127.0.0.1:{runtime['gateway_port']}", key, coordinator, agent)
+        wait_for(lambda: MODEL in f.models(), READY_TIMEOUT_S, "the demo model to be routable")
+        yield f
+    except BaseException:
+        print("--- coordinator log ---\n" + coordinator.output()[-4000:])
+        if agent is not None:
+            print("--- agent log ---\n" + agent.output()[-4000:])
+        raise
+    finally:
+        if agent is not None:
+            agent.stop()
+        coordinator.stop()
+
+
+def test_chat_non_stream_has_usage(fleet: Fleet) -> None:
+    reply = fleet.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0
+    )
+    assert reply.model == MODEL
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens > 0
+    assert 1 <= reply.usage.completion_tokens <= 8
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_chat_stream_matches_non_stream_and_reports_usage(fleet: Fleet) -> None:
+    client = fleet.client()
+    messages = [{"role": "user", "content": "Tell me about Macs"}]
+    whole = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=16, temperature=0
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    usage = chunks[-1].usage
+    assert usage is not None and chunks[-1].choices == []
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_completions_stream_and_not(fleet: Fleet) -> None:
+    client = fleet.client()
+    whole = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=6, temperature=0)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt="Once upon", max_tokens=6, temperature=0, stream=True
+        )
+        if c.choices
+    )
+    assert streamed == whole.choices[0].text
+    assert whole.usage.completion_tokens == 6 or whole.choices[0].finish_reason == "stop"
+
+
+def test_models_lists_the_ready_model(fleet: Fleet) -> None:
+    listed = fleet.client().models.list()
+    assert [m.id for m in listed.data] == [MODEL]
+
+
+def _post(fleet: Fleet, path: str, body: bytes | dict, key: str | None = "default"):
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {fleet.key if key == 'default' else key}"
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{fleet.base}{path}", content=content, headers=headers, timeout=30)
+
+
+def _chat(**extra: object) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+BAD_REQUESTS = [
+    # (id, path, body, key, status, code, param)
+    ("no key", "/v1/chat/completions", _chat(), None, 401, "invalid_api_key", None),
+    ("wrong key", "/v1/chat/completions", _chat(), "mlxf-wrong", 401, "invalid_api_key", None),
+    (
+        "unknown model",
+        "/v1/chat/completions",
+        {**_chat(), "model": "nope"},
+        "default",
+        404,
+        "model_not_found",
+        "model",
+    ),
+    ("malformed json", "/v1/chat/completions", b'{"model": ', "default", 400, None, None),
+    ("body not an object", "/v1/chat/completions", b"[1, 2]", "default", 400, None, None),
+    (
+        "messages not a list",
+        "/v1/chat/completions",
+        {**_chat(), "messages": "hi"},
+        "default",
+        400,
+        None,
+        "messages",
+    ),
+    (
+        "messages empty",
+        "/v1/chat/completions",
+        {**_chat(), "messages": []},
+        "default",
+        400,
+        None,
+        "messages",
+    ),
+    (
+        "unknown role",
+        "/v1/chat/completions",
+        {**_chat(), "messages": [{"role": "wizard", "content": "x"}]},
+        "default",
+        400,
+        None,
+        "messages[0].role",
+    ),
+    (
+        "negative max_tokens",
+        "/v1/chat/completions",
+        _chat(max_tokens=-1),
+        "default",
+        400,
+        None,
+        "max_tokens",
+    ),
+    (
+        "fractional max_tokens",
+        "/v1/chat/completions",
+        _chat(max_tokens=1.5),
+        "default",
+        400,
+        None,
+        "max_tokens",
+    ),
+    (
+        "temperature above 2",
+        "/v1/chat/completions",
+        _chat(temperature=3),
+        "default",
+        400,
+        None,
+        "temperature",
+    ),
+    ("n above 1", "/v1/chat/completions", _chat(n=2), "default", 400, None, "n"),
+    (
+        "max_tokens fills the context",
+        "/v1/chat/completions",
+        _chat(max_tokens=4096),
+        "default",
+        400,
+        "context_length_exceeded",
+        "max_tokens",
+    ),
+    (
+        "prompt longer than the context",
+        "/v1/chat/completions",
+        {**_chat(), "messages": [{"role": "user", "content": "word " * 5000}]},
+        "default",
+        400,
+        "context_length_exceeded",
+        "messages",
+    ),
+    (
+        "completion prompt missing",
+        "/v1/completions",
+        {"model": MODEL},
+        "default",
+        400,
+        None,
+        "prompt",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "key", "status", "code", "param"),
+    [case[1:] for case in BAD_REQUESTS],
+    ids=[case[0] for case in BAD_REQUESTS],
+)
+def test_bad_requests_get_openai_errors(
+    fleet: Fleet,
+    path: str,
+    body: bytes | dict,
+    key: str | None,
+    status: int,
+    code: str | None,
+    param: str | None,
+) -> None:
+    r = _post(fleet, path, body, key)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_oversized_body_is_413_and_the_gateway_keeps_serving(fleet: Fleet) -> None:
+    big = json.dumps(_chat(padding="x" * (5 * 1024 * 1024))).encode()
+    r = _post(fleet, "/v1/chat/completions", big)
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "request_too_large"
+    ok = _post(fleet, "/v1/chat/completions", _chat(max_tokens=2))
+    assert ok.status_code == 200
+    assert ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_killed_engine_leaves_the_router_and_comes_back(fleet: Fleet) -> None:
+    """Kill -9 the engine process: /v1/models drops the model, requests get 503 with
+    Retry-After (never a hang), and the coordinator has it loaded again."""
+    [engine_pid] = wait_for(fleet.engine_pids, 10, "the engine process")
+    os.kill(engine_pid, signal.SIGKILL)
+    wait_for(lambda: MODEL not in fleet.models(), 10, "the model to leave /v1/models")
+    r = _post(fleet, "/v1/chat/completions", _chat(max_tokens=2))
+    if r.status_code == 503:  # the reload may already have finished on a fast machine
+        assert r.headers["Retry-After"].isdigit()
+        assert r.json()["error"]["code"] == "model_unavailable"
+    else:
+        assert r.status_code == 200
+    wait_for(lambda: MODEL in fleet.models(), READY_TIMEOUT_S, "the model to be reloaded")
+    reply = fleet.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "back?"}], max_tokens=3
+    )
+    assert reply.usage.completion_tokens >= 1
+    new_pids = fleet.engine_pids()
+    assert new_pids and engine_pid not in new_pids

@@ -1,0 +1,58 @@
+"""Bad CLI input: one clear line naming the problem, a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import mlxfleet
+
+
+def run(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        mlxfleet(*args),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"MLXFLEET_HOME": str(home), "PATH": "/usr/bin:/bin"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("coordinator", "--config", "{tmp}/missing.toml"), "config file not found"),
+        (("coordinator", "--config", "{tmp}/bad.toml"), "invalid TOML"),
+        (("agent", "--coordinator", "justahost"), "expected HOST:PORT"),
+        (("agent", "--coordinator", "127.0.0.1:1"), "has not enrolled yet: pass --token"),
+        (("up", "--model", "{tmp}/no/such/model/here"), "not a folder and not a Hugging Face id"),
+        (("up", "--model", "{tmp}"), "no config.json there"),
+    ],
+)
+def test_bad_input_gives_one_line(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    (tmp_path / "bad.toml").write_text("gateway_port = \n")
+    done = run(*(a.format(tmp=tmp_path) for a in args), home=tmp_path / "home")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("mlxfleet: error: ")
+    assert message in lines[-1]
+    assert "Traceback" not in done.stderr
+
+
+def test_keys_create_prints_a_key_and_stores_its_hash(tmp_path: Path) -> None:
+    done = run("keys", "create", "--name", "ci", home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    key = done.stdout.strip()
+    assert key.startswith("mlxf-")
+    assert key.encode() not in (tmp_path / "coordinator.sqlite3").read_bytes()
+
+
+def test_demo_model_command_writes_a_loadable_model(tmp_path: Path) -> None:
+    done = run("demo-model", str(tmp_path / "m"), home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "gibberish" in done.stdout
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in (tmp_path / "m").iterdir()
+    }
