@@ -152,7 +152,11 @@ class Supervisor:
             str(request.context_length),
         ]
         # The secret goes through the environment: argv is visible to every local user.
-        env = {**os.environ, "MLXFLEET_ENGINE_SECRET": secret}
+        env = {
+            **os.environ,
+            "MLXFLEET_ENGINE_SECRET": secret,
+            "MLXFLEET_PARENT_PID": str(os.getpid()),
+        }  # the engine exits if we die
         with log_path.open("ab") as log:
             process = await asyncio.create_subprocess_exec(
                 *args,

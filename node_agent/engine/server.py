@@ -9,6 +9,7 @@ import dataclasses
 import hmac
 import itertools
 import logging
+import os
 import signal
 import sys
 import time
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 4 * 1024 * 1024
 DRAIN_TIMEOUT_S = 10.0
 MODEL_THREAD_JOIN_TIMEOUT_S = 5.0
+PARENT_POLL_S = 1.0  # how often an engine checks that its agent still exists
+PARENT_PID_ENV = "MLXFLEET_PARENT_PID"
 RETRY_AFTER_S = 1
 LISTENING_LINE = "MLXFLEET_ENGINE_LISTENING port={port}"
 # OpenAI's "developer" role is its newer name for "system"; chat templates only know the latter.
@@ -118,6 +121,9 @@ class EngineServer:
         print(LISTENING_LINE.format(port=port), file=self._out, flush=True)
         logger.info("listening on port %d, loading %s", port, self._config.model_path)
         self._model.start()
+        # The agent names itself: by the time we run, a dead agent would already show as 1.
+        parent = int(os.environ.get(PARENT_PID_ENV) or os.getppid())
+        orphan_watch = asyncio.create_task(self._exit_when_orphaned(parent))
         loaded = asyncio.wrap_future(self._model.loaded)
         stopping = asyncio.ensure_future(self._stop.wait())
         waiting: set[asyncio.Future[Any]] = {loaded, stopping}
@@ -132,12 +138,21 @@ class EngineServer:
         # `loaded` is left alone when a signal comes first: cancelling it would make the model
         # thread's set_result fail; the thread is a daemon and is stopped below.
         stopping.cancel()
+        orphan_watch.cancel()
         if exit_code == 0:
             logger.info("shutting down: draining in-flight work (up to %.0f s)", DRAIN_TIMEOUT_S)
         await runner.cleanup()
         await asyncio.to_thread(self._model.stop, MODEL_THREAD_JOIN_TIMEOUT_S)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         return exit_code
+
+    async def _exit_when_orphaned(self, parent_pid: int) -> None:
+        """Shut down when the agent that started us is gone (an agent SIGKILLed or crashed
+        must not leave engines holding unified memory nobody can reach)."""
+        while os.getppid() == parent_pid:
+            await asyncio.sleep(PARENT_POLL_S)
+        logger.warning("parent process %d is gone: shutting down", parent_pid)
+        self._stop.set()
 
     # --- middlewares ---------------------------------------------------------------------
 

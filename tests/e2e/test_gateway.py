@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,3 +318,39 @@ def test_killed_engine_leaves_the_router_and_comes_back(fleet: Fleet) -> None:
     assert reply.usage.completion_tokens >= 1
     new_pids = fleet.engine_pids()
     assert new_pids and engine_pid not in new_pids
+
+
+def test_engine_exits_when_its_agent_is_killed(tmp_path: Path, demo_model: Path) -> None:
+    """An agent killed with SIGKILL must not leave an engine holding memory: the engine
+    notices its parent is gone and exits. Starts a real agent-like parent process."""
+    parent = Proc(
+        [
+            sys.executable,
+            "-c",
+            "import os, subprocess, sys, time\n"
+            "env = {**os.environ, 'MLXFLEET_ENGINE_SECRET': 'orphan-test-secret', "
+            "'MLXFLEET_PARENT_PID': str(os.getpid())}\n"
+            f"p = subprocess.Popen([sys.executable, '-m', 'node_agent.engine', '--model-path', "
+            f"'{demo_model}', '--model-name', 'demo'], env=env, start_new_session=True)\n"
+            "print(p.pid, flush=True)\n"
+            "time.sleep(600)\n",
+        ],
+        tmp_path / "parent.log",
+    )
+    try:
+        engine_pid = int(
+            wait_for(lambda: parent.output().split("\n", 1)[0].strip(), 30, "the engine pid")
+        )
+        os.kill(parent.popen.pid, signal.SIGKILL)
+        parent.popen.wait()
+        wait_for(
+            lambda: (
+                not Path(f"/proc/{engine_pid}").exists()
+                or "zombie" in Path(f"/proc/{engine_pid}/status").read_text().lower()
+                or " Z " in Path(f"/proc/{engine_pid}/stat").read_text()
+            ),
+            30,
+            "the orphaned engine to exit",
+        )
+    finally:
+        parent.stop()
