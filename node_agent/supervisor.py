@@ -77,6 +77,25 @@ def classify_exit(returncode: int, oom_kills_before: int, oom_kills_after: int) 
     return "crash"
 
 
+def resolve_source(source: str) -> Path:
+    """A local MLX model folder as is; a Hugging Face id downloaded (or found in the hub cache).
+
+    Blocking: run it in a thread. Engines only ever load local folders.
+    """
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS  # the files mlx_lm.load reads
+
+    return Path(snapshot_download(source, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of a process; 0 when it cannot be read."""
     try:
@@ -118,6 +137,7 @@ class Supervisor:
         self._log_dir = log_dir
         self._host = engine_host
         self._engines: dict[str, _Managed] = {}
+        self._resolving: set[str] = set()  # engine ids whose model is being downloaded
 
     def infos(self) -> list[EngineInfo]:
         return [m.info for m in self._engines.values()]
@@ -130,9 +150,27 @@ class Supervisor:
         }
 
     async def load(self, request: LoadRequest) -> None:
-        """Start an engine and report STARTED, then READY or LOAD_FAILED. Returns once started."""
-        if request.engine_id in self._engines:
+        """Start an engine and report STARTED, then READY or LOAD_FAILED. Returns once started
+        (after a download when the source is a Hugging Face id)."""
+        if request.engine_id in self._engines or request.engine_id in self._resolving:
             return  # the coordinator re-sent a command we already run
+        self._resolving.add(request.engine_id)
+        try:
+            model_path = await asyncio.to_thread(resolve_source, request.source)
+        except Exception as exc:  # any hub or disk failure: one line up the stream
+            info = EngineInfo(
+                request.engine_id,
+                request.model,
+                request.tier,
+                "exited",
+                context_length=request.context_length,
+            )
+            detail = f"cannot get model {request.source!r}: {_one_line(exc)}"
+            logger.warning("%s", detail)
+            self._emit(EngineEvent("load_failed", info, "crash", detail=detail))
+            return
+        finally:
+            self._resolving.discard(request.engine_id)
         secret = secrets.token_urlsafe(32)
         self._log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self._log_dir / f"{request.engine_id}.log"
@@ -141,7 +179,7 @@ class Supervisor:
             "-m",
             "node_agent.engine",
             "--model-path",
-            request.source,
+            str(model_path),
             "--model-name",
             request.model,
             "--host",

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
-from node_agent.supervisor import classify_exit, rss_bytes
+from node_agent.probes import local_probe
+from node_agent.supervisor import (
+    EngineEvent,
+    LoadRequest,
+    Supervisor,
+    classify_exit,
+    resolve_source,
+    rss_bytes,
+)
 
 
 @pytest.mark.parametrize(
@@ -28,3 +37,20 @@ def test_rss_of_this_process_is_plausible() -> None:
     rss = rss_bytes(os.getpid())
     assert 10 * 2**20 < rss < 8 * 2**30
     assert rss_bytes(2**22 + 7) == 0  # no such pid
+
+
+async def test_unreachable_hub_model_is_a_load_failure_with_a_reason(tmp_path: Path) -> None:
+    """A Hugging Face id that cannot be fetched (no internet here, or no such repo) becomes one
+    LOAD_FAILED event naming the model; no engine process is started."""
+    events: list[EngineEvent] = []
+    supervisor = Supervisor(local_probe(), events.append, tmp_path / "logs")
+    await supervisor.load(LoadRequest("e1", "ghost", "mlxfleet-test/no-such-model", "batch", 512))
+    [event] = events
+    assert event.kind == "load_failed"
+    assert event.engine.engine_id == "e1" and event.engine.state == "exited"
+    assert "mlxfleet-test/no-such-model" in event.detail
+    assert supervisor.infos() == []
+
+
+def test_local_folder_resolves_to_itself(tmp_path: Path) -> None:
+    assert resolve_source(str(tmp_path)) == tmp_path
