@@ -99,7 +99,13 @@ async def _up(args: argparse.Namespace) -> None:
     try:
         ready = asyncio.create_task(server.wait_model(spec.name, UP_READY_TIMEOUT_S))
         await _first(ready, serve, agent_task, stopper)
-        if ready.done() and ready.result():
+        failure = ready.result() if ready.done() else None
+        if failure is not None:
+            raise CliError(
+                f"model {spec.name} could not be loaded: {failure} "
+                f"(engine logs in {home / 'agent' / 'logs'})"
+            )
+        if ready.done():
             base = f"http://{config.host}:{server.bound.gateway_port}/v1"
             print(
                 f"\nmlxfleet is up ({time.monotonic() - started:.1f} s)\n"
@@ -120,13 +126,6 @@ async def _up(args: argparse.Namespace) -> None:
                 f'    -d \'{{"model": "{spec.name}", "messages": '
                 f'[{{"role": "user", "content": "Hello"}}]}}\'\n',
                 flush=True,
-            )
-        elif ready.done():
-            logger.error(
-                "model %s did not become ready in %.0f s; see %s",
-                spec.name,
-                UP_READY_TIMEOUT_S,
-                home / "agent" / "logs",
             )
         await _first(serve, agent_task, stopper)
     finally:

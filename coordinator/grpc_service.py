@@ -197,7 +197,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         self._registry.drop_engine(engine.engine_id)
         self._store.delete_placement(engine.engine_id)
         if reason != "clean":
-            self._reconciler.engine_failed(engine.model)
+            self._reconciler.engine_failed(engine.model, detail if kind == "load_failed" else None)
 
 
 def _slug(hostname: str) -> str:

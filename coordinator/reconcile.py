@@ -36,9 +36,12 @@ class Reconciler:
         self._store = store
         self._backoff: dict[str, _Backoff] = {}
         self.pending: dict[str, str] = {}  # model -> why it is not placed
+        self.load_failures: dict[str, str] = {}  # model -> its last load failure, until ready
 
-    def engine_failed(self, model: str) -> None:
+    def engine_failed(self, model: str, load_failure: str | None = None) -> None:
         """An engine of this model exited or failed to load: wait before loading it again."""
+        if load_failure is not None:
+            self.load_failures[model] = load_failure
         b = self._backoff.setdefault(model, _Backoff())
         delay = RELOAD_BACKOFF_S[min(b.failures, len(RELOAD_BACKOFF_S) - 1)]
         b.failures += 1
@@ -46,6 +49,7 @@ class Reconciler:
 
     def engine_ready(self, model: str) -> None:
         self._backoff.pop(model, None)
+        self.load_failures.pop(model, None)
 
     async def run(self) -> None:
         while True:

@@ -77,27 +77,30 @@ class Server:
         self.started = asyncio.Event()
         self.bound: Bound | None = None
         self.routing: Routing | None = None
+        self.reconciler: Reconciler | None = None
         self._stop = asyncio.Event()
 
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def wait_model(self, model: str, timeout_s: float) -> bool:
-        """Whether `model` became routable within timeout_s (for `up` and tests)."""
+    async def wait_model(self, model: str, timeout_s: float) -> str | None:
+        """None once `model` is routable; else why not (its load failure, or the timeout)."""
         await self.started.wait()
         deadline = asyncio.get_running_loop().time() + timeout_s
         while asyncio.get_running_loop().time() < deadline:
             if self.routing is not None and model in self.routing.models():
-                return True
+                return None
+            if self.reconciler is not None and model in self.reconciler.load_failures:
+                return self.reconciler.load_failures[model]
             await asyncio.sleep(MODEL_POLL_S)
-        return False
+        return f"not ready after {timeout_s:.0f} s"
 
     async def serve(self, install_signals: bool = True) -> None:
         config = self.config
         store = Store(config.db_path)
         routing = self.routing = Routing()
         registry = Registry(routing)
-        reconciler = Reconciler(config.models, registry, store)
+        reconciler = self.reconciler = Reconciler(config.models, registry, store)
         service = FleetService(load_join_token(config), store, registry, reconciler)
 
         grpc_server = grpc.aio.server(

@@ -56,3 +56,21 @@ def test_demo_model_command_writes_a_loadable_model(tmp_path: Path) -> None:
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
         p.name for p in (tmp_path / "m").iterdir()
     }
+
+
+def test_up_with_an_unreachable_hub_model_stops_with_the_reason(tmp_path: Path) -> None:
+    """No hub here: `up` must say why the model cannot load and exit, not wait forever."""
+    done = run(
+        "up",
+        "--model",
+        "mlxfleet-test/no-such-model",
+        "--port",
+        "0",
+        "--grpc-port",
+        "0",
+        home=tmp_path,
+    )
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("mlxfleet: error: model mlxfleet-test/no-such-model could not be")
+    assert "cannot get model 'mlxfleet-test/no-such-model'" in last
