@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,21 @@ logger = logging.getLogger("mlxfleet")
 DEMO_MODEL_NAME = "mlxfleet-demo"
 UP_KEY_NAME = "up"  # the key `mlxfleet up` creates; replaced on every start
 UP_READY_TIMEOUT_S = 300.0
+UP_TOKEN_TTL_S = 60.0  # the token `up` makes for its own agent
 
 
 class CliError(Error):
     """A bad argument or a failed start; printed as one line."""
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run a daemon's main coroutine on uvloop (MLXFLEET_LOOP=asyncio picks the stdlib loop)."""
+    if os.environ.get("MLXFLEET_LOOP", "uvloop") == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -56,7 +67,7 @@ def _model_spec_for(model: str | None, home: Path) -> tuple[ModelSpec, bool]:
 
 
 async def _up(args: argparse.Namespace) -> None:
-    from coordinator.server import Server, load_join_token
+    from coordinator.server import Server, create_join_token
     from coordinator.store import Store
     from node_agent.agent import Agent, AgentConfig
 
@@ -68,9 +79,12 @@ async def _up(args: argparse.Namespace) -> None:
         home=home,
         gateway_port=args.port,
         grpc_port=args.grpc_port,
-        host=args.host,
+        enroll_port=args.enroll_port,
+        host="0.0.0.0" if args.lan else args.host,
+        mdns=True if args.lan else None,
         models=(spec,),
     )
+    token = create_join_token(config, UP_TOKEN_TTL_S, uses=1)  # for the local agent only
     store = Store(config.db_path)
     store.revoke_api_keys(UP_KEY_NAME)
     api_key = store.create_api_key(UP_KEY_NAME, os.environ.get("MLXFLEET_API_KEY") or None)
@@ -82,9 +96,11 @@ async def _up(args: argparse.Namespace) -> None:
     assert server.bound is not None
     agent = Agent(
         AgentConfig(
-            coordinator=f"127.0.0.1:{server.bound.grpc_port}",
             home=home / "agent",
-            token=load_join_token(config),
+            coordinator=f"127.0.0.1:{server.bound.grpc_port}",
+            token=token,
+            enroll_port=server.bound.enroll_port,
+            advertise=args.lan,
         )
     )
     agent_task = asyncio.create_task(agent.serve(install_signals=False))
@@ -148,7 +164,7 @@ async def _first(*aws: Awaitable[Any]) -> None:
 
 
 def _cmd_up(args: argparse.Namespace) -> None:
-    asyncio.run(_up(args))
+    run_loop(_up(args))
 
 
 def _cmd_coordinator(args: argparse.Namespace) -> None:
@@ -159,21 +175,101 @@ def _cmd_coordinator(args: argparse.Namespace) -> None:
         host=args.host,
         gateway_port=args.port,
         grpc_port=args.grpc_port,
+        enroll_port=args.enroll_port,
         home=Path(args.home).expanduser() if args.home else None,
     )
-    asyncio.run(Server(config).serve())
+    run_loop(Server(config).serve())
 
 
 def _cmd_agent(args: argparse.Namespace) -> None:
-    from node_agent.agent import Agent, AgentConfig
+    from node_agent.agent import DEFAULT_GRPC_PORT, Agent, AgentConfig, split_host_port
 
-    if ":" not in args.coordinator:
-        raise CliError(f"--coordinator {args.coordinator!r}: expected HOST:PORT")
+    if args.coordinator:
+        split_host_port(args.coordinator, DEFAULT_GRPC_PORT)  # a bad address fails here, early
     home = Path(args.home or default_home()).expanduser() / "agent"
     config = AgentConfig(
-        coordinator=args.coordinator, home=home, token=args.token, engine_host=args.engine_host
+        home=home,
+        coordinator=args.coordinator,
+        token=args.token,
+        enroll_port=args.enroll_port,
+        advertise=not args.no_mdns,
+        role=args.role,
     )
-    asyncio.run(Agent(config).serve())
+    run_loop(Agent(config).serve())
+
+
+def parse_duration(text: str) -> float:
+    """`90s`, `15m`, `1h`, `7d` (or plain seconds) -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise CliError(f"--ttl {text!r}: expected a duration like 90s, 15m, 1h or 7d") from None
+    if not 0 < seconds <= 366 * 86400:
+        raise CliError(f"--ttl {text!r}: must be more than 0 and at most a year")
+    return seconds
+
+
+def _cmd_token(args: argparse.Namespace) -> None:
+    from coordinator.server import create_join_token
+
+    if args.uses < 1:
+        raise CliError(f"--uses {args.uses}: must be at least 1")
+    home = Path(args.home or default_home()).expanduser()
+    token = create_join_token(Config(home=home), parse_duration(args.ttl), args.uses)
+    print(token)
+
+
+def _admin(home: Path, method: str, path: str) -> Any:
+    """Call the running coordinator's admin API on this host (token from MLXFLEET_HOME)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from coordinator.server import ADMIN_TOKEN_FILE, RUNTIME_FILE
+
+    try:
+        runtime = json.loads((home / RUNTIME_FILE).read_text())
+        token = (home / ADMIN_TOKEN_FILE).read_text().strip()
+    except (OSError, ValueError):
+        raise CliError(f"no coordinator is running with MLXFLEET_HOME={home}") from None
+    host = runtime["host"] if runtime["host"] not in ("0.0.0.0", "::") else "127.0.0.1"
+    request = urllib.request.Request(
+        f"http://{host}:{runtime['gateway_port']}{path}",
+        method=method,
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        message = json.loads(exc.read() or b"{}").get("error", {}).get("message", str(exc))
+        raise CliError(message) from None
+    except OSError as exc:
+        raise CliError(f"coordinator not reachable: {exc}") from None
+
+
+def _cmd_nodes(args: argparse.Namespace) -> None:
+    home = Path(args.home or default_home()).expanduser()
+    if args.nodes_command == "remove":
+        _admin(home, "DELETE", f"/admin/v1/nodes/{args.node_id}")
+        print(f"removed {args.node_id}: its certificate is refused from now on")
+        return
+    nodes = _admin(home, "GET", "/admin/v1/nodes")["nodes"]
+    if args.json:
+        import json
+
+        print(json.dumps(nodes, indent=2))
+        return
+    columns = ("id", "state", "role", "chip", "ram_gib", "available_gib", "thermal", "models")
+    rows = [
+        [str(n.get(c) if c != "models" else ", ".join(n["models"]) or "-") for c in columns]
+        for n in nodes
+    ]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    for row in [list(columns), *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _cmd_keys(args: argparse.Namespace) -> None:
@@ -202,8 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", help="an MLX model folder or a Hugging Face id (default: demo)")
     up.add_argument("--port", type=int, default=None, help="gateway port (default 8400)")
     up.add_argument("--grpc-port", type=int, default=None, help="agent port (default 8401)")
+    up.add_argument("--enroll-port", type=int, default=None, help="enrollment (default 8403)")
     up.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
     up.add_argument("--home", help="state folder (default $MLXFLEET_HOME or ~/.mlxfleet)")
+    up.add_argument(
+        "--lan",
+        action="store_true",
+        help="listen on all interfaces and announce on mDNS, so LAN agents can join",
+    )
     up.set_defaults(func=_cmd_up)
 
     coord = sub.add_parser("coordinator", help="run the coordinator")
@@ -211,13 +313,18 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--host", default=None)
     coord.add_argument("--port", type=int, default=None, help="gateway port (default 8400)")
     coord.add_argument("--grpc-port", type=int, default=None, help="agent port (default 8401)")
+    coord.add_argument("--enroll-port", type=int, default=None, help="enrollment (default 8403)")
     coord.add_argument("--home", help="state folder (default $MLXFLEET_HOME or ~/.mlxfleet)")
     coord.set_defaults(func=_cmd_coordinator)
 
     agent = sub.add_parser("agent", help="run a node agent")
-    agent.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
-    agent.add_argument("--token", help="join token (first start only)")
-    agent.add_argument("--engine-host", default="127.0.0.1", help="address engines listen on")
+    agent.add_argument(
+        "--coordinator", help="HOST[:PORT] of the coordinator (default: the saved one, else mDNS)"
+    )
+    agent.add_argument("--token", help="join token from `mlxfleet token create` (first start)")
+    agent.add_argument("--enroll-port", type=int, default=8403, help="default 8403")
+    agent.add_argument("--role", choices=("laptop", "server"), help="override the probe")
+    agent.add_argument("--no-mdns", action="store_true", help="do not announce this node")
     agent.add_argument("--home", help="state folder (default $MLXFLEET_HOME or ~/.mlxfleet)")
     agent.set_defaults(func=_cmd_agent)
 
@@ -227,6 +334,23 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", default="team")
     create.add_argument("--home", help="state folder (default $MLXFLEET_HOME or ~/.mlxfleet)")
     create.set_defaults(func=_cmd_keys)
+
+    token = sub.add_parser("token", help="join tokens for new nodes")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    token_create = token_sub.add_parser("create", help="print a join token (stored hashed)")
+    token_create.add_argument("--ttl", default="1h", help="how long it is valid (default 1h)")
+    token_create.add_argument("--uses", type=int, default=1, help="nodes it may enroll (1)")
+    token_create.add_argument("--home", help="state folder (default $MLXFLEET_HOME)")
+    token_create.set_defaults(func=_cmd_token)
+
+    nodes = sub.add_parser("nodes", help="list nodes; `nodes remove ID` revokes one")
+    nodes.add_argument("--home", help="state folder (default $MLXFLEET_HOME)")
+    nodes.add_argument("--json", action="store_true")
+    nodes_sub = nodes.add_subparsers(dest="nodes_command")
+    remove = nodes_sub.add_parser("remove", help="revoke a node's certificate and move its models")
+    remove.add_argument("node_id")
+    remove.add_argument("--home", default=argparse.SUPPRESS, help="state folder")
+    nodes.set_defaults(func=_cmd_nodes)
 
     demo = sub.add_parser("demo-model", help="write the offline demo model to PATH")
     demo.add_argument("path")

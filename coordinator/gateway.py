@@ -6,6 +6,7 @@ the engine's own bytes, streamed as they arrive: the gateway never re-encodes a 
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
@@ -15,7 +16,10 @@ import aiohttp
 from aiohttp import web
 
 from coordinator.config import RETRY_AFTER_S, Config, ModelSpec
+from coordinator.discovery import Discovery
 from coordinator.errors import ApiError
+from coordinator.nodes import node_rows
+from coordinator.registry import NodeId, Registry
 from coordinator.routing import Routing, Target
 from coordinator.store import Store
 from node_agent.engine.protocol import (
@@ -69,10 +73,15 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
 class Gateway:
     """Routes /v1 requests to engines. Create and use from the event loop."""
 
-    def __init__(self, config: Config, store: Store, routing: Routing) -> None:
+    def __init__(
+        self, config: Config, store: Store, routing: Routing, registry: Registry, admin_token: str
+    ) -> None:
         self._config = config
         self._store = store
         self._routing = routing
+        self._registry = registry
+        self._admin_token = admin_token
+        self.discovery: Discovery | None = None  # set when mDNS runs
         self._specs: dict[str, ModelSpec] = {m.name: m for m in config.models}
         self._session: aiohttp.ClientSession | None = None
 
@@ -85,6 +94,8 @@ class Gateway:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/admin/v1/nodes", self.admin_nodes)
+        app.router.add_delete("/admin/v1/nodes/{node_id}", self.admin_remove_node)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
         return app
@@ -116,6 +127,30 @@ class Gateway:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "completion")
+
+    # Admin (the local `mlxfleet nodes` CLI; token in MLXFLEET_HOME/admin_token)
+    def _authenticate_admin(self, request: web.Request) -> None:
+        header = request.headers.get("Authorization", "")
+        token = header.removeprefix("Bearer ").strip()
+        if not header.startswith("Bearer ") or not hmac.compare_digest(
+            token.encode(), self._admin_token.encode()
+        ):
+            raise ApiError(401, "missing or invalid admin token", code="invalid_admin_token")
+
+    async def admin_nodes(self, request: web.Request) -> web.Response:
+        self._authenticate_admin(request)
+        return web.json_response({"nodes": node_rows(self._registry, self._store, self.discovery)})
+
+    async def admin_remove_node(self, request: web.Request) -> web.Response:
+        """Revoke a node: its certificate is refused from now on and its models move."""
+        self._authenticate_admin(request)
+        node_id = request.match_info["node_id"]
+        if not self._store.revoke_node(node_id):
+            raise ApiError(404, f"no enrolled node {node_id!r}", code="node_not_found")
+        self._registry.disconnect(NodeId(node_id))
+        self._store.add_event(node_id, "node_removed", "revoked by an operator")
+        logger.warning("node %s revoked", node_id)
+        return web.json_response({"removed": node_id})
 
     # The request path
     def _authenticate(self, request: web.Request) -> str:
@@ -184,6 +219,9 @@ class Gateway:
                         "Authorization": f"Bearer {target.secret}",
                         "Content-Type": "application/json",
                     },
+                    # A remote engine must present its node's certificate (CN = node id).
+                    ssl=self._routing.engine_tls if target.tls else True,
+                    server_hostname=target.node_id if target.tls else None,
                 )
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                 # Nothing reached the client yet: take the engine out and try the next one.

@@ -7,10 +7,13 @@ import contextlib
 import logging
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 
+from coordinator.errors import EnrollmentError
+from coordinator.pki import FleetPki
 from coordinator.reconcile import Reconciler
 from coordinator.registry import (
     Command,
@@ -29,6 +32,9 @@ from mlxfleet.v1 import fleet_pb2_grpc
 logger = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 10.0  # a stream must say Hello this soon after opening
+# Heartbeats come at 1 Hz and events are rare: a stream sending more than this in a second is
+# cut (a runaway or hostile agent must not starve the other nodes' streams).
+MAX_MESSAGES_PER_S = 50
 MAX_MESSAGE_BYTES = 1 * 1024 * 1024  # larger agent messages are refused by gRPC itself
 NODE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -94,45 +100,65 @@ def command_to_pb(command: Command) -> pb.CoordinatorMessage:
                 source=command.source,
                 tier=pb.Tier.Value(f"TIER_{command.tier.upper()}"),
                 context_length=command.context_length,
+                knobs=pb.TierKnobs(max_concurrency=command.max_concurrency),
             )
         )
     return pb.CoordinatorMessage(unload=pb.UnloadModel(engine_id=command.engine_id))
+
+
+class StreamRefused(Exception):
+    """An agent's stream broke the contract (garbage, flooding); the reason is logged."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 class FleetService(fleet_pb2_grpc.FleetServicer):
     """Enrollment and the per-node control stream."""
 
     def __init__(
-        self, join_token: str, store: Store, registry: Registry, reconciler: Reconciler
+        self, pki: FleetPki, store: Store, registry: Registry, reconciler: Reconciler
     ) -> None:
-        self._join_token = join_token
+        self._pki = pki
         self._store = store
         self._registry = registry
         self._reconciler = reconciler
 
     async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext):
-        if not secrets.compare_digest(request.token.encode(), self._join_token.encode()):
-            logger.warning("refused enrollment from %s: wrong join token", context.peer())
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong join token")
-        node_id = request.node_id or f"{_slug(request.facts.hostname)}-{secrets.token_hex(3)}"
-        if not NODE_ID_RE.match(node_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad node id {node_id!r}")
-        node_key = secrets.token_urlsafe(32)
+        refusal = self._store.consume_join_token(request.token)
+        if refusal is not None:
+            logger.warning("refused enrollment from %s: %s", context.peer(), refusal)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+        node_id = request.node_id
+        # A node may keep its old id only if nobody holds it: a token is not a licence to
+        # take over another node's identity.
+        if not node_id or not NODE_ID_RE.match(node_id) or self._store.node_known(node_id):
+            node_id = f"{_slug(request.facts.hostname)}-{secrets.token_hex(3)}"
+        try:
+            certificate = self._pki.issue_node_certificate(node_id, request.csr_pem)
+        except EnrollmentError as exc:
+            logger.warning("refused enrollment from %s: %s", context.peer(), exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         facts = facts_from_pb(request.facts)
-        self._store.save_node(node_id, node_key, facts.hostname, _facts_dict(facts))
+        self._store.save_node(node_id, facts.hostname, _facts_dict(facts))
         self._store.add_event(node_id, "node_enrolled", f"{facts.hostname} ({facts.chip})")
         logger.info("enrolled node %s (%s)", node_id, facts.hostname)
-        return pb.EnrollResponse(node_id=node_id, node_key=node_key)
+        return pb.EnrollResponse(
+            node_id=node_id, certificate_pem=certificate, fleet_ca_pem=self._pki.ca_cert_pem
+        )
 
     async def Connect(
         self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CoordinatorMessage]:
-        metadata = dict(context.invocation_metadata() or ())
-        node_id = NodeId(str(metadata.get("x-mlxfleet-node-id", "")))
-        node_key = str(metadata.get("x-mlxfleet-node-key", ""))
-        if not node_id or not self._store.node_key_matches(node_id, node_key):
-            logger.warning("refused stream from %s: unknown node or key", context.peer())
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown node or node key")
+        # The TLS layer verified the client certificate against the fleet CA; its CN is the
+        # node. No certificate (the enrollment port) or a revoked node: refused here.
+        names = (context.auth_context() or {}).get("x509_common_name") or [b""]
+        node_id = NodeId(names[0].decode())
+        if not node_id or not self._store.node_is_active(node_id):
+            reason = "no client certificate" if not node_id else f"node {node_id} is not enrolled"
+            logger.warning("refused stream from %s: %s", context.peer(), reason)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
         messages = aiter(request_iterator)
         try:
             first = await asyncio.wait_for(anext(messages), HELLO_TIMEOUT_S)
@@ -157,16 +183,34 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                 if command is None:
                     break
                 yield command_to_pb(command)
+            error = reader.exception() if reader.done() and not reader.cancelled() else None
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
-            if reader.done() and not reader.cancelled() and reader.exception():
-                logger.warning("node %s stream cut: %s", node_id, reader.exception())
             self._registry.disconnect(node_id, only=node)
+        if isinstance(error, StreamRefused):
+            logger.warning("cut node %s stream: %s", node_id, error)
+            self._store.add_event(node_id, "stream_cut", str(error))
+            # Ending the generator with a status (not abort()) reaches the client as sent,
+            # even with its unread messages still in flight.
+            context.set_code(error.code)
+            context.set_details(str(error))
+        elif error is not None:
+            logger.warning("node %s stream broke: %s", node_id, error)
 
     async def _read(self, node_id: NodeId, messages: AsyncIterator[pb.AgentMessage]) -> None:
+        window_start, count = time.monotonic(), 0
         async for message in messages:
+            now = time.monotonic()
+            if now - window_start >= 1.0:
+                window_start, count = now, 0
+            count += 1
+            if count > MAX_MESSAGES_PER_S:
+                raise StreamRefused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"more than {MAX_MESSAGES_PER_S} messages in a second",
+                )
             kind = message.WhichOneof("body")
             if kind == "status":
                 rss = {e.engine_id: e.rss_bytes for e in message.status.engines}
@@ -174,7 +218,9 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             elif kind == "event":
                 self._on_event(node_id, message.event)
             else:
-                raise ValueError(f"unexpected {kind!r} message after hello")
+                raise StreamRefused(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind or 'empty'} message"
+                )
 
     def _on_event(self, node_id: NodeId, event: pb.EngineEvent) -> None:
         kind = _enum_name(pb.EngineEvent.Kind, event.kind, "KIND_")

@@ -13,6 +13,7 @@ logger = logging.getLogger(__name__)
 NodeId = NewType("NodeId", str)
 EngineId = NewType("EngineId", str)
 EngineState = Literal["starting", "ready", "stopping", "exited"]
+Liveness = Literal["live", "suspect"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,7 @@ class LoadCommand:
     source: str
     tier: str
     context_length: int
+    max_concurrency: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,8 @@ class Node:
     facts: NodeFacts
     status: NodeStatus | None = None
     last_heartbeat: float = field(default_factory=time.monotonic)
+    liveness: Liveness = "live"
+    connected_at: float = field(default_factory=time.time)
     # None tells the stream writer that this connection was replaced or dropped.
     outbox: asyncio.Queue[Command | None] = field(default_factory=asyncio.Queue)
 
@@ -140,15 +144,34 @@ class Registry:
             self.changed.set()  # placement waits for a node's first reading
         node.status = status
         node.last_heartbeat = time.monotonic()
+        if node.liveness == "suspect":
+            node.liveness = "live"
+            logger.info("node %s is back: routing its engines again", node_id)
+            for ready in self.engines.values():
+                if ready.node_id == node_id and ready.state == "ready":
+                    self._routes.add_engine(ready)
+            self.changed.set()
         for engine_id, rss_bytes in rss.items():
             engine = self.engines.get(EngineId(engine_id))
             if engine is not None and engine.rss_bytes != rss_bytes:
                 self.engines[engine.engine_id] = replace(engine, rss_bytes=rss_bytes)
 
+    def mark_suspect(self, node_id: NodeId) -> None:
+        """The node missed heartbeats: route nothing to it until it is heard again."""
+        node = self.nodes.get(node_id)
+        if node is None or node.liveness == "suspect":
+            return
+        node.liveness = "suspect"
+        for engine in self.engines.values():
+            if engine.node_id == node_id:
+                self._routes.remove_engine(engine.engine_id)
+        self.changed.set()
+
     def upsert_engine(self, engine: Engine) -> None:
-        """Record an engine's new state; a ready engine becomes routable."""
+        """Record an engine's new state; a ready engine on a live node becomes routable."""
         self.engines[engine.engine_id] = engine
-        if engine.state == "ready":
+        node = self.nodes.get(engine.node_id)
+        if engine.state == "ready" and node is not None and node.liveness == "live":
             self._routes.add_engine(engine)
         else:
             self._routes.remove_engine(engine.engine_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 from dataclasses import dataclass
 
 # Without this, importing litellm fetches its model cost map from the internet.
@@ -32,15 +33,23 @@ class Target:
 
     engine_id: EngineId
     model: str
+    node_id: str
     url: str
     secret: str
+
+    @property
+    def tls(self) -> bool:
+        """Engines on another host serve TLS with their node's certificate."""
+        return self.url.startswith("https://")
 
 
 class Routing:
     """Deployments follow engines: added when ready, removed the moment they go away."""
 
-    def __init__(self) -> None:
+    def __init__(self, fleet_ca_pem: bytes) -> None:
         self._router = Router(model_list=[], num_retries=0)
+        # Remote engines present node certificates from the fleet CA, checked by node id.
+        self.engine_tls = ssl.create_default_context(cadata=fleet_ca_pem.decode())
         self._targets: dict[EngineId, Target] = {}
 
     def add_engine(self, engine: Engine) -> None:
@@ -55,7 +64,7 @@ class Routing:
         )
         self._router.add_deployment(deployment)
         self._targets[engine.engine_id] = Target(
-            engine.engine_id, engine.model, engine.url, engine.secret
+            engine.engine_id, engine.model, engine.node_id, engine.url, engine.secret
         )
         logger.info("routing %s to engine %s at %s", engine.model, engine.engine_id, engine.url)
 

@@ -3,29 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import secrets
 import signal
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import grpc
 from aiohttp import web
 
+from coordinator import __version__
 from coordinator.config import Config
+from coordinator.discovery import CoordinatorAdvertiser, Discovery
 from coordinator.gateway import Gateway
 from coordinator.grpc_service import MAX_MESSAGE_BYTES, FleetService
+from coordinator.pki import FleetPki
 from coordinator.reconcile import Reconciler
 from coordinator.registry import Registry
 from coordinator.routing import Routing
 from coordinator.store import Store
 from mlxfleet.v1 import fleet_pb2_grpc
+from node_agent.identity import FINGERPRINT_HEX_CHARS, JoinToken
 
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 5.0  # in-flight requests get this long to finish on shutdown
-JOIN_TOKEN_FILE = "join_token"
+ADMIN_TOKEN_FILE = "admin_token"
 RUNTIME_FILE = "coordinator.json"
 MODEL_POLL_S = 0.05
 
@@ -36,36 +42,61 @@ class Bound:
 
     gateway_port: int
     grpc_port: int
+    enroll_port: int
 
 
-def load_join_token(config: Config) -> str:
-    """The configured join token, else the one kept in MLXFLEET_HOME (created on first start)."""
-    if config.join_token:
-        return config.join_token
-    path = config.home / JOIN_TOKEN_FILE
+def create_join_token(config: Config, ttl_s: float, uses: int) -> str:
+    """A join token for this coordinator: its certificate's fingerprint and a stored secret."""
+    pki = FleetPki.load_or_create(config.home)
+    store = Store(config.db_path)
+    try:
+        secret = store.create_join_token(ttl_s, uses)
+    finally:
+        store.close()
+    return str(JoinToken(pki.server_fingerprint[:FINGERPRINT_HEX_CHARS], secret))
+
+
+def load_admin_token(home: Path) -> str:
+    """The local admin token (file mode 600): what `mlxfleet nodes` uses on this host."""
+    path = home / ADMIN_TOKEN_FILE
     if path.exists():
         return path.read_text().strip()
-    config.home.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(24)
+    home.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
     path.write_text(token + "\n")
     path.chmod(0o600)
     return token
+
+
+def build_grpc_server(
+    service: FleetService, pki: FleetPki, host: str, grpc_port: int, enroll_port: int
+) -> tuple[grpc.aio.Server, int, int]:
+    """The agents' gRPC server on two ports; returns it (not started) and the bound ports."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    fleet_pb2_grpc.add_FleetServicer_to_server(service, server)
+    identity = [(pki.server_key_pem, pki.server_cert_pem)]
+    # Control streams: a client certificate from the fleet CA is required.
+    mtls = grpc.ssl_server_credentials(identity, pki.ca_cert_pem, require_client_auth=True)
+    # Enrollment: a new node has no certificate yet; it pins ours by the token's fingerprint.
+    # (grpc never asks for a client certificate when it is optional, hence two ports.)
+    tls = grpc.ssl_server_credentials(identity)
+    bound_grpc = server.add_secure_port(f"{host}:{grpc_port}", mtls)
+    bound_enroll = server.add_secure_port(f"{host}:{enroll_port}", tls)
+    if bound_grpc == 0 or bound_enroll == 0:
+        raise OSError(f"cannot listen on {host}:{grpc_port} and {host}:{enroll_port}")
+    return server, bound_grpc, bound_enroll
 
 
 def write_runtime_file(config: Config, bound: Bound) -> None:
     """Publish the real ports (config may say 0) for the CLI, tests and tools on this host."""
     path = config.home / RUNTIME_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps(
-            {
-                "pid": os.getpid(),
-                "host": config.host,
-                "gateway_port": bound.gateway_port,
-                "grpc_port": bound.grpc_port,
-            }
-        )
-    )
+    tmp.write_text(json.dumps({"pid": os.getpid(), "host": config.host, **asdict(bound)}))
     tmp.replace(path)  # atomic: a reader never sees half a file
 
 
@@ -78,6 +109,7 @@ class Server:
         self.bound: Bound | None = None
         self.routing: Routing | None = None
         self.reconciler: Reconciler | None = None
+        self.registry: Registry | None = None
         self._stop = asyncio.Event()
 
     def request_stop(self) -> None:
@@ -97,38 +129,32 @@ class Server:
 
     async def serve(self, install_signals: bool = True) -> None:
         config = self.config
+        pki = FleetPki.load_or_create(config.home)
         store = Store(config.db_path)
-        routing = self.routing = Routing()
-        registry = Registry(routing)
-        reconciler = self.reconciler = Reconciler(config.models, registry, store)
-        service = FleetService(load_join_token(config), store, registry, reconciler)
+        routing = self.routing = Routing(pki.ca_cert_pem)
+        registry = self.registry = Registry(routing)
+        reconciler = self.reconciler = Reconciler(config, registry, store)
+        service = FleetService(pki, store, registry, reconciler)
 
-        grpc_server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ]
+        grpc_server, grpc_port, enroll_port = build_grpc_server(
+            service, pki, config.host, config.grpc_port, config.enroll_port
         )
-        fleet_pb2_grpc.add_FleetServicer_to_server(service, grpc_server)
-        grpc_port = grpc_server.add_insecure_port(f"{config.host}:{config.grpc_port}")
-        if grpc_port == 0:
-            raise OSError(f"cannot bind gRPC on {config.host}:{config.grpc_port}")
         await grpc_server.start()
 
-        gateway = Gateway(config, store, routing)
+        gateway = Gateway(config, store, routing, registry, load_admin_token(config.home))
         runner = web.AppRunner(gateway.app(), access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, config.host, config.gateway_port)
-        await site.start()
+        await web.TCPSite(runner, config.host, config.gateway_port).start()
         gateway_port = runner.addresses[0][1]
-        self.bound = Bound(gateway_port=gateway_port, grpc_port=grpc_port)
+        self.bound = Bound(gateway_port, grpc_port, enroll_port)
         write_runtime_file(config, self.bound)
         logger.info(
-            "gateway on http://%s:%d/v1, agents on %s:%d",
+            "gateway on http://%s:%d/v1; agents on %s:%d (enroll :%d)",
             config.host,
             gateway_port,
             config.host,
             grpc_port,
+            enroll_port,
         )
 
         if install_signals:
@@ -136,15 +162,38 @@ class Server:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._stop.set)
 
-        reconcile = asyncio.create_task(reconciler.run(), name="reconcile")
-        self.started.set()
+        async with contextlib.AsyncExitStack() as stack:
+            if config.mdns_enabled:
+                await self._start_mdns(stack, gateway, pki.server_fingerprint)
+            reconcile = asyncio.create_task(reconciler.run(), name="reconcile")
+            self.started.set()
+            try:
+                await self._stop.wait()
+            finally:
+                logger.info("shutting down")
+                reconcile.cancel()
+                await grpc_server.stop(SHUTDOWN_GRACE_S)
+                await runner.shutdown()
+                await runner.cleanup()
+                store.close()
+                (config.home / RUNTIME_FILE).unlink(missing_ok=True)
+
+    async def _start_mdns(
+        self, stack: contextlib.AsyncExitStack, gateway: Gateway, server_fingerprint: str
+    ) -> None:
+        """Announce the coordinator and watch for agents on the LAN (discovery, not admission)."""
+        assert self.bound is not None
+        bound = self.bound
+        advertiser = CoordinatorAdvertiser(
+            __version__, bound.grpc_port, bound.gateway_port, server_fingerprint, bound.enroll_port
+        )
+        discovery = Discovery()
         try:
-            await self._stop.wait()
-        finally:
-            logger.info("shutting down")
-            reconcile.cancel()
-            await grpc_server.stop(SHUTDOWN_GRACE_S)
-            await runner.shutdown()
-            await runner.cleanup()
-            store.close()
-            (config.home / RUNTIME_FILE).unlink(missing_ok=True)
+            await advertiser.start()
+            stack.push_async_callback(advertiser.close)
+            await discovery.start()
+            stack.push_async_callback(discovery.close)
+        except OSError as exc:  # no multicast-capable interface: the fleet still works by address
+            logger.warning("mDNS unavailable: %s", exc)
+            return
+        gateway.discovery = discovery

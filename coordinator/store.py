@@ -14,14 +14,21 @@ from coordinator.errors import StoreError
 
 API_KEY_PREFIX = "mlxf-"
 
+SCHEMA_VERSION = 2  # 2: nodes are identified by certificates (mutual TLS), join tokens
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     node_id     TEXT PRIMARY KEY,
-    key_hash    TEXT NOT NULL,
     hostname    TEXT NOT NULL,
     facts_json  TEXT NOT NULL,
     enrolled_at REAL NOT NULL,
-    last_seen   REAL
+    last_seen   REAL,
+    revoked_at  REAL
+);
+CREATE TABLE IF NOT EXISTS join_tokens (
+    token_hash  TEXT PRIMARY KEY,
+    expires_at  REAL NOT NULL,
+    uses_left   INTEGER NOT NULL,
+    created_at  REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS api_keys (
     key_hash    TEXT PRIMARY KEY,
@@ -68,6 +75,7 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
+            self._migrate()
             self._db.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open state store {path}: {exc}") from None
@@ -75,6 +83,41 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version < 2:
+            # Version 1 nodes held a shared-secret node key; they enroll again for a certificate.
+            self._db.execute("DROP TABLE IF EXISTS nodes")
+        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # Join tokens
+    def create_join_token(self, ttl_s: float, uses: int) -> str:
+        """Store a new join token secret (hashed) and return it."""
+        secret = secrets.token_urlsafe(24)
+        now = time.time()
+        self._db.execute(
+            "INSERT INTO join_tokens VALUES (?, ?, ?, ?)",
+            (hash_secret(secret), now + ttl_s, uses, now),
+        )
+        return secret
+
+    def consume_join_token(self, secret: str) -> str | None:
+        """Use the token once. None when accepted, else why not (unknown, expired, used up)."""
+        token_hash = hash_secret(secret)
+        cursor = self._db.execute(
+            "UPDATE join_tokens SET uses_left = uses_left - 1 "
+            "WHERE token_hash = ? AND uses_left > 0 AND expires_at > ?",
+            (token_hash, time.time()),
+        )
+        if cursor.rowcount == 1:
+            return None
+        row = self._db.execute(
+            "SELECT expires_at, uses_left FROM join_tokens WHERE token_hash = ?", (token_hash,)
+        ).fetchone()
+        if row is None:
+            return "unknown join token"
+        return "join token expired" if row[0] <= time.time() else "join token used up"
 
     # API keys
     def create_api_key(self, name: str, key: str | None = None) -> str:
@@ -101,17 +144,47 @@ class Store:
         return int(self._db.execute("SELECT count(*) FROM api_keys").fetchone()[0])
 
     # Nodes
-    def save_node(self, node_id: str, node_key: str, hostname: str, facts: dict) -> None:
+    def save_node(self, node_id: str, hostname: str, facts: dict[str, object]) -> None:
+        """Record an enrolled node (a re-enrollment clears an old revocation of that id)."""
         self._db.execute(
-            "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, NULL)",
-            (node_id, hash_secret(node_key), hostname, json.dumps(facts), time.time()),
+            "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, NULL, NULL)",
+            (node_id, hostname, json.dumps(facts), time.time()),
         )
 
-    def node_key_matches(self, node_id: str, node_key: str) -> bool:
+    def node_known(self, node_id: str) -> bool:
+        """Whether this id was ever enrolled (revoked ids stay taken)."""
+        return (
+            self._db.execute("SELECT 1 FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+            is not None
+        )
+
+    def node_is_active(self, node_id: str) -> bool:
+        """Enrolled and not revoked."""
         row = self._db.execute(
-            "SELECT key_hash FROM nodes WHERE node_id = ?", (node_id,)
+            "SELECT revoked_at FROM nodes WHERE node_id = ?", (node_id,)
         ).fetchone()
-        return bool(row) and secrets.compare_digest(row[0], hash_secret(node_key))
+        return row is not None and row[0] is None
+
+    def revoke_node(self, node_id: str) -> bool:
+        """Refuse this node's certificate from now on; False if no such active node."""
+        cursor = self._db.execute(
+            "UPDATE nodes SET revoked_at = ? WHERE node_id = ? AND revoked_at IS NULL",
+            (time.time(), node_id),
+        )
+        return cursor.rowcount == 1
+
+    def revoked_nodes(self) -> set[str]:
+        return {
+            row[0]
+            for row in self._db.execute("SELECT node_id FROM nodes WHERE revoked_at IS NOT NULL")
+        }
+
+    def enrolled_nodes(self) -> list[tuple[str, str, dict[str, object], float | None]]:
+        """(node_id, hostname, facts, last_seen) of every active node."""
+        rows = self._db.execute(
+            "SELECT node_id, hostname, facts_json, last_seen FROM nodes WHERE revoked_at IS NULL"
+        )
+        return [(r[0], r[1], json.loads(r[2]), r[3]) for r in rows]
 
     def touch_node(self, node_id: str) -> None:
         self._db.execute("UPDATE nodes SET last_seen = ? WHERE node_id = ?", (time.time(), node_id))

@@ -4,25 +4,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import ipaddress
 import logging
 import random
 import signal
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, replace
+from importlib import metadata
 from pathlib import Path
 
 import grpc
 
 from mlxfleet.v1 import fleet_pb2 as pb
-from node_agent.coordinator_client import EnrollRefused, Identity, Session, enroll, load_request
+from node_agent.advertise import Advertiser, NodeRecord
+from node_agent.coordinator_client import (
+    CoordinatorUnreachable,
+    EnrollRefused,
+    Session,
+    enroll,
+    load_request,
+)
+from node_agent.discover import find_coordinator
+from node_agent.identity import JoinToken, NodeIdentity
 from node_agent.probes import local_probe
-from node_agent.probes.base import NodeFacts, Probe
-from node_agent.supervisor import EngineEvent, Supervisor
+from node_agent.probes.base import NodeFacts, NodeReading, Probe, Role
+from node_agent.supervisor import EngineEvent, EngineNetwork, EngineTls, Supervisor
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_GRPC_PORT = 8401
+DEFAULT_ENROLL_PORT = 8403
+DEFAULT_METRICS_PORT = 8402
 RECONNECT_BASE_S = 0.5  # first retry after a lost stream; doubles up to the max, with jitter
-RECONNECT_MAX_S = 10.0
+RECONNECT_MAX_S = 5.0
+MDNS_SEARCH_S = 5.0  # one round of looking for a coordinator on the LAN
+GIB = 2**30
 
 
 class AgentError(Exception):
@@ -36,36 +52,48 @@ class AgentError(Exception):
 class AgentConfig:
     """Everything the agent process needs."""
 
-    coordinator: str  # host:port of the coordinator's gRPC
     home: Path  # MLXFLEET_HOME/agent: identity and engine logs
-    token: str | None = None
-    engine_host: str = "127.0.0.1"
+    coordinator: str | None = None  # host[:port] of the control stream; None = saved or mDNS
+    token: str | None = None  # a join token, needed only to enroll
+    enroll_port: int = DEFAULT_ENROLL_PORT
+    advertise: bool = True  # announce this node on mDNS
+    role: Role | None = None  # overrides the probe (laptop when a battery is present)
 
 
-def load_identity(path: Path) -> Identity | None:
+def split_host_port(address: str, default_port: int) -> tuple[str, int]:
+    host, _, port = address.rpartition(":") if ":" in address else (address, "", "")
+    if not port:
+        return address, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise AgentError(f"--coordinator {address!r}: expected HOST or HOST:PORT")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
     try:
-        raw = json.loads(path.read_text())
-        return Identity(raw["node_id"], raw["node_key"])
-    except (OSError, ValueError, KeyError):
-        return None
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
 
 
-def save_identity(path: Path, identity: Identity) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"node_id": identity.node_id, "node_key": identity.node_key}))
-    path.chmod(0o600)
+def outbound_ip(host: str, port: int) -> str:
+    """The local address the kernel would use to reach host (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, port))
+        return str(s.getsockname()[0])
 
 
 class Agent:
-    """Owns the supervisor and the reconnect loop; one session at a time."""
+    """Owns the supervisor, the mDNS advertiser and the reconnect loop; one session at a time."""
 
     def __init__(self, config: AgentConfig, probe: Probe | None = None) -> None:
         self.config = config
         self.probe = probe or local_probe()
         self.session: Session | None = None
-        self.supervisor = Supervisor(
-            self.probe, self._on_event, config.home / "logs", config.engine_host
-        )
+        self.identity: NodeIdentity | None = None
+        self.supervisor = Supervisor(self.probe, self._on_event, config.home / "logs")
+        self._advertiser: Advertiser | None = None
+        self._facts: NodeFacts | None = None
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -92,43 +120,40 @@ class Agent:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _identity(self, facts: NodeFacts) -> Identity:
-        path = self.config.home / "identity.json"
-        identity = load_identity(path)
-        if identity is not None:
-            return identity
-        if not self.config.token:
-            raise AgentError("this node has not enrolled yet: pass --token (mlxfleet token create)")
-        identity = await enroll(self.config.coordinator, self.config.token, "", facts)
-        save_identity(path, identity)
-        logger.info("enrolled as %s (%s)", identity.node_id, facts.hostname)
-        return identity
-
     async def serve(self, install_signals: bool = True) -> None:
         if install_signals:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._stop.set)
         facts = await asyncio.to_thread(self.probe.facts)
+        if self.config.role is not None:
+            facts = replace(facts, role=self.config.role)
+        self._facts = facts
         stopper = asyncio.create_task(self._stop.wait())
         try:
-            await self._connect_loop(facts, stopper)
+            await self._run(facts, stopper)
         finally:
             stopper.cancel()
             await self.supervisor.stop_all()
+            if self._advertiser is not None:
+                await self._advertiser.close()
 
-    async def _connect_loop(self, facts: NodeFacts, stopper: asyncio.Task[bool]) -> None:
+    async def _run(self, facts: NodeFacts, stopper: asyncio.Task[bool]) -> None:
         delay = RECONNECT_BASE_S
         while not self._stop.is_set():
             try:
                 identity = await self._identity(facts)
+                host, port = split_host_port(identity.coordinator, DEFAULT_GRPC_PORT)
+                self._configure_engines(identity, host, port)
+                await self._advertise(identity, facts)
                 self.session = Session(
-                    self.config.coordinator,
+                    identity.coordinator,
                     identity,
                     facts,
                     self.probe.reading,
                     self.supervisor.infos,
                     self.supervisor.rss,
+                    self._on_reading,
                 )
                 run = asyncio.create_task(self.session.run(self._on_command))
                 await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -137,21 +162,12 @@ class Agent:
                     break
                 run.result()
                 logger.warning("coordinator closed the stream")
-                delay = RECONNECT_BASE_S
             except EnrollRefused as exc:
                 raise AgentError(f"enrollment refused: {exc}") from None
+            except CoordinatorUnreachable as exc:
+                logger.warning("%s", exc)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.config.token:
-                    logger.warning("coordinator no longer knows this node: enrolling again")
-                    (self.config.home / "identity.json").unlink(missing_ok=True)
-                elif exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    raise AgentError(f"coordinator refused this node: {exc.details()}") from None
-                else:
-                    logger.warning(
-                        "coordinator %s unreachable: %s",
-                        self.config.coordinator,
-                        exc.details() or exc.code(),
-                    )
+                self._on_stream_error(exc)
             if self.session is not None and self.session.was_connected:
                 delay = RECONNECT_BASE_S
             # Jitter spreads a fleet's reconnects after a coordinator restart.
@@ -159,3 +175,107 @@ class Agent:
             delay = min(delay * 2, RECONNECT_MAX_S)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(stopper), sleep_s)
+
+    def _on_stream_error(self, exc: grpc.aio.AioRpcError) -> None:
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            # Revoked, or the coordinator lost its store: only a new token gets us back in.
+            NodeIdentity.forget(self.config.home)
+            self.identity = None
+            if not self.config.token:
+                raise AgentError(f"the coordinator refused this node: {exc.details()}")
+            logger.warning("coordinator refused this node (%s): enrolling again", exc.details())
+        else:
+            logger.warning("coordinator unreachable: %s", exc.details() or exc.code())
+
+    async def _identity(self, facts: NodeFacts) -> NodeIdentity:
+        """The saved identity, else enroll with the join token (once)."""
+        if self.identity is not None:
+            return self.identity
+        saved = NodeIdentity.load(self.config.home)
+        if saved is not None:
+            if self.config.coordinator:
+                saved = replace(saved, coordinator=self.config.coordinator)
+            self.identity = saved
+            return saved
+        if not self.config.token:
+            raise AgentError("this node has not enrolled yet: pass --token (mlxfleet token create)")
+        try:
+            token = JoinToken.parse(self.config.token)
+        except ValueError as exc:
+            raise AgentError(f"--token: {exc}") from None
+        host, grpc_port, enroll_port = await self._locate()
+        identity = await enroll(host, enroll_port, token, "", facts)
+        identity = replace(identity, coordinator=f"{host}:{grpc_port}")
+        identity.save(self.config.home)
+        logger.info("enrolled as %s with the coordinator at %s", identity.node_id, host)
+        self.identity = identity
+        return identity
+
+    async def _locate(self) -> tuple[str, int, int]:
+        """(host, control port, enrollment port) from --coordinator, else from mDNS."""
+        if self.config.coordinator:
+            host, port = split_host_port(self.config.coordinator, DEFAULT_GRPC_PORT)
+            return host, port, self.config.enroll_port
+        logger.info("no --coordinator: looking for one on the LAN (mDNS)")
+        while not self._stop.is_set():
+            found = await find_coordinator(MDNS_SEARCH_S)
+            if found is not None:
+                logger.info("found a coordinator at %s:%d by mDNS", found.host, found.grpc_port)
+                return found.host, found.grpc_port, found.enroll_port
+        raise AgentError("stopped while looking for a coordinator")
+
+    def _configure_engines(self, identity: NodeIdentity, host: str, port: int) -> None:
+        """Loopback engines for a local coordinator; TLS on the LAN address otherwise."""
+        if is_loopback(host):
+            self.supervisor.network = EngineNetwork()
+            return
+        home = self.config.home
+        self.supervisor.network = EngineNetwork(
+            bind_host="0.0.0.0",
+            url_host=outbound_ip(host, port),
+            tls=EngineTls(
+                home / "node.crt", home / "node.key", identity.fleet_ca_pem, identity.node_id
+            ),
+        )
+
+    def _on_reading(self, reading: NodeReading) -> None:
+        """Each heartbeat's reading also refreshes the mDNS record (rate-limited there)."""
+        if self._advertiser is None or self.identity is None or self._facts is None:
+            return
+        task = asyncio.create_task(
+            self._advertiser.update(self._record(self.identity, self._facts, reading))
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _advertise(self, identity: NodeIdentity, facts: NodeFacts) -> None:
+        if not self.config.advertise or self._advertiser is not None:
+            return
+        reading = await asyncio.to_thread(self.probe.reading)
+        advertiser = Advertiser()
+        try:
+            await advertiser.start(self._record(identity, facts, reading))
+        except (OSError, ValueError) as exc:
+            logger.warning("not advertising on mDNS: %s", exc)
+            await advertiser.close()
+            return
+        self._advertiser = advertiser
+
+    def _record(self, identity: NodeIdentity, facts: NodeFacts, reading: NodeReading) -> NodeRecord:
+        return NodeRecord(
+            node_id=identity.node_id,
+            version=_version(),
+            metrics_port=DEFAULT_METRICS_PORT,
+            chip=facts.chip[:64],
+            ram_gib=max(1, round(facts.ram_bytes / GIB)),
+            role=facts.role,
+            avail_gib=round(reading.available_bytes / GIB, 1),
+            thermal=reading.thermal_state,
+        )
+
+
+def _version() -> str:
+    try:
+        return metadata.version("mlxfleet")
+    except metadata.PackageNotFoundError:
+        return "0"

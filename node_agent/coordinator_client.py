@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from importlib import metadata
 
 import grpc
 
 from mlxfleet.v1 import fleet_pb2 as pb
 from mlxfleet.v1 import fleet_pb2_grpc
+from node_agent.identity import (
+    COORDINATOR_TLS_NAME,
+    JoinToken,
+    NodeIdentity,
+    make_csr,
+    new_key_pem,
+)
 from node_agent.probes.base import NodeFacts, NodeReading
 from node_agent.supervisor import EngineEvent, EngineInfo, EngineState, LoadRequest
 
@@ -22,14 +29,16 @@ HEARTBEAT_INTERVAL_S = 1.0  # the one heartbeat constant; the coordinator's time
 ENROLL_TIMEOUT_S = 10.0
 
 
+# Whatever address the agent dials, the coordinator's certificate names itself this way.
+TLS_NAME_OPTION = (("grpc.ssl_target_name_override", COORDINATOR_TLS_NAME),)
+
+
 class EnrollRefused(Exception):
-    """The coordinator refused our token or node key."""
+    """The coordinator refused the join token, or is not the one that made it."""
 
 
-@dataclass(frozen=True, slots=True)
-class Identity:
-    node_id: str
-    node_key: str
+class CoordinatorUnreachable(Exception):
+    """No answer from the coordinator's enrollment port (worth retrying)."""
 
 
 def _version(dist: str) -> str:
@@ -112,20 +121,49 @@ def event_to_pb(e: EngineEvent) -> pb.AgentMessage:
     )
 
 
-async def enroll(target: str, token: str, node_id: str, facts: NodeFacts) -> Identity:
-    """Exchange the join token for a node id and key."""
-    async with grpc.aio.insecure_channel(target) as channel:
+def fetch_certificate(host: str, port: int) -> bytes:
+    """The certificate a TLS server presents, unverified: the caller pins it by fingerprint."""
+    return ssl.get_server_certificate((host, port), timeout=ENROLL_TIMEOUT_S).encode()
+
+
+async def enroll(
+    host: str, enroll_port: int, token: JoinToken, previous_id: str, facts: NodeFacts
+) -> NodeIdentity:
+    """Enroll: pin the coordinator by the token's fingerprint, send a CSR, get a certificate."""
+    try:
+        coordinator_cert = await asyncio.to_thread(fetch_certificate, host, enroll_port)
+    except (OSError, ssl.SSLError) as exc:
+        raise CoordinatorUnreachable(f"cannot reach {host}:{enroll_port}: {exc}") from None
+    if not token.pins(coordinator_cert):
+        raise EnrollRefused(
+            f"the coordinator at {host}:{enroll_port} did not make this join token "
+            "(its certificate fingerprint differs): wrong address, or someone in between"
+        )
+    key_pem = new_key_pem()
+    credentials = grpc.ssl_channel_credentials(root_certificates=coordinator_cert)
+    async with grpc.aio.secure_channel(
+        f"{host}:{enroll_port}", credentials, options=TLS_NAME_OPTION
+    ) as channel:
         stub = fleet_pb2_grpc.FleetStub(channel)
+        request = pb.EnrollRequest(
+            token=token.secret,
+            node_id=previous_id,
+            facts=facts_to_pb(facts),
+            csr_pem=make_csr(key_pem),
+        )
         try:
-            reply = await stub.Enroll(
-                pb.EnrollRequest(token=token, node_id=node_id, facts=facts_to_pb(facts)),
-                timeout=ENROLL_TIMEOUT_S,
-            )
+            reply = await stub.Enroll(request, timeout=ENROLL_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
                 raise EnrollRefused(exc.details() or str(exc.code())) from None
-            raise
-    return Identity(reply.node_id, reply.node_key)
+            raise CoordinatorUnreachable(exc.details() or str(exc.code())) from None
+    return NodeIdentity(
+        node_id=reply.node_id,
+        key_pem=key_pem,
+        cert_pem=reply.certificate_pem,
+        coordinator_cert_pem=coordinator_cert,
+        fleet_ca_pem=reply.fleet_ca_pem,
+    )
 
 
 class Session:
@@ -137,12 +175,14 @@ class Session:
     def __init__(
         self,
         target: str,
-        identity: Identity,
+        identity: NodeIdentity,
         facts: NodeFacts,
         read: Callable[[], NodeReading],
         engines: Callable[[], list[EngineInfo]],
         engine_rss: Callable[[], dict[str, tuple[EngineState, int, int]]],
+        on_reading: Callable[[NodeReading], None] | None = None,
     ) -> None:
+        self._on_reading = on_reading
         self._target = target
         self._identity = identity
         self._facts = facts
@@ -169,6 +209,8 @@ class Session:
         seq = 0
         while True:
             reading = await asyncio.to_thread(self._read)
+            if self._on_reading is not None:
+                self._on_reading(reading)
             seq += 1
             status = status_to_pb(seq, reading, self._engine_rss())
             self.outbound.put_nowait(pb.AgentMessage(status=status))
@@ -176,13 +218,16 @@ class Session:
 
     async def run(self, on_command: Callable[[pb.CoordinatorMessage], None]) -> None:
         """Hold the stream until it ends; raises grpc.aio.AioRpcError when it breaks."""
-        metadata_ = (
-            ("x-mlxfleet-node-id", self._identity.node_id),
-            ("x-mlxfleet-node-key", self._identity.node_key),
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self._identity.coordinator_cert_pem,  # pinned at enrollment
+            private_key=self._identity.key_pem,
+            certificate_chain=self._identity.cert_pem,
         )
-        async with grpc.aio.insecure_channel(self._target) as channel:
+        async with grpc.aio.secure_channel(
+            self._target, credentials, options=TLS_NAME_OPTION
+        ) as channel:
             stub = fleet_pb2_grpc.FleetStub(channel)
-            call = stub.Connect(self._requests(), metadata=metadata_)
+            call = stub.Connect(self._requests())
             heartbeat = asyncio.create_task(self._heartbeats(), name="heartbeat")
             try:
                 await call.wait_for_connection()
@@ -202,5 +247,10 @@ class Session:
 def load_request(message: pb.LoadModel) -> LoadRequest:
     tier = pb.Tier.Name(message.tier).removeprefix("TIER_").lower()
     return LoadRequest(
-        message.engine_id, message.model, message.source, tier, message.context_length
+        message.engine_id,
+        message.model,
+        message.source,
+        tier,
+        message.context_length,
+        message.knobs.max_concurrency,
     )

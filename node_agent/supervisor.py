@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +35,28 @@ EventKind = Literal["started", "ready", "exited", "load_failed"]
 
 
 @dataclass(frozen=True, slots=True)
+class EngineTls:
+    """The node certificate an engine serves when the gateway is on another host."""
+
+    cert_path: Path
+    key_path: Path
+    fleet_ca_pem: bytes
+    node_id: str  # the certificate's name, which the gateway (and our health poll) checks
+
+
+@dataclass(frozen=True, slots=True)
+class EngineNetwork:
+    """Where engines listen and how the gateway reaches them."""
+
+    bind_host: str = "127.0.0.1"  # loopback when the coordinator is on this host
+    url_host: str = "127.0.0.1"  # the address the gateway dials
+    tls: EngineTls | None = None
+
+    def url(self, port: int) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.url_host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
 class LoadRequest:
     """What the coordinator asked this node to run."""
 
@@ -42,6 +65,7 @@ class LoadRequest:
     source: str
     tier: str
     context_length: int
+    max_concurrency: int = 0  # 0: the engine's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +154,12 @@ class Supervisor:
         probe: Probe,
         emit: Callable[[EngineEvent], None],
         log_dir: Path,
-        engine_host: str = "127.0.0.1",
+        network: EngineNetwork | None = None,
     ) -> None:
         self._probe = probe
         self._emit = emit
         self._log_dir = log_dir
-        self._host = engine_host
+        self.network = network or EngineNetwork()
         self._engines: dict[str, _Managed] = {}
         self._resolving: set[str] = set()  # engine ids whose model is being downloaded
 
@@ -183,11 +207,17 @@ class Supervisor:
             "--model-name",
             request.model,
             "--host",
-            self._host,
+            self.network.bind_host,
+            *self._tls_args(),
             "--port",
             "0",
             "--context-length",
             str(request.context_length),
+            *(
+                ["--max-concurrency", str(request.max_concurrency)]
+                if request.max_concurrency
+                else []
+            ),
         ]
         # The secret goes through the environment: argv is visible to every local user.
         env = {
@@ -263,15 +293,24 @@ class Supervisor:
         if port is None:
             await self._kill(m)
             return "engine never started listening: " + self._log_tail(m.log_path)
-        m.info = replace(m.info, url=f"http://{self._host}:{port}")
+        m.info = replace(m.info, url=self.network.url(port))
         headers = {"Authorization": f"Bearer {m.info.secret}"}
+        tls = self.network.tls
+        # Poll over loopback, checking the certificate exactly as the gateway will.
+        health = f"{'https' if tls else 'http'}://127.0.0.1:{port}/health"
+        ssl_context = ssl.create_default_context(cadata=tls.fleet_ca_pem.decode()) if tls else True
         deadline = time.monotonic() + ENGINE_READY_TIMEOUT_S
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             while time.monotonic() < deadline:
                 if m.process.returncode is not None:
                     return "engine exited while loading: " + self._log_tail(m.log_path)
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with session.get(f"{m.info.url}/health", headers=headers) as r:
+                    async with session.get(
+                        health,
+                        headers=headers,
+                        ssl=ssl_context,
+                        server_hostname=tls.node_id if tls else None,
+                    ) as r:
                         if r.status == 200:
                             return None
                 await asyncio.sleep(HEALTH_POLL_S)
@@ -284,6 +323,10 @@ class Supervisor:
             if line.startswith(LISTENING_PREFIX):
                 return int(line[len(LISTENING_PREFIX) :].strip())
         return None  # EOF: the process ended before listening
+
+    def _tls_args(self) -> list[str]:
+        tls = self.network.tls
+        return ["--tls-cert", str(tls.cert_path), "--tls-key", str(tls.key_path)] if tls else []
 
     async def unload(self, engine_id: str) -> None:
         """Stop one engine: SIGTERM (it finishes in-flight requests), SIGKILL after a timeout."""

@@ -25,7 +25,12 @@ def run(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     [
         (("coordinator", "--config", "{tmp}/missing.toml"), "config file not found"),
         (("coordinator", "--config", "{tmp}/bad.toml"), "invalid TOML"),
-        (("agent", "--coordinator", "justahost"), "expected HOST:PORT"),
+        (("agent", "--coordinator", "host:notaport"), "expected HOST or HOST:PORT"),
+        (("agent", "--coordinator", "127.0.0.1:1", "--token", "garbage"), "not a join token"),
+        (("token", "create", "--ttl", "soon"), "expected a duration like 90s"),
+        (("token", "create", "--uses", "0"), "--uses 0: must be at least 1"),
+        (("nodes",), "no coordinator is running"),
+        (("nodes", "remove", "ghost"), "no coordinator is running"),
         (("agent", "--coordinator", "127.0.0.1:1"), "has not enrolled yet: pass --token"),
         (("up", "--model", "{tmp}/no/such/model/here"), "not a folder and not a Hugging Face id"),
         (("up", "--model", "{tmp}"), "no config.json there"),
@@ -67,6 +72,8 @@ def test_up_with_an_unreachable_hub_model_stops_with_the_reason(tmp_path: Path) 
         "--port",
         "0",
         "--grpc-port",
+        "0",
+        "--enroll-port",
         "0",
         home=tmp_path,
     )

@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     # Imported late: a usage error should not pay for importing mlx.
     from node_agent.engine.server import EngineServer
 
+    if os.environ.get("MLXFLEET_LOOP", "uvloop") == "uvloop":
+        import uvloop
+
+        return uvloop.run(EngineServer(config).serve())
     return asyncio.run(EngineServer(config).serve())
 
 

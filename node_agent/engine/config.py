@@ -30,6 +30,9 @@ class EngineConfig:
     context_length: int | None = None
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     queue_limit: int = QUEUE_LIMIT
+    # Serve HTTPS with the node's certificate (an engine reached from another host).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 def _positive(text: str) -> int:
@@ -57,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=_port, default=0, help="0 picks a free port")
     parser.add_argument("--context-length", type=_positive, default=None)
     parser.add_argument("--max-concurrency", type=_positive, default=DEFAULT_MAX_CONCURRENCY)
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate (HTTPS)")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key (HTTPS)")
     return parser
 
 
@@ -66,6 +71,11 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> EngineConfig
     secret = environ.get(SECRET_ENV, "")
     if not secret.strip():
         raise ConfigError(f"{SECRET_ENV} is not set or empty; refusing to start without a secret")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    for path in (args.tls_cert, args.tls_key):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"TLS file not found: {path}")
     return EngineConfig(
         model_path=args.model_path,
         model_name=args.model_name,
@@ -74,4 +84,6 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> EngineConfig
         port=args.port,
         context_length=args.context_length,
         max_concurrency=args.max_concurrency,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )

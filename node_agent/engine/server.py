@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from typing import Any, Literal, TextIO
@@ -116,7 +117,11 @@ class EngineServer:
             shutdown_timeout=DRAIN_TIMEOUT_S,
         )
         await runner.setup()
-        await web.TCPSite(runner, self._config.host, self._config.port).start()
+        tls = None
+        if self._config.tls_cert is not None and self._config.tls_key is not None:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(self._config.tls_cert, self._config.tls_key)
+        await web.TCPSite(runner, self._config.host, self._config.port, ssl_context=tls).start()
         port = runner.addresses[0][1]
         print(LISTENING_LINE.format(port=port), file=self._out, flush=True)
         logger.info("listening on port %d, loading %s", port, self._config.model_path)

@@ -27,6 +27,7 @@ def test_models_and_ports_from_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     [model] = config.models
     assert (model.name, model.source, model.tier) == ("q", "/m/q", "batch")
     assert model.context_length == DEFAULT_CONTEXT_LENGTH
+    assert model.max_concurrency == 4
 
 
 def test_cli_overrides_env_overrides_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,6 +52,7 @@ def test_cli_overrides_env_overrides_toml(tmp_path: Path, monkeypatch: pytest.Mo
             "model 'a' is listed twice",
         ),
         ("models = 3\n", "'models' must be an array"),
+        ('[[models]]\nname = "a"\nsource = "x"\nmax_concurrency = 0\n', "'max_concurrency'"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path: Path, text: str, message: str) -> None:

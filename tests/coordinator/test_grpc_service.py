@@ -1,176 +1,309 @@
-"""Enrollment and the control stream over real gRPC on 127.0.0.1 (in-process server)."""
+"""Enrollment and the control stream over real gRPC and real TLS on 127.0.0.1.
+
+The server is the production one (`build_grpc_server`: mutual TLS on one port, enrollment on
+the other) in this process; agents are the production client code (`enroll`, `Session`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 import pytest
 
-from coordinator.grpc_service import FleetService
+from coordinator.config import Config
+from coordinator.grpc_service import MAX_MESSAGES_PER_S, FleetService
+from coordinator.pki import FleetPki
 from coordinator.reconcile import Reconciler
 from coordinator.registry import Engine, EngineId, NodeId, Registry
 from coordinator.routing import Routing
+from coordinator.server import build_grpc_server
 from coordinator.store import Store
 from mlxfleet.v1 import fleet_pb2 as pb
 from mlxfleet.v1 import fleet_pb2_grpc
+from node_agent.coordinator_client import TLS_NAME_OPTION, EnrollRefused, enroll
+from node_agent.identity import FINGERPRINT_HEX_CHARS, JoinToken, NodeIdentity, certificate_cn
+from node_agent.probes.base import NodeFacts
 
-TOKEN = "join-me-0123456789"
+FACTS = NodeFacts(
+    hostname="Mini One",
+    chip="Apple M2 Pro",
+    os="macOS 15.1",
+    ram_bytes=32 * 2**30,
+    performance_cores=8,
+    gpu_cores=19,
+    memory_bandwidth_gbps=200.0,
+    gpu_wired_limit_bytes=24 * 2**30,
+    role="server",
+)
 
 
 @dataclass
 class Coord:
-    target: str
+    grpc_port: int
+    enroll_port: int
+    pki: FleetPki
     store: Store
     registry: Registry
     routing: Routing
-    reconciler: Reconciler
+
+    def token(self, ttl_s: float = 3600, uses: int = 1) -> JoinToken:
+        secret = self.store.create_join_token(ttl_s, uses)
+        return JoinToken(self.pki.server_fingerprint[:FINGERPRINT_HEX_CHARS], secret)
+
+    async def enroll(self, token: JoinToken) -> NodeIdentity:
+        return await enroll("127.0.0.1", self.enroll_port, token, "", FACTS)
+
+    def channel(self, identity: NodeIdentity | None, port: int | None = None) -> grpc.aio.Channel:
+        """A channel pinned to the coordinator, presenting `identity`'s certificate if any."""
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.pki.server_cert_pem,
+            private_key=identity.key_pem if identity else None,
+            certificate_chain=identity.cert_pem if identity else None,
+        )
+        return grpc.aio.secure_channel(
+            f"127.0.0.1:{port or self.grpc_port}", credentials, options=TLS_NAME_OPTION
+        )
 
 
 @pytest.fixture
 async def coord(tmp_path: Path) -> AsyncIterator[Coord]:
+    pki = FleetPki.load_or_create(tmp_path)
     store = Store(tmp_path / "s.sqlite3")
-    routing = Routing()
+    routing = Routing(pki.ca_cert_pem)
     registry = Registry(routing)
-    reconciler = Reconciler((), registry, store)
-    server = grpc.aio.server()
-    fleet_pb2_grpc.add_FleetServicer_to_server(
-        FleetService(TOKEN, store, registry, reconciler), server
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
+    service = FleetService(pki, store, registry, Reconciler(Config(home=tmp_path), registry, store))
+    server, grpc_port, enroll_port = build_grpc_server(service, pki, "127.0.0.1", 0, 0)
     await server.start()
-    yield Coord(f"127.0.0.1:{port}", store, registry, routing, reconciler)
+    yield Coord(grpc_port, enroll_port, pki, store, registry, routing)
     await server.stop(0)
     store.close()
 
 
-FACTS = pb.NodeFacts(
-    hostname="Mini One", chip="Apple M2 Pro", ram_bytes=32 * 2**30, role=pb.ROLE_SERVER
-)
+async def until(check: Callable[[], object], what: str, timeout_s: float = 5.0) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
-async def enroll(target: str, token: str) -> pb.EnrollResponse:
-    async with grpc.aio.insecure_channel(target) as channel:
-        return await fleet_pb2_grpc.FleetStub(channel).Enroll(
-            pb.EnrollRequest(token=token, facts=FACTS), timeout=5
-        )
-
-
-async def test_wrong_token_is_refused(coord: Coord) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await enroll(coord.target, "not-the-token")
-    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert coord.store.events() == []
-
-
-async def test_enroll_stores_only_the_key_hash(coord: Coord) -> None:
-    reply = await enroll(coord.target, TOKEN)
-    assert reply.node_id.startswith("mini-one-")
-    assert len(reply.node_key) >= 40
-    assert coord.store.node_key_matches(reply.node_id, reply.node_key)
+async def test_enrollment_issues_a_certificate_named_by_the_node_id(coord: Coord) -> None:
+    identity = await coord.enroll(coord.token())
+    assert identity.node_id.startswith("mini-one-")
+    assert certificate_cn(identity.cert_pem) == identity.node_id
+    assert identity.coordinator_cert_pem == coord.pki.server_cert_pem
+    assert identity.fleet_ca_pem == coord.pki.ca_cert_pem
+    assert coord.store.node_is_active(identity.node_id)
     [event] = coord.store.events()
     assert event.kind == "node_enrolled" and "Apple M2 Pro" in event.detail
 
 
-async def test_stream_refused_without_a_valid_node_key(coord: Coord) -> None:
-    reply = await enroll(coord.target, TOKEN)
-    async with grpc.aio.insecure_channel(coord.target) as channel:
-        call = fleet_pb2_grpc.FleetStub(channel).Connect(
-            iter([pb.AgentMessage(hello=pb.Hello(facts=FACTS))]),
-            metadata=(("x-mlxfleet-node-id", reply.node_id), ("x-mlxfleet-node-key", "forged")),
-        )
+@pytest.mark.parametrize(
+    ("make_token", "message"),
+    [
+        (lambda c: replace(c.token(), secret="not-a-real-secret"), "unknown join token"),
+        (lambda c: c.token(ttl_s=-1), "join token expired"),
+    ],
+    ids=["wrong", "expired"],
+)
+async def test_bad_tokens_are_refused(
+    coord: Coord, make_token: Callable[[Coord], JoinToken], message: str
+) -> None:
+    with pytest.raises(EnrollRefused, match=message):
+        await coord.enroll(make_token(coord))
+    assert coord.store.enrolled_nodes() == []
+
+
+async def test_a_used_token_cannot_be_replayed(coord: Coord) -> None:
+    token = coord.token(uses=2)
+    first, second = await coord.enroll(token), await coord.enroll(token)
+    assert first.node_id != second.node_id
+    with pytest.raises(EnrollRefused, match="join token used up"):
+        await coord.enroll(token)
+    assert len(coord.store.enrolled_nodes()) == 2
+
+
+async def test_a_token_from_another_coordinator_is_refused_before_sending_it(
+    coord: Coord, tmp_path: Path
+) -> None:
+    """The agent checks the coordinator's certificate against the token's fingerprint, so a
+    token never reaches a coordinator (or a man in the middle) that did not make it."""
+    other = FleetPki.load_or_create(tmp_path / "other")
+    token = replace(coord.token(), fingerprint_prefix=other.server_fingerprint[:32])
+    with pytest.raises(EnrollRefused, match="did not make this join token"):
+        await coord.enroll(token)
+    assert coord.store.consume_join_token(token.secret) is None  # still unused
+
+
+async def stream_hello(channel: grpc.aio.Channel) -> None:
+    call = fleet_pb2_grpc.FleetStub(channel).Connect(
+        iter([pb.AgentMessage(hello=pb.Hello(facts=pb.NodeFacts(hostname="x")))])
+    )
+    async for _ in call:
+        pass
+
+
+async def test_stream_refused_without_a_certificate(coord: Coord) -> None:
+    """The enrollment port takes no client certificate; a stream opened there is refused."""
+    async with coord.channel(None, port=coord.enroll_port) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            async for _ in call:
-                pass
+            await stream_hello(channel)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "no client certificate" in (err.value.details() or "")
+    async with coord.channel(None) as channel:  # the mutual-TLS port: the handshake fails
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stream_hello(channel)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert coord.registry.nodes == {}
 
 
-async def test_stream_carries_status_and_engine_events(coord: Coord) -> None:
-    reply = await enroll(coord.target, TOKEN)
-    node_id = NodeId(reply.node_id)
-    outbound: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
+async def test_stream_refused_with_a_certificate_from_another_ca(
+    coord: Coord, tmp_path: Path
+) -> None:
+    other = FleetPki.load_or_create(tmp_path / "other")
+    genuine = await coord.enroll(coord.token())
+    from node_agent.identity import make_csr
 
-    async def requests() -> AsyncIterator[pb.AgentMessage]:
-        yield pb.AgentMessage(hello=pb.Hello(facts=FACTS))
-        while (message := await outbound.get()) is not None:
+    forged = replace(
+        genuine, cert_pem=other.issue_node_certificate(genuine.node_id, make_csr(genuine.key_pem))
+    )
+    async with coord.channel(forged) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stream_hello(channel)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # refused in the TLS handshake
+    assert coord.registry.nodes == {}
+
+
+async def test_a_revoked_node_is_refused(coord: Coord) -> None:
+    identity = await coord.enroll(coord.token())
+    assert coord.store.revoke_node(identity.node_id)
+    async with coord.channel(identity) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stream_hello(channel)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "not enrolled" in (err.value.details() or "")
+
+
+class Agent:
+    """A raw control stream: the test decides every message."""
+
+    def __init__(self, coord: Coord, identity: NodeIdentity) -> None:
+        self.outbound: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
+        self.channel = coord.channel(identity)
+        self.call = fleet_pb2_grpc.FleetStub(self.channel).Connect(self._requests())
+
+    async def _requests(self) -> AsyncIterator[pb.AgentMessage]:
+        yield pb.AgentMessage(hello=pb.Hello(facts=pb.NodeFacts(hostname="mini", chip="M2")))
+        while (message := await self.outbound.get()) is not None:
             yield message
 
-    async def until(check, what: str) -> None:
-        for _ in range(200):
-            if check():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"timed out waiting for {what}")
-
-    async with grpc.aio.insecure_channel(coord.target) as channel:
-        call = fleet_pb2_grpc.FleetStub(channel).Connect(
-            requests(),
-            metadata=(("x-mlxfleet-node-id", node_id), ("x-mlxfleet-node-key", reply.node_key)),
-        )
-        await until(lambda: node_id in coord.registry.nodes, "the node to connect")
-        assert coord.registry.nodes[node_id].facts.chip == "Apple M2 Pro"
-        assert coord.registry.nodes[node_id].facts.role == "server"
-
-        outbound.put_nowait(
+    def status(self, seq: int = 1) -> None:
+        self.outbound.put_nowait(
             pb.AgentMessage(
                 status=pb.NodeStatus(
-                    seq=1,
+                    seq=seq,
                     available_bytes=20 * 2**30,
-                    swap_used_bytes=2**20,
                     memory_pressure=pb.MEMORY_PRESSURE_WARNING,
                     thermal_state=pb.THERMAL_STATE_FAIR,
                     power_source=pb.POWER_SOURCE_AC,
                 )
             )
         )
-        await until(lambda: coord.registry.nodes[node_id].status is not None, "a status")
-        status = coord.registry.nodes[node_id].status
-        assert status is not None
-        assert (status.available_bytes, status.memory_pressure, status.thermal_state) == (
-            20 * 2**30,
-            "warning",
-            "fair",
-        )
 
-        # The coordinator placed an engine; the agent reports it ready, then killed.
-        engine_id = EngineId("demo-1")
-        coord.registry.upsert_engine(Engine(engine_id, "demo", node_id, "interactive", "starting"))
-        info = pb.EngineInfo(
-            engine_id=engine_id,
-            model="demo",
-            tier=pb.TIER_INTERACTIVE,
-            state=pb.ENGINE_STATE_READY,
-            url="http://127.0.0.1:9",
-            secret="s",
-        )
-        outbound.put_nowait(
-            pb.AgentMessage(event=pb.EngineEvent(kind=pb.EngineEvent.KIND_READY, engine=info))
-        )
-        await until(lambda: coord.routing.models() == ["demo"], "the engine to be routed")
-        target = await coord.routing.pick("demo")
-        assert target is not None and (target.url, target.secret) == ("http://127.0.0.1:9", "s")
+    async def finish(self) -> grpc.StatusCode:
+        """Close our side; the status the coordinator ended the stream with."""
+        self.outbound.put_nowait(None)
+        try:
+            async for _ in self.call:
+                pass
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        finally:
+            await self.channel.close()
+        return grpc.StatusCode.OK
 
-        outbound.put_nowait(
-            pb.AgentMessage(
-                event=pb.EngineEvent(
-                    kind=pb.EngineEvent.KIND_EXITED,
-                    engine=info,
-                    exit_reason=pb.EXIT_REASON_SIGKILL,
-                    signal=9,
-                )
+
+async def test_stream_carries_status_and_engine_events(coord: Coord) -> None:
+    identity = await coord.enroll(coord.token())
+    node_id = NodeId(identity.node_id)
+    agent = Agent(coord, identity)
+    await until(lambda: node_id in coord.registry.nodes, "the node to connect")
+    assert coord.registry.nodes[node_id].facts.chip == "M2"
+    agent.status()
+    await until(lambda: coord.registry.nodes[node_id].status is not None, "a status")
+    status = coord.registry.nodes[node_id].status
+    assert status is not None
+    assert (status.available_bytes, status.memory_pressure, status.thermal_state) == (
+        20 * 2**30,
+        "warning",
+        "fair",
+    )
+
+    # The coordinator placed an engine; the agent reports it ready, then killed.
+    engine_id = EngineId("demo-1")
+    coord.registry.upsert_engine(Engine(engine_id, "demo", node_id, "interactive", "starting"))
+    info = pb.EngineInfo(
+        engine_id=engine_id,
+        model="demo",
+        tier=pb.TIER_INTERACTIVE,
+        state=pb.ENGINE_STATE_READY,
+        url="https://10.0.0.7:9",
+        secret="s",
+    )
+    agent.outbound.put_nowait(
+        pb.AgentMessage(event=pb.EngineEvent(kind=pb.EngineEvent.KIND_READY, engine=info))
+    )
+    await until(lambda: coord.routing.models() == ["demo"], "the engine to be routed")
+    target = await coord.routing.pick("demo")
+    assert target is not None
+    assert (target.url, target.secret, target.node_id, target.tls) == (
+        "https://10.0.0.7:9",
+        "s",
+        node_id,
+        True,
+    )
+
+    agent.outbound.put_nowait(
+        pb.AgentMessage(
+            event=pb.EngineEvent(
+                kind=pb.EngineEvent.KIND_EXITED,
+                engine=info,
+                exit_reason=pb.EXIT_REASON_SIGKILL,
+                signal=9,
             )
         )
-        await until(lambda: coord.routing.models() == [], "the engine to leave the router")
-        assert engine_id not in coord.registry.engines
-        assert await coord.routing.pick("demo") is None
-        assert coord.store.events()[0].kind == "engine_exited"
-        assert "sigkill" in coord.store.events()[0].detail
-
-        outbound.put_nowait(None)  # the agent closes its side
-        async for _ in call:
-            pass
+    )
+    await until(lambda: coord.routing.models() == [], "the engine to leave the router")
+    assert engine_id not in coord.registry.engines
+    assert coord.store.events()[0].kind == "engine_exited"
+    assert "sigkill" in coord.store.events()[0].detail
+    assert await agent.finish() == grpc.StatusCode.OK
     await until(lambda: node_id not in coord.registry.nodes, "the node to disconnect")
+
+
+async def test_garbage_and_floods_are_cut_without_disturbing_other_nodes(coord: Coord) -> None:
+    token = coord.token(uses=3)
+    calm, noisy, flooder = [Agent(coord, await coord.enroll(token)) for _ in range(3)]
+    await until(lambda: len(coord.registry.nodes) == 3, "three nodes")
+    noisy.outbound.put_nowait(pb.AgentMessage(hello=pb.Hello()))  # a second hello is garbage
+    for seq in range(MAX_MESSAGES_PER_S * 3):
+        flooder.status(seq)
+    assert await noisy.finish() == grpc.StatusCode.INVALID_ARGUMENT
+    # The flooder is still writing when the stream ends, so its client may report its own
+    # failed send (INTERNAL) instead of the coordinator's status: the coordinator's record of
+    # the cut is the thing to check.
+    assert await flooder.finish() != grpc.StatusCode.OK
+    await until(lambda: len(coord.registry.nodes) == 1, "the two offenders to be dropped")
+    cuts = sorted(e.detail for e in coord.store.events() if e.kind == "stream_cut")
+    assert cuts == [
+        f"more than {MAX_MESSAGES_PER_S} messages in a second",
+        "unexpected hello message",
+    ]
+    calm.status(seq=7)
+    [node] = coord.registry.nodes.values()
+    await until(lambda: node.status is not None, "the calm node's status")
+    assert await calm.finish() == grpc.StatusCode.OK

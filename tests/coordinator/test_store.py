@@ -33,14 +33,55 @@ def test_preset_key_and_revoke(tmp_path: Path) -> None:
 def test_state_survives_reopen(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite3"
     store = Store(path)
-    store.save_node("mini-1", "node-key", "mini", {"chip": "Apple M2"})
+    store.save_node("mini-1", "mini", {"chip": "Apple M2"})
     store.save_placement("e1", "demo", "mini-1", "interactive")
     store.add_event("mini-1", "engine_exited", "demo engine e1: sigkill")
     store.close()
     store = Store(path)
-    assert store.node_key_matches("mini-1", "node-key")
-    assert not store.node_key_matches("mini-1", "other")
-    assert not store.node_key_matches("ghost", "node-key")
+    assert store.node_is_active("mini-1")
+    assert not store.node_is_active("ghost")
+    assert store.enrolled_nodes() == [("mini-1", "mini", {"chip": "Apple M2"}, None)]
     assert store.placements() == [("e1", "demo", "mini-1", "interactive")]
     [event] = store.events()
     assert (event.node_id, event.kind) == ("mini-1", "engine_exited")
+
+
+def test_join_tokens_expire_and_run_out(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite3")
+    two = store.create_join_token(ttl_s=3600, uses=2)
+    assert store.consume_join_token(two) is None
+    assert store.consume_join_token(two) is None
+    assert store.consume_join_token(two) == "join token used up"
+    assert (
+        store.consume_join_token(store.create_join_token(ttl_s=-1, uses=5)) == "join token expired"
+    )
+    assert store.consume_join_token("never-issued") == "unknown join token"
+    raw = (tmp_path / "s.sqlite3").read_bytes()
+    assert two.encode() not in raw
+
+
+def test_revocation_keeps_the_id_taken(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite3")
+    store.save_node("mini-1", "mini", {})
+    assert store.revoke_node("mini-1")
+    assert not store.revoke_node("mini-1")  # already revoked
+    assert not store.node_is_active("mini-1")
+    assert store.node_known("mini-1")
+    assert store.revoked_nodes() == {"mini-1"}
+    assert store.enrolled_nodes() == []
+
+
+def test_a_version_1_store_is_migrated(tmp_path: Path) -> None:
+    """Stores from the shared-token days held node keys; those nodes enroll again."""
+    import sqlite3
+
+    path = tmp_path / "s.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE nodes (node_id TEXT PRIMARY KEY, key_hash TEXT NOT NULL)")
+    db.execute("INSERT INTO nodes VALUES ('old', 'h')")
+    db.commit()
+    db.close()
+    store = Store(path)
+    assert store.enrolled_nodes() == []
+    store.save_node("new", "n", {})
+    assert store.node_is_active("new")

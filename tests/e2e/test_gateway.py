@@ -20,7 +20,6 @@ import pytest
 from tests.conftest import Proc, children_of, mlxfleet, read_runtime, run_ok, wait_for
 
 MODEL = "demo"
-JOIN_TOKEN = "test-join-token-0123456789"
 READY_TIMEOUT_S = 120.0  # cold start on 2 cores: imports, model load, g++ kernel compile
 
 
@@ -48,7 +47,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterato
     agent_home = tmp_path_factory.mktemp("agent")
     config = home / "fleet.toml"
     config.write_text(
-        f'join_token = "{JOIN_TOKEN}"\n'
         f'[[models]]\nname = "{MODEL}"\nsource = "{demo_model}"\ncontext_length = 2048\n'
     )
     logs = tmp_path_factory.mktemp("logs")
@@ -63,6 +61,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterato
             "0",
             "--grpc-port",
             "0",
+            "--enroll-port",
+            "0",
         ),
         logs / "coordinator.log",
     )
@@ -70,13 +70,17 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterato
     try:
         runtime = wait_for(lambda: read_runtime(home), 30, "the coordinator to listen")
         key = run_ok(mlxfleet("keys", "create", "--name", "e2e", "--home", str(home)))
+        token = run_ok(mlxfleet("token", "create", "--home", str(home)))
         agent = Proc(
             mlxfleet(
                 "agent",
                 "--coordinator",
                 f"127.0.0.1:{runtime['grpc_port']}",
+                "--enroll-port",
+                str(runtime["enroll_port"]),
                 "--token",
-                JOIN_TOKEN,
+                token,
+                "--no-mdns",
                 "--home",
                 str(agent_home),
             ),

@@ -17,7 +17,7 @@ def test_up_serves_the_demo_model_with_the_preset_key(tmp_path: Path, procs: lis
     """Starts the real `mlxfleet up` (coordinator, agent, engine) with MLXFLEET_HOME relocated."""
     home = tmp_path / "home"
     up = Proc(
-        mlxfleet("up", "--port", "0", "--grpc-port", "0"),
+        mlxfleet("up", "--port", "0", "--grpc-port", "0", "--enroll-port", "0"),
         tmp_path / "up.log",
         env={"MLXFLEET_HOME": str(home), "MLXFLEET_API_KEY": PRESET_KEY},
     )

@@ -85,22 +85,26 @@ EXIT_REASON_SIGKILL: ExitReason
 EXIT_REASON_OOM: ExitReason
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("token", "node_id", "facts")
+    __slots__ = ("token", "node_id", "facts", "csr_pem")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     FACTS_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
     token: str
     node_id: str
     facts: NodeFacts
-    def __init__(self, token: _Optional[str] = ..., node_id: _Optional[str] = ..., facts: _Optional[_Union[NodeFacts, _Mapping]] = ...) -> None: ...
+    csr_pem: bytes
+    def __init__(self, token: _Optional[str] = ..., node_id: _Optional[str] = ..., facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., csr_pem: _Optional[bytes] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
-    __slots__ = ("node_id", "node_key")
+    __slots__ = ("node_id", "certificate_pem", "fleet_ca_pem")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
-    NODE_KEY_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    FLEET_CA_PEM_FIELD_NUMBER: _ClassVar[int]
     node_id: str
-    node_key: str
-    def __init__(self, node_id: _Optional[str] = ..., node_key: _Optional[str] = ...) -> None: ...
+    certificate_pem: bytes
+    fleet_ca_pem: bytes
+    def __init__(self, node_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., fleet_ca_pem: _Optional[bytes] = ...) -> None: ...
 
 class NodeFacts(_message.Message):
     __slots__ = ("hostname", "chip", "os", "ram_bytes", "performance_cores", "gpu_cores", "memory_bandwidth_gbps", "gpu_wired_limit_bytes", "mlx_version", "mlx_lm_version", "agent_version", "role")

@@ -50,14 +50,16 @@ class FleetServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Enroll(self, request, context):
-        """Exchange a join token for a node id and a node key.
+        """Exchange a join token and a certificate request for a node id and a node certificate.
+        Served on the enrollment port (server-authenticated TLS: the agent has no certificate
+        yet and pins the coordinator's certificate by the fingerprint in the join token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Connect(self, request_iterator, context):
-        """The control stream. Metadata carries x-mlxfleet-node-id and x-mlxfleet-node-key.
+        """The control stream, on the mutual-TLS port: the node is the CN of its client certificate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,157 @@
+"""The fleet's certificate authority and the coordinator's own TLS identity.
+
+Two roles, two certificates, created on first start under MLXFLEET_HOME/pki:
+- the fleet CA issues every node a client certificate (CN = node id) from the node's CSR,
+  so a node's private key never leaves the node; engines serve TLS with the same certificate;
+- the coordinator's server certificate is self-signed and pinned by agents: a join token
+  carries its fingerprint, so an agent verifies the coordinator before sending the token.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from coordinator.errors import EnrollmentError
+from node_agent.identity import COORDINATOR_TLS_NAME as SERVER_NAME
+from node_agent.identity import fingerprint, new_key_pem
+
+logger = logging.getLogger(__name__)
+
+PKI_DIR = "pki"
+
+CA_VALIDITY_DAYS = 3650
+SERVER_VALIDITY_DAYS = 3650
+NODE_VALIDITY_DAYS = 825
+CLOCK_SKEW = datetime.timedelta(minutes=5)  # certificates start this early for skewed clocks
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    path.chmod(0o600)
+
+
+@dataclass(frozen=True, slots=True)
+class FleetPki:
+    """The CA and the server identity, as PEM bytes. Immutable once loaded."""
+
+    ca_cert_pem: bytes
+    ca_key_pem: bytes
+    server_cert_pem: bytes
+    server_key_pem: bytes
+
+    @property
+    def server_fingerprint(self) -> str:
+        return fingerprint(self.server_cert_pem)
+
+    @classmethod
+    def load_or_create(cls, home: Path) -> FleetPki:
+        """Read MLXFLEET_HOME/pki, creating the CA and server certificate on first use."""
+        folder = home / PKI_DIR
+        files = {n: folder / n for n in ("ca.crt", "ca.key", "server.crt", "server.key")}
+        if not all(p.exists() for p in files.values()):
+            folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o700)
+            ca_key, ca_cert = _self_signed("mlxfleet fleet CA", ca=True)
+            server_key, server_cert = _self_signed(SERVER_NAME, ca=False)
+            _write_private(files["ca.key"], ca_key)
+            files["ca.crt"].write_bytes(ca_cert)
+            _write_private(files["server.key"], server_key)
+            files["server.crt"].write_bytes(server_cert)
+            logger.info("created the fleet CA and server certificate in %s", folder)
+        return cls(
+            ca_cert_pem=files["ca.crt"].read_bytes(),
+            ca_key_pem=files["ca.key"].read_bytes(),
+            server_cert_pem=files["server.crt"].read_bytes(),
+            server_key_pem=files["server.key"].read_bytes(),
+        )
+
+    def issue_node_certificate(self, node_id: str, csr_pem: bytes) -> bytes:
+        """Sign the node's CSR public key as CN=node_id; the CSR's own subject is ignored."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError:
+            raise EnrollmentError("certificate request is not a PEM CSR") from None
+        if not csr.is_signature_valid:
+            raise EnrollmentError("certificate request signature does not verify")
+        public_key = csr.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.key_size < 256:
+            raise EnrollmentError("certificate request must carry an EC key of 256 bits or more")
+        ca_key = serialization.load_pem_private_key(self.ca_key_pem, password=None)
+        ca_cert = x509.load_pem_x509_certificate(self.ca_cert_pem)
+        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+        now = _now()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(node_id))
+            .issuer_name(ca_cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(now + datetime.timedelta(days=NODE_VALIDITY_DAYS))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            # The gateway checks an engine's certificate against this name.
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(node_id)]), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+                ),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _self_signed(common_name: str, *, ca: bool) -> tuple[bytes, bytes]:
+    key_pem = new_key_pem()
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    now = _now()
+    days = CA_VALIDITY_DAYS if ca else SERVER_VALIDITY_DAYS
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    else:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(SERVER_NAME)]), critical=False
+        )
+    cert = builder.sign(key, hashes.SHA256())
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
