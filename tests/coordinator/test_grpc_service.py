@@ -307,3 +307,37 @@ async def test_garbage_and_floods_are_cut_without_disturbing_other_nodes(coord: 
     [node] = coord.registry.nodes.values()
     await until(lambda: node.status is not None, "the calm node's status")
     assert await calm.finish() == grpc.StatusCode.OK
+
+
+async def test_oversized_and_malformed_messages_are_refused(coord: Coord) -> None:
+    """Bytes that are not a protobuf, and a message over the 1 MiB limit, end only their own
+    stream; the coordinator keeps serving another node."""
+    token = coord.token(uses=3)
+    calm = Agent(coord, await coord.enroll(token))
+    await until(lambda: len(coord.registry.nodes) == 1, "the calm node")
+
+    raw_identity = await coord.enroll(token)
+    async with coord.channel(raw_identity) as channel:
+        connect = channel.stream_stream(
+            "/mlxfleet.v1.Fleet/Connect",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.CoordinatorMessage.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in connect(iter([b"\xff\xff\xff\xff not a protobuf"])):
+                pass
+    assert err.value.code() != grpc.StatusCode.OK
+
+    big_identity = await coord.enroll(token)
+    big = pb.Hello(facts=pb.NodeFacts(hostname="x" * (2 * 1024 * 1024)))
+    async with coord.channel(big_identity) as channel:
+        call = fleet_pb2_grpc.FleetStub(channel).Connect(iter([pb.AgentMessage(hello=big)]))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in call:
+                pass
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    assert list(coord.registry.nodes) == [calm_id := next(iter(coord.registry.nodes))]
+    calm.status(seq=3)
+    await until(lambda: coord.registry.nodes[calm_id].status is not None, "the calm status")
+    assert await calm.finish() == grpc.StatusCode.OK
