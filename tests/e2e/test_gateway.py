@@ -358,3 +358,31 @@ def test_engine_exits_when_its_agent_is_killed(tmp_path: Path, demo_model: Path)
         )
     finally:
         parent.stop()
+
+
+def test_engine_killed_mid_stream_ends_the_stream_with_an_error_event(fleet: Fleet) -> None:
+    """The client must learn the stream broke: an error event, then [DONE], never a silent
+    close. Kills the real engine process while it streams."""
+    wait_for(lambda: MODEL in fleet.models(), READY_TIMEOUT_S, "the model to be routable")
+    [engine_pid] = wait_for(fleet.engine_pids, 10, "the engine process")
+    body = _chat(max_tokens=1500, temperature=0, stream=True)
+    events: list[str] = []
+    with httpx.stream(
+        "POST",
+        f"{fleet.base}/v1/chat/completions",
+        json=body,
+        timeout=60,
+        headers={"Authorization": f"Bearer {fleet.key}"},
+    ) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line.removeprefix("data: "))
+            if len(events) == 3:
+                os.kill(engine_pid, signal.SIGKILL)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "engine_failed" and error["type"] == "server_error"
+    assert len(events) < 1500  # it was cut short, not finished
+    wait_for(lambda: MODEL in fleet.models(), READY_TIMEOUT_S, "the model to be reloaded")
