@@ -1,0 +1,205 @@
+"""Unified-memory math for placement. Pure functions over a model's config and files.
+
+What a model needs = weights + KV cache + engine overhead. What a node offers =
+min(RAM − OS reserve, GPU wired limit) − what is already placed there (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+GIB = 2**30
+OS_RESERVE_BYTES = 8 * GIB  # seed 000 §4: macOS and the user's apps before weights + KV
+# Engine overhead beyond weights and KV, in two parts:
+# - the runtime (Python, MLX, mlx-lm, tokenizer, HTTP server): RSS of an engine serving the
+#   1.8 MiB demo model after load, warm-up and 8 requests was 106 MiB in each of 3 runs
+#   (benchmarks/engine_overhead.py, Linux x86_64, CPU MLX 0.32.4); rounded up to 128 MiB;
+# - prefill activations, which a tiny model cannot show: mlx-lm prefills 2048 tokens per step,
+#   and the widest live tensor is tokens × intermediate_size × 2 bytes; we allow 4 of them.
+ENGINE_RUNTIME_BYTES = 128 * 2**20
+PREFILL_STEP_TOKENS = 2048
+PREFILL_LIVE_BUFFERS = 4
+SAFETENSORS_HEADER_LIMIT = 100 * 2**20  # a header larger than this is not a safetensors file
+KV_BYTES = {16: 2, 8: 1, 4: 0.5}  # bytes per element for fp16/bf16 and quantized KV
+# mlx-lm 0.32.2: a QuantizedKVCache cannot merge into a batch (no `merge`), so only an engine
+# that decodes one sequence at a time may quantize its KV cache.
+QUANTIZED_KV_MAX_SEQUENCES = 1
+
+
+class SizingError(ValueError):
+    """A model folder or config that cannot be sized."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attention:
+    """What the KV cache size depends on, read from config.json."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    window: int | None  # sliding-window (rotating) cache length, when every layer has one
+    max_context: int
+
+
+def attention_shape(config: Mapping[str, Any]) -> Attention:
+    """Layers, KV heads (GQA), head dim and window from a Hugging Face config.json."""
+    text = config.get("text_config", config)  # multimodal configs nest the LM's
+    try:
+        layers = int(text["num_hidden_layers"])
+        heads = int(text["num_attention_heads"])
+        kv_heads = int(text.get("num_key_value_heads") or heads)
+        head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SizingError(f"config.json lacks attention shape ({exc})") from None
+    window = text.get("sliding_window")
+    # Gemma-2 style interleaving (some layers global) is bounded by the global layers: no window.
+    if text.get("use_sliding_window") is False or text.get("layer_types") or not window:
+        window = None
+    max_context = int(text.get("max_position_embeddings") or 0)
+    if min(layers, kv_heads, head_dim) <= 0:
+        raise SizingError("config.json has a non-positive attention dimension")
+    return Attention(layers, kv_heads, head_dim, int(window) if window else None, max_context)
+
+
+def kv_cache_bytes(shape: Attention, context: int, sequences: int, kv_bits: int = 16) -> int:
+    """2 (K and V) × layers × kv_heads × head_dim × bytes/element × tokens × sequences."""
+    if kv_bits not in KV_BYTES:
+        raise SizingError(f"kv_bits must be one of {sorted(KV_BYTES)}, got {kv_bits}")
+    if kv_bits != 16 and sequences > QUANTIZED_KV_MAX_SEQUENCES:
+        raise SizingError(
+            f"a quantized KV cache cannot join a batch in mlx-lm 0.32.2: kv_bits {kv_bits} "
+            f"needs max_concurrency 1, not {sequences}"
+        )
+    tokens = min(context, shape.window) if shape.window else context
+    per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * KV_BYTES[kv_bits]
+    return math.ceil(per_token * tokens * sequences)
+
+
+def safetensors_bytes(path: Path) -> int:
+    """Tensor bytes in one safetensors file, from its header alone (no tensor is read)."""
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise SizingError(f"{path.name}: too short for a safetensors header")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > SAFETENSORS_HEADER_LIMIT:
+            raise SizingError(f"{path.name}: header length {header_len} is not plausible")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise SizingError(f"{path.name}: header is not JSON") from None
+    total = 0
+    for name, tensor in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = tensor["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise SizingError(f"{path.name}: tensor {name!r} has no data_offsets") from None
+        total += int(end) - int(start)
+    return total
+
+
+def weight_bytes(folder: Path) -> int:
+    """All tensor bytes of an MLX model folder: weights, quantization scales and biases."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SizingError(f"{folder}: no .safetensors weights")
+    return sum(safetensors_bytes(f) for f in files)
+
+
+def parameter_count(config: Mapping[str, Any]) -> int:
+    """Parameters of a Llama/Qwen/Mistral/Mixtral-shaped decoder, from config.json alone."""
+    text = config.get("text_config", config)
+    try:
+        hidden = int(text["hidden_size"])
+        layers = int(text["num_hidden_layers"])
+        vocab = int(text["vocab_size"])
+        intermediate = int(text["intermediate_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SizingError(f"config.json lacks a decoder shape ({exc})") from None
+    shape = attention_shape(config)
+    heads = int(text["num_attention_heads"])
+    attention = hidden * heads * shape.head_dim * 2 + hidden * shape.kv_heads * shape.head_dim * 2
+    experts = int(text.get("num_local_experts") or text.get("num_experts") or 1)
+    mlp = 3 * hidden * intermediate * experts + (hidden * experts if experts > 1 else 0)
+    embeddings = vocab * hidden * (1 if text.get("tie_word_embeddings") else 2)
+    return layers * (attention + mlp + 2 * hidden) + embeddings + hidden
+
+
+def estimated_weight_bytes(config: Mapping[str, Any]) -> int:
+    """Weights when the files are not here (a hub id): parameters × bits per weight.
+
+    MLX affine quantization stores one fp16 scale and one fp16 bias per group, so 4-bit
+    weights in groups of 64 cost 4 + 32/64 = 4.5 bits each; unquantized weights are bf16.
+    """
+    quant = config.get("quantization") or config.get("quantization_config") or {}
+    bits = quant.get("bits")
+    per_weight = 16.0 if not bits else bits + 32 / int(quant.get("group_size", 64))
+    return math.ceil(parameter_count(config) * per_weight / 8)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise SizingError(f"{folder}: no config.json") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise SizingError(f"{folder}: config.json is not JSON") from None
+    if not isinstance(config, dict):
+        raise SizingError(f"{folder}: config.json is not an object")
+    return config
+
+
+@dataclass(frozen=True, slots=True)
+class Footprint:
+    """What one engine of a model needs, and why."""
+
+    weights: int
+    kv_cache: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.overhead
+
+
+def engine_overhead(config: Mapping[str, Any]) -> int:
+    """Runtime plus prefill activation buffers (see ENGINE_RUNTIME_BYTES)."""
+    text = config.get("text_config", config)
+    width = max(int(text.get("intermediate_size") or 0), int(text.get("hidden_size") or 0))
+    return ENGINE_RUNTIME_BYTES + PREFILL_LIVE_BUFFERS * PREFILL_STEP_TOKENS * width * 2
+
+
+def footprint(
+    weights: int, config: Mapping[str, Any], context: int, sequences: int, kv_bits: int = 16
+) -> Footprint:
+    """The memory one engine needs for `sequences` concurrent sequences of `context` tokens."""
+    shape = attention_shape(config)
+    if shape.max_context and context > shape.max_context:
+        raise SizingError(
+            f"context_length {context} is larger than the model supports ({shape.max_context})"
+        )
+    return Footprint(
+        weights, kv_cache_bytes(shape, context, sequences, kv_bits), engine_overhead(config)
+    )
+
+
+def node_budget(
+    ram_bytes: int, wired_limit_bytes: int, placed_bytes: int, reserve: int = OS_RESERVE_BYTES
+) -> int:
+    """Bytes still placeable on a node: min(RAM − reserve, GPU wired limit) − placed.
+
+    The wired limit is what the node's probe reports: iogpu.wired_limit_mb when set, else the
+    macOS default fraction of RAM (node_agent/probes/macos.py); 0 means none (Linux).
+    """
+    ceiling = ram_bytes - reserve
+    if wired_limit_bytes > 0:
+        ceiling = min(ceiling, wired_limit_bytes)
+    return ceiling - placed_bytes

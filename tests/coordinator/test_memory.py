@@ -1,0 +1,181 @@
+"""The memory math against real models' config.json values and the seeds' numbers.
+
+Configs are the published config.json fields of each model on Hugging Face
+(Qwen/Qwen2.5-7B-Instruct, meta-llama/Meta-Llama-3-8B, meta-llama/Meta-Llama-3-70B,
+mistralai/Mixtral-8x7B-v0.1); the quantization block is what mlx-community's 4-bit
+conversions add (bits 4, group_size 64).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from coordinator.memory import (
+    ENGINE_RUNTIME_BYTES,
+    GIB,
+    SizingError,
+    attention_shape,
+    estimated_weight_bytes,
+    footprint,
+    kv_cache_bytes,
+    node_budget,
+    parameter_count,
+    safetensors_bytes,
+    weight_bytes,
+)
+
+QWEN25_7B = {
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": False,
+    "sliding_window": 131072,
+    "use_sliding_window": False,
+}
+LLAMA3_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": False,
+}
+LLAMA3_70B = {
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": False,
+}
+MIXTRAL_8X7B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "max_position_embeddings": 32768,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+}
+MISTRAL_7B_V01 = {
+    **LLAMA3_8B,
+    "vocab_size": 32000,
+    "max_position_embeddings": 32768,
+    "sliding_window": 4096,
+}
+FOUR_BIT = {"quantization": {"bits": 4, "group_size": 64}}
+
+
+def test_llama3_70b_at_4_bit_is_about_40_gb_and_its_32k_kv_about_10_gb() -> None:
+    """The seeds' planning numbers (DESIGN.md)."""
+    weights = estimated_weight_bytes({**LLAMA3_70B, **FOUR_BIT})
+    assert 39e9 <= weights <= 41e9
+    kv = kv_cache_bytes(attention_shape(LLAMA3_70B), context=32768, sequences=1)
+    assert kv == 2 * 80 * 8 * 128 * 2 * 32768 == 10 * GIB
+
+
+@pytest.mark.parametrize(
+    ("config", "billions"),
+    [(QWEN25_7B, 7.6), (LLAMA3_8B, 8.0), (LLAMA3_70B, 70.6), (MIXTRAL_8X7B, 46.7)],
+    ids=["qwen2.5-7b", "llama-3-8b", "llama-3-70b", "mixtral-8x7b"],
+)
+def test_parameter_counts_match_the_published_sizes(config: dict, billions: float) -> None:
+    assert parameter_count(config) / 1e9 == pytest.approx(billions, abs=0.1)
+
+
+def test_gqa_uses_key_value_heads_not_attention_heads() -> None:
+    shape = attention_shape(QWEN25_7B)
+    assert (shape.layers, shape.kv_heads, shape.head_dim) == (28, 4, 128)
+    # 2 × 28 × 4 × 128 × 2 bytes = 57,344 bytes a token: 7 × less than with 28 KV heads.
+    assert kv_cache_bytes(shape, context=8192, sequences=1) == 57344 * 8192
+    assert shape.window is None  # use_sliding_window: false
+
+
+def test_sliding_window_bounds_the_cache() -> None:
+    shape = attention_shape(MISTRAL_7B_V01)
+    assert shape.window == 4096
+    assert kv_cache_bytes(shape, 32768, 1) == kv_cache_bytes(shape, 4096, 1)
+    assert attention_shape(MIXTRAL_8X7B).window is None
+
+
+def test_quantized_kv_halves_or_quarters_but_cannot_batch() -> None:
+    shape = attention_shape(LLAMA3_8B)
+    fp16 = kv_cache_bytes(shape, 8192, 1)
+    assert kv_cache_bytes(shape, 8192, 1, kv_bits=8) == fp16 // 2
+    assert kv_cache_bytes(shape, 8192, 1, kv_bits=4) == fp16 // 4
+    with pytest.raises(SizingError, match="cannot join a batch"):
+        kv_cache_bytes(shape, 8192, 4, kv_bits=8)
+    with pytest.raises(SizingError, match="kv_bits must be one of"):
+        kv_cache_bytes(shape, 8192, 1, kv_bits=3)
+
+
+def test_footprint_adds_weights_kv_and_overhead() -> None:
+    fp = footprint(4 * GIB, LLAMA3_8B, context=8192, sequences=4)
+    assert fp.kv_cache == 4 * kv_cache_bytes(attention_shape(LLAMA3_8B), 8192, 1)
+    assert fp.overhead > ENGINE_RUNTIME_BYTES  # plus prefill activations for a 14336-wide MLP
+    assert fp.total == 4 * GIB + fp.kv_cache + fp.overhead
+    with pytest.raises(SizingError, match="larger than the model supports"):
+        footprint(4 * GIB, LLAMA3_8B, context=16384, sequences=1)
+
+
+def test_node_budget_is_the_smaller_of_ram_less_reserve_and_the_wired_limit() -> None:
+    # 64 GiB Mac, default wired limit 3/4 = 48 GiB; RAM − 8 GiB reserve = 56 GiB.
+    assert node_budget(64 * GIB, 48 * GIB, placed_bytes=0) == 48 * GIB
+    # 16 GiB Air: RAM − 8 = 8 GiB is smaller than 2/3 of 16 = 10.7 GiB.
+    assert node_budget(16 * GIB, int(16 * GIB * 2 / 3), placed_bytes=2 * GIB) == 6 * GIB
+    # A raised iogpu.wired_limit_mb on a 128 GiB Studio; a per-node reserve override.
+    assert node_budget(128 * GIB, 120 * GIB, 0, reserve=16 * GIB) == 112 * GIB
+    assert node_budget(32 * GIB, 0, 0) == 24 * GIB  # Linux: no GPU wired limit
+
+
+def test_weight_bytes_come_from_the_safetensors_header(tmp_path: Path) -> None:
+    """Quantized weights with their scales and biases, counted without reading tensors."""
+    w = mx.random.normal((256, 512))
+    q, scales, biases = mx.quantize(w, group_size=64, bits=4)
+    arrays = {
+        "layer.weight": q,
+        "layer.scales": scales,
+        "layer.biases": biases,
+        "norm.weight": mx.ones((512,), dtype=mx.bfloat16),
+    }
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), arrays)
+    expected = sum(a.nbytes for a in arrays.values())
+    assert safetensors_bytes(tmp_path / "model.safetensors") == expected
+    assert weight_bytes(tmp_path) == expected
+    assert expected < (tmp_path / "model.safetensors").stat().st_size  # the header is extra
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "too short"),
+        (b"\xff" * 8, "not plausible"),
+        (b"\x04\x00\x00\x00\x00\x00\x00\x00nope", "not JSON"),
+    ],
+)
+def test_bad_safetensors_files_are_refused(tmp_path: Path, content: bytes, message: str) -> None:
+    (tmp_path / "model.safetensors").write_bytes(content)
+    with pytest.raises(SizingError, match=message):
+        weight_bytes(tmp_path)
+
+
+def test_a_folder_without_weights_or_shape_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SizingError, match="no .safetensors weights"):
+        weight_bytes(tmp_path)
+    with pytest.raises(SizingError, match="lacks attention shape"):
+        attention_shape({"hidden_size": 8})
