@@ -1,0 +1,94 @@
+"""The placement policy: pure, deterministic, and honest about why something is pending."""
+
+from __future__ import annotations
+
+import random
+
+from coordinator.policy import GIB, Demand, Offer, place, plan
+
+STUDIO = Offer("studio-1", "server", 60 * GIB)
+MINI_A = Offer("mini-a", "server", 20 * GIB)
+MINI_B = Offer("mini-b", "server", 12 * GIB)
+LAPTOP = Offer("laptop-1", "laptop", 30 * GIB)
+OPTED_IN = Offer("laptop-2", "laptop", 40 * GIB, interactive_on_laptop=True)
+
+
+def test_batch_packs_onto_servers_best_fit() -> None:
+    demand = Demand("qwen-7b", "batch", replicas=1, bytes_per_replica=10 * GIB)
+    assert place(demand, [STUDIO, MINI_A, MINI_B, OPTED_IN]).nodes == ("mini-b",)
+    two = Demand("qwen-7b", "batch", replicas=2, bytes_per_replica=10 * GIB)
+    assert place(two, [STUDIO, MINI_A, MINI_B]).nodes == ("mini-b", "mini-a")
+
+
+def test_interactive_spreads_to_the_most_headroom_and_skips_laptops_unless_opted_in() -> None:
+    demand = Demand("chat", "interactive", replicas=2, bytes_per_replica=10 * GIB)
+    assert place(demand, [MINI_A, LAPTOP, STUDIO]).nodes == ("studio-1", "mini-a")
+    assert place(demand, [MINI_A, LAPTOP, OPTED_IN]).nodes == ("laptop-2", "mini-a")
+
+
+def test_required_and_preferred_labels() -> None:
+    east = Offer("mini-east", "server", 16 * GIB, labels={"site": "east"})
+    west = Offer("mini-west", "server", 64 * GIB, labels={"site": "west"})
+    required = Demand("m", "interactive", 1, 8 * GIB, required_labels={"site": "east"})
+    assert place(required, [east, west]).nodes == ("mini-east",)
+    preferred = Demand("m", "interactive", 1, 8 * GIB, preferred_labels={"site": "east"})
+    assert place(preferred, [west, east]).nodes == ("mini-east",)
+
+
+def test_pending_names_the_shortfall() -> None:
+    big = Demand("llama-70b", "interactive", 1, int(41.2 * GIB))
+    placement = place(big, [Offer("studio-2", "server", int(30.1 * GIB)), MINI_A])
+    assert placement.nodes == ()
+    assert placement.pending_reason == (
+        "1 of 1 replicas unplaced: needs 41.2 GiB, best node studio-2 has 30.1 GiB free"
+    )
+    batch = Demand("m", "batch", 1, GIB)
+    reason = place(batch, [LAPTOP]).pending_reason
+    assert reason is not None and "laptop-1: batch runs on server-role nodes only" in reason
+    assert place(batch, []).pending_reason == "1 of 1 replicas unplaced: no node is connected"
+
+
+def test_replicas_never_share_a_node_and_existing_ones_count() -> None:
+    demand = Demand("m", "interactive", replicas=3, bytes_per_replica=GIB)
+    placement = place(demand, [MINI_A, MINI_B], hosting=["mini-a"])
+    assert placement.nodes == ("mini-b",)
+    assert placement.pending_reason is not None
+    assert placement.pending_reason.startswith("1 of 3 replicas unplaced")
+    assert place(demand, [MINI_A], hosting=["x", "y", "z"]).nodes == ()
+
+
+def test_cordoned_nodes_get_nothing() -> None:
+    demand = Demand("m", "batch", 1, GIB)
+    cordoned = Offer("mini-a", "server", 20 * GIB, cordoned=True)
+    assert place(demand, [cordoned, MINI_B]).nodes == ("mini-b",)
+
+
+def test_plan_is_deterministic_and_never_overcommits() -> None:
+    rng = random.Random(7)
+    offers = [
+        Offer(
+            f"n{i:02}",
+            rng.choice(["server", "laptop"]),
+            rng.randint(8, 120) * GIB,
+            interactive_on_laptop=rng.random() < 0.5,
+        )
+        for i in range(30)
+    ]
+    demands = [
+        Demand(
+            f"m{i:02}",
+            rng.choice(["interactive", "batch"]),
+            rng.randint(1, 3),
+            rng.randint(2, 45) * GIB,
+            pinned=rng.random() < 0.2,
+        )
+        for i in range(20)
+    ]
+    first = plan(demands, offers)
+    assert plan(list(reversed(demands)), list(reversed(offers))) == first
+    used = {o.node_id: 0 for o in offers}
+    for demand in demands:
+        for node_id in first[demand.model].nodes:
+            used[node_id] += demand.bytes_per_replica
+    assert all(used[o.node_id] <= o.free_bytes for o in offers)
+    assert any(p.nodes for p in first.values())
