@@ -51,7 +51,7 @@ class Placement:
     pending_reason: str | None = None
 
 
-def _eligible(demand: Demand, offer: Offer) -> str | None:
+def eligible(demand: Demand, offer: Offer) -> str | None:
     """None when the node may take this model, else why not."""
     if offer.cordoned:
         return "cordoned"
@@ -75,7 +75,7 @@ def place(demand: Demand, offers: Sequence[Offer], hosting: Iterable[str] = ()) 
     missing = demand.replicas - len(hosting)
     if missing <= 0:
         return Placement(())
-    candidates = [o for o in offers if o.node_id not in hosting and _eligible(demand, o) is None]
+    candidates = [o for o in offers if o.node_id not in hosting and eligible(demand, o) is None]
     chosen: list[str] = []
     free = {o.node_id: o.free_bytes for o in candidates}
     for _ in range(missing):
@@ -107,17 +107,17 @@ def _shortfall(
     lacking = f"{demand.replicas - placed} of {demand.replicas} replicas unplaced: "
     if not offers:
         return lacking + "no node is connected"
-    eligible = [
+    open_nodes = [
         o
         for o in offers
-        if _eligible(demand, o) is None and o.node_id not in hosting and o.node_id not in chosen
+        if eligible(demand, o) is None and o.node_id not in hosting and o.node_id not in chosen
     ]
-    if not eligible:
+    if not open_nodes:
         reasons = sorted(
-            {f"{o.node_id}: {_eligible(demand, o) or 'already runs it'}" for o in offers}
+            {f"{o.node_id}: {eligible(demand, o) or 'already runs it'}" for o in offers}
         )
         return lacking + f"{need}, no eligible node ({'; '.join(reasons)})"
-    best = max(eligible, key=lambda o: (o.free_bytes, o.node_id))
+    best = max(open_nodes, key=lambda o: (o.free_bytes, o.node_id))
     return lacking + f"{need}, best node {best.node_id} has {best.free_bytes / GIB:.1f} GiB free"
 
 
