@@ -6,11 +6,13 @@ the engine's own bytes, streamed as they arrive: the gateway never re-encodes a 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import aiohttp
 from aiohttp import web
@@ -19,7 +21,7 @@ from coordinator.config import RETRY_AFTER_S, Config, ModelSpec
 from coordinator.discovery import Discovery
 from coordinator.errors import ApiError
 from coordinator.nodes import node_rows
-from coordinator.registry import NodeId, Registry
+from coordinator.registry import EngineId, NodeId, Registry
 from coordinator.routing import Routing, Target
 from coordinator.store import Store
 from node_agent.engine.protocol import (
@@ -82,6 +84,8 @@ class Gateway:
         self._registry = registry
         self._admin_token = admin_token
         self.discovery: Discovery | None = None  # set when mDNS runs
+        self._flights: dict[EngineId, set[_Flight]] = {}
+        routing.on_remove.append(self.abort_engine)
         self._specs: dict[str, ModelSpec] = {m.name: m for m in config.models}
         self._session: aiohttp.ClientSession | None = None
 
@@ -206,54 +210,93 @@ class Gateway:
     async def _forward(
         self, request: web.Request, model: str, raw: bytes, stream: bool
     ) -> web.StreamResponse:
-        assert self._session is not None
         for _ in range(ATTEMPTS):
             target = await self._routing.pick(model)
             if target is None:
                 break
-            try:
-                upstream = await self._session.post(
-                    f"{target.url}{request.path}",
-                    data=raw,
-                    headers={
-                        "Authorization": f"Bearer {target.secret}",
-                        "Content-Type": "application/json",
-                    },
-                    # A remote engine must present its node's certificate (CN = node id).
-                    ssl=self._routing.engine_tls if target.tls else True,
-                    server_hostname=target.node_id if target.tls else None,
-                )
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                # Nothing reached the client yet: take the engine out and try the next one.
-                logger.warning("engine %s unreachable (%s): unrouting it", target.engine_id, exc)
-                self._routing.remove_engine(target.engine_id)
-                continue
-            async with upstream:
-                if upstream.status != 200 or not stream:
+            with self._in_flight(target.engine_id) as flight:
+                try:
+                    upstream = await flight.run(self._post(target, request.path, raw))
+                except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                    # Nothing reached the client yet: take the engine out, try the next one.
+                    logger.warning(
+                        "engine %s unreachable (%s): unrouting it", target.engine_id, exc
+                    )
+                    self._routing.remove_engine(target.engine_id)
+                    continue
+                flight.upstream = upstream
+                async with upstream:
                     try:
-                        data = await upstream.read()
+                        if upstream.status != 200 or not stream:
+                            data = await upstream.read()
+                            return web.Response(
+                                body=data,
+                                status=upstream.status,
+                                content_type="application/json",
+                                headers=_passthrough_headers(upstream),
+                            )
+                        # The client gets its headers with the first chunk, so an engine that
+                        # fails before that is retried elsewhere without the client noticing.
+                        first = await upstream.content.readany()
+                        if not first:
+                            raise aiohttp.ClientPayloadError("stream ended before a first chunk")
                     except aiohttp.ClientError as exc:
-                        logger.warning("engine %s failed mid-response: %s", target.engine_id, exc)
+                        logger.warning(
+                            "engine %s failed before answering: %s", target.engine_id, exc
+                        )
                         self._routing.remove_engine(target.engine_id)
                         continue
-                    return web.Response(
-                        body=data,
-                        status=upstream.status,
-                        content_type="application/json",
-                        headers=_passthrough_headers(upstream),
-                    )
-                return await self._relay_stream(request, upstream, target)
+                    return await self._relay_stream(request, upstream, target, first)
         raise unavailable(model)
 
+    async def _post(self, target: Target, path: str, raw: bytes) -> aiohttp.ClientResponse:
+        assert self._session is not None
+        return await self._session.post(
+            f"{target.url}{path}",
+            data=raw,
+            headers={
+                "Authorization": f"Bearer {target.secret}",
+                "Content-Type": "application/json",
+            },
+            # A remote engine must present its node's certificate (CN = node id).
+            ssl=self._routing.engine_tls if target.tls else True,
+            server_hostname=target.node_id if target.tls else None,
+        )
+
+    @contextlib.contextmanager
+    def _in_flight(self, engine_id: EngineId) -> Iterator[_Flight]:
+        """Track a request so that an engine leaving the router aborts it (see abort_engine)."""
+        flight = _Flight()
+        flights = self._flights.setdefault(engine_id, set())
+        flights.add(flight)
+        try:
+            yield flight
+        finally:
+            flights.discard(flight)
+            if not flights:
+                self._flights.pop(engine_id, None)
+
+    def abort_engine(self, engine_id: EngineId) -> None:
+        """The engine left the router (its node went silent, it exited, it was unloaded):
+        requests waiting on it must not hang. Aborting fails them, which retries those that
+        sent nothing to the client and ends the others with an error event."""
+        for flight in list(self._flights.get(engine_id, ())):
+            flight.abort()
+
     async def _relay_stream(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, target: Target
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        target: Target,
+        first: bytes,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
-        tail = b""
+        tail = first[-64:]
         try:
+            await response.write(first)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
                 tail = (tail + chunk)[-64:]
@@ -274,6 +317,35 @@ class Gateway:
             await response.write(SSE_DONE + b"\n\n")
         await response.write_eof()
         return response
+
+
+class _Flight:
+    """One request to one engine, abortable while it waits for headers or reads the body."""
+
+    def __init__(self) -> None:
+        self.aborted = asyncio.Event()
+        self.upstream: aiohttp.ClientResponse | None = None
+
+    def abort(self) -> None:
+        self.aborted.set()
+        if self.upstream is not None:
+            self.upstream.close()  # a pending read now raises ClientConnectionError
+
+    async def run(self, post: Awaitable[aiohttp.ClientResponse]) -> aiohttp.ClientResponse:
+        """Await the response headers unless aborted first (then ClientConnectionError)."""
+        task = asyncio.ensure_future(post)
+        aborted = asyncio.ensure_future(self.aborted.wait())
+        try:
+            await asyncio.wait({task, aborted}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the client went away: no orphaned request
+            task.cancel()
+            raise
+        finally:
+            aborted.cancel()
+        if not task.done():
+            task.cancel()
+            raise aiohttp.ClientConnectionError("engine left the router")
+        return task.result()
 
 
 def _passthrough_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # Without this, importing litellm fetches its model cost map from the internet.
@@ -51,6 +52,8 @@ class Routing:
         # Remote engines present node certificates from the fleet CA, checked by node id.
         self.engine_tls = ssl.create_default_context(cadata=fleet_ca_pem.decode())
         self._targets: dict[EngineId, Target] = {}
+        # Told when an engine leaves, so requests in flight to it are aborted, not left hanging.
+        self.on_remove: list[Callable[[EngineId], None]] = []
 
     def add_engine(self, engine: Engine) -> None:
         if engine.engine_id in self._targets:
@@ -73,6 +76,8 @@ class Routing:
             return
         self._router.delete_deployment(engine_id)
         logger.info("engine %s left the router", engine_id)
+        for listener in self.on_remove:
+            listener(engine_id)
 
     def models(self) -> list[str]:
         """Model names that have at least one routable deployment."""

@@ -386,3 +386,27 @@ def test_engine_killed_mid_stream_ends_the_stream_with_an_error_event(fleet: Fle
     assert error["code"] == "engine_failed" and error["type"] == "server_error"
     assert len(events) < 1500  # it was cut short, not finished
     wait_for(lambda: MODEL in fleet.models(), READY_TIMEOUT_S, "the model to be reloaded")
+
+
+def test_a_request_to_a_node_that_goes_silent_is_released_not_left_hanging(fleet: Fleet) -> None:
+    """Freezes the real agent and engine (SIGSTOP): heartbeats stop, the engine cannot answer.
+    When the node turns suspect its engine leaves the router and the waiting request is
+    aborted and retried; with no other engine it gets 503 + Retry-After instead of hanging.
+    SIGCONT: heartbeats resume and the same engine serves again (nothing reloaded)."""
+    wait_for(lambda: MODEL in fleet.models(), READY_TIMEOUT_S, "the model to be routable")
+    [engine_pid] = wait_for(fleet.engine_pids, 10, "the engine process")
+    frozen = [fleet.agent.popen.pid, engine_pid]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        r = _post(fleet, "/v1/chat/completions", _chat(max_tokens=2, stream=True))
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    assert r.status_code == 503, r.text
+    assert r.headers["Retry-After"].isdigit()
+    assert r.json()["error"]["code"] == "model_unavailable"
+    wait_for(lambda: MODEL in fleet.models(), 30, "the node to be live again")
+    ok = _post(fleet, "/v1/chat/completions", _chat(max_tokens=2))
+    assert ok.status_code == 200, ok.text
+    assert fleet.engine_pids() == [engine_pid]
