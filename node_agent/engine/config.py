@@ -7,11 +7,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node_agent.engine.errors import Error
-from node_agent.engine.generator import DEFAULT_MAX_CONCURRENCY, QUEUE_LIMIT
+from node_agent.engine.errors import BadKnob, Error
+from node_agent.engine.knobs import TIER_DEFAULTS, TIERS, Knobs, Tier
 
 SECRET_ENV = "MLXFLEET_ENGINE_SECRET"
 DEFAULT_HOST = "127.0.0.1"
+# The seeds' names (seed 001); honoured by the batch tier when the flags are not given.
+BATCH_ENV = {
+    "batch_window_ms": "MLX_BATCH_BATCH_WINDOW_MS",
+    "max_batch_size": "MLX_BATCH_MAX_BATCH_SIZE",
+}
 
 
 class ConfigError(Error):
@@ -28,8 +33,8 @@ class EngineConfig:
     host: str = DEFAULT_HOST
     port: int = 0
     context_length: int | None = None
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
-    queue_limit: int = QUEUE_LIMIT
+    tier: Tier = "interactive"
+    knobs: Knobs = TIER_DEFAULTS["interactive"]
     # Serve HTTPS with the node's certificate (an engine reached from another host).
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -49,6 +54,33 @@ def _port(text: str) -> int:
     return value
 
 
+def _flag(knob: str) -> str:
+    return "--" + knob.replace("_", "-")
+
+
+def _knobs(args: argparse.Namespace, environ: Mapping[str, str]) -> Knobs:
+    """Flags, then (batch tier) the seeds' environment variables, then the tier's defaults."""
+    tier: Tier = args.tier
+    values = TIER_DEFAULTS[tier].as_dict()
+    sources: dict[str, str] = {}  # knob -> the flag or variable that set it
+    for name in values:
+        env_name = BATCH_ENV.get(name) if tier == "batch" else None
+        if getattr(args, name) is not None:
+            sources[name], text = _flag(name), getattr(args, name)
+        elif env_name is not None and environ.get(env_name, "").strip():
+            sources[name], text = env_name, environ[env_name]
+        else:
+            continue
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise ConfigError(f"{sources[name]} must be an integer, got {text!r}") from None
+    try:
+        return Knobs(**values)
+    except BadKnob as exc:
+        raise ConfigError(f"{sources.get(exc.knob, exc.knob)} {exc.reason}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m node_agent.engine",
@@ -59,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default=DEFAULT_HOST)
     parser.add_argument("--port", type=_port, default=0, help="0 picks a free port")
     parser.add_argument("--context-length", type=_positive, default=None)
-    parser.add_argument("--max-concurrency", type=_positive, default=DEFAULT_MAX_CONCURRENCY)
+    # Tier and knobs are checked in load_config, so a bad value is one line, not usage + error.
+    parser.add_argument("--tier", default="interactive", help="interactive|batch: knob defaults")
+    for name in TIER_DEFAULTS["interactive"].as_dict():
+        parser.add_argument(_flag(name), dest=name, default=None, metavar="N")
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate (HTTPS)")
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key (HTTPS)")
     return parser
@@ -68,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> EngineConfig:
     """Parse argv (argparse exits 2 on bad flags) and read the secret from the environment."""
     args = build_parser().parse_args(argv)
+    if args.tier not in TIERS:
+        raise ConfigError(f"--tier must be one of {', '.join(TIERS)}, got {args.tier!r}")
+    knobs = _knobs(args, environ)
     secret = environ.get(SECRET_ENV, "")
     if not secret.strip():
         raise ConfigError(f"{SECRET_ENV} is not set or empty; refusing to start without a secret")
@@ -83,7 +121,8 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> EngineConfig
         host=args.host,
         port=args.port,
         context_length=args.context_length,
-        max_concurrency=args.max_concurrency,
+        tier=args.tier,
+        knobs=knobs,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
     )

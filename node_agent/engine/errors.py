@@ -32,3 +32,12 @@ class QueueFull(Error):
 
 class ModelLoadFailed(Error):
     """The model could not be loaded or warmed up."""
+
+
+class BadKnob(Error):
+    """A tier knob that is unknown or out of its range; `knob` names it."""
+
+    def __init__(self, knob: str, reason: str) -> None:
+        super().__init__(f"{knob} {reason}")
+        self.knob = knob
+        self.reason = reason

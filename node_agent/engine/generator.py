@@ -6,19 +6,19 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from node_agent.engine.errors import ModelLoadFailed, QueueFull
+from node_agent.engine.knobs import TIER_DEFAULTS, Knobs, admit_now, window_remaining_ms
 from node_agent.engine.protocol import SamplingParams
 from node_agent.engine.textstream import TextStream
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_CONCURRENCY = 4
-QUEUE_LIMIT = 64
 # Seed 002: cap the context at 8192 tokens unless the engine is told otherwise.
 DEFAULT_CONTEXT_CAP_TOKENS = 8192
 # Small prefill slices let a long prompt share the thread with running decodes.
@@ -57,15 +57,24 @@ class EngineStats:
     """Counters for GET /v1/engine/stats."""
 
     active: int
-    queued: int
-    max_batch_seen: int
+    queued: int  # submitted, not yet admitted: the queue depth
+    max_batch_seen: int  # most sequences decoded in one step
     requests_total: int
     generated_tokens_total: int
+    admission_groups: int  # times a group of waiting requests was admitted together
+    largest_admission: int  # the biggest such group
+    knobs: Knobs
 
 
 @dataclass(frozen=True, slots=True)
 class _Cancel:
     request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    job: Job
+    since_s: float  # time.monotonic() at submit
 
 
 @dataclass(slots=True)
@@ -78,26 +87,25 @@ class _Running:
 
 
 _STOP = object()
+_WAKE = object()  # new knobs: decide admissions again
 
 
 class ModelThread:
     """Loads the model, then runs continuous batching over submitted jobs.
 
-    submit, cancel, stats and stop may be called from any thread. Every submitted job gets
-    exactly one final Event (finish_reason set), whatever happens to it.
+    submit, cancel, set_knobs, stats and stop may be called from any thread. Every submitted job
+    gets exactly one final Event (finish_reason set), whatever happens to it.
     """
 
     def __init__(
         self,
         model_path: Path,
         *,
-        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-        queue_limit: int = QUEUE_LIMIT,
+        knobs: Knobs = TIER_DEFAULTS["interactive"],
         context_length: int | None = None,
     ) -> None:
         self._model_path = Path(model_path)
-        self._max_concurrency = max_concurrency
-        self._queue_limit = queue_limit
+        self._knobs = knobs  # replaced whole (frozen), read at each admission decision
         self.context_length = context_length or DEFAULT_CONTEXT_CAP_TOKENS
         self._requested_context = context_length
         self.loaded: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -105,11 +113,13 @@ class ModelThread:
         self.vocab_size = 0
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._in_system = 0  # submitted and not yet finished; guarded by _lock
-        self._waiting: list[Job] = []
+        self._queued = 0  # submitted and not yet admitted or finished; guarded by _lock
+        self._waiting: list[_Waiting] = []  # oldest first
         self._running: dict[int, _Running] = {}  # by request id
         self._by_uid: dict[int, _Running] = {}
         self._max_batch_seen = 0
+        self._admission_groups = 0
+        self._largest_admission = 0
         self._requests_total = 0
         self._generated_total = 0
         self._thread = threading.Thread(target=self._run, name="mlxfleet-model", daemon=True)
@@ -117,14 +127,24 @@ class ModelThread:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
-        """Queue a job; raises QueueFull when max concurrency plus the queue limit are used."""
+    @property
+    def knobs(self) -> Knobs:
+        return self._knobs
+
+    def set_knobs(self, knobs: Knobs) -> None:
+        """Use `knobs` from the next admission decision on; running requests are left alone."""
         with self._lock:
-            if self._in_system >= self._max_concurrency + self._queue_limit:
-                raise QueueFull(f"{self._in_system} requests in flight")
-            self._in_system += 1
+            self._knobs = knobs
+        self._inbox.put(_WAKE)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; raises QueueFull when queue_limit requests already wait."""
+        with self._lock:
+            if self._queued >= self._knobs.queue_limit:
+                raise QueueFull(f"{self._queued} requests waiting")
+            self._queued += 1
             self._requests_total += 1
-        self._inbox.put(job)
+        self._inbox.put(_Waiting(job, time.monotonic()))
 
     def cancel(self, request_id: int) -> None:
         """Drop a job wherever it is; its sink then gets a "cancelled" final event."""
@@ -137,12 +157,17 @@ class ModelThread:
             self._thread.join(timeout_s)
 
     def stats(self) -> EngineStats:
-        active = len(self._running)
         with self._lock:
-            queued = max(0, self._in_system - active)
-            requests_total = self._requests_total
+            queued, requests_total, knobs = self._queued, self._requests_total, self._knobs
         return EngineStats(
-            active, queued, self._max_batch_seen, requests_total, self._generated_total
+            active=len(self._running),
+            queued=queued,
+            max_batch_seen=self._max_batch_seen,
+            requests_total=requests_total,
+            generated_tokens_total=self._generated_total,
+            admission_groups=self._admission_groups,
+            largest_admission=self._largest_admission,
+            knobs=knobs,
         )
 
     # --- on the model thread -------------------------------------------------------------
@@ -158,7 +183,7 @@ class ModelThread:
         stopping = False
         while not stopping:
             try:
-                stopping = self._take_inbox(block=not self._running and not self._waiting)
+                stopping = self._take_inbox(self._inbox_timeout_s())
                 self._admit()
                 if self._running and not stopping:
                     self._step()
@@ -167,8 +192,9 @@ class ModelThread:
                 logger.exception("generation failed; failing %d requests", len(self._running))
                 self._fail_running("internal error during generation")
                 self._bg = self._new_batch_generator()
-        for job in self._waiting:
-            self._final(job, "error", "the engine is shutting down")
+        self._take_inbox(0.0)  # jobs submitted after the stop message still get their end
+        for waiting in self._dequeue(len(self._waiting)):
+            self._final(waiting.job, "error", "the engine is shutting down")
         self._fail_running("the engine is shutting down")
 
     def _load(self) -> None:
@@ -202,10 +228,11 @@ class ModelThread:
     def _new_batch_generator(self) -> Any:
         from mlx_lm.generate import BatchGenerator
 
+        slots = self._knobs.max_concurrency
         return BatchGenerator(
             self._model,
-            completion_batch_size=self._max_concurrency,
-            prefill_batch_size=self._max_concurrency,
+            completion_batch_size=slots,
+            prefill_batch_size=slots,
             prefill_step_size=PREFILL_STEP_SIZE_TOKENS,
         )
 
@@ -231,15 +258,27 @@ class ModelThread:
                     if response.finish_reason is not None:
                         uids.discard(response.uid)
 
-    def _take_inbox(self, *, block: bool) -> bool:
-        """Move messages from the inbox into state; returns True when told to stop."""
-        item = self._inbox.get() if block else self._next_nowait()
+    def _inbox_timeout_s(self) -> float | None:
+        """How long the thread may block on the inbox: not at all while decoding, until the
+        batch window ends while requests wait for it, forever when there is nothing to do."""
+        if self._running:
+            return 0.0
+        remaining_ms = window_remaining_ms(self._waiting_ages_ms(), self._knobs)
+        return None if remaining_ms is None else remaining_ms / 1000
+
+    def _take_inbox(self, timeout_s: float | None) -> bool:
+        """Move messages from the inbox into state (waiting up to `timeout_s` for the first;
+        None: until one comes); returns True when told to stop."""
+        try:
+            item = self._inbox.get(timeout=timeout_s) if timeout_s != 0 else self._next_nowait()
+        except queue.Empty:
+            item = None
         while item is not None:
             if item is _STOP:
                 return True
             if isinstance(item, _Cancel):
                 self._cancel(item.request_id)
-            else:
+            elif isinstance(item, _Waiting):
                 self._waiting.append(item)
             item = self._next_nowait()
         return False
@@ -250,33 +289,69 @@ class ModelThread:
         except queue.Empty:
             return None
 
+    def _waiting_ages_ms(self) -> list[float]:
+        now = time.monotonic()
+        return [(now - w.since_s) * 1000 for w in self._waiting]
+
+    def _dequeue(self, n: int) -> list[_Waiting]:
+        taken, self._waiting = self._waiting[:n], self._waiting[n:]
+        with self._lock:
+            self._queued -= len(taken)
+        return taken
+
     def _admit(self) -> None:
+        """Admit groups of waiting requests as the knobs in force allow (see admit_now)."""
+        knobs = self._knobs
+        # BatchGenerator reads its sizes at every step: follow max_concurrency without a reload.
+        self._bg.completion_batch_size = self._bg.prefill_batch_size = knobs.max_concurrency
+        while True:
+            free = knobs.max_concurrency - len(self._running)
+            n = admit_now(self._waiting_ages_ms(), free, knobs)
+            if n == 0:
+                return
+            self._start([w.job for w in self._dequeue(n)])
+            self._admission_groups += 1
+            self._largest_admission = max(self._largest_admission, n)
+
+    def _start(self, jobs: list[Job]) -> None:
+        """Insert jobs into the batch generator together, so that they prefill together."""
         from node_agent.engine.sampling import make_request_sampler
 
-        while self._waiting and len(self._running) < self._max_concurrency:
-            job = self._waiting.pop(0)
+        ready: list[tuple[Job, Any]] = []
+        for job in jobs:
             p = job.params
             try:
-                sampler = make_request_sampler(p.temperature, p.top_p, p.seed)
-                (uid,) = self._bg.insert(
-                    [job.prompt_ids],
-                    max_tokens=[job.max_tokens],
-                    samplers=[sampler],
-                    stop_sequences=[self._eos_stops],
-                )
+                ready.append((job, make_request_sampler(p.temperature, p.top_p, p.seed)))
             except Exception as exc:
                 logger.exception("could not start request %d", job.request_id)
                 self._final(job, "error", str(exc))
-                continue
-            running = _Running(job, TextStream(self.tokenizer.detokenizer, p.stop), uid)
+        if not ready:
+            return
+        try:
+            uids = self._bg.insert(
+                [job.prompt_ids for job, _ in ready],
+                max_tokens=[job.max_tokens for job, _ in ready],
+                samplers=[sampler for _, sampler in ready],
+                stop_sequences=[self._eos_stops] * len(ready),
+            )
+        except Exception as exc:
+            logger.exception("could not start %d requests", len(ready))
+            for job, _ in ready:
+                self._final(job, "error", str(exc))
+            return
+        for (job, _), uid in zip(ready, uids, strict=True):
+            text = TextStream(self.tokenizer.detokenizer, job.params.stop)
+            running = _Running(job, text, uid)
             self._running[job.request_id] = running
             self._by_uid[uid] = running
 
     def _cancel(self, request_id: int) -> None:
-        for i, job in enumerate(self._waiting):
-            if job.request_id == request_id:
+        for i, waiting in enumerate(self._waiting):
+            if waiting.job.request_id == request_id:
                 del self._waiting[i]
-                self._final(job, "cancelled")
+                with self._lock:
+                    self._queued -= 1
+                self._final(waiting.job, "cancelled")
                 return
         running = self._running.get(request_id)
         if running is not None:
@@ -321,8 +396,6 @@ class ModelThread:
         """Deliver a job's last event (an Event, or a finish reason for a job that never ran)."""
         if isinstance(event, str):
             event = Event("", [], event, 0, error)
-        with self._lock:
-            self._in_system -= 1
         self._emit(job, event)
 
     def _fail_running(self, message: str) -> None:

@@ -21,6 +21,7 @@ from aiohttp import web
 from node_agent.engine.config import EngineConfig
 from node_agent.engine.errors import InvalidRequest, QueueFull
 from node_agent.engine.generator import Event, Job, ModelThread
+from node_agent.engine.knobs import updated_knobs
 from node_agent.engine.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -83,8 +84,7 @@ class EngineServer:
         self._expected_auth = f"Bearer {config.secret}".encode()
         self._model = ModelThread(
             config.model_path,
-            max_concurrency=config.max_concurrency,
-            queue_limit=config.queue_limit,
+            knobs=config.knobs,
             context_length=config.context_length,
         )
         # One worker: HF fast tokenizers are not safe to call from several threads at once.
@@ -102,6 +102,8 @@ class EngineServer:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/engine/stats", self._stats)
+        app.router.add_get("/v1/engine/knobs", self._get_knobs)
+        app.router.add_post("/v1/engine/knobs", self._set_knobs)
         app.router.add_get("/health", self._health)
         return app
 
@@ -124,7 +126,13 @@ class EngineServer:
         await web.TCPSite(runner, self._config.host, self._config.port, ssl_context=tls).start()
         port = runner.addresses[0][1]
         print(LISTENING_LINE.format(port=port), file=self._out, flush=True)
-        logger.info("listening on port %d, loading %s", port, self._config.model_path)
+        logger.info(
+            "listening on port %d, loading %s (%s tier, %s)",
+            port,
+            self._config.model_path,
+            self._config.tier,
+            self._config.knobs,
+        )
         self._model.start()
         # The agent names itself: by the time we run, a dead agent would already show as 1.
         parent = int(os.environ.get(PARENT_PID_ENV) or os.getppid())
@@ -210,7 +218,21 @@ class EngineServer:
         return web.json_response({"object": "list", "data": [model]})
 
     async def _stats(self, request: web.Request) -> web.Response:
-        return web.json_response(dataclasses.asdict(self._model.stats()))
+        stats = dataclasses.asdict(self._model.stats())
+        return web.json_response({**stats, "tier": self._config.tier})
+
+    def _knobs_body(self) -> dict[str, Any]:
+        return {"tier": self._config.tier, **self._model.knobs.as_dict()}
+
+    async def _get_knobs(self, request: web.Request) -> web.Response:
+        return web.json_response(self._knobs_body())
+
+    async def _set_knobs(self, request: web.Request) -> web.Response:
+        """Change any subset of the knobs; they apply from the next admission decision."""
+        knobs = updated_knobs(self._model.knobs, parse_json_body(await request.read()))
+        self._model.set_knobs(knobs)
+        logger.info("knobs changed: %s", knobs)
+        return web.json_response(self._knobs_body())
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         parsed = parse_chat_request(parse_json_body(await request.read()))

@@ -9,20 +9,26 @@ import pytest
 
 from node_agent.engine.errors import QueueFull
 from node_agent.engine.generator import Job, ModelThread
+from node_agent.engine.knobs import Knobs
 from node_agent.engine.protocol import SamplingParams
 from node_agent.engine.sampling import make_request_sampler
 
 PARAMS = SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, seed=None, stop=())
 
 
-def test_submit_refuses_beyond_concurrency_plus_queue() -> None:
-    thread = ModelThread(Path("/nonexistent"), max_concurrency=2, queue_limit=3)
-    for i in range(5):
+def test_submit_refuses_when_queue_limit_requests_wait() -> None:
+    knobs = Knobs(max_concurrency=2, batch_window_ms=0, max_batch_size=12, queue_limit=3)
+    thread = ModelThread(Path("/nonexistent"), knobs=knobs)
+    for i in range(3):
         thread.submit(Job(i, [1, 2], 4, PARAMS, lambda event: None))
     with pytest.raises(QueueFull):
         thread.submit(Job(99, [1, 2], 4, PARAMS, lambda event: None))
     stats = thread.stats()
-    assert (stats.active, stats.queued, stats.requests_total) == (0, 5, 5)
+    assert (stats.active, stats.queued, stats.requests_total) == (0, 3, 3)
+    # A higher limit applies to the next submission, without a new thread.
+    thread.set_knobs(Knobs(2, 0, 12, queue_limit=4))
+    thread.submit(Job(100, [1, 2], 4, PARAMS, lambda event: None))
+    assert (thread.stats().queued, thread.stats().knobs.queue_limit) == (4, 4)
 
 
 def _draws(sampler, logprobs: mx.array, n: int) -> list[int]:

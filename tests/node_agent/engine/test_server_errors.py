@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestServer
 from node_agent.engine.config import EngineConfig
 from node_agent.engine.errors import QueueFull
 from node_agent.engine.generator import EngineStats, Event, Job
+from node_agent.engine.knobs import TIER_DEFAULTS
 from node_agent.engine.server import EngineServer
 
 SECRET = "test-secret"
@@ -43,7 +44,7 @@ class FakeModelThread:
         self.cancelled.append(request_id)
 
     def stats(self) -> EngineStats:
-        return EngineStats(0, 0, 0, 0, 0)
+        return EngineStats(0, 0, 0, 0, 0, 0, 0, TIER_DEFAULTS["interactive"])
 
 
 async def serve(model: FakeModelThread) -> TestServer:
