@@ -1,0 +1,587 @@
+"""Enrollment and liveness on a LAN: real processes on separate hosts (network namespaces).
+
+(a) Agent start → first routed chat completion: the coordinator runs on host 1 with the demo
+    model in its fleet.toml; an agent with a fresh home starts on host 2; this process (on the
+    bridge) polls a small chat completion through the gateway every 100 ms.
+(b) Partition → the node leaves the router: agents on hosts 2 and 3, the model's engine on one
+    of them; its link goes down (`Network.link_down`); this process polls the admin API
+    (what `mlxfleet nodes --json` reads), /v1/models and a completion until the node is suspect,
+    dead, and the model is served again by the other node.
+
+Needs root (namespaces). Every process it starts is stopped at the end, also on error or Ctrl-C.
+
+    sudo python benchmarks/enrollment_timing.py [--runs 3 --partitions 3] [--write-docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # tests.netns
+
+from tests.netns import Host, Network, unavailable_reason  # noqa: E402
+
+T = TypeVar("T")
+DOCS = REPO / "docs" / "benchmarks.md"
+SECTION = "## Enrollment and liveness on a LAN (issue 3)"
+DOCS_INTRO = (
+    "# Benchmarks\n\nNumbers measured with the scripts in benchmarks/; "
+    "machine and versions beside each table.\n"
+)
+MODEL = "demo"
+CONTEXT_LENGTH = 2048
+POLL_S = 0.1
+START_TIMEOUT_S = 60.0
+READY_TIMEOUT_S = 180.0  # cold start on 2 cores: imports, enrollment, model load, kernels
+PARTITION_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 20.0
+REQUEST_TIMEOUT_S = 5.0
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+# Processes
+
+
+def _descendants(pid: int) -> list[int]:
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process's session and its children's (engines have their own), then KILL."""
+    groups = [proc.pid, *_descendants(proc.pid)]
+    for pid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(STOP_TIMEOUT_S)
+    for pid in [*groups, *_descendants(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "coordinator.cli", *args]
+
+
+def cli_out(*args: str) -> str:
+    return subprocess.run(
+        cli(*args), capture_output=True, text=True, check=True, cwd=REPO, timeout=60
+    ).stdout.strip()
+
+
+def wait_for(check: Callable[[], T | None], timeout_s: float, what: str) -> T:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(POLL_S)
+    raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def http(
+    method: str, url: str, token: str, body: dict | None = None, timeout: float = REQUEST_TIMEOUT_S
+) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(
+        url,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+    except OSError:
+        return 0, b""
+
+
+COMPLETION = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "Hello"}],
+    "max_tokens": 4,
+    "temperature": 0,
+}
+
+
+@dataclass
+class Fleet:
+    net: Network
+    workdir: Path
+    home: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    gateway: str = ""
+    runtime: dict[str, Any] = field(default_factory=dict)
+    api_key: str = ""
+    admin_token: str = ""
+    join_token: str = ""
+
+    def completion_ok(self) -> bool:
+        status, body = http("POST", f"{self.gateway}/v1/chat/completions", self.api_key, COMPLETION)
+        return status == 200 and b'"choices"' in body
+
+    def models(self) -> list[str] | None:
+        status, body = http("GET", f"{self.gateway}/v1/models", self.api_key)
+        return [m["id"] for m in json.loads(body)["data"]] if status == 200 else None
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        """The admin API's rows by node id (what `mlxfleet nodes --json` prints)."""
+        status, body = http("GET", f"{self.gateway}/admin/v1/nodes", self.admin_token)
+        if status != 200:
+            return {}
+        return {n["id"]: n for n in json.loads(body)["nodes"]}
+
+    def agent(self, host: Host, name: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
+        home = self.workdir / name
+        log = self.workdir / f"{name}.log"
+        proc = self.net.python(
+            host,
+            [
+                "-m",
+                "coordinator.cli",
+                "agent",
+                "--coordinator",
+                f"{self.runtime['host']}:{self.runtime['grpc_port']}",
+                "--enroll-port",
+                str(self.runtime["enroll_port"]),
+                "--token",
+                self.join_token,
+                "--no-mdns",
+                "--home",
+                str(home),
+            ],
+            log,
+        )
+        self.procs.append(proc)
+        return proc, home, log
+
+
+@contextlib.contextmanager
+def fleet(net: Network, workdir: Path, model: Path, uses: int) -> Iterator[Fleet]:
+    """A fresh coordinator on the first host, with a fresh home; everything stopped on exit."""
+    workdir.mkdir(parents=True)
+    home = workdir / "coord"
+    home.mkdir()
+    config = home / "fleet.toml"
+    config.write_text(
+        f'[[models]]\nname = "{MODEL}"\nsource = "{model}"\ncontext_length = {CONTEXT_LENGTH}\n'
+    )
+    f = Fleet(net, workdir, home)
+    coord_host = net.hosts[0]
+    try:
+        f.procs.append(
+            net.python(
+                coord_host,
+                [
+                    "-m",
+                    "coordinator.cli",
+                    "coordinator",
+                    "--config",
+                    str(config),
+                    "--home",
+                    str(home),
+                    "--host",
+                    coord_host.ip,
+                    "--port",
+                    "0",
+                    "--grpc-port",
+                    "0",
+                    "--enroll-port",
+                    "0",
+                ],
+                workdir / "coordinator.log",
+            )
+        )
+        f.runtime = wait_for(
+            lambda: _read_json(home / "coordinator.json"), START_TIMEOUT_S, "the coordinator"
+        )
+        f.gateway = f"http://{coord_host.ip}:{f.runtime['gateway_port']}"
+        f.api_key = cli_out("keys", "create", "--name", "bench", "--home", str(home))
+        f.join_token = cli_out("token", "create", "--home", str(home), "--uses", str(uses))
+        f.admin_token = (home / "admin_token").read_text().strip()
+        yield f
+    except BaseException:
+        for log in sorted(workdir.glob("*.log")):
+            text = log.read_text(errors="replace")[-2500:]
+            print(f"--- {log.name} ---\n{text}", file=sys.stderr)
+        raise
+    finally:
+        for proc in reversed(f.procs):
+            stop(proc)
+
+
+def log_times(log: Path) -> dict[str, float]:
+    """Unix times of the agent's milestones, from its log (local-time asctime, ms)."""
+    marks = {
+        "enrolled": "enrolled as ",
+        "connected": "connected to coordinator",
+        "engine ready": " ready at ",
+    }
+    found: dict[str, float] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        match = LOG_TIME.match(line)
+        if not match:
+            continue
+        for key, text in marks.items():
+            if key not in found and text in line:
+                found[key] = datetime.datetime.strptime(
+                    match.group(1), "%Y-%m-%d %H:%M:%S,%f"
+                ).timestamp()
+    return found
+
+
+def mlx_cache_state() -> str:
+    cache = Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / "mlx"
+    files = [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
+    return f"warm ({len(files)} files in {cache})" if files else f"cold ({cache} empty/absent)"
+
+
+# (a) agent start → first routed completion
+
+
+@dataclass
+class FirstRequest:
+    total_s: float
+    marks: dict[str, float]  # milestone -> seconds after the agent process started
+    polls: int
+    load: float  # 1-minute load average when the agent started (others' work on these cores)
+
+
+def time_first_request(net: Network, workdir: Path, model: Path) -> FirstRequest:
+    with fleet(net, workdir, model, uses=1) as f:
+        load = os.getloadavg()[0]
+        start_wall, start = time.time(), time.monotonic()
+        _proc, _home, log = f.agent(net.hosts[1], "agent")
+        polls = 0
+        deadline = start + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            polls += 1
+            if f.completion_ok():
+                total = time.monotonic() - start
+                break
+            time.sleep(POLL_S)
+        else:
+            raise RuntimeError(f"no routed completion in {READY_TIMEOUT_S:.0f} s")
+        marks = {k: v - start_wall for k, v in log_times(log).items()}
+        return FirstRequest(total, marks, polls, load)
+
+
+# (b) partition → suspect, dead, served by the other node
+
+
+@dataclass
+class Partition:
+    suspect_s: float
+    unrouted_s: float | None  # /v1/models stops listing the model
+    dead_s: float
+    served_again_s: float  # first completion after the cut (necessarily by the other node)
+    other_ready_s: float | None  # the admin API shows the other node's engine ready
+    errors: dict[str, int]  # completion poll outcomes after the cut, by HTTP status
+    hung: list[float]  # when the polls that got no answer in time were sent
+
+
+def time_partition(net: Network, workdir: Path, model: Path) -> Partition:
+    with fleet(net, workdir, model, uses=2) as f:
+        hosts = {}
+        for i in (1, 2):
+            _p, home, _log = f.agent(net.hosts[i], f"agent{i}")
+            identity = wait_for(
+                lambda home=home: _read_json(home / "agent" / "identity.json"),
+                START_TIMEOUT_S,
+                f"agent{i} to enroll",
+            )
+            hosts[identity["node_id"]] = net.hosts[i]
+        wait_for(f.completion_ok, READY_TIMEOUT_S, "a routed completion")
+        wait_for(
+            lambda: all(n.get("state") == "live" for n in f.nodes().values()) and len(hosts) == 2,
+            START_TIMEOUT_S,
+            "both nodes live",
+        )
+        rows = f.nodes()
+        victim = next(nid for nid, n in rows.items() if any("ready" in m for m in n["models"]))
+        other = next(nid for nid in hosts if nid != victim)
+        print(f"  engine on {victim}; cutting {hosts[victim].name}", file=sys.stderr)
+
+        outcomes: list[tuple[float, int]] = []  # (answered at, HTTP status; 0: none in time)
+        hung: list[float] = []  # send times of the polls that got no answer in time
+        stop_polling = threading.Event()
+
+        def poll_completions(t0: float) -> None:
+            while not stop_polling.is_set():
+                sent = time.monotonic() - t0
+                status, _body = http(
+                    "POST", f"{f.gateway}/v1/chat/completions", f.api_key, COMPLETION
+                )
+                outcomes.append((time.monotonic() - t0, status))
+                if status == 0:
+                    hung.append(sent)
+                time.sleep(POLL_S)
+
+        t0 = time.monotonic()
+        net.link_down(hosts[victim])
+        poller = threading.Thread(target=poll_completions, args=(t0,), daemon=True)
+        poller.start()
+        try:
+            suspect = unrouted = dead = served = other_ready = None
+            while time.monotonic() - t0 < PARTITION_TIMEOUT_S:
+                now = time.monotonic() - t0
+                rows = f.nodes()
+                if not rows:  # the admin API did not answer in time: poll again
+                    time.sleep(POLL_S)
+                    continue
+                state = rows.get(victim, {}).get("state")
+                if suspect is None and state not in (None, "live"):
+                    suspect = now
+                if dead is None and state in (None, "offline"):
+                    dead = now
+                listed = f.models()
+                if unrouted is None and listed is not None and MODEL not in listed:
+                    unrouted = now
+                if other_ready is None and any(
+                    "ready" in m for m in rows.get(other, {}).get("models", [])
+                ):
+                    other_ready = now
+                if served is None:
+                    served = next((t for t, s in outcomes if s == 200 and t > 0), None)
+                if None not in (suspect, dead, served, other_ready):
+                    break
+                time.sleep(POLL_S)
+        finally:
+            stop_polling.set()
+            poller.join(REQUEST_TIMEOUT_S + 1)
+            net.link_up(hosts[victim])
+        if suspect is None or dead is None or served is None:
+            raise RuntimeError(
+                f"partition: suspect={suspect} dead={dead} served={served} "
+                f"after {PARTITION_TIMEOUT_S:.0f} s"
+            )
+        errors: dict[str, int] = {}
+        for _t, s in outcomes:
+            key = str(s) if s else f"no answer in {REQUEST_TIMEOUT_S:.0f} s"
+            errors[key] = errors.get(key, 0) + 1
+        return Partition(suspect, unrouted, dead, served, other_ready, errors, hung)
+
+
+# Report
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {ram_gib:.1f} GiB RAM, {platform.platform()}"
+
+
+def versions() -> str:
+    parts = [f"Python {platform.python_version()}"]
+    for pkg in ("grpcio", "protobuf", "cryptography", "mlx", "mlx-lm", "litellm"):
+        try:
+            parts.append(f"{pkg} {importlib.metadata.version(pkg)}")
+        except importlib.metadata.PackageNotFoundError:
+            parts.append(f"{pkg} (not installed)")
+    return ", ".join(parts)
+
+
+def write_docs(section: str) -> None:
+    text = DOCS.read_text() if DOCS.exists() else DOCS_INTRO
+    start = text.find(SECTION)
+    if start == -1:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        nxt = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + ("" if nxt == -1 else "\n" + text[nxt + 1 :])
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
+    DOCS.write_text(text.rstrip("\n") + "\n")
+
+
+def _s(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def report(
+    firsts: list[FirstRequest],
+    parts: list[Partition],
+    cache: str,
+    command: str,
+    when: str,
+) -> str:
+    rows_a = [
+        "| run | enrolled (s) | stream connected (s) | engine ready (s) "
+        "| **first routed completion (s)** | load avg at start |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, r in enumerate(firsts, 1):
+        rows_a.append(
+            f"| {i} | {_s(r.marks.get('enrolled'))} | {_s(r.marks.get('connected'))} "
+            f"| {_s(r.marks.get('engine ready'))} | **{r.total_s:.2f}** | {r.load:.2f} |"
+        )
+    median_a = statistics.median(r.total_s for r in firsts)
+    rows_b = [
+        "| run | suspect (s) | off /v1/models (s) | dead (s) | other node's engine ready (s) "
+        "| first completion served again (s) | completion polls after the cut |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for i, p in enumerate(parts, 1):
+        polls = ", ".join(f"{k}: {v}" for k, v in sorted(p.errors.items()))
+        if p.hung:
+            polls += " (unanswered sent at " + ", ".join(f"{t:.1f}" for t in p.hung) + " s)"
+        rows_b.append(
+            f"| {i} | {p.suspect_s:.2f} | {_s(p.unrouted_s)} | {p.dead_s:.2f} "
+            f"| {_s(p.other_ready_s)} | {p.served_again_s:.2f} | {polls} |"
+        )
+    table_a, table_b = "\n".join(rows_a), "\n".join(rows_b)
+    median_suspect = statistics.median(p.suspect_s for p in parts)
+    median_dead = statistics.median(p.dead_s for p in parts)
+    hung_note = ""
+    if any(p.hung for p in parts) and all(t < p.suspect_s for p in parts for t in p.hung):
+        hung_note = (
+            f"Polls with no answer in {REQUEST_TIMEOUT_S:.0f} s were all sent before the node\n"
+            "was suspect, so the gateway had routed them to the cut node's engine. Its requests\n"
+            "to engines have a connect timeout but no read timeout (`coordinator/gateway.py`,\n"
+            "`ClientTimeout(total=None, sock_connect=5)`): nothing in the gateway bounds such a\n"
+            f"request or fails it over; this client gave up after {REQUEST_TIMEOUT_S:.0f} s.\n"
+        )
+    return f"""{SECTION}
+
+Measured {when} with `{command}`.
+
+- Machine: {machine()}
+- Versions: {versions()}
+- Network: `tests/netns.py`: one network namespace per host on a Linux bridge (veth links,
+  10.231.N.0/24); the coordinator on host 1 (`--host <its IP>`), agents on hosts 2 and 3
+  (`--coordinator <IP>:<grpc port> --enroll-port <port> --token T --no-mdns`, a fresh
+  `--home` each run); this script runs on the bridge. All hosts share the same 2 cores.
+- Model: the offline demo model (`write_demo_model`) in fleet.toml,
+  `context_length = {CONTEXT_LENGTH}`.
+- MLX kernel cache before the first run: {cache}.
+
+### (a) Agent start → first routed chat completion
+
+Method: per run a fresh coordinator (fresh home, join token, API key) is up first; the timer
+starts when the agent process is started on its host; this script posts a non-streamed chat
+completion (`max_tokens: 4`) through the gateway every {POLL_S * 1000:.0f} ms until one returns
+200 with choices. Milestones come from the agent's log (`enrolled as`, `connected to
+coordinator`, `engine ... ready at`, millisecond timestamps), relative to the process start.
+Load avg = the machine's 1-minute load average when the agent started: anything above ~0 is
+other work competing for the same {os.cpu_count()} cores (it slows the engine's model load most).
+
+{table_a}
+
+Median: **{median_a:.2f} s** to the first routed completion.
+
+### (b) Partition → the node leaves the router
+
+Method: per run a fresh coordinator and two agents (hosts 2 and 3); once a completion is routed
+and both nodes are live, the link of the host whose node holds the model's engine goes down
+(`ip link set <veth> down`: a partition, no FIN, no RST). From then on this script polls the
+admin API (`GET /admin/v1/nodes`, what `mlxfleet nodes --json` prints) and `/v1/models` every
+{POLL_S * 1000:.0f} ms, and posts a completion every {POLL_S * 1000:.0f} ms on a second thread
+({REQUEST_TIMEOUT_S:.0f} s client timeout). Suspect = the node's state is no longer `live`;
+dead = the node has left the registry (state `offline`); served again = the first 200 after
+the cut, which only the other node's new engine can give (the demo model has one replica, so it
+is placed again only when the cut node is dead). The link comes back up after each run.
+Configured: suspect after 3 s, dead after 10 s without a heartbeat (`coordinator/config.py`),
+heartbeats every 1 s, liveness checked every 0.25 s.
+
+{table_b}
+
+Median: suspect after **{median_suspect:.2f} s**, dead after **{median_dead:.2f} s**.
+{hung_note}"""
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, choices=range(1, 11), metavar="1..10")
+    parser.add_argument("--partitions", type=int, default=3, choices=range(1, 11), metavar="1..10")
+    parser.add_argument("--write-docs", action="store_true", help=f"update {DOCS}")
+    args = parser.parse_args()
+    reason = unavailable_reason()
+    if reason is not None:
+        print(f"cannot run: {reason}", file=sys.stderr)
+        return 2
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [str(Path(sys.argv[0]).resolve().relative_to(REPO)), *sys.argv[1:]]
+    )
+    signal.signal(signal.SIGTERM, _interrupt)
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    from node_agent.engine.demo_model import write_demo_model
+
+    firsts: list[FirstRequest] = []
+    parts: list[Partition] = []
+    with tempfile.TemporaryDirectory(prefix="mlxfleet-lan-") as tmp:
+        workdir = Path(tmp)
+        model = write_demo_model(workdir / "models" / MODEL)
+        cache = mlx_cache_state()
+        with Network(3) as net:
+            for i in range(args.runs):
+                firsts.append(time_first_request(net, workdir / f"first-{i}", model))
+                r = firsts[-1]
+                print(f"(a) run {i + 1}: {r.total_s:.2f} s {r.marks}", file=sys.stderr)
+            for i in range(args.partitions):
+                parts.append(time_partition(net, workdir / f"partition-{i}", model))
+                print(f"(b) run {i + 1}: {parts[-1]}", file=sys.stderr)
+    section = report(firsts, parts, cache, command, when)
+    print(section)
+    if args.write_docs:
+        write_docs(section)
+        print(f"updated {DOCS}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; all processes stopped", file=sys.stderr)
+        sys.exit(130)
