@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -87,8 +88,11 @@ class Reconciler:
             if running:
                 self.pending.pop(spec.name, None)
                 # Two engines for one replica (a partitioned node came back after its model
-                # was placed elsewhere): keep a ready one, unload the rest.
-                keep = min(running, key=lambda e: (e.state != "ready", e.engine_id))
+                # was placed elsewhere): keep the one serving longest, unload the rest.
+                keep = min(
+                    running,
+                    key=lambda e: (e.state != "ready", e.ready_since or math.inf, e.engine_id),
+                )
                 for extra in running:
                     if extra is not keep:
                         self._unload(extra, "a second engine of a one-replica model")
@@ -112,10 +116,10 @@ class Reconciler:
                 self._registry.disconnect(node.node_id)
             elif silent_s > self._suspect_after_s and node.liveness == "live":
                 logger.warning("node %s silent for %.1f s: suspect", node.node_id, silent_s)
+                self._registry.mark_suspect(node.node_id)  # unroute first, then record it
                 self._store.add_event(
                     node.node_id, "node_suspect", f"no heartbeat for {silent_s:.1f} s"
                 )
-                self._registry.mark_suspect(node.node_id)
 
     def _awaiting_restore(self, model: str) -> bool:
         """Whether to hold off placing `model`: a node that ran it may still come back."""

@@ -59,6 +59,7 @@ class Engine:
     secret: str = ""
     context_length: int = 0
     rss_bytes: int = 0
+    ready_since: float = 0.0  # monotonic time this coordinator first saw it ready
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +170,10 @@ class Registry:
 
     def upsert_engine(self, engine: Engine) -> None:
         """Record an engine's new state; a ready engine on a live node becomes routable."""
+        known = self.engines.get(engine.engine_id)
+        if engine.state == "ready":
+            since = known.ready_since if known and known.ready_since else time.monotonic()
+            engine = replace(engine, ready_since=since)
         self.engines[engine.engine_id] = engine
         node = self.nodes.get(engine.node_id)
         if engine.state == "ready" and node is not None and node.liveness == "live":

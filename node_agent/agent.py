@@ -170,8 +170,9 @@ class Agent:
                 self._on_stream_error(exc)
             if self.session is not None and self.session.was_connected:
                 delay = RECONNECT_BASE_S
-            # Jitter spreads a fleet's reconnects after a coordinator restart.
-            sleep_s = delay * random.uniform(0.5, 1.5)
+            # Jitter spreads a fleet's reconnects after a coordinator restart; downward only,
+            # so no wait is longer than RECONNECT_MAX_S.
+            sleep_s = delay * random.uniform(0.5, 1.0)
             delay = min(delay * 2, RECONNECT_MAX_S)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(stopper), sleep_s)
