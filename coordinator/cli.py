@@ -182,11 +182,26 @@ def _cmd_coordinator(args: argparse.Namespace) -> None:
 
 
 def _cmd_agent(args: argparse.Namespace) -> None:
+    from coordinator.config import LABEL_RE
     from node_agent.agent import DEFAULT_GRPC_PORT, Agent, AgentConfig, split_host_port
+    from node_agent.coordinator_client import NodeProfile
 
     if args.coordinator:
         split_host_port(args.coordinator, DEFAULT_GRPC_PORT)  # a bad address fails here, early
     home = Path(args.home or default_home()).expanduser() / "agent"
+    labels = {}
+    for item in args.label:
+        label, sep, value = item.partition("=")
+        if not sep or not LABEL_RE.match(label) or not LABEL_RE.match(value):
+            raise CliError(f"--label {item!r}: expected KEY=VALUE (letters, digits, . _ -)")
+        labels[label] = value
+    if args.os_reserve_gib is not None and not 0 <= args.os_reserve_gib <= 1024:
+        raise CliError(f"--os-reserve-gib {args.os_reserve_gib}: must be 0-1024")
+    profile = NodeProfile(
+        labels=labels,
+        serve_interactive=args.serve_interactive,
+        os_reserve_bytes=int((args.os_reserve_gib or 0) * 2**30),
+    )
     config = AgentConfig(
         home=home,
         coordinator=args.coordinator,
@@ -194,6 +209,7 @@ def _cmd_agent(args: argparse.Namespace) -> None:
         enroll_port=args.enroll_port,
         advertise=not args.no_mdns,
         role=args.role,
+        profile=profile,
     )
     run_loop(Agent(config).serve())
 
@@ -221,7 +237,7 @@ def _cmd_token(args: argparse.Namespace) -> None:
     print(token)
 
 
-def _admin(home: Path, method: str, path: str) -> Any:
+def _admin(home: Path, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     """Call the running coordinator's admin API on this host (token from MLXFLEET_HOME)."""
     import json
     import urllib.error
@@ -238,7 +254,8 @@ def _admin(home: Path, method: str, path: str) -> Any:
     request = urllib.request.Request(
         f"http://{host}:{runtime['gateway_port']}{path}",
         method=method,
-        headers={"Authorization": f"Bearer {token}"},
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as reply:
@@ -250,11 +267,34 @@ def _admin(home: Path, method: str, path: str) -> Any:
         raise CliError(f"coordinator not reachable: {exc}") from None
 
 
+def _print_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
+    def cell(value: Any) -> str:
+        if isinstance(value, list):
+            return ", ".join(map(str, value)) or "-"
+        return "-" if value is None or value == "" else str(value)
+
+    table = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
+    for line in [list(columns), *table]:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+
+
 def _cmd_nodes(args: argparse.Namespace) -> None:
     home = Path(args.home or default_home()).expanduser()
     if args.nodes_command == "remove":
         _admin(home, "DELETE", f"/admin/v1/nodes/{args.node_id}")
         print(f"removed {args.node_id}: its certificate is refused from now on")
+        return
+    if args.nodes_command in ("drain", "uncordon"):
+        _admin(home, "POST", f"/admin/v1/nodes/{args.node_id}/{args.nodes_command}")
+        print(
+            f"{args.node_id}: "
+            + (
+                "draining: its models move elsewhere, nothing new lands"
+                if args.nodes_command == "drain"
+                else "accepting models"
+            )
+        )
         return
     nodes = _admin(home, "GET", "/admin/v1/nodes")["nodes"]
     if args.json:
@@ -262,14 +302,20 @@ def _cmd_nodes(args: argparse.Namespace) -> None:
 
         print(json.dumps(nodes, indent=2))
         return
-    columns = ("id", "state", "role", "chip", "ram_gib", "available_gib", "thermal", "models")
-    rows = [
-        [str(n.get(c) if c != "models" else ", ".join(n["models"]) or "-") for c in columns]
-        for n in nodes
-    ]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
-    for row in [list(columns), *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    _print_table(
+        nodes,
+        (
+            "id",
+            "state",
+            "cordoned",
+            "role",
+            "chip",
+            "ram_gib",
+            "available_gib",
+            "thermal",
+            "models",
+        ),
+    )
 
 
 def _cmd_keys(args: argparse.Namespace) -> None:
@@ -277,9 +323,54 @@ def _cmd_keys(args: argparse.Namespace) -> None:
 
     home = Path(args.home or default_home()).expanduser()
     store = Store(Config(home=home).db_path)
-    key = store.create_api_key(args.name)
+    from coordinator.tiers import TierError, key_tiers
+
+    try:
+        tiers = key_tiers(args.tiers, args.default_tier or args.tiers.split(",")[0].strip())
+    except TierError as exc:
+        raise CliError(f"--tiers/--default-tier: {exc}") from None
+    key = store.create_api_key(args.name, None, ",".join(sorted(tiers.allowed)), tiers.default)
     store.close()
     print(key)
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    home = Path(args.home or default_home()).expanduser()
+    rows = _admin(home, "GET", "/admin/v1/models")["models"]
+    if args.json:
+        import json
+
+        print(json.dumps(rows, indent=2))
+        return
+    _print_table(rows, ("model", "tier", "state", "replicas", "size_gib", "engines", "pending"))
+
+
+def _cmd_tiers(args: argparse.Namespace) -> None:
+    home = Path(args.home or default_home()).expanduser()
+    if args.tiers_command == "set":
+        changes = {
+            name: value
+            for name, value in (
+                ("batch_window_ms", args.window_ms),
+                ("max_batch_size", args.max_batch_size),
+                ("max_concurrency", args.max_concurrency),
+                ("queue_limit", args.queue_limit),
+            )
+            if value is not None
+        }
+        if not changes:
+            raise CliError(
+                "tiers set: give at least one of --window-ms, --max-batch-size, "
+                "--max-concurrency, --queue-limit"
+            )
+        reply = _admin(home, "POST", f"/admin/v1/tiers/{args.tier}", changes)
+        print(f"{args.tier}: {reply[args.tier]} (running engines apply it without reloading)")
+        return
+    knobs = _admin(home, "GET", "/admin/v1/tiers")
+    _print_table(
+        [{"tier": tier, **values} for tier, values in knobs.items()],
+        ("tier", "max_concurrency", "batch_window_ms", "max_batch_size", "queue_limit"),
+    )
 
 
 def _cmd_demo_model(args: argparse.Namespace) -> None:
@@ -325,6 +416,24 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--enroll-port", type=int, default=8403, help="default 8403")
     agent.add_argument("--role", choices=("laptop", "server"), help="override the probe")
     agent.add_argument("--no-mdns", action="store_true", help="do not announce this node")
+    agent.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a placement label (repeatable): site=east, gpu=m4max",
+    )
+    agent.add_argument(
+        "--serve-interactive",
+        action="store_true",
+        help="a laptop also hosts interactive replicas (servers always do)",
+    )
+    agent.add_argument(
+        "--os-reserve-gib",
+        type=float,
+        default=None,
+        help="memory kept for macOS and apps (default: the fleet's, 8)",
+    )
     agent.add_argument("--home", help="state folder (default $MLXFLEET_HOME or ~/.mlxfleet)")
     agent.set_defaults(func=_cmd_agent)
 
@@ -332,6 +441,16 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create a key and print it (stored hashed)")
     create.add_argument("--name", default="team")
+    create.add_argument(
+        "--tiers",
+        default="interactive,batch",
+        help="tiers the key may use (default interactive,batch)",
+    )
+    create.add_argument(
+        "--default-tier",
+        default=None,
+        help="tier when a request sends no X-Mlxfleet-Tier (default: the first)",
+    )
     create.add_argument("--home", help="state folder (default $MLXFLEET_HOME or ~/.mlxfleet)")
     create.set_defaults(func=_cmd_keys)
 
@@ -350,7 +469,31 @@ def build_parser() -> argparse.ArgumentParser:
     remove = nodes_sub.add_parser("remove", help="revoke a node's certificate and move its models")
     remove.add_argument("node_id")
     remove.add_argument("--home", default=argparse.SUPPRESS, help="state folder")
+    for verb, text in (
+        ("drain", "move its models off and place nothing new there"),
+        ("uncordon", "let it take models again"),
+    ):
+        cordon = nodes_sub.add_parser(verb, help=text)
+        cordon.add_argument("node_id")
+        cordon.add_argument("--home", default=argparse.SUPPRESS, help="state folder")
     nodes.set_defaults(func=_cmd_nodes)
+
+    models = sub.add_parser("models", help="models per tier: state, replicas, where, why not")
+    models.add_argument("--home", help="state folder (default $MLXFLEET_HOME)")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(func=_cmd_models)
+
+    tiers = sub.add_parser("tiers", help="tier knobs; `tiers set batch --window-ms 200`")
+    tiers.add_argument("--home", help="state folder (default $MLXFLEET_HOME)")
+    tiers_sub = tiers.add_subparsers(dest="tiers_command")
+    tiers_set = tiers_sub.add_parser("set", help="change a tier's knobs without reloading")
+    tiers_set.add_argument("tier", choices=("interactive", "batch"))
+    tiers_set.add_argument("--window-ms", type=int, default=None, help="batch window")
+    tiers_set.add_argument("--max-batch-size", type=int, default=None)
+    tiers_set.add_argument("--max-concurrency", type=int, default=None)
+    tiers_set.add_argument("--queue-limit", type=int, default=None)
+    tiers_set.add_argument("--home", default=argparse.SUPPRESS, help="state folder")
+    tiers.set_defaults(func=_cmd_tiers)
 
     demo = sub.add_parser("demo-model", help="write the offline demo model to PATH")
     demo.add_argument("path")

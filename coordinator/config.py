@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from coordinator.errors import ConfigError
-
-Tier = Literal["interactive", "batch"]
-TIERS: tuple[Tier, ...] = ("interactive", "batch")
+from coordinator.memory import OS_RESERVE_BYTES
+from coordinator.tiers import DEFAULT_KNOBS, TIERS, Knobs, Tier, TierError, apply_knobs
 
 DEFAULT_GATEWAY_PORT = 8400
 DEFAULT_GRPC_PORT = 8401  # mutual TLS: the agents' control streams
@@ -20,8 +20,10 @@ DEFAULT_ENROLL_PORT = 8403  # server-authenticated TLS: Enroll only (a new node 
 SUSPECT_AFTER_S = 3.0  # no heartbeat this long: the node's engines leave the router
 DEAD_AFTER_S = 10.0  # no heartbeat this long: the node is dropped and its models placed again
 DEFAULT_CONTEXT_LENGTH = 8192  # tokens; the seeds' cap unless a model asks more
-DEFAULT_MAX_CONCURRENCY = 4  # sequences one engine decodes together (the interactive default)
 MAX_CONCURRENCY_LIMIT = 256
+IDLE_UNLOAD_S = 180.0  # seed 002 §8: unpinned models unload after 3 idle minutes
+RELOAD_WAIT_S = 60.0  # a request for an unloaded model waits this long for the reload
+LABEL_RE = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a chat request larger than this is refused with 413
 RETRY_AFTER_S = 2  # what a 503 tells clients while no engine serves a model
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -34,13 +36,24 @@ def default_home() -> Path:
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """One model the fleet should serve."""
+    """One model in one tier: the unit that gets engines (a model in two tiers is two units)."""
 
     name: str  # what clients put in "model"
     source: str  # a local MLX model folder or a Hugging Face id
     tier: Tier = "interactive"
-    context_length: int = DEFAULT_CONTEXT_LENGTH
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    # None: DEFAULT_CONTEXT_LENGTH, capped at what the model supports; a value larger than the
+    # model supports is refused.
+    context_length: int | None = None
+    max_concurrency: int | None = None  # None: the tier's knob
+    replicas: int = 1
+    kv_bits: int = 16  # 8 or 4 quantize the KV cache (only with max_concurrency 1: mlx-lm 0.32.2)
+    pinned: bool = False  # never unloaded for idleness or evicted for room
+    required_labels: Mapping[str, str] = field(default_factory=dict)
+    preferred_labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, Tier]:
+        return (self.name, self.tier)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +71,13 @@ class Config:
     # Advertise on mDNS and list LAN nodes; None = only when listening beyond loopback.
     mdns: bool | None = None
     max_body_bytes: int = MAX_BODY_BYTES
+    tiers: Mapping[Tier, Knobs] = field(default_factory=lambda: dict(DEFAULT_KNOBS))
+    idle_unload_s: float = IDLE_UNLOAD_S
+    reload_wait_s: float = RELOAD_WAIT_S
+    os_reserve_bytes: int = OS_RESERVE_BYTES  # a node's own setting overrides it
+
+    def unit(self, name: str, tier: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.name == name and m.tier == tier), None)
 
     @property
     def db_path(self) -> Path:
@@ -68,10 +88,41 @@ class Config:
         return self.mdns if self.mdns is not None else not self.host.startswith("127.")
 
 
-def _model_spec(raw: Any, where: str) -> ModelSpec:
+MODEL_KEYS = {
+    "name",
+    "source",
+    "tier",
+    "tiers",
+    "context_length",
+    "max_concurrency",
+    "replicas",
+    "kv_bits",
+    "pinned",
+    "labels",
+}
+
+
+def _int(raw: Mapping[str, Any], key: str, default: int, low: int, high: int, where: str) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{where}: '{key}' must be an integer {low}-{high}, got {value!r}")
+    return value
+
+
+def _labels(raw: Any, where: str) -> dict[str, str]:
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and LABEL_RE.match(k) and LABEL_RE.match(v)
+        for k, v in raw.items()
+    ):
+        raise ConfigError(f'{where}: labels must be a table of short strings (site = "east")')
+    return dict(raw)
+
+
+def _model_specs(raw: Any, where: str) -> list[ModelSpec]:
+    """One [[models]] entry; `tiers = [...]` makes one unit per tier."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table, got {type(raw).__name__}")
-    unknown = set(raw) - {"name", "source", "tier", "context_length", "max_concurrency"}
+    unknown = set(raw) - MODEL_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
     name, source = raw.get("name"), raw.get("source")
@@ -79,22 +130,53 @@ def _model_spec(raw: Any, where: str) -> ModelSpec:
         raise ConfigError(f"{where}: 'name' must match {MODEL_NAME_RE.pattern}, got {name!r}")
     if not isinstance(source, str) or not source:
         raise ConfigError(f"{where}: 'source' must be a model folder or a Hugging Face id")
-    tier = raw.get("tier", "interactive")
-    if tier not in TIERS:
-        raise ConfigError(f"{where}: unknown tier {tier!r} (expected one of {', '.join(TIERS)})")
-    context = raw.get("context_length", DEFAULT_CONTEXT_LENGTH)
-    if not isinstance(context, int) or isinstance(context, bool) or context <= 0:
-        raise ConfigError(f"{where}: 'context_length' must be a positive integer, got {context!r}")
-    slots = raw.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
-    if (
-        not isinstance(slots, int)
-        or isinstance(slots, bool)
-        or not 1 <= slots <= MAX_CONCURRENCY_LIMIT
-    ):
-        raise ConfigError(
-            f"{where}: 'max_concurrency' must be 1-{MAX_CONCURRENCY_LIMIT}, got {slots!r}"
+    tiers = raw.get("tiers", [raw.get("tier", "interactive")])
+    if not isinstance(tiers, list) or not tiers or len(set(map(str, tiers))) != len(tiers):
+        raise ConfigError(f"{where}: 'tiers' must be a list of distinct tiers")
+    for tier in tiers:
+        if tier not in TIERS:
+            raise ConfigError(
+                f"{where}: unknown tier {tier!r} (expected one of {', '.join(TIERS)})"
+            )
+    context = raw.get("context_length")
+    if context is not None:
+        context = _int(raw, "context_length", 0, 1, 2**22, where)
+    slots = raw.get("max_concurrency")
+    if slots is not None:
+        slots = _int(raw, "max_concurrency", 0, 1, MAX_CONCURRENCY_LIMIT, where)
+    kv_bits = raw.get("kv_bits", 16)
+    if kv_bits not in (16, 8, 4) or isinstance(kv_bits, bool):
+        raise ConfigError(f"{where}: 'kv_bits' must be 16, 8 or 4, got {kv_bits!r}")
+    pinned = raw.get("pinned", False)
+    if not isinstance(pinned, bool):
+        raise ConfigError(f"{where}: 'pinned' must be true or false, got {pinned!r}")
+    labels = raw.get("labels", {})
+    if not isinstance(labels, dict) or set(labels) - {"required", "preferred"}:
+        raise ConfigError(f"{where}: 'labels' takes 'required' and 'preferred' tables")
+    replicas = _int(raw, "replicas", 1, 1, 64, where)
+    required = _labels(labels.get("required", {}), f"{where}: labels.required")
+    preferred = _labels(labels.get("preferred", {}), f"{where}: labels.preferred")
+    return [
+        ModelSpec(
+            name, source, tier, context, slots, replicas, kv_bits, pinned, required, preferred
         )
-    return ModelSpec(name, source, tier, context, slots)
+        for tier in tiers
+    ]
+
+
+def _tier_knobs(raw: Any, where: str) -> dict[Tier, Knobs]:
+    """[tiers.batch] batch_window_ms = 200 ... over the defaults."""
+    knobs = dict(DEFAULT_KNOBS)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: 'tiers' must be a table of tier tables")
+    for tier, changes in raw.items():
+        if tier not in TIERS or not isinstance(changes, dict):
+            raise ConfigError(f"{where}: unknown tier table [tiers.{tier}]")
+        try:
+            knobs[tier] = apply_knobs(knobs[tier], changes)
+        except TierError as exc:
+            raise ConfigError(f"{where}: [tiers.{tier}] {exc}") from None
+    return knobs
 
 
 def _port(value: Any, key: str) -> int:
@@ -137,6 +219,10 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         "suspect_after_s",
         "dead_after_s",
         "mdns",
+        "tiers",
+        "idle_unload_s",
+        "reload_wait_s",
+        "os_reserve_gib",
     }
     unknown = set(raw) - known
     if unknown:
@@ -144,11 +230,13 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
     models_raw = raw.get("models", [])
     if not isinstance(models_raw, list):
         raise ConfigError(f"{path}: 'models' must be an array of tables ([[models]])")
-    models = tuple(_model_spec(m, f"{path}: models[{i}]") for i, m in enumerate(models_raw))
-    names = [m.name for m in models]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise ConfigError(f"{path}: model {dup!r} is listed twice")
+    models = tuple(
+        spec for i, m in enumerate(models_raw) for spec in _model_specs(m, f"{path}: models[{i}]")
+    )
+    keys = [m.key for m in models]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ConfigError(f"{path}: model {dup[0]!r} is listed twice in the {dup[1]} tier")
 
     env = os.environ
     config = Config(
@@ -164,6 +252,12 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         suspect_after_s=_seconds(raw.get("suspect_after_s", SUSPECT_AFTER_S), "suspect_after_s"),
         dead_after_s=_seconds(raw.get("dead_after_s", DEAD_AFTER_S), "dead_after_s"),
         mdns=_optional_bool(raw.get("mdns"), "mdns"),
+        tiers=_tier_knobs(raw.get("tiers", {}), str(path)),
+        idle_unload_s=_seconds(raw.get("idle_unload_s", IDLE_UNLOAD_S), "idle_unload_s"),
+        reload_wait_s=_seconds(raw.get("reload_wait_s", RELOAD_WAIT_S), "reload_wait_s"),
+        os_reserve_bytes=int(
+            _seconds(raw.get("os_reserve_gib", OS_RESERVE_BYTES / 2**30), "os_reserve_gib") * 2**30
+        ),
     )
     if config.dead_after_s <= config.suspect_after_s:
         raise ConfigError(

@@ -13,17 +13,20 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict
 
 import aiohttp
 from aiohttp import web
 
-from coordinator.config import RETRY_AFTER_S, Config, ModelSpec
+from coordinator.config import RETRY_AFTER_S, Config
 from coordinator.discovery import Discovery
 from coordinator.errors import ApiError
-from coordinator.nodes import node_rows
+from coordinator.nodes import model_rows, node_rows
+from coordinator.reconcile import Reconciler, UnitKey
 from coordinator.registry import EngineId, NodeId, Registry
 from coordinator.routing import Routing, Target
 from coordinator.store import Store
+from coordinator.tiers import TIER_HEADER, TIERS, KeyTiers, TierError, key_tiers, parse_tier
 from node_agent.engine.protocol import (
     InvalidRequest,
     parse_chat_request,
@@ -35,6 +38,7 @@ logger = logging.getLogger(__name__)
 ATTEMPTS = 3  # engines tried for one request before answering 503 (only before any byte is sent)
 ENGINE_CONNECT_TIMEOUT_S = 5.0
 SSE_DONE = b"data: [DONE]"
+WAKE_POLL_S = 0.05
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -44,10 +48,10 @@ def error_response(err: ApiError) -> web.Response:
     return web.json_response(err.body(), status=err.status, headers=err.headers)
 
 
-def unavailable(model: str) -> ApiError:
+def unavailable(model: str, tier: str) -> ApiError:
     return ApiError(
         503,
-        f"model {model!r} has no engine ready; retry shortly",
+        f"model {model!r} has no engine ready in the {tier} tier; retry shortly",
         type="service_unavailable",
         code="model_unavailable",
         headers={"Retry-After": str(RETRY_AFTER_S)},
@@ -76,17 +80,23 @@ class Gateway:
     """Routes /v1 requests to engines. Create and use from the event loop."""
 
     def __init__(
-        self, config: Config, store: Store, routing: Routing, registry: Registry, admin_token: str
+        self,
+        config: Config,
+        store: Store,
+        routing: Routing,
+        registry: Registry,
+        reconciler: Reconciler,
+        admin_token: str,
     ) -> None:
         self._config = config
         self._store = store
         self._routing = routing
         self._registry = registry
+        self._reconciler = reconciler
         self._admin_token = admin_token
         self.discovery: Discovery | None = None  # set when mDNS runs
         self._flights: dict[EngineId, set[_Flight]] = {}
         routing.on_remove.append(self.abort_engine)
-        self._specs: dict[str, ModelSpec] = {m.name: m for m in config.models}
         self._session: aiohttp.ClientSession | None = None
 
     def app(self) -> web.Application:
@@ -100,6 +110,11 @@ class Gateway:
         app.router.add_get("/health", self.health)
         app.router.add_get("/admin/v1/nodes", self.admin_nodes)
         app.router.add_delete("/admin/v1/nodes/{node_id}", self.admin_remove_node)
+        app.router.add_post("/admin/v1/nodes/{node_id}/drain", self.admin_drain)
+        app.router.add_post("/admin/v1/nodes/{node_id}/uncordon", self.admin_uncordon)
+        app.router.add_get("/admin/v1/tiers", self.admin_tiers)
+        app.router.add_post("/admin/v1/tiers/{tier}", self.admin_set_tier)
+        app.router.add_get("/admin/v1/models", self.admin_models)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
         return app
@@ -118,11 +133,29 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def models(self, request: web.Request) -> web.Response:
-        self._authenticate(request)
+        """Models this key may use, with their state per tier. A unit is listed when it has a
+        ready engine or sleeps (idle-unloaded: a request wakes it); a unit whose engine died
+        or that cannot be placed is not."""
+        allowed = self._authenticate(request).allowed
+        routable = self._routing.units()
+        tiers: dict[str, dict[str, str]] = {}
+        for spec in self._reconciler.units():
+            if spec.tier not in allowed:
+                continue
+            if spec.key in routable:
+                tiers.setdefault(spec.name, {})[spec.tier] = "ready"
+            elif self._reconciler.is_asleep(spec.key):
+                tiers.setdefault(spec.name, {})[spec.tier] = "asleep"
         created = int(time.time())
         data = [
-            {"id": name, "object": "model", "created": created, "owned_by": "mlxfleet"}
-            for name in self._routing.models()
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "mlxfleet",
+                "mlxfleet": {"tiers": states},
+            }
+            for name, states in sorted(tiers.items())
         ]
         return web.json_response({"object": "list", "data": data})
 
@@ -156,21 +189,75 @@ class Gateway:
         logger.warning("node %s revoked", node_id)
         return web.json_response({"removed": node_id})
 
+    async def admin_drain(self, request: web.Request) -> web.Response:
+        """Cordon a node: its replicas move elsewhere (each leaves once its replacement is
+        ready; in-flight requests finish) and nothing new is placed there."""
+        return self._cordon(request, True)
+
+    async def admin_uncordon(self, request: web.Request) -> web.Response:
+        return self._cordon(request, False)
+
+    def _cordon(self, request: web.Request, cordoned: bool) -> web.Response:
+        self._authenticate_admin(request)
+        node_id = request.match_info["node_id"]
+        if not self._store.set_cordoned(node_id, cordoned):
+            raise ApiError(404, f"no enrolled node {node_id!r}", code="node_not_found")
+        node = self._registry.nodes.get(NodeId(node_id))
+        if node is not None:
+            node.cordoned = cordoned
+        self._registry.changed.set()
+        self._store.add_event(node_id, "node_drained" if cordoned else "node_uncordoned", "")
+        return web.json_response({"node": node_id, "cordoned": cordoned})
+
+    async def admin_tiers(self, request: web.Request) -> web.Response:
+        self._authenticate_admin(request)
+        return web.json_response({tier: asdict(self._reconciler.knobs(tier)) for tier in TIERS})
+
+    async def admin_set_tier(self, request: web.Request) -> web.Response:
+        """Change a tier's knobs at runtime; running engines apply them without reloading."""
+        self._authenticate_admin(request)
+        try:
+            tier = parse_tier(request.match_info["tier"])
+            changes = await request.json()
+            if not isinstance(changes, dict) or not changes:
+                raise TierError("send a JSON object with the knobs to change")
+            knobs = self._reconciler.set_tier_knobs(tier, changes)
+        except (TierError, json.JSONDecodeError) as exc:
+            raise ApiError(400, str(exc), code="invalid_knobs") from None
+        return web.json_response({tier: asdict(knobs)})
+
+    async def admin_models(self, request: web.Request) -> web.Response:
+        self._authenticate_admin(request)
+        return web.json_response(
+            {"models": model_rows(self._reconciler, self._registry, self._routing)}
+        )
+
     # The request path
-    def _authenticate(self, request: web.Request) -> str:
+    def _authenticate(self, request: web.Request) -> KeyTiers:
         header = request.headers.get("Authorization", "")
         key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-        name = self._store.api_key_name(key) if key else None
-        if name is None:
+        record = self._store.api_key(key) if key else None
+        if record is None:
             raise ApiError(
                 401,
                 "missing or invalid API key (send Authorization: Bearer <team key>)",
                 code="invalid_api_key",
             )
-        return name
+        return key_tiers(record[1], record[2])
 
     async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
-        self._authenticate(request)
+        key = self._authenticate(request)
+        try:
+            tier = key.choose(request.headers.get(TIER_HEADER))
+        except TierError as exc:
+            status = 403 if "may not use" in str(exc) else 400
+            raise ApiError(
+                status,
+                str(exc),
+                type="permission_error" if status == 403 else "invalid_request_error",
+                param=TIER_HEADER,
+                code="tier_not_allowed" if status == 403 else "invalid_tier",
+            ) from None
         raw = await request.read()
         try:
             body = json.loads(raw)
@@ -181,10 +268,15 @@ class Gateway:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise ApiError(400, "'model' must be a non-empty string", param="model")
-        spec = self._specs.get(model)
-        if spec is None and model not in self._routing.models():
+        spec = self._config.unit(model, tier)
+        if spec is None:
+            served = sorted(s.tier for s in self._reconciler.units() if s.name == model)
+            where = f" in the {tier} tier (it is served in: {', '.join(served)})" if served else ""
             raise ApiError(
-                404, f"model {model!r} does not exist", param="model", code="model_not_found"
+                404,
+                f"model {model!r} does not exist{where}",
+                param="model",
+                code="model_not_found",
             )
         parse = parse_chat_request if kind == "chat" else parse_completion_request
         try:
@@ -197,21 +289,40 @@ class Gateway:
         # The prompt is tokenized on the engine (it holds the tokenizer), which refuses an
         # over-long prompt before generating; a max_tokens that alone fills the context is
         # refused here without engine work.
-        if spec is not None and max_tokens is not None and max_tokens >= spec.context_length:
+        context = self._reconciler.context_length(spec)
+        if max_tokens is not None and max_tokens >= context:
             raise ApiError(
                 400,
                 f"max_tokens {max_tokens} leaves no room for the prompt in "
-                f"{model!r}'s context of {spec.context_length} tokens",
+                f"{model!r}'s context of {context} tokens",
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        return await self._forward(request, model, raw, parsed.stream)
+        self._reconciler.begin_request(spec.key)
+        try:
+            await self._wake(spec.key)
+            return await self._forward(request, spec.key, raw, parsed.stream)
+        finally:
+            self._reconciler.end_request(spec.key)
+
+    async def _wake(self, key: UnitKey) -> None:
+        """A unit unloaded for idleness is loaded again; the request waits for it, bounded."""
+        if not self._reconciler.is_asleep(key) or key in self._routing.units():
+            return
+        started = time.monotonic()
+        self._reconciler.wake(key)
+        deadline = started + self._config.reload_wait_s
+        while key not in self._routing.units() and time.monotonic() < deadline:
+            await asyncio.sleep(WAKE_POLL_S)
+        waited = time.monotonic() - started
+        self._reconciler.cold_starts.append((key, waited))
+        logger.info("cold start of %s/%s: %.2f s", *key, waited)
 
     async def _forward(
-        self, request: web.Request, model: str, raw: bytes, stream: bool
+        self, request: web.Request, key: UnitKey, raw: bytes, stream: bool
     ) -> web.StreamResponse:
         for _ in range(ATTEMPTS):
-            target = await self._routing.pick(model)
+            target = await self._routing.pick(*key)
             if target is None:
                 break
             with self._in_flight(target.engine_id) as flight:
@@ -247,7 +358,7 @@ class Gateway:
                         self._routing.remove_engine(target.engine_id)
                         continue
                     return await self._relay_stream(request, upstream, target, first)
-        raise unavailable(model)
+        raise unavailable(*key)
 
     async def _post(self, target: Target, path: str, raw: bytes) -> aiohttp.ClientResponse:
         assert self._session is not None

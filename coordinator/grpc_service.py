@@ -14,7 +14,7 @@ import grpc
 
 from coordinator.errors import EnrollmentError
 from coordinator.pki import FleetPki
-from coordinator.reconcile import Reconciler
+from coordinator.reconcile import Reconciler, unit_of
 from coordinator.registry import (
     Command,
     Engine,
@@ -24,8 +24,10 @@ from coordinator.registry import (
     NodeId,
     NodeStatus,
     Registry,
+    SetKnobsCommand,
 )
 from coordinator.store import Store
+from coordinator.tiers import Knobs
 from mlxfleet.v1 import fleet_pb2 as pb
 from mlxfleet.v1 import fleet_pb2_grpc
 
@@ -63,6 +65,9 @@ def facts_from_pb(f: pb.NodeFacts) -> NodeFacts:
         mlx_lm_version=f.mlx_lm_version,
         agent_version=f.agent_version,
         role=_enum_name(pb.Role, f.role, "ROLE_"),
+        labels=dict(f.labels),
+        serve_interactive=f.serve_interactive,
+        os_reserve_bytes=f.os_reserve_bytes,
     )
 
 
@@ -91,6 +96,15 @@ def engine_from_pb(node_id: NodeId, e: pb.EngineInfo) -> Engine:
     )
 
 
+def knobs_to_pb(knobs: Knobs) -> pb.TierKnobs:
+    return pb.TierKnobs(
+        max_concurrency=knobs.max_concurrency,
+        batch_window_ms=knobs.batch_window_ms,
+        max_batch_size=knobs.max_batch_size,
+        queue_limit=knobs.queue_limit,
+    )
+
+
 def command_to_pb(command: Command) -> pb.CoordinatorMessage:
     if isinstance(command, LoadCommand):
         return pb.CoordinatorMessage(
@@ -100,8 +114,12 @@ def command_to_pb(command: Command) -> pb.CoordinatorMessage:
                 source=command.source,
                 tier=pb.Tier.Value(f"TIER_{command.tier.upper()}"),
                 context_length=command.context_length,
-                knobs=pb.TierKnobs(max_concurrency=command.max_concurrency),
+                knobs=knobs_to_pb(command.knobs),
             )
+        )
+    if isinstance(command, SetKnobsCommand):
+        return pb.CoordinatorMessage(
+            set_knobs=pb.SetKnobs(engine_id=command.engine_id, knobs=knobs_to_pb(command.knobs))
         )
     return pb.CoordinatorMessage(unload=pb.UnloadModel(engine_id=command.engine_id))
 
@@ -169,6 +187,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         hello = first.hello
         engines = [engine_from_pb(node_id, e) for e in hello.engines]
         node = self._registry.connect(node_id, facts_from_pb(hello.facts), engines)
+        node.cordoned = self._store.node_cordoned(node_id)
         self._store.touch_node(node_id)
         logger.info("node %s connected with %d running engine(s)", node_id, len(engines))
         reader = asyncio.create_task(self._read(node_id, messages))
@@ -231,7 +250,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                 return  # an engine this coordinator never placed there
             self._registry.upsert_engine(engine)
             if kind == "ready":
-                self._reconciler.engine_ready(engine.model)
+                self._reconciler.engine_ready(unit_of(engine))
                 self._store.add_event(node_id, "engine_ready", f"{engine.model} {engine.url}")
             return
         reason = _enum_name(pb.ExitReason, event.exit_reason, "EXIT_REASON_")
@@ -243,7 +262,9 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         self._registry.drop_engine(engine.engine_id)
         self._store.delete_placement(engine.engine_id)
         if reason != "clean":
-            self._reconciler.engine_failed(engine.model, detail if kind == "load_failed" else None)
+            self._reconciler.engine_failed(
+                unit_of(engine), detail if kind == "load_failed" else None
+            )
 
 
 def _slug(hostname: str) -> str:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 from coordinator.discovery import Discovery
+from coordinator.reconcile import Reconciler, unit_of
 from coordinator.registry import Registry
+from coordinator.routing import Routing
 from coordinator.store import Store
 
 GIB = 2**30
@@ -33,6 +37,7 @@ def node_rows(
             ram_gib=round(node.facts.ram_bytes / GIB),
             role=node.facts.role,
             state=node.liveness,
+            cordoned=node.cordoned,
             thermal=node.status.thermal_state if node.status else "",
             available_gib=round(node.status.available_bytes / GIB, 1) if node.status else None,
             models=sorted(
@@ -56,3 +61,48 @@ def node_rows(
             "models": [],
         }
     return [rows[k] for k in sorted(rows)]
+
+
+def model_rows(
+    reconciler: Reconciler, registry: Registry, routing: Routing
+) -> list[dict[str, object]]:
+    """One row per unit (model × tier): state, where it runs, why not, its size and knobs."""
+    rows = []
+    routable = routing.units()
+    for spec in sorted(reconciler.units(), key=lambda s: s.key):
+        engines = sorted(
+            (e for e in registry.engines.values() if unit_of(e) == spec.key),
+            key=lambda e: e.engine_id,
+        )
+        size = reconciler.size(spec)
+        usage = reconciler.usage.get(spec.key)
+        if spec.key in routable:
+            state = "ready"
+        elif reconciler.is_asleep(spec.key):
+            state = "asleep"
+        elif any(e.state == "starting" for e in engines):
+            state = "loading"
+        else:
+            state = "pending"
+        rows.append(
+            {
+                "model": spec.name,
+                "tier": spec.tier,
+                "state": state,
+                "replicas": spec.replicas,
+                "pinned": spec.pinned,
+                "engines": [f"{e.node_id}: {e.state}" for e in engines],
+                "pending": reconciler.pending.get(spec.key)
+                or reconciler.load_failures.get(spec.key),
+                "size_gib": round(size / GIB, 2) if isinstance(size, int) else None,
+                "knobs": {
+                    k: getattr(reconciler.engine_knobs(spec), k)
+                    for k in ("max_concurrency", "batch_window_ms", "max_batch_size", "queue_limit")
+                },
+                "idle_s": round(time.monotonic() - usage.last_used)
+                if usage and usage.last_used
+                else None,
+                "cold_starts": sum(1 for key, _ in reconciler.cold_starts if key == spec.key),
+            }
+        )
+    return rows

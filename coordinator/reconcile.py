@@ -1,4 +1,11 @@
-"""The reconcile loop: make the engines that run match the models the config asks for."""
+"""The reconcile loop: make the engines that run match the units (model × tier) the config asks for.
+
+Each pass: liveness; size every unit (weights + KV + overhead, coordinator/memory.py); place
+missing replicas by policy (coordinator/policy.py) within each node's budget; move replicas
+off cordoned nodes and, when a node joins, move idle units that now belong there (a replica
+leaves only once its replacement is ready); unload idle unpinned units; evict the least
+recently used to make room. Decisions are taken here; the agents carry them out.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +15,47 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
 
-from coordinator.config import Config, ModelSpec
-from coordinator.placement import NodeCapacity, first_fit, weight_bytes
+from coordinator.config import DEFAULT_CONTEXT_LENGTH, Config, ModelSpec
+from coordinator.memory import (
+    SizingError,
+    attention_shape,
+    estimated_weight_bytes,
+    footprint,
+    node_budget,
+    read_config,
+    weight_bytes,
+)
+from coordinator.policy import Demand, Offer, place
 from coordinator.registry import (
+    Command,
     Engine,
     EngineId,
     LoadCommand,
+    Node,
     NodeId,
     Registry,
+    SetKnobsCommand,
     UnloadCommand,
 )
 from coordinator.store import Store
+from coordinator.tiers import Knobs, Tier, apply_knobs
 
 logger = logging.getLogger(__name__)
 
 RECONCILE_INTERVAL_S = 0.25  # also woken at once by any registry change; bounds liveness lag
-# After a restart, a model recorded on a node that has not reconnected yet waits this long
+# After a restart, a unit recorded on a node that has not reconnected yet waits this long
 # for it, so an engine that outlived the coordinator is taken back instead of loaded twice.
 RESTORE_GRACE_S = 15.0
 RELOAD_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # after an engine exits or fails to load
+REBALANCE_IDLE_S = 30.0  # a unit with no request for this long may move to a new node
+
+UnitKey = tuple[str, Tier]
+LIVE_STATES = ("starting", "ready")
 
 
 @dataclass(slots=True)
@@ -37,36 +64,110 @@ class _Backoff:
     not_before: float = 0.0
 
 
+@dataclass(slots=True)
+class Usage:
+    """Requests seen by the gateway for one unit."""
+
+    # time.monotonic() of the last request, or of the last engine becoming ready: idleness
+    # counts from whichever is later, so a unit is never unloaded right after it loads.
+    last_used: float = field(default_factory=time.monotonic)
+    in_flight: int = 0
+
+
+def unit_of(engine: Engine) -> UnitKey:
+    return (engine.model, engine.tier)  # type: ignore[return-value]
+
+
 class Reconciler:
-    """Sends load commands for desired models that have no engine. Owns no task itself."""
+    """Keeps the fleet matching the config. Use from the event loop; owns no task itself."""
 
     def __init__(self, config: Config, registry: Registry, store: Store) -> None:
-        self._models = config.models
-        self._suspect_after_s = config.suspect_after_s
-        self._dead_after_s = config.dead_after_s
+        self._config = config
+        self._units: dict[UnitKey, ModelSpec] = {m.key: m for m in config.models}
+        self._knobs: dict[Tier, Knobs] = dict(config.tiers)
+        for tier, changes in store.tier_knobs().items():
+            self._knobs[tier] = apply_knobs(self._knobs[tier], changes)  # type: ignore[index]
         self._registry = registry
         self._store = store
         self._started = time.monotonic()
-        self._restoring: dict[str, set[str]] = {}
-        for _engine_id, model, node_id, _tier in store.placements():
-            self._restoring.setdefault(model, set()).add(node_id)
-        self._backoff: dict[str, _Backoff] = {}
-        self.pending: dict[str, str] = {}  # model -> why it is not placed
-        self.load_failures: dict[str, str] = {}  # model -> its last load failure, until ready
+        self._restoring: dict[UnitKey, set[str]] = {}
+        for _engine_id, model, node_id, tier in store.placements():
+            self._restoring.setdefault((model, tier), set()).add(node_id)  # type: ignore[arg-type]
+        self._backoff: dict[UnitKey, _Backoff] = {}
+        self._sizes: dict[UnitKey, int | SizingError] = {}
+        self._contexts: dict[UnitKey, int] = {}
+        self._asleep: set[UnitKey] = set()  # unloaded for idleness or room; woken on demand
+        self._known_nodes: set[NodeId] = set()
+        self.usage: dict[UnitKey, Usage] = {key: Usage() for key in self._units}
+        self.pending: dict[UnitKey, str] = {}  # unit -> why it is not (fully) placed
+        self.load_failures: dict[UnitKey, str] = {}  # unit -> its last load failure, until ready
+        self.cold_starts: list[tuple[UnitKey, float]] = []  # (unit, seconds waited)
 
-    def engine_failed(self, model: str, load_failure: str | None = None) -> None:
-        """An engine of this model exited or failed to load: wait before loading it again."""
+    # Inputs from the rest of the coordinator
+    def engine_failed(self, key: UnitKey, load_failure: str | None = None) -> None:
+        """An engine of this unit exited or failed to load: wait before loading it again."""
         if load_failure is not None:
-            self.load_failures[model] = load_failure
-        b = self._backoff.setdefault(model, _Backoff())
+            self.load_failures[key] = load_failure
+        b = self._backoff.setdefault(key, _Backoff())
         delay = RELOAD_BACKOFF_S[min(b.failures, len(RELOAD_BACKOFF_S) - 1)]
         b.failures += 1
         b.not_before = time.monotonic() + delay
 
-    def engine_ready(self, model: str) -> None:
-        self._backoff.pop(model, None)
-        self.load_failures.pop(model, None)
+    def engine_ready(self, key: UnitKey) -> None:
+        self._backoff.pop(key, None)
+        self.load_failures.pop(key, None)
+        usage = self.usage.setdefault(key, Usage())
+        usage.last_used = max(usage.last_used, time.monotonic())
 
+    def begin_request(self, key: UnitKey) -> None:
+        usage = self.usage.setdefault(key, Usage())
+        usage.in_flight += 1
+        usage.last_used = time.monotonic()
+
+    def end_request(self, key: UnitKey) -> None:
+        usage = self.usage.setdefault(key, Usage())
+        usage.in_flight = max(0, usage.in_flight - 1)
+        usage.last_used = time.monotonic()
+
+    def is_asleep(self, key: UnitKey) -> bool:
+        return key in self._asleep
+
+    def wake(self, key: UnitKey) -> None:
+        """A request came for a unit unloaded for idleness: load it again."""
+        if key in self._asleep:
+            logger.info("waking %s/%s for a request", *key)
+            self._asleep.discard(key)
+            self.usage.setdefault(key, Usage()).last_used = time.monotonic()
+            self._registry.changed.set()
+
+    def knobs(self, tier: Tier) -> Knobs:
+        return self._knobs[tier]
+
+    def set_tier_knobs(self, tier: Tier, changes: dict[str, int]) -> Knobs:
+        """Change a tier's knobs now: stored, and sent to every running engine of the tier."""
+        self._knobs[tier] = apply_knobs(self._knobs[tier], changes)
+        self._store.save_tier_knobs(tier, changes)
+        for engine in self._registry.engines.values():
+            spec = self._units.get(unit_of(engine))
+            if engine.tier == tier and spec is not None and engine.state in LIVE_STATES:
+                self._send(
+                    engine.node_id, SetKnobsCommand(engine.engine_id, self.engine_knobs(spec))
+                )
+        self._sizes.clear()  # max_concurrency sizes the KV cache
+        self._registry.changed.set()
+        return self._knobs[tier]
+
+    def engine_knobs(self, spec: ModelSpec) -> Knobs:
+        knobs = self._knobs[spec.tier]
+        if spec.max_concurrency is not None:
+            knobs = replace(
+                knobs,
+                max_concurrency=spec.max_concurrency,
+                max_batch_size=min(knobs.max_batch_size, spec.max_concurrency),
+            )
+        return knobs
+
+    # The loop
     async def run(self) -> None:
         while True:
             self._registry.changed.clear()
@@ -75,111 +176,322 @@ class Reconciler:
                 await asyncio.wait_for(self._registry.changed.wait(), RECONCILE_INTERVAL_S)
 
     def step(self) -> None:
-        """One pass: liveness, then every model to exactly one live engine."""
+        """One pass over liveness and every unit."""
         self._check_liveness()
-        wanted = {spec.name for spec in self._models}
+        joined = set(self._registry.nodes) - self._known_nodes
+        self._known_nodes = set(self._registry.nodes)
         for engine in list(self._registry.engines.values()):
-            if engine.model not in wanted and engine.state in ("starting", "ready"):
+            if unit_of(engine) not in self._units and engine.state in LIVE_STATES:
                 self._unload(engine, "not in the config")
-        for spec in self._models:
-            running = [
-                e for e in self._registry.engines_of(spec.name) if e.state in ("starting", "ready")
-            ]
-            if running:
-                self.pending.pop(spec.name, None)
-                # Two engines for one replica (a partitioned node came back after its model
-                # was placed elsewhere): keep the one serving longest, unload the rest.
-                keep = min(
-                    running,
-                    key=lambda e: (e.state != "ready", e.ready_since or math.inf, e.engine_id),
+        self._unload_idle()
+        for spec in sorted(self._units.values(), key=self._order):
+            self._reconcile_unit(spec, rebalance=bool(joined))
+
+    def _order(self, spec: ModelSpec) -> tuple[bool, int, str, str]:
+        size = self.size(spec)
+        return (not spec.pinned, -(size if isinstance(size, int) else 0), spec.name, spec.tier)
+
+    def size(self, spec: ModelSpec) -> int | SizingError:
+        """Bytes one engine of this unit needs (cached), or why it cannot be sized."""
+        if spec.key not in self._sizes:
+            self._sizes[spec.key] = self._measure(spec)
+        return self._sizes[spec.key]
+
+    def context_length(self, spec: ModelSpec) -> int:
+        """The context in force: the configured one, else the default capped by the model."""
+        if spec.context_length is not None:
+            return spec.context_length
+        self.size(spec)
+        return self._contexts.get(spec.key, DEFAULT_CONTEXT_LENGTH)
+
+    def _measure(self, spec: ModelSpec) -> int | SizingError:
+        folder = Path(spec.source).expanduser()
+        try:
+            if folder.is_dir():
+                weights, config = weight_bytes(folder), read_config(folder)
+            else:
+                cached = _cached_hub_config(spec.source)
+                if cached is None:  # not downloaded yet: the agent will fetch it
+                    return 0
+                config = cached
+                weights = estimated_weight_bytes(config)
+            context = spec.context_length
+            if context is None:
+                supported = attention_shape(config).max_context or DEFAULT_CONTEXT_LENGTH
+                context = min(DEFAULT_CONTEXT_LENGTH, supported)
+            self._contexts[spec.key] = context
+            sequences = self.engine_knobs(spec).max_concurrency
+            return footprint(weights, config, context, sequences, spec.kv_bits).total
+        except SizingError as exc:
+            return SizingError(f"{spec.name}: {exc}")
+
+    def _reconcile_unit(self, spec: ModelSpec, rebalance: bool) -> None:
+        key = spec.key
+        engines = [
+            e
+            for e in self._registry.engines.values()
+            if unit_of(e) == key and e.state in LIVE_STATES
+        ]
+        if engines:
+            self._asleep.discard(key)
+        elif key in self._asleep:
+            self.pending.pop(key, None)
+            return
+        leaving = [e for e in engines if self._node_cordoned(e.node_id)]
+        staying = [e for e in engines if e not in leaving]
+        self._trim(spec, staying)
+        size = self.size(spec)
+        if isinstance(size, SizingError):
+            self.pending[key] = str(size)
+            return
+        if rebalance and self._idle_for(key, REBALANCE_IDLE_S):
+            moved = self._rebalance(spec, size, staying)
+            leaving += moved
+            staying = [e for e in staying if e not in moved]
+        ready = [e for e in staying if e.state == "ready"]
+        if len(ready) >= spec.replicas:
+            for engine in leaving:  # replacements are ready: the old ones go (in-flight finish)
+                self._unload(engine, "moved off a cordoned node or rebalanced")
+        missing = spec.replicas - len(staying)
+        if missing <= 0:
+            self.pending.pop(key, None)
+            return
+        if self._awaiting_restore(key) or self._backing_off(key):
+            return
+        hosting = {e.node_id for e in engines}
+        placement = place(self._demand(spec, size), self.offers(), hosting)
+        if placement.pending_reason and self._evict_for(spec, size, hosting):
+            placement = place(self._demand(spec, size), self.offers(), hosting)
+        for node_id in placement.nodes:
+            self._load(spec, NodeId(node_id))
+        if placement.pending_reason:
+            self.pending[key] = placement.pending_reason
+        else:
+            self.pending.pop(key, None)
+
+    def _demand(self, spec: ModelSpec, size: int) -> Demand:
+        return Demand(
+            spec.name,
+            spec.tier,
+            spec.replicas,
+            size,
+            spec.required_labels,
+            spec.preferred_labels,
+            spec.pinned,
+        )
+
+    def offers(self) -> list[Offer]:
+        """Every live node's room: its budget minus what its engines need."""
+        placed: dict[NodeId, int] = {}
+        for engine in self._registry.engines.values():
+            spec = self._units.get(unit_of(engine))
+            if spec is not None and engine.state in (*LIVE_STATES, "stopping"):
+                size = self.size(spec)
+                placed[engine.node_id] = placed.get(engine.node_id, 0) + (
+                    size if isinstance(size, int) else 0
                 )
-                for extra in running:
-                    if extra is not keep:
-                        self._unload(extra, "a second engine of a one-replica model")
+        return [
+            self._offer(node, placed.get(node.node_id, 0))
+            for node in sorted(self._registry.nodes.values(), key=lambda n: n.node_id)
+            if node.liveness == "live"
+        ]
+
+    def _offer(self, node: Node, placed: int) -> Offer:
+        facts = node.facts
+        reserve = facts.os_reserve_bytes or self._config.os_reserve_bytes
+        budget = node_budget(facts.ram_bytes, facts.gpu_wired_limit_bytes, placed, reserve)
+        role: Literal["laptop", "server"] = "laptop" if facts.role == "laptop" else "server"
+        return Offer(
+            node.node_id,
+            role,
+            budget,
+            dict(facts.labels),
+            facts.serve_interactive,
+            cordoned=node.cordoned,
+        )
+
+    def _node_cordoned(self, node_id: NodeId) -> bool:
+        node = self._registry.nodes.get(node_id)
+        return node is not None and node.cordoned
+
+    def _idle_for(self, key: UnitKey, seconds: float) -> bool:
+        usage = self.usage.get(key, Usage())
+        return usage.in_flight == 0 and time.monotonic() - usage.last_used >= seconds
+
+    def _rebalance(self, spec: ModelSpec, size: int, staying: list[Engine]) -> list[Engine]:
+        """A node joined: if the policy would now put an idle unit's replica elsewhere, start
+        it there; the old engine leaves once the new one is ready. One move per join."""
+        if not staying:
+            return []
+        current = {e.node_id for e in staying}
+        offers = [
+            replace(o, free_bytes=o.free_bytes + size) if o.node_id in current else o
+            for o in self.offers()
+        ]
+        best = place(self._demand(spec, size), offers).nodes
+        moves = [n for n in best if n not in current]
+        if not moves:
+            return []
+        target = moves[0]
+        if place(
+            replace(self._demand(spec, size), replicas=1),
+            [o for o in self.offers() if o.node_id == target],
+        ).nodes != (target,):
+            return []
+        old = next(e for e in staying if e.node_id not in best)
+        logger.info("rebalancing %s/%s from %s to %s", spec.name, spec.tier, old.node_id, target)
+        self._load(spec, NodeId(target))
+        return [old]
+
+    def _trim(self, spec: ModelSpec, staying: list[Engine]) -> None:
+        """More engines than replicas (a partitioned node came back after its replica was
+        placed elsewhere): keep the ones serving longest, unload the rest."""
+        extra = len(staying) - spec.replicas
+        if extra <= 0:
+            return
+        by_age = sorted(
+            staying, key=lambda e: (e.state != "ready", e.ready_since or math.inf, e.engine_id)
+        )
+        for engine in by_age[spec.replicas :]:
+            self._unload(engine, "more engines than replicas")
+            staying.remove(engine)
+
+    def _unload_idle(self) -> None:
+        """Unpinned units with no request for idle_unload_s are unloaded (seed 002 §8)."""
+        for key, spec in self._units.items():
+            if (
+                spec.pinned
+                or key in self._asleep
+                or not self._idle_for(key, self._config.idle_unload_s)
+            ):
                 continue
-            if self._awaiting_restore(spec.name):
+            engines = [
+                e
+                for e in self._registry.engines.values()
+                if unit_of(e) == key and e.state in LIVE_STATES
+            ]
+            if not engines:
                 continue
-            backoff = self._backoff.get(spec.name)
-            if backoff and time.monotonic() < backoff.not_before:
+            self._asleep.add(key)
+            for engine in engines:
+                self._unload(engine, f"idle for {self._config.idle_unload_s:.0f} s")
+
+    def _evict_for(self, spec: ModelSpec, size: int, hosting: set[NodeId]) -> bool:
+        """Make room by unloading least recently used unpinned, idle units on one node where
+        that lets `spec` fit. True when something was evicted."""
+        for offer in self.offers():
+            if offer.node_id in hosting or offer.free_bytes >= size:
                 continue
-            self._place(spec)
+            victims = sorted(
+                (
+                    e
+                    for e in self._registry.engines.values()
+                    if e.node_id == offer.node_id
+                    and e.state in LIVE_STATES
+                    and unit_of(e) != spec.key
+                    and not self._units[unit_of(e)].pinned
+                    and self.usage.get(unit_of(e), Usage()).in_flight == 0
+                ),
+                key=lambda e: (self.usage.get(unit_of(e), Usage()).last_used, e.engine_id),
+            )
+            freed, chosen = offer.free_bytes, []
+            for victim in victims:
+                if freed >= size:
+                    break
+                victim_size = self.size(self._units[unit_of(victim)])
+                freed += victim_size if isinstance(victim_size, int) else 0
+                chosen.append(victim)
+            if (
+                freed < size
+                or place(self._demand(spec, size), [replace(offer, free_bytes=freed)]).nodes == ()
+            ):
+                continue
+            for victim in chosen:
+                self._asleep.add(unit_of(victim))
+                self._unload(victim, f"evicted (least recently used) to make room for {spec.name}")
+            return True
+        return False
 
     def _check_liveness(self) -> None:
         now = time.monotonic()
         for node in list(self._registry.nodes.values()):
             silent_s = now - node.last_heartbeat
-            if silent_s > self._dead_after_s:
+            if silent_s > self._config.dead_after_s:
                 logger.warning("node %s silent for %.1f s: dead", node.node_id, silent_s)
                 self._store.add_event(
                     node.node_id, "node_dead", f"no heartbeat for {silent_s:.1f} s"
                 )
                 self._registry.disconnect(node.node_id)
-            elif silent_s > self._suspect_after_s and node.liveness == "live":
+            elif silent_s > self._config.suspect_after_s and node.liveness == "live":
                 logger.warning("node %s silent for %.1f s: suspect", node.node_id, silent_s)
                 self._registry.mark_suspect(node.node_id)  # unroute first, then record it
                 self._store.add_event(
                     node.node_id, "node_suspect", f"no heartbeat for {silent_s:.1f} s"
                 )
 
-    def _awaiting_restore(self, model: str) -> bool:
-        """Whether to hold off placing `model`: a node that ran it may still come back."""
-        nodes = self._restoring.get(model)
+    def _awaiting_restore(self, key: UnitKey) -> bool:
+        """Whether to hold off placing: a node that ran this unit may still come back."""
+        nodes = self._restoring.get(key)
         if not nodes:
             return False
         nodes -= set(self._registry.nodes)
         if not nodes or time.monotonic() - self._started > RESTORE_GRACE_S:
-            del self._restoring[model]
+            del self._restoring[key]
             return False
-        self.pending[model] = (
+        self.pending[key] = (
             f"waiting up to {RESTORE_GRACE_S:.0f} s for {', '.join(sorted(nodes))} to reconnect"
         )
         return True
 
+    def _backing_off(self, key: UnitKey) -> bool:
+        backoff = self._backoff.get(key)
+        return backoff is not None and time.monotonic() < backoff.not_before
+
     def _unload(self, engine: Engine, why: str) -> None:
         logger.info(
-            "unloading engine %s (%s) on %s: %s",
+            "unloading engine %s (%s/%s) on %s: %s",
             engine.engine_id,
             engine.model,
+            engine.tier,
             engine.node_id,
             why,
         )
         self._registry.upsert_engine(replace(engine, state="stopping"))
-        self._registry.send(engine.node_id, UnloadCommand(engine.engine_id))
+        self._send(engine.node_id, UnloadCommand(engine.engine_id))
 
-    def _place(self, spec: ModelSpec) -> None:
-        need = weight_bytes(spec.source)
-        nodes = [
-            NodeCapacity(n.node_id, n.status.available_bytes if n.status else 0)
-            for n in self._registry.nodes.values()
-            if n.liveness == "live"  # no new placements on a node that missed heartbeats
-        ]
-        node_id = first_fit(need, nodes)
-        if node_id is None:
-            best = max(nodes, key=lambda n: n.available_bytes, default=None)
-            self.pending[spec.name] = (
-                "no node connected"
-                if best is None
-                else f"needs {need / 2**30:.1f} GiB, best node {best.node_id} has "
-                f"{best.available_bytes / 2**30:.1f} GiB available"
-            )
-            return
-        engine_id = EngineId(f"{spec.name.replace('/', '_')}-{uuid.uuid4().hex[:8]}")
-        self._load(spec, NodeId(node_id), engine_id)
-
-    def _load(self, spec: ModelSpec, node_id: NodeId, engine_id: EngineId) -> None:
-        engine = Engine(engine_id, spec.name, node_id, spec.tier, "starting")
-        self._registry.upsert_engine(engine)
+    def _load(self, spec: ModelSpec, node_id: NodeId) -> None:
+        engine_id = EngineId(f"{spec.name.replace('/', '_')}-{spec.tier[0]}-{uuid.uuid4().hex[:8]}")
+        self._registry.upsert_engine(Engine(engine_id, spec.name, node_id, spec.tier, "starting"))
         self._store.save_placement(engine_id, spec.name, node_id, spec.tier)
-        self._registry.send(
+        self._send(
             node_id,
             LoadCommand(
                 engine_id,
                 spec.name,
                 spec.source,
                 spec.tier,
-                spec.context_length,
-                spec.max_concurrency,
+                self.context_length(spec),
+                self.engine_knobs(spec),
             ),
         )
-        self.pending.pop(spec.name, None)
-        logger.info("placing %s on node %s as engine %s", spec.name, node_id, engine_id)
+        logger.info(
+            "placing %s/%s on node %s as engine %s", spec.name, spec.tier, node_id, engine_id
+        )
+
+    def _send(self, node_id: NodeId, command: Command) -> None:
+        self._registry.send(node_id, command)
+
+    def units(self) -> Iterable[ModelSpec]:
+        return self._units.values()
+
+
+def _cached_hub_config(repo: str) -> dict[str, Any] | None:
+    """config.json of a hub model already in the local cache, else None (never downloads)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency of mlx-lm
+        return None
+    path = try_to_load_from_cache(repo, "config.json")
+    if not isinstance(path, str):
+        return None
+    return read_config(Path(path).parent)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal, NewType, Protocol
+
+from coordinator.tiers import Knobs
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,9 @@ class NodeFacts:
     mlx_lm_version: str
     agent_version: str
     role: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    serve_interactive: bool = False  # a laptop that opted in to interactive replicas
+    os_reserve_bytes: int = 0  # the node's own reserve; 0 = the fleet default
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +75,13 @@ class LoadCommand:
     source: str
     tier: str
     context_length: int
-    max_concurrency: int
+    knobs: Knobs
+
+
+@dataclass(frozen=True, slots=True)
+class SetKnobsCommand:
+    engine_id: EngineId
+    knobs: Knobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +89,7 @@ class UnloadCommand:
     engine_id: EngineId
 
 
-Command = LoadCommand | UnloadCommand
+Command = LoadCommand | UnloadCommand | SetKnobsCommand
 
 
 @dataclass(slots=True)
@@ -90,6 +102,7 @@ class Node:
     last_heartbeat: float = field(default_factory=time.monotonic)
     liveness: Liveness = "live"
     connected_at: float = field(default_factory=time.time)
+    cordoned: bool = False  # drained: its replicas move off and nothing new lands
     # None tells the stream writer that this connection was replaced or dropped.
     outbox: asyncio.Queue[Command | None] = field(default_factory=asyncio.Queue)
 

@@ -34,6 +34,7 @@ class Target:
 
     engine_id: EngineId
     model: str
+    tier: str
     node_id: str
     url: str
     secret: str
@@ -42,6 +43,11 @@ class Target:
     def tls(self) -> bool:
         """Engines on another host serve TLS with their node's certificate."""
         return self.url.startswith("https://")
+
+
+def group(model: str, tier: str) -> str:
+    """The Router model group of one unit."""
+    return f"{model}@{tier}"
 
 
 class Routing:
@@ -59,7 +65,7 @@ class Routing:
         if engine.engine_id in self._targets:
             return
         deployment = Deployment(
-            model_name=engine.model,
+            model_name=group(engine.model, engine.tier),  # one Router model group per unit
             litellm_params=LiteLLM_Params(
                 model=f"openai/{engine.model}", api_base=f"{engine.url}/v1", api_key=engine.secret
             ),
@@ -67,7 +73,7 @@ class Routing:
         )
         self._router.add_deployment(deployment)
         self._targets[engine.engine_id] = Target(
-            engine.engine_id, engine.model, engine.node_id, engine.url, engine.secret
+            engine.engine_id, engine.model, engine.tier, engine.node_id, engine.url, engine.secret
         )
         logger.info("routing %s to engine %s at %s", engine.model, engine.engine_id, engine.url)
 
@@ -80,18 +86,22 @@ class Routing:
             listener(engine_id)
 
     def models(self) -> list[str]:
-        """Model names that have at least one routable deployment."""
+        """Model names that have at least one routable deployment (any tier)."""
         return sorted({t.model for t in self._targets.values()})
 
-    async def pick(self, model: str) -> Target | None:
-        """The deployment the Router chooses for this model, or None when it has none."""
+    def units(self) -> set[tuple[str, str]]:
+        """(model, tier) pairs that have at least one routable deployment."""
+        return {(t.model, t.tier) for t in self._targets.values()}
+
+    async def pick(self, model: str, tier: str) -> Target | None:
+        """The deployment the Router chooses for this model and tier, or None."""
         # Our own table answers "none" without the Router's exception path (it keeps
         # deleted groups in Router.model_names).
-        if not any(t.model == model for t in self._targets.values()):
+        if (model, tier) not in self.units():
             return None
         try:
             deployment = await self._router.async_get_available_deployment(
-                model=model, request_kwargs={}
+                model=group(model, tier), request_kwargs={}
             )
         except litellm.exceptions.BadRequestError:  # "no healthy deployments"
             return None

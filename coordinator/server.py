@@ -122,8 +122,17 @@ class Server:
         while asyncio.get_running_loop().time() < deadline:
             if self.routing is not None and model in self.routing.models():
                 return None
-            if self.reconciler is not None and model in self.reconciler.load_failures:
-                return self.reconciler.load_failures[model]
+            if self.reconciler is not None:
+                failure = next(
+                    (
+                        why
+                        for (name, _tier), why in self.reconciler.load_failures.items()
+                        if name == model
+                    ),
+                    None,
+                )
+                if failure is not None:
+                    return failure
             await asyncio.sleep(MODEL_POLL_S)
         return f"not ready after {timeout_s:.0f} s"
 
@@ -141,7 +150,9 @@ class Server:
         )
         await grpc_server.start()
 
-        gateway = Gateway(config, store, routing, registry, load_admin_token(config.home))
+        gateway = Gateway(
+            config, store, routing, registry, reconciler, load_admin_token(config.home)
+        )
         runner = web.AppRunner(gateway.app(), access_log=None, handle_signals=False)
         await runner.setup()
         await web.TCPSite(runner, config.host, config.gateway_port).start()

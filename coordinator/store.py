@@ -14,7 +14,7 @@ from coordinator.errors import StoreError
 
 API_KEY_PREFIX = "mlxf-"
 
-SCHEMA_VERSION = 2  # 2: nodes are identified by certificates (mutual TLS), join tokens
+SCHEMA_VERSION = 3  # 2: certificates and join tokens; 3: key tiers, cordons, tier knobs
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     node_id     TEXT PRIMARY KEY,
@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     facts_json  TEXT NOT NULL,
     enrolled_at REAL NOT NULL,
     last_seen   REAL,
-    revoked_at  REAL
+    revoked_at  REAL,
+    cordoned    INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS join_tokens (
     token_hash  TEXT PRIMARY KEY,
@@ -31,9 +32,15 @@ CREATE TABLE IF NOT EXISTS join_tokens (
     created_at  REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS api_keys (
-    key_hash    TEXT PRIMARY KEY,
-    name        TEXT NOT NULL,
-    created_at  REAL NOT NULL
+    key_hash     TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    tiers        TEXT NOT NULL DEFAULT 'interactive,batch',
+    default_tier TEXT NOT NULL DEFAULT 'interactive'
+);
+CREATE TABLE IF NOT EXISTS tier_knobs (
+    tier         TEXT PRIMARY KEY,
+    changes_json TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS placements (
     engine_id   TEXT PRIMARY KEY,
@@ -89,7 +96,31 @@ class Store:
         if version < 2:
             # Version 1 nodes held a shared-secret node key; they enroll again for a certificate.
             self._db.execute("DROP TABLE IF EXISTS nodes")
+        if version == 2:
+            self._db.execute("ALTER TABLE nodes ADD COLUMN cordoned INTEGER NOT NULL DEFAULT 0")
+        if version < 3 and self._has_table("api_keys"):
+            self._db.execute(
+                "ALTER TABLE api_keys ADD COLUMN tiers TEXT NOT NULL DEFAULT 'interactive,batch'"
+            )
+            self._db.execute(
+                "ALTER TABLE api_keys ADD COLUMN default_tier TEXT NOT NULL DEFAULT 'interactive'"
+            )
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _has_table(self, name: str) -> bool:
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        return self._db.execute(query, (name,)).fetchone() is not None
+
+    # Tier knobs changed at runtime (mlxfleet tiers set), over the config's
+    def save_tier_knobs(self, tier: str, changes: dict[str, int]) -> None:
+        merged = {**self.tier_knobs().get(tier, {}), **changes}
+        self._db.execute(
+            "INSERT OR REPLACE INTO tier_knobs VALUES (?, ?)", (tier, json.dumps(merged))
+        )
+
+    def tier_knobs(self) -> dict[str, dict[str, int]]:
+        rows = self._db.execute("SELECT tier, changes_json FROM tier_knobs")
+        return {tier: json.loads(changes) for tier, changes in rows}
 
     # Join tokens
     def create_join_token(self, ttl_s: float, uses: int) -> str:
@@ -120,14 +151,28 @@ class Store:
         return "join token expired" if row[0] <= time.time() else "join token used up"
 
     # API keys
-    def create_api_key(self, name: str, key: str | None = None) -> str:
+    def create_api_key(
+        self,
+        name: str,
+        key: str | None = None,
+        tiers: str = "interactive,batch",
+        default_tier: str = "interactive",
+    ) -> str:
         """Store a new team key (hashed) and return it; the plain key is never stored."""
         key = key or API_KEY_PREFIX + secrets.token_urlsafe(32)
         self._db.execute(
-            "INSERT OR REPLACE INTO api_keys VALUES (?, ?, ?)",
-            (hash_secret(key), name, time.time()),
+            "INSERT OR REPLACE INTO api_keys VALUES (?, ?, ?, ?, ?)",
+            (hash_secret(key), name, time.time(), tiers, default_tier),
         )
         return key
+
+    def api_key(self, key: str) -> tuple[str, str, str] | None:
+        """(name, tiers, default tier) of a valid key, or None."""
+        row = self._db.execute(
+            "SELECT name, tiers, default_tier FROM api_keys WHERE key_hash = ?",
+            (hash_secret(key),),
+        ).fetchone()
+        return (row[0], row[1], row[2]) if row else None
 
     def revoke_api_keys(self, name: str) -> int:
         """Delete every key with this name; returns how many."""
@@ -147,9 +192,23 @@ class Store:
     def save_node(self, node_id: str, hostname: str, facts: dict[str, object]) -> None:
         """Record an enrolled node (a re-enrollment clears an old revocation of that id)."""
         self._db.execute(
-            "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, NULL, NULL)",
+            "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, NULL, NULL, 0)",
             (node_id, hostname, json.dumps(facts), time.time()),
         )
+
+    def set_cordoned(self, node_id: str, cordoned: bool) -> bool:
+        """Drain (True) or uncordon (False) an active node; False if there is none."""
+        cursor = self._db.execute(
+            "UPDATE nodes SET cordoned = ? WHERE node_id = ? AND revoked_at IS NULL",
+            (int(cordoned), node_id),
+        )
+        return cursor.rowcount == 1
+
+    def node_cordoned(self, node_id: str) -> bool:
+        row = self._db.execute(
+            "SELECT cordoned FROM nodes WHERE node_id = ?", (node_id,)
+        ).fetchone()
+        return bool(row and row[0])
 
     def node_known(self, node_id: str) -> bool:
         """Whether this id was ever enrolled (revoked ids stay taken)."""

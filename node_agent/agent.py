@@ -9,7 +9,7 @@ import logging
 import random
 import signal
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -20,8 +20,10 @@ from node_agent.advertise import Advertiser, NodeRecord
 from node_agent.coordinator_client import (
     CoordinatorUnreachable,
     EnrollRefused,
+    NodeProfile,
     Session,
     enroll,
+    knobs_from_pb,
     load_request,
 )
 from node_agent.discover import find_coordinator
@@ -58,6 +60,7 @@ class AgentConfig:
     enroll_port: int = DEFAULT_ENROLL_PORT
     advertise: bool = True  # announce this node on mDNS
     role: Role | None = None  # overrides the probe (laptop when a battery is present)
+    profile: NodeProfile = field(default_factory=NodeProfile)  # labels, opt-in, OS reserve
 
 
 def split_host_port(address: str, default_port: int) -> tuple[str, int]:
@@ -113,6 +116,10 @@ class Agent:
             coro = self.supervisor.unload(message.unload.engine_id)
         elif kind == "drain":
             coro = self.supervisor.stop_all()
+        elif kind == "set_knobs":
+            coro = self.supervisor.set_knobs(
+                message.set_knobs.engine_id, knobs_from_pb(message.set_knobs.knobs)
+            )
         else:
             logger.warning("ignoring unknown command %r", kind)
             return
@@ -154,6 +161,7 @@ class Agent:
                     self.supervisor.infos,
                     self.supervisor.rss,
                     self._on_reading,
+                    self.config.profile,
                 )
                 run = asyncio.create_task(self.session.run(self._on_command))
                 await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -205,7 +213,7 @@ class Agent:
         except ValueError as exc:
             raise AgentError(f"--token: {exc}") from None
         host, grpc_port, enroll_port = await self._locate()
-        identity = await enroll(host, enroll_port, token, "", facts)
+        identity = await enroll(host, enroll_port, token, "", facts, self.config.profile)
         identity = replace(identity, coordinator=f"{host}:{grpc_port}")
         identity.save(self.config.home)
         logger.info("enrolled as %s with the coordinator at %s", identity.node_id, host)

@@ -6,7 +6,8 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 from importlib import metadata
 
 import grpc
@@ -48,8 +49,21 @@ def _version(dist: str) -> str:
         return ""
 
 
-def facts_to_pb(f: NodeFacts) -> pb.NodeFacts:
+@dataclass(frozen=True, slots=True)
+class NodeProfile:
+    """What the agent's own config adds to the probed facts."""
+
+    labels: Mapping[str, str] = field(default_factory=dict)
+    serve_interactive: bool = False  # a laptop opts in to interactive replicas
+    os_reserve_bytes: int = 0  # 0: the fleet's default reserve
+
+
+def facts_to_pb(f: NodeFacts, profile: NodeProfile | None = None) -> pb.NodeFacts:
+    profile = profile or NodeProfile()
     return pb.NodeFacts(
+        labels=dict(profile.labels),
+        serve_interactive=profile.serve_interactive,
+        os_reserve_bytes=profile.os_reserve_bytes,
         hostname=f.hostname,
         chip=f.chip,
         os=f.os,
@@ -127,7 +141,12 @@ def fetch_certificate(host: str, port: int) -> bytes:
 
 
 async def enroll(
-    host: str, enroll_port: int, token: JoinToken, previous_id: str, facts: NodeFacts
+    host: str,
+    enroll_port: int,
+    token: JoinToken,
+    previous_id: str,
+    facts: NodeFacts,
+    profile: NodeProfile | None = None,
 ) -> NodeIdentity:
     """Enroll: pin the coordinator by the token's fingerprint, send a CSR, get a certificate."""
     try:
@@ -148,7 +167,7 @@ async def enroll(
         request = pb.EnrollRequest(
             token=token.secret,
             node_id=previous_id,
-            facts=facts_to_pb(facts),
+            facts=facts_to_pb(facts, profile),
             csr_pem=make_csr(key_pem),
         )
         try:
@@ -181,7 +200,9 @@ class Session:
         engines: Callable[[], list[EngineInfo]],
         engine_rss: Callable[[], dict[str, tuple[EngineState, int, int]]],
         on_reading: Callable[[NodeReading], None] | None = None,
+        profile: NodeProfile | None = None,
     ) -> None:
+        self._profile = profile
         self._on_reading = on_reading
         self._target = target
         self._identity = identity
@@ -198,7 +219,7 @@ class Session:
 
     async def _requests(self) -> AsyncIterator[pb.AgentMessage]:
         hello = pb.Hello(
-            facts=facts_to_pb(self._facts),
+            facts=facts_to_pb(self._facts, self._profile),
             engines=[engine_to_pb(e, with_secret=True) for e in self._engines()],
         )
         yield pb.AgentMessage(hello=hello)
@@ -244,6 +265,15 @@ class Session:
                 call.cancel()
 
 
+def knobs_from_pb(knobs: pb.TierKnobs) -> dict[str, int]:
+    """The knobs the coordinator set, all four; none (the engine's tier defaults) when it sent
+    none. A batch window of 0 is a real value, so "unset" is max_concurrency 0."""
+    if knobs.max_concurrency == 0:
+        return {}
+    names = ("max_concurrency", "batch_window_ms", "max_batch_size", "queue_limit")
+    return {name: getattr(knobs, name) for name in names}
+
+
 def load_request(message: pb.LoadModel) -> LoadRequest:
     tier = pb.Tier.Name(message.tier).removeprefix("TIER_").lower()
     return LoadRequest(
@@ -252,5 +282,5 @@ def load_request(message: pb.LoadModel) -> LoadRequest:
         message.source,
         tier,
         message.context_length,
-        message.knobs.max_concurrency,
+        knobs_from_pb(message.knobs),
     )

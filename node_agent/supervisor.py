@@ -12,7 +12,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -65,7 +65,7 @@ class LoadRequest:
     source: str
     tier: str
     context_length: int
-    max_concurrency: int = 0  # 0: the engine's default
+    knobs: dict[str, int] = field(default_factory=dict)  # tier knobs; empty: engine defaults
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +90,15 @@ class EngineEvent:
     exit_code: int = 0
     signal: int = 0
     detail: str = ""
+
+
+def knob_args(knobs: dict[str, int]) -> list[str]:
+    """{"batch_window_ms": 80} -> ["--batch-window-ms", "80"] (the engine's flags)."""
+    return [
+        a
+        for name, value in sorted(knobs.items())
+        for a in (f"--{name.replace('_', '-')}", str(value))
+    ]
 
 
 def classify_exit(returncode: int, oom_kills_before: int, oom_kills_after: int) -> ExitReason:
@@ -213,11 +222,9 @@ class Supervisor:
             "0",
             "--context-length",
             str(request.context_length),
-            *(
-                ["--max-concurrency", str(request.max_concurrency)]
-                if request.max_concurrency
-                else []
-            ),
+            "--tier",
+            request.tier if request.tier in ("interactive", "batch") else "interactive",
+            *knob_args(request.knobs),
         ]
         # The secret goes through the environment: argv is visible to every local user.
         env = {
@@ -327,6 +334,36 @@ class Supervisor:
     def _tls_args(self) -> list[str]:
         tls = self.network.tls
         return ["--tls-cert", str(tls.cert_path), "--tls-key", str(tls.key_path)] if tls else []
+
+    async def set_knobs(self, engine_id: str, knobs: dict[str, int]) -> None:
+        """Change a running engine's knobs (no reload): POST /v1/engine/knobs over loopback."""
+        m = self._engines.get(engine_id)
+        if m is None or not m.info.url:
+            return
+        tls = self.network.tls
+        port = m.info.url.rsplit(":", 1)[1]
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/v1/engine/knobs"
+        ssl_context = ssl.create_default_context(cadata=tls.fleet_ca_pem.decode()) if tls else True
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+                session.post(
+                    url,
+                    json=knobs,
+                    headers={"Authorization": f"Bearer {m.info.secret}"},
+                    ssl=ssl_context,
+                    server_hostname=tls.node_id if tls else None,
+                ) as reply,
+            ):
+                if reply.status != 200:
+                    logger.warning(
+                        "engine %s refused knobs %s: %s", engine_id, knobs, await reply.text()
+                    )
+                    return
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.warning("could not set knobs on engine %s: %s", engine_id, exc)
+            return
+        logger.info("engine %s knobs now %s", engine_id, knobs)
 
     async def unload(self, engine_id: str) -> None:
         """Stop one engine: SIGTERM (it finishes in-flight requests), SIGKILL after a timeout."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import DEFAULT_CONTEXT_LENGTH, load_config
+from coordinator.config import load_config
 from coordinator.errors import ConfigError
 
 
@@ -26,8 +26,38 @@ def test_models_and_ports_from_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert config.grpc_port == 8401
     [model] = config.models
     assert (model.name, model.source, model.tier) == ("q", "/m/q", "batch")
-    assert model.context_length == DEFAULT_CONTEXT_LENGTH
-    assert model.max_concurrency == 4
+    assert model.context_length is None  # the default, capped by what the model supports
+    assert model.max_concurrency is None  # the tier's knob
+    assert (model.replicas, model.kv_bits, model.pinned) == (1, 16, False)
+
+
+def test_a_model_in_two_tiers_is_two_units_with_tier_knobs(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+idle_unload_s = 60
+[tiers.batch]
+batch_window_ms = 200
+[[models]]
+name = "q"
+source = "/m/q"
+tiers = ["interactive", "batch"]
+replicas = 2
+pinned = true
+labels.required = {site = "east"}
+labels.preferred = {chip = "m4"}
+""",
+    )
+    config = load_config(path, home=tmp_path)
+    assert [m.key for m in config.models] == [("q", "interactive"), ("q", "batch")]
+    batch = config.unit("q", "batch")
+    assert batch is not None and batch.replicas == 2 and batch.pinned
+    assert batch.required_labels == {"site": "east"} and batch.preferred_labels == {"chip": "m4"}
+    assert config.tiers["batch"].batch_window_ms == 200
+    assert config.tiers["batch"].max_batch_size == 12  # untouched knobs keep the defaults
+    assert config.tiers["interactive"].batch_window_ms == 0
+    assert config.idle_unload_s == 60
+    assert config.unit("q", "nope") is None
 
 
 def test_cli_overrides_env_overrides_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,6 +83,22 @@ def test_cli_overrides_env_overrides_toml(tmp_path: Path, monkeypatch: pytest.Mo
         ),
         ("models = 3\n", "'models' must be an array"),
         ('[[models]]\nname = "a"\nsource = "x"\nmax_concurrency = 0\n', "'max_concurrency'"),
+        (
+            '[[models]]\nname = "a"\nsource = "x"\ntiers = ["batch", "gold"]\n',
+            "unknown tier 'gold'",
+        ),
+        ('[[models]]\nname = "a"\nsource = "x"\nreplicas = 0\n', "'replicas' must be an integer"),
+        ('[[models]]\nname = "a"\nsource = "x"\nkv_bits = 3\n', "'kv_bits' must be 16, 8 or 4"),
+        (
+            '[[models]]\nname = "a"\nsource = "x"\nlabels.needed = {a = "b"}\n',
+            "'labels' takes 'required' and 'preferred'",
+        ),
+        (
+            '[[models]]\nname = "a"\nsource = "x"\nlabels.required = {a = 1}\n',
+            "labels must be a table of short strings",
+        ),
+        ("[tiers.batch]\nbatch_window_ms = -5\n", "batch_window_ms must be an integer 0-"),
+        ("[tiers.gold]\nbatch_window_ms = 5\n", "unknown tier table"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path: Path, text: str, message: str) -> None:

@@ -258,7 +258,7 @@ async def test_stream_carries_status_and_engine_events(coord: Coord) -> None:
         pb.AgentMessage(event=pb.EngineEvent(kind=pb.EngineEvent.KIND_READY, engine=info))
     )
     await until(lambda: coord.routing.models() == ["demo"], "the engine to be routed")
-    target = await coord.routing.pick("demo")
+    target = await coord.routing.pick("demo", "interactive")
     assert target is not None
     assert (target.url, target.secret, target.node_id, target.tls) == (
         "https://10.0.0.7:9",

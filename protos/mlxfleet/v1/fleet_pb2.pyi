@@ -107,7 +107,14 @@ class EnrollResponse(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., fleet_ca_pem: _Optional[bytes] = ...) -> None: ...
 
 class NodeFacts(_message.Message):
-    __slots__ = ("hostname", "chip", "os", "ram_bytes", "performance_cores", "gpu_cores", "memory_bandwidth_gbps", "gpu_wired_limit_bytes", "mlx_version", "mlx_lm_version", "agent_version", "role")
+    __slots__ = ("hostname", "chip", "os", "ram_bytes", "performance_cores", "gpu_cores", "memory_bandwidth_gbps", "gpu_wired_limit_bytes", "mlx_version", "mlx_lm_version", "agent_version", "role", "labels", "serve_interactive", "os_reserve_bytes")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     CHIP_FIELD_NUMBER: _ClassVar[int]
     OS_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +127,9 @@ class NodeFacts(_message.Message):
     MLX_LM_VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SERVE_INTERACTIVE_FIELD_NUMBER: _ClassVar[int]
+    OS_RESERVE_BYTES_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     chip: str
     os: str
@@ -132,17 +142,22 @@ class NodeFacts(_message.Message):
     mlx_lm_version: str
     agent_version: str
     role: Role
-    def __init__(self, hostname: _Optional[str] = ..., chip: _Optional[str] = ..., os: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., performance_cores: _Optional[int] = ..., gpu_cores: _Optional[int] = ..., memory_bandwidth_gbps: _Optional[float] = ..., gpu_wired_limit_bytes: _Optional[int] = ..., mlx_version: _Optional[str] = ..., mlx_lm_version: _Optional[str] = ..., agent_version: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    serve_interactive: bool
+    os_reserve_bytes: int
+    def __init__(self, hostname: _Optional[str] = ..., chip: _Optional[str] = ..., os: _Optional[str] = ..., ram_bytes: _Optional[int] = ..., performance_cores: _Optional[int] = ..., gpu_cores: _Optional[int] = ..., memory_bandwidth_gbps: _Optional[float] = ..., gpu_wired_limit_bytes: _Optional[int] = ..., mlx_version: _Optional[str] = ..., mlx_lm_version: _Optional[str] = ..., agent_version: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., serve_interactive: _Optional[bool] = ..., os_reserve_bytes: _Optional[int] = ...) -> None: ...
 
 class TierKnobs(_message.Message):
-    __slots__ = ("max_concurrency", "batch_window_ms", "max_batch_size")
+    __slots__ = ("max_concurrency", "batch_window_ms", "max_batch_size", "queue_limit")
     MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     BATCH_WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LIMIT_FIELD_NUMBER: _ClassVar[int]
     max_concurrency: int
     batch_window_ms: int
     max_batch_size: int
-    def __init__(self, max_concurrency: _Optional[int] = ..., batch_window_ms: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    queue_limit: int
+    def __init__(self, max_concurrency: _Optional[int] = ..., batch_window_ms: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., queue_limit: _Optional[int] = ...) -> None: ...
 
 class EngineInfo(_message.Message):
     __slots__ = ("engine_id", "model", "tier", "state", "url", "secret", "context_length")
@@ -270,12 +285,22 @@ class Drain(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class SetKnobs(_message.Message):
+    __slots__ = ("engine_id", "knobs")
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    KNOBS_FIELD_NUMBER: _ClassVar[int]
+    engine_id: str
+    knobs: TierKnobs
+    def __init__(self, engine_id: _Optional[str] = ..., knobs: _Optional[_Union[TierKnobs, _Mapping]] = ...) -> None: ...
+
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("load", "unload", "drain")
+    __slots__ = ("load", "unload", "drain", "set_knobs")
     LOAD_FIELD_NUMBER: _ClassVar[int]
     UNLOAD_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
+    SET_KNOBS_FIELD_NUMBER: _ClassVar[int]
     load: LoadModel
     unload: UnloadModel
     drain: Drain
-    def __init__(self, load: _Optional[_Union[LoadModel, _Mapping]] = ..., unload: _Optional[_Union[UnloadModel, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ...) -> None: ...
+    set_knobs: SetKnobs
+    def __init__(self, load: _Optional[_Union[LoadModel, _Mapping]] = ..., unload: _Optional[_Union[UnloadModel, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ..., set_knobs: _Optional[_Union[SetKnobs, _Mapping]] = ...) -> None: ...
