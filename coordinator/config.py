@@ -46,7 +46,7 @@ class ModelSpec:
     context_length: int | None = None
     max_concurrency: int | None = None  # None: the tier's knob
     replicas: int = 1
-    kv_bits: int = 16  # 8 or 4 quantize the KV cache (only with max_concurrency 1: mlx-lm 0.32.2)
+    kv_bits: int = 16  # only 16 for now: see _model_specs
     pinned: bool = False  # never unloaded for idleness or evicted for room
     required_labels: Mapping[str, str] = field(default_factory=dict)
     preferred_labels: Mapping[str, str] = field(default_factory=dict)
@@ -147,6 +147,14 @@ def _model_specs(raw: Any, where: str) -> list[ModelSpec]:
     kv_bits = raw.get("kv_bits", 16)
     if kv_bits not in (16, 8, 4) or isinstance(kv_bits, bool):
         raise ConfigError(f"{where}: 'kv_bits' must be 16, 8 or 4, got {kv_bits!r}")
+    if kv_bits != 16:
+        # The memory math knows quantized KV (memory.kv_cache_bytes), but the engine runs every
+        # sequence through mlx-lm's BatchGenerator, which merges caches even for one sequence,
+        # and a QuantizedKVCache cannot merge in 0.32.2: refuse rather than under-count memory.
+        raise ConfigError(
+            f"{where}: kv_bits {kv_bits} is not supported yet: the engine batches every request "
+            "and mlx-lm 0.32.2 cannot batch a quantized KV cache"
+        )
     pinned = raw.get("pinned", False)
     if not isinstance(pinned, bool):
         raise ConfigError(f"{where}: 'pinned' must be true or false, got {pinned!r}")

@@ -344,7 +344,7 @@ class Gateway:
                                 body=data,
                                 status=upstream.status,
                                 content_type="application/json",
-                                headers=_passthrough_headers(upstream),
+                                headers={**_passthrough_headers(upstream), TIER_HEADER: key[1]},
                             )
                         # The client gets its headers with the first chunk, so an engine that
                         # fails before that is retried elsewhere without the client noticing.
@@ -357,7 +357,7 @@ class Gateway:
                         )
                         self._routing.remove_engine(target.engine_id)
                         continue
-                    return await self._relay_stream(request, upstream, target, first)
+                    return await self._relay_stream(request, upstream, target, first, key[1])
         raise unavailable(*key)
 
     async def _post(self, target: Target, path: str, raw: bytes) -> aiohttp.ClientResponse:
@@ -400,9 +400,14 @@ class Gateway:
         upstream: aiohttp.ClientResponse,
         target: Target,
         first: bytes,
+        tier: str,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                TIER_HEADER: tier,  # which tier served it
+            }
         )
         await response.prepare(request)
         tail = first[-64:]

@@ -97,6 +97,7 @@ class Reconciler:
         self._sizes: dict[UnitKey, int | SizingError] = {}
         self._contexts: dict[UnitKey, int] = {}
         self._asleep: set[UnitKey] = set()  # unloaded for idleness or room; woken on demand
+        self._moving: set[EngineId] = set()  # rebalanced away: unloaded once replaced
         self._known_nodes: set[NodeId] = set()
         self.usage: dict[UnitKey, Usage] = {key: Usage() for key in self._units}
         self.pending: dict[UnitKey, str] = {}  # unit -> why it is not (fully) placed
@@ -237,7 +238,11 @@ class Reconciler:
         elif key in self._asleep:
             self.pending.pop(key, None)
             return
-        leaving = [e for e in engines if self._node_cordoned(e.node_id)]
+        # Leaving: on a cordoned node, or moved by a rebalance; each goes once enough
+        # replicas elsewhere are ready.
+        leaving = [
+            e for e in engines if self._node_cordoned(e.node_id) or e.engine_id in self._moving
+        ]
         staying = [e for e in engines if e not in leaving]
         self._trim(spec, staying)
         size = self.size(spec)
@@ -245,9 +250,10 @@ class Reconciler:
             self.pending[key] = str(size)
             return
         if rebalance and self._idle_for(key, REBALANCE_IDLE_S):
-            moved = self._rebalance(spec, size, staying)
+            moved, started = self._rebalance(spec, size, staying)
+            self._moving.update(e.engine_id for e in moved)
             leaving += moved
-            staying = [e for e in staying if e not in moved]
+            staying = [e for e in staying if e not in moved] + started
         ready = [e for e in staying if e.state == "ready"]
         if len(ready) >= spec.replicas:
             for engine in leaving:  # replacements are ready: the old ones go (in-flight finish)
@@ -258,7 +264,7 @@ class Reconciler:
             return
         if self._awaiting_restore(key) or self._backing_off(key):
             return
-        hosting = {e.node_id for e in engines}
+        hosting = {e.node_id for e in staying}
         placement = place(self._demand(spec, size), self.offers(), hosting)
         if placement.pending_reason and self._evict_for(spec, size, hosting):
             placement = place(self._demand(spec, size), self.offers(), hosting)
@@ -318,11 +324,14 @@ class Reconciler:
         usage = self.usage.get(key, Usage())
         return usage.in_flight == 0 and time.monotonic() - usage.last_used >= seconds
 
-    def _rebalance(self, spec: ModelSpec, size: int, staying: list[Engine]) -> list[Engine]:
+    def _rebalance(
+        self, spec: ModelSpec, size: int, staying: list[Engine]
+    ) -> tuple[list[Engine], list[Engine]]:
         """A node joined: if the policy would now put an idle unit's replica elsewhere, start
-        it there; the old engine leaves once the new one is ready. One move per join."""
+        it there; the old engine leaves once the new one is ready. One move per join.
+        Returns (engines leaving, engines started)."""
         if not staying:
-            return []
+            return [], []
         current = {e.node_id for e in staying}
         offers = [
             replace(o, free_bytes=o.free_bytes + size) if o.node_id in current else o
@@ -331,17 +340,16 @@ class Reconciler:
         best = place(self._demand(spec, size), offers).nodes
         moves = [n for n in best if n not in current]
         if not moves:
-            return []
+            return [], []
         target = moves[0]
         if place(
             replace(self._demand(spec, size), replicas=1),
             [o for o in self.offers() if o.node_id == target],
         ).nodes != (target,):
-            return []
+            return [], []
         old = next(e for e in staying if e.node_id not in best)
         logger.info("rebalancing %s/%s from %s to %s", spec.name, spec.tier, old.node_id, target)
-        self._load(spec, NodeId(target))
-        return [old]
+        return [old], [self._load(spec, NodeId(target))]
 
     def _trim(self, spec: ModelSpec, staying: list[Engine]) -> None:
         """More engines than replicas (a partitioned node came back after its replica was
@@ -456,12 +464,14 @@ class Reconciler:
             engine.node_id,
             why,
         )
+        self._moving.discard(engine.engine_id)
         self._registry.upsert_engine(replace(engine, state="stopping"))
         self._send(engine.node_id, UnloadCommand(engine.engine_id))
 
-    def _load(self, spec: ModelSpec, node_id: NodeId) -> None:
+    def _load(self, spec: ModelSpec, node_id: NodeId) -> Engine:
         engine_id = EngineId(f"{spec.name.replace('/', '_')}-{spec.tier[0]}-{uuid.uuid4().hex[:8]}")
-        self._registry.upsert_engine(Engine(engine_id, spec.name, node_id, spec.tier, "starting"))
+        engine = Engine(engine_id, spec.name, node_id, spec.tier, "starting")
+        self._registry.upsert_engine(engine)
         self._store.save_placement(engine_id, spec.name, node_id, spec.tier)
         self._send(
             node_id,
@@ -477,6 +487,7 @@ class Reconciler:
         logger.info(
             "placing %s/%s on node %s as engine %s", spec.name, spec.tier, node_id, engine_id
         )
+        return engine
 
     def _send(self, node_id: NodeId, command: Command) -> None:
         self._registry.send(node_id, command)

@@ -89,6 +89,7 @@ def test_cli_overrides_env_overrides_toml(tmp_path: Path, monkeypatch: pytest.Mo
         ),
         ('[[models]]\nname = "a"\nsource = "x"\nreplicas = 0\n', "'replicas' must be an integer"),
         ('[[models]]\nname = "a"\nsource = "x"\nkv_bits = 3\n', "'kv_bits' must be 16, 8 or 4"),
+        ('[[models]]\nname = "a"\nsource = "x"\nkv_bits = 8\n', "kv_bits 8 is not supported yet"),
         (
             '[[models]]\nname = "a"\nsource = "x"\nlabels.needed = {a = "b"}\n',
             "'labels' takes 'required' and 'preferred'",

@@ -55,7 +55,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterato
             f.key = run_ok(cli("keys", "create", "--name", "multihost", "--home", str(f.home)))
             f.start_agent("a1", net.hosts[1], f.token(), extra=("--role", "server"))
             f.start_agent(
-                "a2", net.hosts[2], f.token(), by_address=False, extra=("--role", "laptop")
+                "a2",
+                net.hosts[2],
+                f.token(),
+                by_address=False,
+                extra=("--role", "laptop", "--serve-interactive"),
             )
             wait_for(lambda: MODEL in f.models(), READY_TIMEOUT_S, "the demo model to be routable")
             yield f
