@@ -16,10 +16,8 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import queue
 import shlex
 import signal
@@ -29,83 +27,20 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
-REPO = Path(__file__).resolve().parent.parent
-DOCS = REPO / "docs" / "benchmarks.md"
+from harness import DOCS, REPO, Proc, cli, machine, read_json, versions, wait_for, write_docs
+
 SECTION = "## Coordinator under 500 agents (issue 3)"
-DOCS_INTRO = (
-    "# Benchmarks\n\nNumbers measured with the scripts in benchmarks/; "
-    "machine and versions beside each table.\n"
-)
 TARGET_CORES = 0.5  # issue 3: the coordinator holds 500 agents on at most half a core
 START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10.0
 RECONNECT_S = 1.0  # a worker's agent whose stream broke dials again after this (counted)
 
 
 # Processes (the same shape as gateway_overhead.py)
-
-
-class Proc:
-    """A subprocess in its own session, output to a log file; `stop` ends its whole group."""
-
-    def __init__(
-        self, args: list[str], log: Path, pipes: bool = False, env: dict[str, str] | None = None
-    ) -> None:
-        self.log = log
-        self._fh = log.open("wb")
-        self.popen = subprocess.Popen(
-            args,
-            cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            start_new_session=True,
-            stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
-            stdout=subprocess.PIPE if pipes else self._fh,
-            stderr=self._fh,
-        )
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            if self.popen.stdin is not None:
-                self.popen.stdin.close()  # a worker also exits on EOF
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGTERM)
-        try:
-            self.popen.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait()
-        self._fh.close()
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "coordinator.cli", *args]
-
-
-def wait_for(check: Callable[[], T | None], timeout_s: float, what: str) -> T:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def cpu_s(pid: int) -> float:
@@ -362,7 +297,7 @@ def coordinator(home: Path, logs: Path) -> Iterator[tuple[Proc, dict[str, Any]]]
     )
     try:
         runtime = wait_for(
-            lambda: _read_json(home / "coordinator.json"), START_TIMEOUT_S, "the coordinator"
+            lambda: read_json(home / "coordinator.json"), START_TIMEOUT_S, "the coordinator"
         )
         yield proc, runtime
     except BaseException:
@@ -420,7 +355,8 @@ def run(args: argparse.Namespace, workdir: Path) -> Results:
                             str(args.enroll_concurrency),
                         ],
                         logs / f"worker-{i}.log",
-                        pipes=True,
+                        stdout_pipe=True,
+                        stdin_pipe=True,
                     ),
                     count,
                 )
@@ -498,39 +434,6 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {ram_gib:.1f} GiB RAM, {platform.platform()}"
-
-
-def versions() -> str:
-    parts = [f"Python {platform.python_version()}"]
-    for pkg in ("grpcio", "protobuf", "cryptography", "uvloop"):
-        try:
-            parts.append(f"{pkg} {importlib.metadata.version(pkg)}")
-        except importlib.metadata.PackageNotFoundError:
-            parts.append(f"{pkg} (not installed)")
-    return ", ".join(parts)
-
-
-def write_docs(section: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else DOCS_INTRO
-    start = text.find(SECTION)
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if nxt == -1 else "\n" + text[nxt + 1 :])
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text.rstrip("\n") + "\n")
-
-
 def report(res: Results, args: argparse.Namespace, command: str, when: str) -> str:
     lat_ms = [x * 1e3 for x in res.enroll_latencies]
     cores = res.coord_cpu_s / res.window_s
@@ -585,7 +488,7 @@ def report(res: Results, args: argparse.Namespace, command: str, when: str) -> s
 Measured {when} with `{command}`.
 
 - Machine: {machine()}
-- Versions: {versions()}
+- Versions: {versions("grpcio", "protobuf", "cryptography", "uvloop")}
 - Event loop: `{os.environ.get("MLXFLEET_LOOP", "uvloop")}` in the coordinator and the workers.
 
 Method: the real coordinator (`mlxfleet coordinator --port 0 --grpc-port 0 --enroll-port 0`,
@@ -656,7 +559,7 @@ def main() -> int:
     section = report(res, args, command, when)
     print(section)
     if args.write_docs:
-        write_docs(section)
+        write_docs(SECTION, section)
         print(f"updated {DOCS}", file=sys.stderr)
     return 0
 

@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import re
 import shlex
 import signal
@@ -33,30 +31,37 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from harness import (
+    DOCS,
+    REPO,
+    STOP_TIMEOUT_S,
+    cli,
+    descendants,
+    machine,
+    mlx_cache_state,
+    read_json,
+    versions,
+    wait_for,
+    write_docs,
+)
+
 sys.path.insert(0, str(REPO))  # tests.netns
+
 
 from tests.netns import Host, Network, unavailable_reason  # noqa: E402
 
-T = TypeVar("T")
-DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Enrollment and liveness on a LAN (issue 3)"
-DOCS_INTRO = (
-    "# Benchmarks\n\nNumbers measured with the scripts in benchmarks/; "
-    "machine and versions beside each table.\n"
-)
 MODEL = "demo"
 CONTEXT_LENGTH = 2048
 POLL_S = 0.1
 START_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 180.0  # cold start on 2 cores: imports, enrollment, model load, kernels
 PARTITION_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 20.0
 REQUEST_TIMEOUT_S = 5.0
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
@@ -64,60 +69,24 @@ LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 # Processes
 
 
-def _descendants(pid: int) -> list[int]:
-    parent: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    found, frontier = [], [pid]
-    while frontier:
-        kids = [p for p, pp in parent.items() if pp in frontier]
-        found += kids
-        frontier = kids
-    return found
-
-
 def stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the process's session and its children's (engines have their own), then KILL."""
-    groups = [proc.pid, *_descendants(proc.pid)]
+    groups = [proc.pid, *descendants(proc.pid)]
     for pid in groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(STOP_TIMEOUT_S)
-    for pid in [*groups, *_descendants(proc.pid)]:
+    for pid in [*groups, *descendants(proc.pid)]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
     proc.wait()
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "coordinator.cli", *args]
 
 
 def cli_out(*args: str) -> str:
     return subprocess.run(
         cli(*args), capture_output=True, text=True, check=True, cwd=REPO, timeout=60
     ).stdout.strip()
-
-
-def wait_for(check: Callable[[], T | None], timeout_s: float, what: str) -> T:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(POLL_S)
-    raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def http(
@@ -236,7 +205,7 @@ def fleet(net: Network, workdir: Path, model: Path, uses: int) -> Iterator[Fleet
             )
         )
         f.runtime = wait_for(
-            lambda: _read_json(home / "coordinator.json"), START_TIMEOUT_S, "the coordinator"
+            lambda: read_json(home / "coordinator.json"), START_TIMEOUT_S, "the coordinator"
         )
         f.gateway = f"http://{coord_host.ip}:{f.runtime['gateway_port']}"
         f.api_key = cli_out("keys", "create", "--name", "bench", "--home", str(home))
@@ -271,12 +240,6 @@ def log_times(log: Path) -> dict[str, float]:
                     match.group(1), "%Y-%m-%d %H:%M:%S,%f"
                 ).timestamp()
     return found
-
-
-def mlx_cache_state() -> str:
-    cache = Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / "mlx"
-    files = [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
-    return f"warm ({len(files)} files in {cache})" if files else f"cold ({cache} empty/absent)"
 
 
 # (a) agent start → first routed completion
@@ -329,7 +292,7 @@ def time_partition(net: Network, workdir: Path, model: Path) -> Partition:
         for i in (1, 2):
             _p, home, _log = f.agent(net.hosts[i], f"agent{i}")
             identity = wait_for(
-                lambda home=home: _read_json(home / "agent" / "identity.json"),
+                lambda home=home: read_json(home / "agent" / "identity.json"),
                 START_TIMEOUT_S,
                 f"agent{i} to enroll",
             )
@@ -408,39 +371,6 @@ def time_partition(net: Network, workdir: Path, model: Path) -> Partition:
 # Report
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {ram_gib:.1f} GiB RAM, {platform.platform()}"
-
-
-def versions() -> str:
-    parts = [f"Python {platform.python_version()}"]
-    for pkg in ("grpcio", "protobuf", "cryptography", "mlx", "mlx-lm", "litellm"):
-        try:
-            parts.append(f"{pkg} {importlib.metadata.version(pkg)}")
-        except importlib.metadata.PackageNotFoundError:
-            parts.append(f"{pkg} (not installed)")
-    return ", ".join(parts)
-
-
-def write_docs(section: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else DOCS_INTRO
-    start = text.find(SECTION)
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if nxt == -1 else "\n" + text[nxt + 1 :])
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text.rstrip("\n") + "\n")
-
-
 def _s(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
@@ -493,7 +423,7 @@ def report(
 Measured {when} with `{command}`.
 
 - Machine: {machine()}
-- Versions: {versions()}
+- Versions: {versions("grpcio", "protobuf", "cryptography", "mlx", "mlx-lm", "litellm")}
 - Network: `tests/netns.py`: one network namespace per host on a Linux bridge (veth links,
   10.231.N.0/24); the coordinator on host 1 (`--host <its IP>`), agents on hosts 2 and 3
   (`--coordinator <IP>:<grpc port> --enroll-port <port> --token T --no-mdns`, a fresh
@@ -574,7 +504,7 @@ def main() -> int:
     section = report(firsts, parts, cache, command, when)
     print(section)
     if args.write_docs:
-        write_docs(section)
+        write_docs(SECTION, section)
         print(f"updated {DOCS}", file=sys.stderr)
     return 0
 

@@ -7,9 +7,7 @@ the time `plan()` takes for a large fleet. Pure Python; no process, no network, 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import os
 import platform
 import shlex
 import statistics
@@ -18,8 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from harness import DOCS, REPO, machine, write_docs
+
 sys.path.insert(0, str(REPO))
+
 
 from coordinator.policy import plan  # noqa: E402
 from coordinator.simulator import (  # noqa: E402
@@ -32,12 +32,7 @@ from coordinator.simulator import (  # noqa: E402
     random_fleet,
 )
 
-DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Placement: fleet simulator (issue 4)"
-DOCS_INTRO = (
-    "# Benchmarks\n\nNumbers measured with the scripts in benchmarks/; "
-    "machine and versions beside each table.\n"
-)
 DEMAND_SEED_OFFSET = 1_000_000  # instance i: fleet seed i, demand seed offset + i
 TARGET_DECISION_MS = 100.0  # issue 4: plan() for 100 nodes × 50 models
 
@@ -114,28 +109,6 @@ def decision_times(nodes: int, models: int, runs: int) -> tuple[list[float], flo
         times.append(time.perf_counter() - t0)
         fractions.append(placed_replicas(result) / sum(d.replicas for d in demands))
     return times, statistics.fmean(fractions)
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} cores, {platform.platform()}"
-
-
-def write_docs(section: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else DOCS_INTRO
-    start = text.find(SECTION)
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if nxt == -1 else "\n" + text[nxt + 1 :])
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text.rstrip("\n") + "\n")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -223,7 +196,7 @@ was shared with other test runs: three runs on 2026-11-22 gave medians 2.8–7.1
 """
     print(section)
     if args.write_docs:
-        write_docs(section)
+        write_docs(SECTION, section)
         print(f"updated {DOCS}", file=sys.stderr)
     return 0
 

@@ -14,10 +14,8 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import random
 import re
 import secrets
@@ -28,28 +26,31 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import aiohttp
-
-T = TypeVar("T")
-REPO = Path(__file__).resolve().parent.parent
-DOCS = REPO / "docs" / "benchmarks.md"
-SECTION = "## Gateway overhead (issue 2)"
-DOCS_INTRO = (
-    "# Benchmarks\n\nNumbers measured with the scripts in benchmarks/; "
-    "machine and versions beside each table.\n"
+from harness import (
+    DOCS,
+    REPO,
+    Proc,
+    cli,
+    machine,
+    mlx_cache_state,
+    read_json,
+    versions,
+    wait_for,
+    write_docs,
 )
+
+SECTION = "## Gateway overhead (issue 2)"
 
 MODEL = "demo"
 MAX_CONCURRENCY = 16  # engine slots: every stream of a 16-wave decodes at once
 CONTEXT_LENGTH = 2048
 READY_TIMEOUT_S = 180.0  # cold start on 2 cores: imports, model load, kernel compile
 UP_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 20.0
 REQUEST_TIMEOUT_S = 120.0
 TARGET_OVERHEAD_MS = 2.0  # issue 2: gateway adds <= 2 ms to p50 TTFT at 16 streams
 UP_TARGET_S = 15.0
@@ -62,74 +63,6 @@ PROMPTS = (
 
 
 # Processes
-
-
-class Proc:
-    """A subprocess in its own session, output to a log file; `stop` ends its whole group."""
-
-    def __init__(
-        self,
-        args: list[str],
-        log: Path,
-        env: dict[str, str] | None = None,
-        stdout_pipe: bool = False,
-    ) -> None:
-        self.log = log
-        self._fh = log.open("wb")
-        self.popen = subprocess.Popen(
-            args,
-            cwd=REPO,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-            stdout=subprocess.PIPE if stdout_pipe else self._fh,
-            stderr=self._fh,
-        )
-
-    def stop(self) -> None:
-        # Engines started by the agent run in their own sessions: collect them first.
-        for pid in [self.popen.pid, *_descendants(self.popen.pid)]:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(STOP_TIMEOUT_S)
-        for pid in [self.popen.pid, *_descendants(self.popen.pid)]:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-        self.popen.wait()
-        self._fh.close()
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-
-def _descendants(pid: int) -> list[int]:
-    """All live descendants of a process, from /proc."""
-    parent: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    found, frontier = [], [pid]
-    while frontier:
-        kids = [p for p, pp in parent.items() if pp in frontier]
-        found += kids
-        frontier = kids
-    return found
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "coordinator.cli", *args]
-
-
-def wait_for(check: Callable[[], T | None], timeout_s: float, what: str) -> T:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def _get(url: str, token: str) -> tuple[int, bytes]:
@@ -190,7 +123,7 @@ def running_system(workdir: Path) -> Iterator[Endpoints]:
         )
         procs.append(coordinator)
         runtime = wait_for(
-            lambda: _read_json(home / "coordinator.json"), 60, "the coordinator to listen"
+            lambda: read_json(home / "coordinator.json"), 60, "the coordinator to listen"
         )
         key = subprocess.run(
             cli("keys", "create", "--name", "bench", "--home", str(home)),
@@ -278,13 +211,6 @@ def running_system(workdir: Path) -> Iterator[Endpoints]:
     finally:
         for p in reversed(procs):
             p.stop()
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # Measurement
@@ -447,12 +373,6 @@ def table(
 # `mlxfleet up` time to ready
 
 
-def mlx_cache_state(tmpdir: str) -> str:
-    cache = Path(tmpdir) / "mlx"
-    files = [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
-    return f"warm ({len(files)} files in {cache})" if files else f"cold ({cache} empty/absent)"
-
-
 def time_up(workdir: Path, tmpdir: str | None = None) -> float:
     """Seconds from process start to the stdout line with 'endpoint'; then stop it."""
     home = Path(tempfile.mkdtemp(prefix="up-home-", dir=workdir))
@@ -482,39 +402,6 @@ def time_up(workdir: Path, tmpdir: str | None = None) -> float:
 
 
 # Report
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {ram_gib:.1f} GiB RAM, {platform.platform()}"
-
-
-def versions() -> str:
-    parts = [f"Python {platform.python_version()}"]
-    for pkg in ("mlx", "mlx-lm", "litellm", "aiohttp"):
-        try:
-            parts.append(f"{pkg} {importlib.metadata.version(pkg)}")
-        except importlib.metadata.PackageNotFoundError:
-            parts.append(f"{pkg} (not installed)")
-    return ", ".join(parts)
-
-
-def write_docs(section: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else DOCS_INTRO
-    start = text.find(SECTION)
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if nxt == -1 else "\n" + text[nxt + 1 :])
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text.rstrip("\n") + "\n")
 
 
 def _interrupt(_signum: int, _frame: object) -> None:
@@ -583,7 +470,7 @@ def main() -> int:
 Measured {when} with `{command}`.
 
 - Machine: {machine()}
-- Versions: {versions()}
+- Versions: {versions("mlx", "mlx-lm", "litellm", "aiohttp")}
 - Engine flags (both engines): `--model-name {MODEL} --context-length {CONTEXT_LENGTH}
   --max-concurrency {MAX_CONCURRENCY}`, the offline demo model (`write_demo_model`).
 - Event loop: `{os.environ.get("MLXFLEET_LOOP", "uvloop")}` in the coordinator and both engines
@@ -627,7 +514,7 @@ kernels from scratch: {cold:.2f} s.
 """
     print(section)
     if args.write_docs:
-        write_docs(section)
+        write_docs(SECTION, section)
         print(f"updated {DOCS}", file=sys.stderr)
     return 0
 

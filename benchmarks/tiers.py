@@ -20,10 +20,8 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import random
 import re
 import secrets
@@ -31,27 +29,20 @@ import shlex
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
+from harness import DOCS, REPO, Proc, descendants, machine, versions, wait_for, write_docs
 
-T = TypeVar("T")
-REPO = Path(__file__).resolve().parent.parent
-DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Tiers: interactive vs batch, against mlx_lm.server (issue 4)"
-DOCS_INTRO = (
-    "# Benchmarks\n\nNumbers measured with the scripts in benchmarks/; "
-    "machine and versions beside each table.\n"
-)
 
 MODEL = "demo"
 THEIR_MODEL = "default_model"  # mlx_lm.server: any other name makes it try to load that model
@@ -68,7 +59,6 @@ BURST_MAX_TOKENS = 32
 BURST_SLOTS = 32  # part 4: room for 16 streams + a burst, so the window decides admission
 WINDOWS_MS = (50, 200)
 READY_TIMEOUT_S = 240.0  # three cold starts at once on 2 cores
-STOP_TIMEOUT_S = 20.0
 REQUEST_TIMEOUT_S = 180.0
 SETTLE_TIMEOUT_S = 15.0
 TTFT_RATIO_TARGET = 0.25  # ours p50 <= 1/4 of mlx_lm.server's
@@ -85,75 +75,6 @@ PROMPTS = (
 
 
 # Processes (the pattern of gateway_overhead.py)
-
-
-class Proc:
-    """A subprocess in its own session, output to a log file; `stop` ends its whole group."""
-
-    def __init__(
-        self,
-        args: list[str],
-        log: Path,
-        env: dict[str, str] | None = None,
-        stdout_pipe: bool = False,
-        stdin_pipe: bool = False,
-    ) -> None:
-        self.log = log
-        self._fh = log.open("wb")
-        self.popen = subprocess.Popen(
-            args,
-            cwd=REPO,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-            stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
-            stdout=subprocess.PIPE if stdout_pipe else self._fh,
-            stderr=self._fh,
-        )
-
-    def stop(self) -> None:
-        for pid in [self.popen.pid, *_descendants(self.popen.pid)]:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(STOP_TIMEOUT_S)
-        for pid in [self.popen.pid, *_descendants(self.popen.pid)]:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-        self.popen.wait()
-        for pipe in (self.popen.stdin, self.popen.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
-        self._fh.close()
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-
-def _descendants(pid: int) -> list[int]:
-    """All live descendants of a process, from /proc."""
-    parent: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    found, frontier = [], [pid]
-    while frontier:
-        kids = [p for p, pp in parent.items() if pp in frontier]
-        found += kids
-        frontier = kids
-    return found
-
-
-def wait_for(check: Callable[[], T | None], timeout_s: float, what: str) -> T:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def _http(url: str, token: str | None, body: dict | None = None) -> tuple[int, bytes]:
@@ -175,7 +96,7 @@ def _http(url: str, token: str | None, body: dict | None = None) -> tuple[int, b
 def cpu_s(pids: list[int]) -> float:
     """User + system CPU seconds used by processes (and their live descendants), from /proc."""
     total = 0.0
-    for pid in {p for root in pids for p in (root, *_descendants(root))}:
+    for pid in {p for root in pids for p in (root, *descendants(root))}:
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -804,39 +725,6 @@ def report(res: Results, args: argparse.Namespace) -> tuple[str, str]:
     return tables, "\n".join(verdicts)
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {ram_gib:.1f} GiB RAM, {platform.platform()}"
-
-
-def versions() -> str:
-    parts = [f"Python {platform.python_version()}"]
-    for pkg in ("mlx", "mlx-lm", "aiohttp"):
-        try:
-            parts.append(f"{pkg} {importlib.metadata.version(pkg)}")
-        except importlib.metadata.PackageNotFoundError:
-            parts.append(f"{pkg} (not installed)")
-    return ", ".join(parts)
-
-
-def write_docs(section: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else DOCS_INTRO
-    start = text.find(SECTION)
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if nxt == -1 else "\n" + text[nxt + 1 :])
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text.rstrip("\n") + "\n")
-
-
 def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -885,7 +773,7 @@ def main() -> int:
 Measured {when} with `{command}` ({elapsed / 60:.1f} min).
 
 - Machine: {machine()}
-- Versions: {versions()}
+- Versions: {versions("mlx", "mlx-lm", "aiohttp")}
 - Model: the offline demo model (`write_demo_model`: a tiny random-weight Qwen2, 2 layers, hidden
   128, vocab 1536; its output is gibberish), so these are engine and scheduling numbers on
   **CPU MLX on a 2-core Linux box, not a Mac**: a real model on Metal spends far more of each
@@ -942,7 +830,7 @@ Verdicts:
 """
     print(section)
     if args.write_docs:
-        write_docs(section)
+        write_docs(SECTION, section)
         print(f"updated {DOCS}", file=sys.stderr)
     return 0
 

@@ -203,3 +203,29 @@ def node_budget(
     if wired_limit_bytes > 0:
         ceiling = min(ceiling, wired_limit_bytes)
     return ceiling - placed_bytes
+
+
+def size_engine(
+    source: str, context: int | None, sequences: int, kv_bits: int, default_context: int
+) -> tuple[int, int]:
+    """(bytes one engine of this model needs, the context in force) for a local folder or a
+    hub id. A hub model not in the local cache yet sizes as 0 (the agent downloads it)."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        weights, config = weight_bytes(folder), read_config(folder)
+    else:
+        cached = cached_hub_config(source)
+        if cached is None:
+            return 0, context or default_context
+        config, weights = cached, estimated_weight_bytes(cached)
+    if context is None:
+        context = min(default_context, attention_shape(config).max_context or default_context)
+    return footprint(weights, config, context, sequences, kv_bits).total, context
+
+
+def cached_hub_config(repo: str) -> dict[str, Any] | None:
+    """config.json of a hub model already in the local Hugging Face cache (never downloads)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo, "config.json")
+    return read_config(Path(path).parent) if isinstance(path, str) else None

@@ -17,19 +17,10 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from coordinator.config import DEFAULT_CONTEXT_LENGTH, Config, ModelSpec
-from coordinator.memory import (
-    SizingError,
-    attention_shape,
-    estimated_weight_bytes,
-    footprint,
-    node_budget,
-    read_config,
-    weight_bytes,
-)
+from coordinator.memory import SizingError, node_budget, size_engine
 from coordinator.policy import Demand, Offer, place
 from coordinator.registry import (
     Command,
@@ -206,25 +197,18 @@ class Reconciler:
         return self._contexts.get(spec.key, DEFAULT_CONTEXT_LENGTH)
 
     def _measure(self, spec: ModelSpec) -> int | SizingError:
-        folder = Path(spec.source).expanduser()
         try:
-            if folder.is_dir():
-                weights, config = weight_bytes(folder), read_config(folder)
-            else:
-                cached = _cached_hub_config(spec.source)
-                if cached is None:  # not downloaded yet: the agent will fetch it
-                    return 0
-                config = cached
-                weights = estimated_weight_bytes(config)
-            context = spec.context_length
-            if context is None:
-                supported = attention_shape(config).max_context or DEFAULT_CONTEXT_LENGTH
-                context = min(DEFAULT_CONTEXT_LENGTH, supported)
-            self._contexts[spec.key] = context
-            sequences = self.engine_knobs(spec).max_concurrency
-            return footprint(weights, config, context, sequences, spec.kv_bits).total
+            size, context = size_engine(
+                spec.source,
+                spec.context_length,
+                self.engine_knobs(spec).max_concurrency,
+                spec.kv_bits,
+                DEFAULT_CONTEXT_LENGTH,
+            )
         except SizingError as exc:
             return SizingError(f"{spec.name}: {exc}")
+        self._contexts[spec.key] = context
+        return size
 
     def _reconcile_unit(self, spec: ModelSpec, rebalance: bool) -> None:
         key = spec.key
@@ -494,15 +478,3 @@ class Reconciler:
 
     def units(self) -> Iterable[ModelSpec]:
         return self._units.values()
-
-
-def _cached_hub_config(repo: str) -> dict[str, Any] | None:
-    """config.json of a hub model already in the local cache, else None (never downloads)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - a dependency of mlx-lm
-        return None
-    path = try_to_load_from_cache(repo, "config.json")
-    if not isinstance(path, str):
-        return None
-    return read_config(Path(path).parent)

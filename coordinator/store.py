@@ -178,13 +178,6 @@ class Store:
         """Delete every key with this name; returns how many."""
         return self._db.execute("DELETE FROM api_keys WHERE name = ?", (name,)).rowcount
 
-    def api_key_name(self, key: str) -> str | None:
-        """The name of a valid key, or None."""
-        row = self._db.execute(
-            "SELECT name FROM api_keys WHERE key_hash = ?", (hash_secret(key),)
-        ).fetchone()
-        return row[0] if row else None
-
     def api_key_count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM api_keys").fetchone()[0])
 

@@ -12,8 +12,8 @@ def test_api_keys_are_stored_hashed(tmp_path: Path) -> None:
     store = Store(path)
     key = store.create_api_key("team")
     assert key.startswith(API_KEY_PREFIX) and len(key) > 40
-    assert store.api_key_name(key) == "team"
-    assert store.api_key_name(key + "x") is None
+    assert store.api_key(key) == ("team", "interactive,batch", "interactive")
+    assert store.api_key(key + "x") is None
     store.close()
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
     assert key.encode() not in raw
@@ -26,7 +26,7 @@ def test_preset_key_and_revoke(tmp_path: Path) -> None:
     assert store.create_api_key("up", "mlxf-preset") == "mlxf-preset"
     store.create_api_key("team")
     assert store.revoke_api_keys("up") == 1
-    assert store.api_key_name("mlxf-preset") is None
+    assert store.api_key("mlxf-preset") is None
     assert store.api_key_count() == 1
 
 
