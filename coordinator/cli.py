@@ -254,6 +254,34 @@ def _cmd_keys(args: argparse.Namespace) -> None:
     print(key)
 
 
+def _cmd_events(args: argparse.Namespace) -> None:
+    import datetime
+    import json
+
+    from coordinator.store import Store
+
+    home = Path(args.home or default_home()).expanduser()
+    if not Config(home=home).db_path.exists():
+        raise CliError(f"no state store in {home}")
+    store = Store(Config(home=home).db_path)
+    events = [e for e in store.events(args.limit) if args.node is None or e.node_id == args.node]
+    store.close()
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {"ts": e.ts, "node": e.node_id, "kind": e.kind, "detail": e.detail}
+                    for e in events
+                ],
+                indent=2,
+            )
+        )
+        return
+    for e in reversed(events):
+        when = datetime.datetime.fromtimestamp(e.ts).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{when}  {e.node_id or '-':<20}  {e.kind:<18}  {e.detail}")
+
+
 def _cmd_demo_model(args: argparse.Namespace) -> None:
     from node_agent.engine.demo_model import write_demo_model
 
@@ -375,6 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiers_set.add_argument("--queue-limit", type=int, default=None)
     tiers_set.add_argument("--home", default=argparse.SUPPRESS, help="state folder")
     tiers.set_defaults(func=cmd_tiers)
+
+    events = sub.add_parser("events", help="recent events: triggers, engine exits, enrollments")
+    events.add_argument("--limit", type=int, default=50)
+    events.add_argument("--node", help="only this node's events")
+    events.add_argument("--json", action="store_true")
+    events.add_argument("--home", help="state folder (default $MLXFLEET_HOME)")
+    events.set_defaults(func=_cmd_events)
 
     demo = sub.add_parser("demo-model", help="write the offline demo model to PATH")
     demo.add_argument("path")

@@ -6,13 +6,14 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from coordinator.errors import ConfigError
 from coordinator.memory import OS_RESERVE_BYTES
 from coordinator.tiers import DEFAULT_KNOBS, TIERS, Knobs, Tier, TierError, apply_knobs
+from coordinator.triggers import TriggerConfig
 
 DEFAULT_GATEWAY_PORT = 8400
 DEFAULT_GRPC_PORT = 8401  # mutual TLS: the agents' control streams
@@ -75,6 +76,7 @@ class Config:
     idle_unload_s: float = IDLE_UNLOAD_S
     reload_wait_s: float = RELOAD_WAIT_S
     os_reserve_bytes: int = OS_RESERVE_BYTES  # a node's own setting overrides it
+    triggers: TriggerConfig = field(default_factory=TriggerConfig)
 
     def unit(self, name: str, tier: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name and m.tier == tier), None)
@@ -172,6 +174,22 @@ def _model_specs(raw: Any, where: str) -> list[ModelSpec]:
     ]
 
 
+def _trigger_config(raw: Any, where: str) -> TriggerConfig:
+    """[triggers] swap_for_s = 90 ... over the seeds' defaults; every value a positive number."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: 'triggers' must be a table")
+    defaults = TriggerConfig()
+    known = {f.name: type(getattr(defaults, f.name)) for f in fields(TriggerConfig)}
+    changes: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown trigger setting {key!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{where}: [triggers] {key} must be a positive number, got {value!r}")
+        changes[key] = known[key](value)
+    return replace(defaults, **changes)
+
+
 def _tier_knobs(raw: Any, where: str) -> dict[Tier, Knobs]:
     """[tiers.batch] batch_window_ms = 200 ... over the defaults."""
     knobs = dict(DEFAULT_KNOBS)
@@ -231,6 +249,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         "idle_unload_s",
         "reload_wait_s",
         "os_reserve_gib",
+        "triggers",
     }
     unknown = set(raw) - known
     if unknown:
@@ -261,6 +280,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         dead_after_s=_seconds(raw.get("dead_after_s", DEAD_AFTER_S), "dead_after_s"),
         mdns=_optional_bool(raw.get("mdns"), "mdns"),
         tiers=_tier_knobs(raw.get("tiers", {}), str(path)),
+        triggers=_trigger_config(raw.get("triggers", {}), str(path)),
         idle_unload_s=_seconds(raw.get("idle_unload_s", IDLE_UNLOAD_S), "idle_unload_s"),
         reload_wait_s=_seconds(raw.get("reload_wait_s", RELOAD_WAIT_S), "reload_wait_s"),
         os_reserve_bytes=int(

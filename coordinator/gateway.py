@@ -11,6 +11,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict
@@ -39,6 +40,7 @@ ATTEMPTS = 3  # engines tried for one request before answering 503 (only before 
 ENGINE_CONNECT_TIMEOUT_S = 5.0
 SSE_DONE = b"data: [DONE]"
 WAKE_POLL_S = 0.05
+CONTENT_RE = re.compile(rb'"(?:content|text)":\s*"[^"]')  # an SSE chunk carrying generated text
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -321,6 +323,7 @@ class Gateway:
     async def _forward(
         self, request: web.Request, key: UnitKey, raw: bytes, stream: bool
     ) -> web.StreamResponse:
+        started = time.monotonic()
         for _ in range(ATTEMPTS):
             target = await self._routing.pick(*key)
             if target is None:
@@ -357,7 +360,9 @@ class Gateway:
                         )
                         self._routing.remove_engine(target.engine_id)
                         continue
-                    return await self._relay_stream(request, upstream, target, first, key[1])
+                    return await self._relay_stream(
+                        request, upstream, target, first, key[1], started
+                    )
         raise unavailable(*key)
 
     async def _post(self, target: Target, path: str, raw: bytes) -> aiohttp.ClientResponse:
@@ -401,6 +406,7 @@ class Gateway:
         target: Target,
         first: bytes,
         tier: str,
+        started: float,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={
@@ -411,11 +417,19 @@ class Gateway:
         )
         await response.prepare(request)
         tail = first[-64:]
+        # Interactive TTFT feeds the tail trigger; only chunks up to the first content are scanned.
+        timing = tier == "interactive"
         try:
             await response.write(first)
+            if timing and CONTENT_RE.search(first):
+                self._reconciler.observe_ttft(target.node_id, time.monotonic() - started)
+                timing = False
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
                 tail = (tail + chunk)[-64:]
+                if timing and CONTENT_RE.search(chunk):
+                    self._reconciler.observe_ttft(target.node_id, time.monotonic() - started)
+                    timing = False
         except aiohttp.ClientError as exc:
             logger.warning("engine %s broke a stream: %s", target.engine_id, exc)
         except ConnectionResetError:

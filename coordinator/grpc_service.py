@@ -234,6 +234,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             if kind == "status":
                 rss = {e.engine_id: e.rss_bytes for e in message.status.engines}
                 self._registry.heartbeat(node_id, status_from_pb(message.status), rss)
+                self._reconciler.observe_reading(node_id)
             elif kind == "event":
                 self._on_event(node_id, message.event)
             else:
@@ -261,6 +262,8 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         logger.warning("node %s: %s", node_id, detail)
         self._registry.drop_engine(engine.engine_id)
         self._store.delete_placement(engine.engine_id)
+        if reason == "oom":
+            self._reconciler.observe_oom_kill(node_id)
         if reason != "clean":
             self._reconciler.engine_failed(
                 unit_of(engine), detail if kind == "load_failed" else None

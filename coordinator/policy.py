@@ -40,7 +40,8 @@ class Offer:
     free_bytes: int  # node budget minus what is already placed there
     labels: Mapping[str, str] = field(default_factory=dict)
     interactive_on_laptop: bool = False  # the laptop's agent opted in
-    cordoned: bool = False  # drained: no new placements
+    cordoned: bool = False  # drained or halted by a trigger: no new placements
+    batch_closed: bool = False  # a trigger moved the batch tier away from this node
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,8 @@ def eligible(demand: Demand, offer: Offer) -> str | None:
         return "cordoned"
     if demand.tier == "batch" and offer.role != "server":
         return "batch runs on server-role nodes only"
+    if demand.tier == "batch" and offer.batch_closed:
+        return "batch tier moved away by a trigger"
     if demand.tier == "interactive" and offer.role == "laptop" and not offer.interactive_on_laptop:
         return "laptop has not opted in to serve"
     for key, value in demand.required_labels.items():

@@ -35,6 +35,7 @@ from coordinator.registry import (
 )
 from coordinator.store import Store
 from coordinator.tiers import Knobs, Tier, apply_knobs
+from coordinator.triggers import Change, Reading, Triggers
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ RECONCILE_INTERVAL_S = 0.25  # also woken at once by any registry change; bounds
 # After a restart, a unit recorded on a node that has not reconnected yet waits this long
 # for it, so an engine that outlived the coordinator is taken back instead of loaded twice.
 RESTORE_GRACE_S = 15.0
+HEAVY_MODEL_BYTES = 8 * 2**30  # offload-preferred nodes get models this big last
 RELOAD_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # after an engine exits or fails to load
 REBALANCE_IDLE_S = 30.0  # a unit with no request for this long may move to a new node
 
@@ -94,6 +96,8 @@ class Reconciler:
         self.pending: dict[UnitKey, str] = {}  # unit -> why it is not (fully) placed
         self.load_failures: dict[UnitKey, str] = {}  # unit -> its last load failure, until ready
         self.cold_starts: list[tuple[UnitKey, float]] = []  # (unit, seconds waited)
+        self.triggers = Triggers(config.triggers)
+        self._lowered: set[NodeId] = set()  # nodes whose engines run with halved concurrency
 
     # Inputs from the rest of the coordinator
     def engine_failed(self, key: UnitKey, load_failure: str | None = None) -> None:
@@ -120,6 +124,78 @@ class Reconciler:
         usage = self.usage.setdefault(key, Usage())
         usage.in_flight = max(0, usage.in_flight - 1)
         usage.last_used = time.monotonic()
+
+    # Triggers: readings in, events and actions out
+    def observe_reading(self, node_id: NodeId) -> None:
+        """A heartbeat arrived: evaluate the node's triggers on its reading."""
+        node = self._registry.nodes.get(node_id)
+        if node is None or node.status is None:
+            return
+        status, facts = node.status, node.facts
+        reading = Reading(
+            node_id,
+            time.monotonic(),
+            facts.ram_bytes,
+            status.available_bytes,
+            status.swap_used_bytes,
+            status.memory_pressure,
+            status.thermal_state,
+            status.power_source,
+            status.low_power_mode,
+            facts.role,
+        )
+        self._apply(self.triggers.observe(reading))
+
+    def observe_ttft(self, node_id: str, ttft_s: float) -> None:
+        """An interactive request's time to first token on this node (the tail trigger)."""
+        self._apply(self.triggers.observe_ttft(node_id, time.monotonic(), ttft_s))
+
+    def observe_oom_kill(self, node_id: str) -> None:
+        self._apply(self.triggers.observe_oom_kill(node_id, time.monotonic()))
+
+    def _apply(self, changes: list[Change]) -> None:
+        for change in changes:
+            level = f" {change.level}" if change.level else ""
+            detail = f"{change.trigger}{level}: {change.reading}"
+            if change.fired:
+                detail += f" -> {', '.join(sorted(change.actions))}"
+            kind = "trigger_fired" if change.fired else "trigger_cleared"
+            self._store.add_event(change.node_id, kind, detail)
+            logger.warning("node %s %s %s", change.node_id, kind, detail)
+            node_id = NodeId(change.node_id)
+            if "relocate_heaviest" in change.actions:
+                self._relocate_heaviest(node_id)
+            self._set_lowered(node_id, "lower_concurrency" in self.triggers.actions(node_id))
+        if changes:
+            self._registry.changed.set()
+
+    def _relocate_heaviest(self, node_id: NodeId) -> None:
+        engines = [
+            e
+            for e in self._registry.engines.values()
+            if e.node_id == node_id and e.state in LIVE_STATES and unit_of(e) in self._units
+        ]
+        if not engines:
+            return
+
+        def weight(e: Engine) -> int:
+            size = self.size(self._units[unit_of(e)])
+            return size if isinstance(size, int) else 0
+
+        heaviest = max(engines, key=lambda e: (weight(e), e.engine_id))
+        logger.info("relocating %s, the heaviest engine on %s", heaviest.engine_id, node_id)
+        self._moving.add(heaviest.engine_id)
+
+    def _set_lowered(self, node_id: NodeId, lowered: bool) -> None:
+        """Halve the node's engines' concurrency while the memory trigger holds; restore after."""
+        if lowered == (node_id in self._lowered):
+            return
+        self._lowered.symmetric_difference_update({node_id})
+        for engine in self._registry.engines.values():
+            spec = self._units.get(unit_of(engine))
+            if engine.node_id == node_id and spec is not None and engine.state in LIVE_STATES:
+                knobs = self.engine_knobs(spec, node_id)
+                self._send(node_id, SetKnobsCommand(engine.engine_id, knobs))
 
     def is_asleep(self, key: UnitKey) -> bool:
         return key in self._asleep
@@ -149,8 +225,13 @@ class Reconciler:
         self._registry.changed.set()
         return self._knobs[tier]
 
-    def engine_knobs(self, spec: ModelSpec) -> Knobs:
+    def engine_knobs(self, spec: ModelSpec, node_id: NodeId | None = None) -> Knobs:
         knobs = self._knobs[spec.tier]
+        if node_id is not None and node_id in self._lowered:
+            halved = max(1, knobs.max_concurrency // 2)
+            knobs = replace(
+                knobs, max_concurrency=halved, max_batch_size=min(knobs.max_batch_size, halved)
+            )
         if spec.max_concurrency is not None:
             knobs = replace(
                 knobs,
@@ -224,9 +305,7 @@ class Reconciler:
             return
         # Leaving: on a cordoned node, or moved by a rebalance; each goes once enough
         # replicas elsewhere are ready.
-        leaving = [
-            e for e in engines if self._node_cordoned(e.node_id) or e.engine_id in self._moving
-        ]
+        leaving = [e for e in engines if self._must_leave(e, spec)]
         staying = [e for e in engines if e not in leaving]
         self._trim(spec, staying)
         size = self.size(spec)
@@ -249,7 +328,14 @@ class Reconciler:
         if self._awaiting_restore(key) or self._backing_off(key):
             return
         hosting = {e.node_id for e in staying}
-        placement = place(self._demand(spec, size), self.offers(), hosting)
+        offers = self.offers()
+        if size >= HEAVY_MODEL_BYTES:  # heavy models try nodes without repeated OOM kills first
+            preferred = [
+                o for o in offers if "offload_preferred" not in self.triggers.actions(o.node_id)
+            ]
+            if place(self._demand(spec, size), preferred, hosting).pending_reason is None:
+                offers = preferred
+        placement = place(self._demand(spec, size), offers, hosting)
         if placement.pending_reason and self._evict_for(spec, size, hosting):
             placement = place(self._demand(spec, size), self.offers(), hosting)
         for node_id in placement.nodes:
@@ -291,18 +377,28 @@ class Reconciler:
         reserve = facts.os_reserve_bytes or self._config.os_reserve_bytes
         budget = node_budget(facts.ram_bytes, facts.gpu_wired_limit_bytes, placed, reserve)
         role: Literal["laptop", "server"] = "laptop" if facts.role == "laptop" else "server"
+        actions = self.triggers.actions(node.node_id)
         return Offer(
             node.node_id,
             role,
             budget,
             dict(facts.labels),
             facts.serve_interactive,
-            cordoned=node.cordoned,
+            cordoned=node.cordoned or bool({"halt_ramp", "drain"} & actions),
+            batch_closed="move_batch" in actions,
         )
 
-    def _node_cordoned(self, node_id: NodeId) -> bool:
-        node = self._registry.nodes.get(node_id)
-        return node is not None and node.cordoned
+    def _must_leave(self, engine: Engine, spec: ModelSpec) -> bool:
+        """Cordoned or drained node, the batch tier moved off it, or moved by a rebalance or a
+        memory trigger: the engine goes once enough replicas elsewhere are ready."""
+        node = self._registry.nodes.get(engine.node_id)
+        actions = self.triggers.actions(engine.node_id)
+        return (
+            (node is not None and node.cordoned)
+            or "drain" in actions
+            or (spec.tier == "batch" and "move_batch" in actions)
+            or engine.engine_id in self._moving
+        )
 
     def _idle_for(self, key: UnitKey, seconds: float) -> bool:
         usage = self.usage.get(key, Usage())

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from node_agent.probes.base import Probe
 from node_agent.probes.errors import UnsupportedPlatformError
 from node_agent.probes.linux import LinuxProbe
 from node_agent.probes.macos import MacProbe
+from node_agent.probes.override import READINGS_FILE_ENV, OverrideProbe
 
-# A later "file override" probe (readings from a file, for tests) registers here too.
 PROBES: dict[str, type[LinuxProbe] | type[MacProbe]] = {"linux": LinuxProbe, "darwin": MacProbe}
 
 
@@ -20,5 +22,7 @@ def local_probe(platform: str | None = None, **kwargs: Any) -> Probe:
     # sys.platform is "linux" today but was "linux2" on old Pythons; match on the prefix.
     for key, probe_class in PROBES.items():
         if name.startswith(key):
-            return probe_class(**kwargs)
+            probe: Probe = probe_class(**kwargs)
+            override = os.environ.get(READINGS_FILE_ENV)
+            return OverrideProbe(probe, Path(override)) if override else probe
     raise UnsupportedPlatformError(f"no probe for platform {name!r}")

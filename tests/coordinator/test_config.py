@@ -110,3 +110,16 @@ def test_bad_config_names_the_problem(tmp_path: Path, text: str, message: str) -
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_trigger_thresholds_are_configurable(tmp_path: Path) -> None:
+    config = load_config(
+        write(tmp_path, "[triggers]\nswap_for_s = 5\nmemory_fire_fraction = 0.9\n")
+    )
+    assert config.triggers.swap_for_s == 5.0
+    assert config.triggers.memory_fire_fraction == 0.9
+    assert config.triggers.swap_fire_bytes == 768 * 2**20  # the rest keep the seeds' defaults
+    with pytest.raises(ConfigError, match="unknown trigger setting 'swap'"):
+        load_config(write(tmp_path, "[triggers]\nswap = 1\n"))
+    with pytest.raises(ConfigError, match="swap_for_s must be a positive number"):
+        load_config(write(tmp_path, "[triggers]\nswap_for_s = -1\n"))

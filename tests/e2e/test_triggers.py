@@ -1,0 +1,195 @@
+"""Triggers end to end: real coordinator, two real agents and their engines on 127.0.0.1.
+
+Only the OS readings are substituted (MLXFLEET_READINGS_FILE, written by the test); agents,
+coordinator, router and engines are the real ones. Agent A reserves more memory, so the batch
+tier packs onto it and the interactive tier spreads to B.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Proc, mlxfleet, read_runtime, run_ok, wait_for
+
+READY_TIMEOUT_S = 120.0
+MOVE_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Node:
+    node_id: str
+    readings: Path
+
+    def report(self, **fields: object) -> None:
+        self.readings.write_text(json.dumps(fields))
+
+
+@dataclass
+class TriggerFleet:
+    base: str
+    home: Path
+    key: str
+    a: Node
+    b: Node
+
+    def cli(self, *args: str) -> str:
+        return run_ok(mlxfleet(*args, "--home", str(self.home)))
+
+    def placed(self, tier: str) -> list[str]:
+        """Nodes with a ready engine of demo in this tier."""
+        rows = {r["tier"]: r for r in json.loads(self.cli("models", "--json"))}
+        return sorted(e.split(":")[0] for e in rows[tier]["engines"] if e.endswith(": ready"))
+
+    def events(self, node: Node) -> list[tuple[str, str]]:
+        rows = json.loads(self.cli("events", "--json", "--node", node.node_id))
+        return [(r["kind"], r["detail"]) for r in rows]
+
+    def chat(self, tier: str) -> int:
+        r = httpx.post(
+            f"{self.base}/v1/chat/completions",
+            json={
+                "model": "demo",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 2,
+            },
+            headers={"Authorization": f"Bearer {self.key}", "X-Mlxfleet-Tier": tier},
+            timeout=60,
+        )
+        return r.status_code
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[TriggerFleet]:
+    home = tmp_path_factory.mktemp("coord")
+    (home / "fleet.toml").write_text(
+        f'[[models]]\nname = "demo"\nsource = "{demo_model}"\n'
+        'tiers = ["interactive", "batch"]\npinned = true\n'
+    )
+    logs = tmp_path_factory.mktemp("logs")
+    procs = [
+        Proc(
+            mlxfleet(
+                "coordinator",
+                "--config",
+                str(home / "fleet.toml"),
+                "--home",
+                str(home),
+                "--port",
+                "0",
+                "--grpc-port",
+                "0",
+                "--enroll-port",
+                "0",
+            ),
+            logs / "coordinator.log",
+        )
+    ]
+    try:
+        runtime = wait_for(lambda: read_runtime(home), 30, "the coordinator to listen")
+        key = run_ok(mlxfleet("keys", "create", "--home", str(home)))
+        nodes = []
+        for name, reserve in (("a", "12"), ("b", "8")):
+            agent_home = tmp_path_factory.mktemp(f"agent-{name}")
+            readings = agent_home / "readings.json"
+            readings.write_text("{}")
+            token = run_ok(mlxfleet("token", "create", "--home", str(home)))
+            procs.append(
+                Proc(
+                    mlxfleet(
+                        "agent",
+                        "--coordinator",
+                        f"127.0.0.1:{runtime['grpc_port']}",
+                        "--enroll-port",
+                        str(runtime["enroll_port"]),
+                        "--token",
+                        token,
+                        "--no-mdns",
+                        "--role",
+                        "server",
+                        "--os-reserve-gib",
+                        reserve,
+                        "--home",
+                        str(agent_home),
+                    ),
+                    logs / f"agent-{name}.log",
+                    env={"MLXFLEET_READINGS_FILE": str(readings)},
+                )
+            )
+            identity = agent_home / "agent" / "identity.json"
+            node_id = wait_for(
+                lambda p=identity: p.exists() and json.loads(p.read_text()),
+                30,
+                f"agent {name} to enroll",
+            )["node_id"]
+            nodes.append(Node(node_id, readings))
+        f = TriggerFleet(f"http://127.0.0.1:{runtime['gateway_port']}", home, key, *nodes)
+        wait_for(
+            lambda: f.placed("batch") and f.placed("interactive"),
+            READY_TIMEOUT_S,
+            "demo to be ready in both tiers",
+        )
+        yield f
+    except BaseException:
+        for p in procs:
+            print(f"--- {p.log.name} ---\n" + p.output()[-4000:])
+        raise
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def test_thermal_serious_moves_the_batch_tier_away_then_clears(fleet: TriggerFleet) -> None:
+    [hot_id] = fleet.placed("batch")
+    hot, cool = (fleet.a, fleet.b) if hot_id == fleet.a.node_id else (fleet.b, fleet.a)
+    interactive_before = fleet.placed("interactive")
+    hot.report(thermal_state="serious")
+    wait_for(
+        lambda: fleet.placed("batch") == [cool.node_id],
+        MOVE_TIMEOUT_S,
+        "the batch tier to move off the hot node",
+    )
+    fired = [d for k, d in fleet.events(hot) if k == "trigger_fired"]
+    assert any(d.startswith("thermal serious:") and d.endswith("-> move_batch") for d in fired)
+    assert fleet.placed("interactive") == interactive_before  # only the batch tier moves
+    assert fleet.chat("batch") == 200 and fleet.chat("interactive") == 200
+    hot.report(thermal_state="nominal")
+    wait_for(
+        lambda: any(
+            k == "trigger_cleared" and d.startswith("thermal") for k, d in fleet.events(hot)
+        ),
+        30,
+        "the thermal trigger to clear",
+    )
+
+
+def test_critical_pressure_drains_a_node_then_clears(fleet: TriggerFleet) -> None:
+    [busy_id] = fleet.placed("batch")
+    busy, other = (fleet.a, fleet.b) if busy_id == fleet.a.node_id else (fleet.b, fleet.a)
+    busy.report(memory_pressure="critical")
+    wait_for(
+        lambda: (
+            fleet.placed("interactive") == [other.node_id]
+            and fleet.placed("batch") == [other.node_id]
+        ),
+        MOVE_TIMEOUT_S,
+        "both tiers to move off the node under critical pressure",
+    )
+    fired = [d for k, d in fleet.events(busy) if k == "trigger_fired"]
+    assert any(d.startswith("pressure critical:") and d.endswith("-> drain") for d in fired)
+    assert fleet.chat("interactive") == 200 and fleet.chat("batch") == 200
+    busy.report(memory_pressure="normal")
+    wait_for(
+        lambda: any(
+            k == "trigger_cleared" and d.startswith("pressure") for k, d in fleet.events(busy)
+        ),
+        30,
+        "the pressure trigger to clear",
+    )
+    nodes = {n["id"]: n for n in json.loads(fleet.cli("nodes", "--json"))}
+    assert nodes[busy.node_id]["state"] == "live"
