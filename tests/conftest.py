@@ -99,6 +99,61 @@ def read_runtime(home: Path) -> dict | None:
         return None
 
 
+def start_coordinator(home: Path, config: Path, log: Path) -> tuple[Proc, dict]:
+    """The real coordinator on 127.0.0.1 with free ports; returns it and its real ports."""
+    proc = Proc(
+        mlxfleet(
+            "coordinator",
+            "--config",
+            str(config),
+            "--home",
+            str(home),
+            "--port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--enroll-port",
+            "0",
+        ),
+        log,
+    )
+    try:
+        return proc, wait_for(lambda: read_runtime(home), 30, "the coordinator to listen")
+    except BaseException:
+        print(proc.output()[-4000:])
+        proc.stop()
+        raise
+
+
+def start_agent(
+    coordinator_home: Path,
+    runtime: dict,
+    agent_home: Path,
+    log: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+) -> Proc:
+    """A real agent enrolled with a fresh join token (no mDNS: it is told the address)."""
+    token = run_ok(mlxfleet("token", "create", "--home", str(coordinator_home)))
+    return Proc(
+        mlxfleet(
+            "agent",
+            "--coordinator",
+            f"127.0.0.1:{runtime['grpc_port']}",
+            "--enroll-port",
+            str(runtime["enroll_port"]),
+            "--token",
+            token,
+            "--no-mdns",
+            "--home",
+            str(agent_home),
+            *extra,
+        ),
+        log,
+        env=env,
+    )
+
+
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The offline demo model, written once per test session."""

@@ -17,7 +17,15 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Proc, children_of, mlxfleet, read_runtime, run_ok, wait_for
+from tests.conftest import (
+    Proc,
+    children_of,
+    mlxfleet,
+    run_ok,
+    start_agent,
+    start_coordinator,
+    wait_for,
+)
 
 MODEL = "demo"
 READY_TIMEOUT_S = 120.0  # cold start on 2 cores: imports, model load, g++ kernel compile
@@ -50,42 +58,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterato
         f'[[models]]\nname = "{MODEL}"\nsource = "{demo_model}"\ncontext_length = 2048\n'
     )
     logs = tmp_path_factory.mktemp("logs")
-    coordinator = Proc(
-        mlxfleet(
-            "coordinator",
-            "--config",
-            str(config),
-            "--home",
-            str(home),
-            "--port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--enroll-port",
-            "0",
-        ),
-        logs / "coordinator.log",
-    )
+    coordinator, runtime = start_coordinator(home, config, logs / "coordinator.log")
     agent = None
     try:
-        runtime = wait_for(lambda: read_runtime(home), 30, "the coordinator to listen")
         key = run_ok(mlxfleet("keys", "create", "--name", "e2e", "--home", str(home)))
-        token = run_ok(mlxfleet("token", "create", "--home", str(home)))
-        agent = Proc(
-            mlxfleet(
-                "agent",
-                "--coordinator",
-                f"127.0.0.1:{runtime['grpc_port']}",
-                "--enroll-port",
-                str(runtime["enroll_port"]),
-                "--token",
-                token,
-                "--no-mdns",
-                "--home",
-                str(agent_home),
-            ),
-            logs / "agent.log",
-        )
+        agent = start_agent(home, runtime, agent_home, logs / "agent.log")
         f = Fleet(f"http://127.0.0.1:{runtime['gateway_port']}", key, coordinator, agent)
         wait_for(lambda: MODEL in f.models(), READY_TIMEOUT_S, "the demo model to be routable")
         yield f

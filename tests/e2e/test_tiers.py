@@ -15,7 +15,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Proc, children_of, mlxfleet, read_runtime, run_ok, wait_for
+from tests.conftest import (
+    Proc,
+    children_of,
+    mlxfleet,
+    run_ok,
+    start_agent,
+    start_coordinator,
+    wait_for,
+)
 
 READY_TIMEOUT_S = 120.0
 
@@ -66,46 +74,15 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterato
         f'[[models]]\nname = "sleepy"\nsource = "{demo_model}"\n'
     )
     logs = tmp_path_factory.mktemp("logs")
-    coordinator = Proc(
-        mlxfleet(
-            "coordinator",
-            "--config",
-            str(home / "fleet.toml"),
-            "--home",
-            str(home),
-            "--port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--enroll-port",
-            "0",
-        ),
-        logs / "coordinator.log",
-    )
+    coordinator, runtime = start_coordinator(home, home / "fleet.toml", logs / "coordinator.log")
     agent = None
     try:
-        runtime = wait_for(lambda: read_runtime(home), 30, "the coordinator to listen")
 
         def key(*args: str) -> str:
             return run_ok(mlxfleet("keys", "create", *args, "--home", str(home)))
 
         both, batch_only = key("--name", "both"), key("--name", "etl", "--tiers", "batch")
-        token = run_ok(mlxfleet("token", "create", "--home", str(home)))
-        agent = Proc(
-            mlxfleet(
-                "agent",
-                "--coordinator",
-                f"127.0.0.1:{runtime['grpc_port']}",
-                "--enroll-port",
-                str(runtime["enroll_port"]),
-                "--token",
-                token,
-                "--no-mdns",
-                "--home",
-                str(tmp_path_factory.mktemp("agent")),
-            ),
-            logs / "agent.log",
-        )
+        agent = start_agent(home, runtime, tmp_path_factory.mktemp("agent"), logs / "agent.log")
         f = TierFleet(f"http://127.0.0.1:{runtime['gateway_port']}", home, both, batch_only, agent)
         wait_for(
             lambda: f.models(both).get("demo") == {"interactive": "ready", "batch": "ready"},

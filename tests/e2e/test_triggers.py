@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Proc, mlxfleet, read_runtime, run_ok, wait_for
+from tests.conftest import mlxfleet, run_ok, start_agent, start_coordinator, wait_for
 
 READY_TIMEOUT_S = 120.0
 MOVE_TIMEOUT_S = 60.0
@@ -72,52 +72,25 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterato
         'tiers = ["interactive", "batch"]\npinned = true\n'
     )
     logs = tmp_path_factory.mktemp("logs")
-    procs = [
-        Proc(
-            mlxfleet(
-                "coordinator",
-                "--config",
-                str(home / "fleet.toml"),
-                "--home",
-                str(home),
-                "--port",
-                "0",
-                "--grpc-port",
-                "0",
-                "--enroll-port",
-                "0",
-            ),
-            logs / "coordinator.log",
-        )
-    ]
+    coordinator, runtime = start_coordinator(home, home / "fleet.toml", logs / "coordinator.log")
+    procs = [coordinator]
     try:
-        runtime = wait_for(lambda: read_runtime(home), 30, "the coordinator to listen")
         key = run_ok(mlxfleet("keys", "create", "--home", str(home)))
         nodes = []
         for name, reserve in (("a", "12"), ("b", "8")):
             agent_home = tmp_path_factory.mktemp(f"agent-{name}")
             readings = agent_home / "readings.json"
             readings.write_text("{}")
-            token = run_ok(mlxfleet("token", "create", "--home", str(home)))
             procs.append(
-                Proc(
-                    mlxfleet(
-                        "agent",
-                        "--coordinator",
-                        f"127.0.0.1:{runtime['grpc_port']}",
-                        "--enroll-port",
-                        str(runtime["enroll_port"]),
-                        "--token",
-                        token,
-                        "--no-mdns",
-                        "--role",
-                        "server",
-                        "--os-reserve-gib",
-                        reserve,
-                        "--home",
-                        str(agent_home),
-                    ),
+                start_agent(
+                    home,
+                    runtime,
+                    agent_home,
                     logs / f"agent-{name}.log",
+                    "--role",
+                    "server",
+                    "--os-reserve-gib",
+                    reserve,
                     env={"MLXFLEET_READINGS_FILE": str(readings)},
                 )
             )
