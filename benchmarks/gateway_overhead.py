@@ -499,11 +499,10 @@ TTFT at 16 streams is prefill plus batching, not a place in a queue.
 
 Gateway process CPU (user + system, from `/proc`, during the gateway rounds):
 {gateway_cpu_line}. On this 2-core machine that CPU is taken from the engine and the client,
-which share the cores. The event loop matters most: the same script with `MLXFLEET_LOOP=asyncio`
-(stdlib loop) gave +1.86 ms at 1 stream against +0.15 ms with uvloop in back-to-back runs on
-2026-11-22, and a py-spy profile under the stdlib loop put about a quarter of the coordinator's
-samples in `_SelectorSocketTransport.write` (one `send()` per relayed SSE chunk); picking the
-engine (`Routing.pick` → `Router.async_get_available_deployment`) was ≈ 2 %.
+which share the cores. A py-spy profile under the stdlib loop (2026-11-22) put about a quarter of
+the coordinator's samples in `_SelectorSocketTransport.write` (one `send()` per relayed SSE
+chunk); picking the engine (`Routing.pick` → `Router.async_get_available_deployment`) was
+≈ 2 %. The event-loop A/B below compares the two loops.
 
 `mlxfleet up` time to ready (process start → the `endpoint` line, fresh `MLXFLEET_HOME`, demo
 model written on each start, `--port 0 --grpc-port 0`): {up_line}; median **{up_median:.2f} s**
