@@ -33,5 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(EngineServer(config).serve())
 
 
+def exit_now(code: int) -> None:
+    """Leave without interpreter teardown. After a clean drain, MLX's native worker threads can
+    still be alive, and destroying them in C++ static destructors calls terminate() (seen as
+    SIGABRT on a clean shutdown, so the agent reported a crash). Flush first: nothing is lost."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
