@@ -32,7 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import DOCS, REPO, Proc, cli, machine, read_json, versions, wait_for, write_docs
+from harness import (
+    DOCS,
+    REPO,
+    Proc,
+    cli,
+    machine,
+    publish,
+    read_json,
+    run_script,
+    versions,
+    wait_for,
+)
 
 SECTION = "## Coordinator under 500 agents (issue 3)"
 TARGET_CORES = 0.5  # issue 3: the coordinator holds 500 agents on at most half a core
@@ -518,10 +529,6 @@ Mac.
 """
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=500)
@@ -552,21 +559,13 @@ def main() -> int:
     command = "python " + " ".join(
         shlex.quote(a) for a in [str(Path(sys.argv[0]).resolve().relative_to(REPO)), *sys.argv[1:]]
     )
-    signal.signal(signal.SIGTERM, _interrupt)
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     with tempfile.TemporaryDirectory(prefix="mlxfleet-load-") as tmp:
         res = run(args, Path(tmp))
     section = report(res, args, command, when)
-    print(section)
-    if args.write_docs:
-        write_docs(SECTION, section)
-        print(f"updated {DOCS}", file=sys.stderr)
+    publish(SECTION, section, args.write_docs)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; all processes stopped", file=sys.stderr)
-        sys.exit(130)
+    run_script(main)

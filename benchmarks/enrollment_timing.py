@@ -44,10 +44,11 @@ from harness import (
     descendants,
     machine,
     mlx_cache_state,
+    publish,
     read_json,
+    run_script,
     versions,
     wait_for,
-    write_docs,
 )
 
 sys.path.insert(0, str(REPO))  # tests.netns
@@ -466,10 +467,6 @@ Median: suspect after **{median_suspect:.2f} s**, dead after **{median_dead:.2f}
 {hung_note}"""
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, choices=range(1, 11), metavar="1..10")
@@ -483,7 +480,6 @@ def main() -> int:
     command = "python " + " ".join(
         shlex.quote(a) for a in [str(Path(sys.argv[0]).resolve().relative_to(REPO)), *sys.argv[1:]]
     )
-    signal.signal(signal.SIGTERM, _interrupt)
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     from node_agent.engine.demo_model import write_demo_model
 
@@ -502,16 +498,9 @@ def main() -> int:
                 parts.append(time_partition(net, workdir / f"partition-{i}", model))
                 print(f"(b) run {i + 1}: {parts[-1]}", file=sys.stderr)
     section = report(firsts, parts, cache, command, when)
-    print(section)
-    if args.write_docs:
-        write_docs(SECTION, section)
-        print(f"updated {DOCS}", file=sys.stderr)
+    publish(SECTION, section, args.write_docs)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; all processes stopped", file=sys.stderr)
-        sys.exit(130)
+    run_script(main)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import DOCS, REPO, machine, write_docs
+from harness import DOCS, REPO, machine, publish
 
 sys.path.insert(0, str(REPO))
 
@@ -194,10 +194,7 @@ median **{median_ms:.2f} ms**, max **{max_ms:.2f} ms** (target ≤ {TARGET_DECIS
 was shared with other test runs: three runs on 2026-11-22 gave medians 2.8–7.1 ms and maxima
 5.2–15.7 ms, all far under the target.
 """
-    print(section)
-    if args.write_docs:
-        write_docs(SECTION, section)
-        print(f"updated {DOCS}", file=sys.stderr)
+    publish(SECTION, section, args.write_docs)
     return 0
 
 

@@ -20,7 +20,6 @@ import random
 import re
 import secrets
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,10 +37,11 @@ from harness import (
     cli,
     machine,
     mlx_cache_state,
+    publish,
     read_json,
+    run_script,
     versions,
     wait_for,
-    write_docs,
 )
 
 SECTION = "## Gateway overhead (issue 2)"
@@ -404,10 +404,6 @@ def time_up(workdir: Path, tmpdir: str | None = None) -> float:
 # Report
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -424,7 +420,6 @@ def main() -> int:
     )
 
     # Ctrl-C and SIGTERM unwind through the context managers, which stop every process.
-    signal.signal(signal.SIGTERM, _interrupt)
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     with tempfile.TemporaryDirectory(prefix="mlxfleet-bench-") as tmp:
         workdir = Path(tmp)
@@ -511,16 +506,9 @@ MLX's kernel cache ({tmpdir}/mlx) was {cache_before} before these runs (the benc
 had just run). One more start with `TMPDIR` pointing at an empty folder, so MLX compiles its CPU
 kernels from scratch: {cold:.2f} s.
 """
-    print(section)
-    if args.write_docs:
-        write_docs(SECTION, section)
-        print(f"updated {DOCS}", file=sys.stderr)
+    publish(SECTION, section, args.write_docs)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; all processes stopped", file=sys.stderr)
-        sys.exit(130)
+    run_script(main)

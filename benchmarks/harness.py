@@ -154,3 +154,26 @@ def write_docs(title: str, section: str) -> None:
         text = text[:start] + section + ("" if nxt == -1 else "\n" + text[nxt + 1 :])
     DOCS.parent.mkdir(parents=True, exist_ok=True)
     DOCS.write_text(text.rstrip("\n") + "\n")
+
+
+def publish(title: str, section: str, write: bool) -> None:
+    """Print a results section and, with --write-docs, put it into docs/benchmarks.md."""
+    print(section)
+    if write:
+        write_docs(title, section)
+        print(f"updated {DOCS}", file=sys.stderr)
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_script(main: Callable[[], int]) -> None:
+    """Run a benchmark's main: SIGTERM unwinds like Ctrl-C, so every `with` block stops its
+    processes, and either exits 130."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; all processes stopped", file=sys.stderr)
+        sys.exit(130)

@@ -26,7 +26,6 @@ import random
 import re
 import secrets
 import shlex
-import signal
 import socket
 import statistics
 import sys
@@ -40,7 +39,17 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from harness import DOCS, REPO, Proc, descendants, machine, versions, wait_for, write_docs
+from harness import (
+    DOCS,
+    REPO,
+    Proc,
+    descendants,
+    machine,
+    publish,
+    run_script,
+    versions,
+    wait_for,
+)
 
 SECTION = "## Tiers: interactive vs batch, against mlx_lm.server (issue 4)"
 
@@ -725,10 +734,6 @@ def report(res: Results, args: argparse.Namespace) -> tuple[str, str]:
     return tables, "\n".join(verdicts)
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
@@ -758,7 +763,6 @@ def main() -> int:
     )
 
     # Ctrl-C and SIGTERM unwind through the context managers, which stop every process.
-    signal.signal(signal.SIGTERM, _interrupt)
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     started = time.monotonic()
     with (
@@ -828,16 +832,9 @@ Verdicts:
 
 {verdicts}
 """
-    print(section)
-    if args.write_docs:
-        write_docs(SECTION, section)
-        print(f"updated {DOCS}", file=sys.stderr)
+    publish(SECTION, section, args.write_docs)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; all processes stopped", file=sys.stderr)
-        sys.exit(130)
+    run_script(main)
