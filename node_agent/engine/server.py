@@ -13,6 +13,7 @@ import os
 import signal
 import ssl
 import sys
+import threading
 import time
 from typing import Any, Literal, TextIO
 
@@ -50,6 +51,7 @@ MODEL_THREAD_JOIN_TIMEOUT_S = 5.0
 PARENT_POLL_S = 1.0  # how often an engine checks that its agent still exists
 PARENT_PID_ENV = "MLXFLEET_PARENT_PID"
 RETRY_AFTER_S = 1
+BATCH_TIER_NICE = 10  # batch engines yield the CPU to interactive ones under contention
 LISTENING_LINE = "MLXFLEET_ENGINE_LISTENING port={port}"
 # OpenAI's "developer" role is its newer name for "system"; chat templates only know the latter.
 _TEMPLATE_ROLE = {"developer": "system"}
@@ -61,16 +63,51 @@ def _json_error(status: int, message: str, type: str, code: str | None, **header
     )
 
 
-class _Handle:
-    """One request's view of the model thread; used from the event loop only."""
+def merge_events(events: list[Event]) -> Event:
+    """Consecutive events of one request as one: texts and ids joined, the last one's end."""
+    last = events[-1]
+    return Event(
+        "".join(e.text for e in events),
+        [t for e in events for t in e.token_ids],
+        last.finish_reason,
+        last.completion_tokens,
+        last.error,
+    )
 
-    def __init__(self, request_id: int) -> None:
+
+class _Handle:
+    """One request's view of the model thread.
+
+    `push` runs on the model thread; everything else on the event loop. Events that pile up
+    while the loop is busy are taken together (and sent as one chunk), and the loop is woken
+    once per pile rather than once per token: per-token wake-ups cost the decode loop CPU.
+    """
+
+    def __init__(self, request_id: int, loop: asyncio.AbstractEventLoop) -> None:
         self.request_id = request_id
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.done = False
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[Event] = []  # guarded by _lock
+        self._wake_scheduled = False  # guarded by _lock: a _ready.set is on its way
+        self._ready = asyncio.Event()
+
+    def push(self, event: Event) -> None:
+        with self._lock:
+            self._pending.append(event)
+            if self._wake_scheduled:
+                return
+            self._wake_scheduled = True
+        self._loop.call_soon_threadsafe(self._ready.set)
 
     async def next(self) -> Event:
-        event = await self.events.get()
+        """The events that arrived since the last call, merged into one."""
+        await self._ready.wait()
+        with self._lock:
+            events, self._pending = self._pending, []
+            self._wake_scheduled = False
+            self._ready.clear()
+        event = events[0] if len(events) == 1 else merge_events(events)
         self.done = event.finish_reason is not None
         return event
 
@@ -109,6 +146,11 @@ class EngineServer:
 
     async def serve(self) -> int:
         """Listen, load the model, serve; on a signal drain in-flight work and return 0."""
+        if self._config.tier == "batch":
+            # The interactive engine (and the user's apps) on this Mac get the CPU first. Set
+            # before the model thread and pools exist: Linux applies nice per thread and new
+            # threads inherit it.
+            os.nice(BATCH_TIER_NICE)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -255,12 +297,8 @@ class EngineServer:
         max_tokens = resolve_max_tokens(
             len(prompt_ids), parsed.params.max_tokens, self._model.context_length, param
         )
-        handle = _Handle(next(self._ids))
-
-        def sink(event: Event) -> None:
-            loop.call_soon_threadsafe(handle.events.put_nowait, event)
-
-        job = Job(handle.request_id, prompt_ids, max_tokens, parsed.params, sink)
+        handle = _Handle(next(self._ids), loop)
+        job = Job(handle.request_id, prompt_ids, max_tokens, parsed.params, handle.push)
         try:
             self._model.submit(job)
         except QueueFull:

@@ -18,6 +18,7 @@ import pytest
 from openai.types import Completion
 
 from node_agent.engine.knobs import MAX_BATCH_WINDOW_MS as MAX_WINDOW_MS
+from node_agent.engine.server import BATCH_TIER_NICE
 from tests.node_agent.engine.conftest import Engine, start_engine
 
 WINDOW_S = 0.3
@@ -228,3 +229,19 @@ async def test_full_queue_answers_429_with_retry_after(demo_model: Path, tmp_pat
     finally:
         await c.close()
         assert engine.proc.stop() == 0, engine.proc.output()[-3000:]
+
+
+def thread_nice_values(pid: int) -> set[int]:
+    """The nice value of every thread of a process (field 19 of /proc/PID/task/TID/stat)."""
+    values = set()
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        values.add(int(fields[16]))  # fields after "comm)": state is [0], nice is [16]
+    return values
+
+
+def test_batch_engine_threads_run_at_lower_cpu_priority(
+    batch_engine: Engine, engine: Engine
+) -> None:
+    assert thread_nice_values(batch_engine.proc.popen.pid) == {BATCH_TIER_NICE}
+    assert thread_nice_values(engine.proc.popen.pid) == {0}  # the interactive engine keeps its own
