@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.cli_admin import cmd_models, cmd_nodes, cmd_tiers
+from coordinator.cli_keys import cmd_keys_create, cmd_keys_list
 from coordinator.config import Config, ModelSpec, default_home, load_config
 from coordinator.errors import Error
 from node_agent.agent import AgentError
@@ -198,6 +199,9 @@ def _cmd_agent(args: argparse.Namespace) -> None:
         labels[label] = value
     if args.os_reserve_gib is not None and not 0 <= args.os_reserve_gib <= 1024:
         raise CliError(f"--os-reserve-gib {args.os_reserve_gib}: must be 0-1024")
+    limit_mib = args.engine_memory_limit_mib
+    if limit_mib is not None and not 1 <= limit_mib <= 2**24:
+        raise CliError(f"--engine-memory-limit-mib {limit_mib}: must be 1-16777216")
     profile = NodeProfile(
         labels=labels,
         serve_interactive=args.serve_interactive,
@@ -211,6 +215,7 @@ def _cmd_agent(args: argparse.Namespace) -> None:
         advertise=not args.no_mdns,
         role=args.role,
         profile=profile,
+        engine_memory_limit_bytes=limit_mib * 2**20 if limit_mib is not None else None,
     )
     run_loop(Agent(config).serve())
 
@@ -236,22 +241,6 @@ def _cmd_token(args: argparse.Namespace) -> None:
     home = Path(args.home or default_home()).expanduser()
     token = create_join_token(Config(home=home), parse_duration(args.ttl), args.uses)
     print(token)
-
-
-def _cmd_keys(args: argparse.Namespace) -> None:
-    from coordinator.store import Store
-
-    home = Path(args.home or default_home()).expanduser()
-    store = Store(Config(home=home).db_path)
-    from coordinator.tiers import TierError, key_tiers
-
-    try:
-        tiers = key_tiers(args.tiers, args.default_tier or args.tiers.split(",")[0].strip())
-    except TierError as exc:
-        raise CliError(f"--tiers/--default-tier: {exc}") from None
-    key = store.create_api_key(args.name, None, ",".join(sorted(tiers.allowed)), tiers.default)
-    store.close()
-    print(key)
 
 
 def _cmd_events(args: argparse.Namespace) -> None:
@@ -343,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="memory kept for macOS and apps (default: the fleet's, 8)",
     )
+    agent.add_argument(
+        "--engine-memory-limit-mib",
+        type=int,
+        default=None,
+        help="kill an engine (kernel OOM) above this memory; Linux cgroup v1, as root",
+    )
     agent.add_argument("--home", help="state folder (default $MLXFLEET_HOME or ~/.mlxfleet)")
     agent.set_defaults(func=_cmd_agent)
 
@@ -360,8 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="tier when a request sends no X-Mlxfleet-Tier (default: the first)",
     )
+    create.add_argument("--rpm", help="requests per minute (default: unlimited)")
+    create.add_argument("--tpm", help="prompt + completion tokens per minute (default: unlimited)")
+    create.add_argument("--models", help="models the key may use, a,b (default: all)")
     create.add_argument("--home", help="state folder (default $MLXFLEET_HOME or ~/.mlxfleet)")
-    create.set_defaults(func=_cmd_keys)
+    create.set_defaults(func=cmd_keys_create)
+    keys_list = keys_sub.add_parser("list", help="names, tiers and limits (never the keys)")
+    keys_list.add_argument("--json", action="store_true")
+    keys_list.add_argument("--home", help="state folder (default $MLXFLEET_HOME or ~/.mlxfleet)")
+    keys_list.set_defaults(func=cmd_keys_list)
 
     token = sub.add_parser("token", help="join tokens for new nodes")
     token_sub = token.add_subparsers(dest="token_command", required=True)

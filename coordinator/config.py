@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.errors import ConfigError
-from coordinator.memory import OS_RESERVE_BYTES
+from coordinator.memory import DEFAULT_KV_GROUP_SIZE, KV_GROUP_SIZES, OS_RESERVE_BYTES
 from coordinator.tiers import DEFAULT_KNOBS, TIERS, Knobs, Tier, TierError, apply_knobs
 from coordinator.triggers import TriggerConfig
 
@@ -37,7 +37,12 @@ def default_home() -> Path:
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """One model in one tier: the unit that gets engines (a model in two tiers is two units)."""
+    """One model in one tier: the unit that gets engines (a model in two tiers is two units).
+
+    kv_bits 8 or 4 quantizes the KV cache, in the batch tier only: mlx-lm 0.32.2 cannot batch a
+    quantized cache, so such a unit's engines decode one request at a time (max_concurrency 1,
+    the others queue), while the interactive tier must let a new request join the running batch.
+    """
 
     name: str  # what clients put in "model"
     source: str  # a local MLX model folder or a Hugging Face id
@@ -47,7 +52,8 @@ class ModelSpec:
     context_length: int | None = None
     max_concurrency: int | None = None  # None: the tier's knob
     replicas: int = 1
-    kv_bits: int = 16  # only 16 for now: see _model_specs
+    kv_bits: int = 16  # 16: the model's dtype; 8 or 4: quantized (batch tier, max_concurrency 1)
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE  # values per quantization scale and bias
     pinned: bool = False  # never unloaded for idleness or evicted for room
     required_labels: Mapping[str, str] = field(default_factory=dict)
     preferred_labels: Mapping[str, str] = field(default_factory=dict)
@@ -77,6 +83,9 @@ class Config:
     reload_wait_s: float = RELOAD_WAIT_S
     os_reserve_bytes: int = OS_RESERVE_BYTES  # a node's own setting overrides it
     triggers: TriggerConfig = field(default_factory=TriggerConfig)
+    # Router order: engines on the coordinator's own host first (order 1), then the other
+    # nodes (order 2). False: all engines share order 1 and the Router spreads over them.
+    prefer_local: bool = True
 
     def unit(self, name: str, tier: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name and m.tier == tier), None)
@@ -99,6 +108,7 @@ MODEL_KEYS = {
     "max_concurrency",
     "replicas",
     "kv_bits",
+    "kv_group_size",
     "pinned",
     "labels",
 }
@@ -149,14 +159,25 @@ def _model_specs(raw: Any, where: str) -> list[ModelSpec]:
     kv_bits = raw.get("kv_bits", 16)
     if kv_bits not in (16, 8, 4) or isinstance(kv_bits, bool):
         raise ConfigError(f"{where}: 'kv_bits' must be 16, 8 or 4, got {kv_bits!r}")
+    group_size = raw.get("kv_group_size", DEFAULT_KV_GROUP_SIZE)
+    if group_size not in KV_GROUP_SIZES or isinstance(group_size, bool):
+        allowed = ", ".join(map(str, KV_GROUP_SIZES))
+        raise ConfigError(f"{where}: 'kv_group_size' must be {allowed}, got {group_size!r}")
+    if "kv_group_size" in raw and kv_bits == 16:
+        raise ConfigError(f"{where}: 'kv_group_size' needs kv_bits 8 or 4")
     if kv_bits != 16:
-        # The memory math knows quantized KV (memory.kv_cache_bytes), but the engine runs every
-        # sequence through mlx-lm's BatchGenerator, which merges caches even for one sequence,
-        # and a QuantizedKVCache cannot merge in 0.32.2: refuse rather than under-count memory.
-        raise ConfigError(
-            f"{where}: kv_bits {kv_bits} is not supported yet: the engine batches every request "
-            "and mlx-lm 0.32.2 cannot batch a quantized KV cache"
-        )
+        if "interactive" in tiers:
+            raise ConfigError(
+                f"{where}: model {name!r}: kv_bits {kv_bits} is refused in the interactive tier: "
+                "a quantized KV cache cannot join a running batch in mlx-lm 0.32.2, and an "
+                "interactive request must join at the next step (use the batch tier)"
+            )
+        if slots not in (None, 1):
+            raise ConfigError(
+                f"{where}: model {name!r}: kv_bits {kv_bits} decodes one request at a time, "
+                f"so max_concurrency must be 1, got {slots}"
+            )
+        slots = 1  # the engine runs requests one at a time; sizing counts one sequence
     pinned = raw.get("pinned", False)
     if not isinstance(pinned, bool):
         raise ConfigError(f"{where}: 'pinned' must be true or false, got {pinned!r}")
@@ -168,7 +189,17 @@ def _model_specs(raw: Any, where: str) -> list[ModelSpec]:
     preferred = _labels(labels.get("preferred", {}), f"{where}: labels.preferred")
     return [
         ModelSpec(
-            name, source, tier, context, slots, replicas, kv_bits, pinned, required, preferred
+            name,
+            source,
+            tier,
+            context_length=context,
+            max_concurrency=slots,
+            replicas=replicas,
+            kv_bits=kv_bits,
+            kv_group_size=group_size,
+            pinned=pinned,
+            required_labels=required,
+            preferred_labels=preferred,
         )
         for tier in tiers
     ]
@@ -250,6 +281,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         "reload_wait_s",
         "os_reserve_gib",
         "triggers",
+        "prefer_local",
     }
     unknown = set(raw) - known
     if unknown:
@@ -283,6 +315,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         triggers=_trigger_config(raw.get("triggers", {}), str(path)),
         idle_unload_s=_seconds(raw.get("idle_unload_s", IDLE_UNLOAD_S), "idle_unload_s"),
         reload_wait_s=_seconds(raw.get("reload_wait_s", RELOAD_WAIT_S), "reload_wait_s"),
+        prefer_local=_optional_bool(raw.get("prefer_local"), "prefer_local") is not False,
         os_reserve_bytes=int(
             _seconds(raw.get("os_reserve_gib", OS_RESERVE_BYTES / 2**30), "os_reserve_gib") * 2**30
         ),

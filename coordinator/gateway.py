@@ -11,7 +11,6 @@ import contextlib
 import hmac
 import json
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict
@@ -22,11 +21,19 @@ from aiohttp import web
 from coordinator.config import RETRY_AFTER_S, Config
 from coordinator.discovery import Discovery
 from coordinator.errors import ApiError
+from coordinator.limits import (
+    BYTES_PER_TOKEN,
+    Limiter,
+    Reservation,
+    check_model,
+    estimate_tokens,
+)
 from coordinator.nodes import model_rows, node_rows
 from coordinator.reconcile import Reconciler, UnitKey
 from coordinator.registry import EngineId, NodeId, Registry
+from coordinator.relay import SSE_DONE, StreamRelay
 from coordinator.routing import Routing, Target
-from coordinator.store import Store
+from coordinator.store import ApiKey, Store
 from coordinator.tiers import TIER_HEADER, TIERS, KeyTiers, TierError, key_tiers, parse_tier
 from node_agent.engine.protocol import (
     InvalidRequest,
@@ -38,10 +45,10 @@ logger = logging.getLogger(__name__)
 
 ATTEMPTS = 3  # engines tried for one request before answering 503 (only before any byte is sent)
 ENGINE_CONNECT_TIMEOUT_S = 5.0
-SSE_DONE = b"data: [DONE]"
 WAKE_POLL_S = 0.05
-CONTENT_RE = re.compile(rb'"(?:content|text)":\s*"[^"]')  # an SSE chunk carrying generated text
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
+# The request's tpm charge, when its key has rate limits: hand it to Gateway.settle_usage.
+RESERVATION_KEY = web.RequestKey("mlxfleet_reservation", Reservation)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -96,6 +103,7 @@ class Gateway:
         self._registry = registry
         self._reconciler = reconciler
         self._admin_token = admin_token
+        self.limiter = Limiter()
         self.discovery: Discovery | None = None  # set when mDNS runs
         self._flights: dict[EngineId, set[_Flight]] = {}
         routing.on_remove.append(self.abort_engine)
@@ -236,6 +244,10 @@ class Gateway:
 
     # The request path
     def _authenticate(self, request: web.Request) -> KeyTiers:
+        record = self._api_key(request)
+        return key_tiers(record.tiers, record.default_tier)
+
+    def _api_key(self, request: web.Request) -> ApiKey:
         header = request.headers.get("Authorization", "")
         key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
         record = self._store.api_key(key) if key else None
@@ -245,10 +257,20 @@ class Gateway:
                 "missing or invalid API key (send Authorization: Bearer <team key>)",
                 code="invalid_api_key",
             )
-        return key_tiers(record[1], record[2])
+        return record
+
+    def settle_usage(
+        self, reservation: Reservation | None, prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        """Charge a request's real usage to its key's tpm window in place of the estimate
+        (`request.get(RESERVATION_KEY)`; None: the key has no rate limits). Call it once the
+        usage is known; with 0, 0 when no engine generated anything."""
+        if reservation is not None:
+            self.limiter.settle(reservation, prompt_tokens + completion_tokens)
 
     async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
-        key = self._authenticate(request)
+        record = self._api_key(request)
+        key = key_tiers(record.tiers, record.default_tier)
         try:
             tier = key.choose(request.headers.get(TIER_HEADER))
         except TierError as exc:
@@ -270,6 +292,7 @@ class Gateway:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise ApiError(400, "'model' must be a non-empty string", param="model")
+        check_model(record.models, model)
         spec = self._config.unit(model, tier)
         if spec is None:
             served = sorted(s.tier for s in self._reconciler.units() if s.name == model)
@@ -300,6 +323,10 @@ class Gateway:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        estimate = estimate_tokens(max_tokens, len(raw))
+        reservation = self.limiter.acquire(record.name, record.rpm, record.tpm, estimate)
+        if reservation is not None:
+            request[RESERVATION_KEY] = reservation
         self._reconciler.begin_request(spec.key)
         try:
             await self._wake(spec.key)
@@ -323,16 +350,19 @@ class Gateway:
     async def _forward(
         self, request: web.Request, key: UnitKey, raw: bytes, stream: bool
     ) -> web.StreamResponse:
+        """Try engines until one answers. Before the client has a byte, a failing engine is
+        simply replaced; after, a stream that breaks is continued on the next engine."""
+        relay: StreamRelay | None = None
+        body = raw
         started = time.monotonic()
         for _ in range(ATTEMPTS):
-            target = await self._routing.pick(*key)
+            target = await self._routing.pick(*key, self._in_flight_count)
             if target is None:
                 break
             with self._in_flight(target.engine_id) as flight:
                 try:
-                    upstream = await flight.run(self._post(target, request.path, raw))
+                    upstream = await flight.run(self._post(target, request.path, body))
                 except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                    # Nothing reached the client yet: take the engine out, try the next one.
                     logger.warning(
                         "engine %s unreachable (%s): unrouting it", target.engine_id, exc
                     )
@@ -340,30 +370,92 @@ class Gateway:
                     continue
                 flight.upstream = upstream
                 async with upstream:
-                    try:
-                        if upstream.status != 200 or not stream:
-                            data = await upstream.read()
-                            return web.Response(
-                                body=data,
-                                status=upstream.status,
-                                content_type="application/json",
-                                headers={**_passthrough_headers(upstream), TIER_HEADER: key[1]},
+                    first = b""
+                    if relay is None:
+                        try:
+                            if upstream.status != 200 or not stream:
+                                data = await upstream.read()
+                                self._settle(request, _body_usage(data))
+                                return web.Response(
+                                    body=data,
+                                    status=upstream.status,
+                                    content_type="application/json",
+                                    headers={
+                                        **_passthrough_headers(upstream),
+                                        TIER_HEADER: key[1],
+                                    },
+                                )
+                            # The client gets its headers with the first chunk, so an engine
+                            # that fails before that is retried elsewhere unnoticed.
+                            first = await upstream.content.readany()
+                            if not first:
+                                raise aiohttp.ClientPayloadError("stream ended before a chunk")
+                        except aiohttp.ClientError as exc:
+                            logger.warning(
+                                "engine %s failed before answering: %s", target.engine_id, exc
                             )
-                        # The client gets its headers with the first chunk, so an engine that
-                        # fails before that is retried elsewhere without the client noticing.
-                        first = await upstream.content.readany()
-                        if not first:
-                            raise aiohttp.ClientPayloadError("stream ended before a first chunk")
-                    except aiohttp.ClientError as exc:
+                            self._routing.remove_engine(target.engine_id)
+                            continue
+                        relay = await self._open_stream(request, key[1], target, started)
+                    elif upstream.status != 200:
                         logger.warning(
-                            "engine %s failed before answering: %s", target.engine_id, exc
+                            "engine %s refused a continuation (%d)",
+                            target.engine_id,
+                            upstream.status,
                         )
-                        self._routing.remove_engine(target.engine_id)
                         continue
-                    return await self._relay_stream(
-                        request, upstream, target, first, key[1], started
-                    )
-        raise unavailable(*key)
+                    try:
+                        if await relay.pump(upstream, first):
+                            await relay.finish()
+                            self._settle_stream(request, relay)
+                            return relay.response
+                    except ConnectionResetError:
+                        # The client left: closing upstream (on return) frees the engine's slot.
+                        self._settle_stream(request, relay)
+                        return relay.response
+            # The engine broke the stream midway (died, left the router, sent an error).
+            logger.warning("engine %s broke a stream: continuing elsewhere", target.engine_id)
+            self._routing.remove_engine(target.engine_id)
+            continued = relay.continuation(raw)
+            if continued is None:  # the client has everything but [DONE]
+                await relay.response.write(SSE_DONE)
+                await relay.finish()
+                return relay.response
+            body = continued
+        if relay is None:
+            self._settle(request, (0, 0))
+            raise unavailable(*key)
+        await relay.fail()
+        self._settle_stream(request, relay)
+        return relay.response
+
+    async def _open_stream(
+        self, request: web.Request, tier: str, target: Target, started: float
+    ) -> StreamRelay:
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                TIER_HEADER: tier,  # which tier served it
+            }
+        )
+        await response.prepare(request)
+        # Interactive TTFT feeds the tail trigger of the node that answered first.
+        on_first: Callable[[float], None] | None = None
+        if tier == "interactive":
+            node_id = target.node_id
+            on_first = lambda ttft_s: self._reconciler.observe_ttft(node_id, ttft_s)  # noqa: E731
+        return StreamRelay(response, on_first, started)
+
+    def _settle(self, request: web.Request, usage: tuple[int, int] | None) -> None:
+        reservation = request.get(RESERVATION_KEY)
+        if reservation is not None and usage is not None:
+            self.settle_usage(reservation, *usage)
+
+    def _settle_stream(self, request: web.Request, relay: StreamRelay) -> None:
+        if request.get(RESERVATION_KEY) is not None:  # parse the events only for limited keys
+            prompt_estimate = (request.content_length or 0) // BYTES_PER_TOKEN
+            self._settle(request, relay.usage() or (prompt_estimate, relay.completion_tokens()))
 
     async def _post(self, target: Target, path: str, raw: bytes) -> aiohttp.ClientResponse:
         assert self._session is not None
@@ -392,61 +484,15 @@ class Gateway:
             if not flights:
                 self._flights.pop(engine_id, None)
 
+    def _in_flight_count(self, engine_id: EngineId) -> int:
+        return len(self._flights.get(engine_id, ()))
+
     def abort_engine(self, engine_id: EngineId) -> None:
         """The engine left the router (its node went silent, it exited, it was unloaded):
         requests waiting on it must not hang. Aborting fails them, which retries those that
         sent nothing to the client and ends the others with an error event."""
         for flight in list(self._flights.get(engine_id, ())):
             flight.abort()
-
-    async def _relay_stream(
-        self,
-        request: web.Request,
-        upstream: aiohttp.ClientResponse,
-        target: Target,
-        first: bytes,
-        tier: str,
-        started: float,
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                TIER_HEADER: tier,  # which tier served it
-            }
-        )
-        await response.prepare(request)
-        tail = first[-64:]
-        # Interactive TTFT feeds the tail trigger; only chunks up to the first content are scanned.
-        timing = tier == "interactive"
-        try:
-            await response.write(first)
-            if timing and CONTENT_RE.search(first):
-                self._reconciler.observe_ttft(target.node_id, time.monotonic() - started)
-                timing = False
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-                tail = (tail + chunk)[-64:]
-                if timing and CONTENT_RE.search(chunk):
-                    self._reconciler.observe_ttft(target.node_id, time.monotonic() - started)
-                    timing = False
-        except aiohttp.ClientError as exc:
-            logger.warning("engine %s broke a stream: %s", target.engine_id, exc)
-        except ConnectionResetError:
-            # The client left: closing upstream (on return) frees the engine's slot.
-            return response
-        if SSE_DONE not in tail:
-            # The engine died mid-stream: end with an error event, never a silent close.
-            err = ApiError(
-                502,
-                "the engine serving this stream stopped before finishing",
-                type="server_error",
-                code="engine_failed",
-            )
-            await response.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
-            await response.write(SSE_DONE + b"\n\n")
-        await response.write_eof()
-        return response
 
 
 class _Flight:
@@ -481,3 +527,12 @@ class _Flight:
 def _passthrough_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
     retry_after = upstream.headers.get("Retry-After")
     return {"Retry-After": retry_after} if retry_after else {}
+
+
+def _body_usage(data: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of a non-streamed response body, if it has them."""
+    try:
+        usage = json.loads(data).get("usage") or {}
+        return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+    except (ValueError, AttributeError, KeyError, TypeError):
+        return None

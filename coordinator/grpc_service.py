@@ -115,6 +115,8 @@ def command_to_pb(command: Command) -> pb.CoordinatorMessage:
                 tier=pb.Tier.Value(f"TIER_{command.tier.upper()}"),
                 context_length=command.context_length,
                 knobs=knobs_to_pb(command.knobs),
+                kv_bits=command.kv_bits,
+                kv_group_size=command.kv_group_size,
             )
         )
     if isinstance(command, SetKnobsCommand):

@@ -26,9 +26,12 @@ ENGINE_RUNTIME_BYTES = 128 * 2**20
 PREFILL_STEP_TOKENS = 2048
 PREFILL_LIVE_BUFFERS = 4
 SAFETENSORS_HEADER_LIMIT = 100 * 2**20  # a header larger than this is not a safetensors file
-KV_BYTES = {16: 2, 8: 1, 4: 0.5}  # bytes per element for fp16/bf16 and quantized KV
+KV_BITS = (16, 8, 4)  # 16: the cache in the model's dtype; 8 or 4: mlx-lm's QuantizedKVCache
+KV_GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts
+DEFAULT_KV_GROUP_SIZE = 64  # mlx-lm's generate_step default
+MODEL_DTYPE_BYTES = 2  # fp16/bf16: the KV cache's dtype, and its quantization scales' and biases'
 # mlx-lm 0.32.2: a QuantizedKVCache cannot merge into a batch (no `merge`), so only an engine
-# that decodes one sequence at a time may quantize its KV cache.
+# that decodes one sequence at a time may quantize its KV cache (the batch tier's, see config).
 QUANTIZED_KV_MAX_SEQUENCES = 1
 
 
@@ -67,18 +70,46 @@ def attention_shape(config: Mapping[str, Any]) -> Attention:
     return Attention(layers, kv_heads, head_dim, int(window) if window else None, max_context)
 
 
-def kv_cache_bytes(shape: Attention, context: int, sequences: int, kv_bits: int = 16) -> int:
+def kv_bytes_per_element(
+    kv_bits: int, group_size: int = DEFAULT_KV_GROUP_SIZE, dtype_bytes: int = MODEL_DTYPE_BYTES
+) -> float:
+    """Bytes one cached K or V value costs.
+
+    Unquantized: the model's dtype. Quantized, mlx-lm's QuantizedKVCache keeps mx.quantize's
+    output: the values packed into uint32 words (bits/8 bytes each) plus, per group of
+    `group_size` values along head_dim, one scale and one bias in the model's dtype. So 8-bit
+    in groups of 64 with fp16 scales costs 1 + 2 × 2/64 = 1.0625 bytes; 4-bit 0.5625.
+    """
+    if kv_bits == 16:
+        return dtype_bytes
+    return kv_bits / 8 + 2 * dtype_bytes / group_size
+
+
+def kv_cache_bytes(
+    shape: Attention,
+    context: int,
+    sequences: int,
+    kv_bits: int = 16,
+    group_size: int = DEFAULT_KV_GROUP_SIZE,
+    dtype_bytes: int = MODEL_DTYPE_BYTES,
+) -> int:
     """2 (K and V) × layers × kv_heads × head_dim × bytes/element × tokens × sequences."""
-    if kv_bits not in KV_BYTES:
-        raise SizingError(f"kv_bits must be one of {sorted(KV_BYTES)}, got {kv_bits}")
-    if kv_bits != 16 and sequences > QUANTIZED_KV_MAX_SEQUENCES:
-        raise SizingError(
-            f"a quantized KV cache cannot join a batch in mlx-lm 0.32.2: kv_bits {kv_bits} "
-            f"needs max_concurrency 1, not {sequences}"
-        )
+    if kv_bits not in KV_BITS:
+        raise SizingError(f"kv_bits must be one of {sorted(KV_BITS)}, got {kv_bits}")
+    if kv_bits != 16:
+        if sequences > QUANTIZED_KV_MAX_SEQUENCES:
+            raise SizingError(
+                f"a quantized KV cache cannot join a batch in mlx-lm 0.32.2: kv_bits {kv_bits} "
+                f"needs max_concurrency 1, not {sequences}"
+            )
+        if group_size not in KV_GROUP_SIZES or shape.head_dim % group_size:
+            raise SizingError(
+                f"kv_group_size {group_size} cannot quantize head_dim {shape.head_dim} "
+                f"(it must be one of {', '.join(map(str, KV_GROUP_SIZES))} and divide it)"
+            )
     tokens = min(context, shape.window) if shape.window else context
-    per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * KV_BYTES[kv_bits]
-    return math.ceil(per_token * tokens * sequences)
+    elements = 2 * shape.layers * shape.kv_heads * shape.head_dim * tokens * sequences
+    return math.ceil(elements * kv_bytes_per_element(kv_bits, group_size, dtype_bytes))
 
 
 def safetensors_bytes(path: Path) -> int:
@@ -178,17 +209,22 @@ def engine_overhead(config: Mapping[str, Any]) -> int:
 
 
 def footprint(
-    weights: int, config: Mapping[str, Any], context: int, sequences: int, kv_bits: int = 16
+    weights: int,
+    config: Mapping[str, Any],
+    context: int,
+    sequences: int,
+    kv_bits: int = 16,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
 ) -> Footprint:
-    """The memory one engine needs for `sequences` concurrent sequences of `context` tokens."""
+    """The memory one engine needs for `sequences` concurrent sequences of `context` tokens
+    (a quantized KV cache: one sequence, see QUANTIZED_KV_MAX_SEQUENCES)."""
     shape = attention_shape(config)
     if shape.max_context and context > shape.max_context:
         raise SizingError(
             f"context_length {context} is larger than the model supports ({shape.max_context})"
         )
-    return Footprint(
-        weights, kv_cache_bytes(shape, context, sequences, kv_bits), engine_overhead(config)
-    )
+    kv = kv_cache_bytes(shape, context, sequences, kv_bits, kv_group_size)
+    return Footprint(weights, kv, engine_overhead(config))
 
 
 def node_budget(
@@ -206,7 +242,12 @@ def node_budget(
 
 
 def size_engine(
-    source: str, context: int | None, sequences: int, kv_bits: int, default_context: int
+    source: str,
+    context: int | None,
+    sequences: int,
+    kv_bits: int,
+    default_context: int,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
 ) -> tuple[int, int]:
     """(bytes one engine of this model needs, the context in force) for a local folder or a
     hub id. A hub model not in the local cache yet sizes as 0 (the agent downloads it)."""
@@ -220,7 +261,7 @@ def size_engine(
         config, weights = cached, estimated_weight_bytes(cached)
     if context is None:
         context = min(default_context, attention_shape(config).max_context or default_context)
-    return footprint(weights, config, context, sequences, kv_bits).total, context
+    return footprint(weights, config, context, sequences, kv_bits, kv_group_size).total, context
 
 
 def cached_hub_config(repo: str) -> dict[str, Any] | None:

@@ -285,6 +285,7 @@ class Reconciler:
                 self.engine_knobs(spec).max_concurrency,
                 spec.kv_bits,
                 DEFAULT_CONTEXT_LENGTH,
+                spec.kv_group_size,
             )
         except SizingError as exc:
             return SizingError(f"{spec.name}: {exc}")
@@ -307,6 +308,13 @@ class Reconciler:
         # replicas elsewhere are ready.
         leaving = [e for e in engines if self._must_leave(e, spec)]
         staying = [e for e in engines if e not in leaving]
+        if any(e.state == "ready" for e in staying):
+            # A tripped node's engines leave the router now, not after failures, when another
+            # engine can take the traffic (a sole replica serves on until its replacement is
+            # ready: a trip never pauses a model). Their in-flight requests finish.
+            for engine in leaving:
+                if self._tripped(engine, spec):
+                    self._registry.unroute(engine.engine_id)
         self._trim(spec, staying)
         size = self.size(spec)
         if isinstance(size, SizingError):
@@ -399,6 +407,10 @@ class Reconciler:
             or (spec.tier == "batch" and "move_batch" in actions)
             or engine.engine_id in self._moving
         )
+
+    def _tripped(self, engine: Engine, spec: ModelSpec) -> bool:
+        actions = self.triggers.actions(engine.node_id)
+        return "drain" in actions or (spec.tier == "batch" and "move_batch" in actions)
 
     def _idle_for(self, key: UnitKey, seconds: float) -> bool:
         usage = self.usage.get(key, Usage())
@@ -562,6 +574,8 @@ class Reconciler:
                 spec.tier,
                 self.context_length(spec),
                 self.engine_knobs(spec),
+                spec.kv_bits,
+                spec.kv_group_size,
             ),
         )
         logger.info(

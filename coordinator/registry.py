@@ -76,6 +76,8 @@ class LoadCommand:
     tier: str
     context_length: int
     knobs: Knobs
+    kv_bits: int = 16  # 8 or 4: a quantized KV cache (batch tier, one request at a time)
+    kv_group_size: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +114,7 @@ class RouteTable(Protocol):
 
     def add_engine(self, engine: Engine) -> None: ...
 
-    def remove_engine(self, engine_id: EngineId) -> None: ...
+    def remove_engine(self, engine_id: EngineId, *, drain: bool = False) -> None: ...
 
 
 class Registry:
@@ -192,7 +194,8 @@ class Registry:
         if engine.state == "ready" and node is not None and node.liveness == "live":
             self._routes.add_engine(engine)
         else:
-            self._routes.remove_engine(engine.engine_id)
+            # A stopping engine was told to stop: it finishes what it serves, then exits.
+            self._routes.remove_engine(engine.engine_id, drain=engine.state == "stopping")
         self.changed.set()
 
     def drop_engine(self, engine_id: EngineId) -> Engine | None:
@@ -201,6 +204,10 @@ class Registry:
         self._routes.remove_engine(engine_id)
         self.changed.set()
         return engine
+
+    def unroute(self, engine_id: EngineId) -> None:
+        """Route nothing new to a ready engine that is about to move; what it serves finishes."""
+        self._routes.remove_engine(engine_id, drain=True)
 
     def engines_of(self, model: str) -> list[Engine]:
         return [e for e in self.engines.values() if e.model == model]

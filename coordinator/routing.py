@@ -8,11 +8,14 @@ Its Router API is being replaced in 1.109+, so every LiteLLM call stays behind t
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
 
 # Without this, importing litellm fetches its model cost map from the internet.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -24,6 +27,8 @@ from litellm.types.router import Deployment, LiteLLM_Params, ModelInfo  # noqa: 
 from coordinator.registry import Engine, EngineId  # noqa: E402
 
 logger = logging.getLogger(__name__)
+ORDER_LOCAL = 1  # engines on the coordinator's own host
+ORDER_REMOTE = 2  # engines on other nodes
 litellm.suppress_debug_info = True
 litellm.telemetry = False
 
@@ -38,11 +43,27 @@ class Target:
     node_id: str
     url: str
     secret: str
+    order: int = ORDER_LOCAL
+    max_parallel: int = 0  # requests in flight before the next order is tried; 0: no limit
 
     @property
     def tls(self) -> bool:
         """Engines on another host serve TLS with their node's certificate."""
         return self.url.startswith("https://")
+
+
+def is_local(url: str) -> bool:
+    """Does this engine URL point at the coordinator's own host (loopback)?"""
+    host = urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _extras(**params: Any) -> Any:
+    """Deployment params LiteLLM_Params accepts (extra="allow") but does not declare."""
+    return params
 
 
 def group(model: str, tier: str) -> str:
@@ -53,35 +74,72 @@ def group(model: str, tier: str) -> str:
 class Routing:
     """Deployments follow engines: added when ready, removed the moment they go away."""
 
-    def __init__(self, fleet_ca_pem: bytes) -> None:
+    def __init__(
+        self,
+        fleet_ca_pem: bytes,
+        *,
+        prefer_local: bool = True,
+        max_parallel: Callable[[str], int] = lambda tier: 0,
+    ) -> None:
         self._router = Router(model_list=[], num_retries=0)
+        self._prefer_local = prefer_local
+        self._max_parallel = max_parallel  # by tier: the tier knobs' max_concurrency
         # Remote engines present node certificates from the fleet CA, checked by node id.
         self.engine_tls = ssl.create_default_context(cadata=fleet_ca_pem.decode())
         self._targets: dict[EngineId, Target] = {}
+        self._draining: set[EngineId] = set()  # unrouted, still finishing requests in flight
         # Told when an engine leaves, so requests in flight to it are aborted, not left hanging.
         self.on_remove: list[Callable[[EngineId], None]] = []
 
     def add_engine(self, engine: Engine) -> None:
         if engine.engine_id in self._targets:
             return
+        local = not self._prefer_local or is_local(engine.url)
+        order = ORDER_LOCAL if local else ORDER_REMOTE
+        max_parallel = self._max_parallel(engine.tier)
         deployment = Deployment(
             model_name=group(engine.model, engine.tier),  # one Router model group per unit
             litellm_params=LiteLLM_Params(
-                model=f"openai/{engine.model}", api_base=f"{engine.url}/v1", api_key=engine.secret
+                model=f"openai/{engine.model}",
+                api_base=f"{engine.url}/v1",
+                api_key=engine.secret,
+                # Both are LiteLLM deployment params its pydantic model takes as extras.
+                **_extras(order=order, max_parallel_requests=max_parallel or None),
             ),
             model_info=ModelInfo(id=engine.engine_id),
         )
         self._router.add_deployment(deployment)
         self._targets[engine.engine_id] = Target(
-            engine.engine_id, engine.model, engine.tier, engine.node_id, engine.url, engine.secret
+            engine.engine_id,
+            engine.model,
+            engine.tier,
+            engine.node_id,
+            engine.url,
+            engine.secret,
+            order,
+            max_parallel,
         )
-        logger.info("routing %s to engine %s at %s", engine.model, engine.engine_id, engine.url)
+        logger.info(
+            "routing %s to engine %s at %s (order %d)",
+            engine.model,
+            engine.engine_id,
+            engine.url,
+            order,
+        )
 
-    def remove_engine(self, engine_id: EngineId) -> None:
-        if self._targets.pop(engine_id, None) is None:
+    def remove_engine(self, engine_id: EngineId, *, drain: bool = False) -> None:
+        """Route nothing new to the engine. With `drain` (it was asked to stop and finishes
+        what it serves) requests in flight to it go on; otherwise, or when a draining engine
+        is later removed for good (it exited, its node went silent), they are aborted."""
+        if self._targets.pop(engine_id, None) is not None:
+            self._router.delete_deployment(engine_id)
+            logger.info("engine %s left the router%s", engine_id, " (draining)" if drain else "")
+            if drain:
+                self._draining.add(engine_id)
+                return
+        elif drain or engine_id not in self._draining:
             return
-        self._router.delete_deployment(engine_id)
-        logger.info("engine %s left the router", engine_id)
+        self._draining.discard(engine_id)
         for listener in self.on_remove:
             listener(engine_id)
 
@@ -93,15 +151,43 @@ class Routing:
         """(model, tier) pairs that have at least one routable deployment."""
         return {(t.model, t.tier) for t in self._targets.values()}
 
-    async def pick(self, model: str, tier: str) -> Target | None:
-        """The deployment the Router chooses for this model and tier, or None."""
-        # Our own table answers "none" without the Router's exception path (it keeps
-        # deleted groups in Router.model_names).
-        if (model, tier) not in self.units():
+    async def pick(
+        self,
+        model: str,
+        tier: str,
+        in_flight: Callable[[EngineId], int] = lambda engine_id: 0,
+    ) -> Target | None:
+        """The deployment the Router chooses for this model and tier, or None.
+
+        Orders are tried lowest first; a deployment with max_parallel requests in flight is
+        full and the request spills to the next order. When every deployment is full, the
+        lowest order takes it anyway (its engine queues it, or answers 429)."""
+        targets = [t for t in self._targets.values() if (t.model, t.tier) == (model, tier)]
+        if not targets:
+            # Our own table answers "none" without the Router's exception path (it keeps
+            # deleted groups in Router.model_names).
             return None
+        full = [
+            t.engine_id
+            for t in targets
+            if t.max_parallel and in_flight(t.engine_id) >= t.max_parallel
+        ]
+        for order in sorted({t.order for t in targets}):
+            if all(t.engine_id in full for t in targets if t.order == order):
+                continue
+            picked = await self._pick(
+                model, tier, {"_target_order": order, "_excluded_deployment_ids": full}
+            )
+            if picked is not None:
+                return picked
+        return await self._pick(model, tier, {})
+
+    async def _pick(
+        self, model: str, tier: str, request_kwargs: dict[str, object]
+    ) -> Target | None:
         try:
             deployment = await self._router.async_get_available_deployment(
-                model=group(model, tier), request_kwargs={}
+                model=group(model, tier), request_kwargs=request_kwargs
             )
         except litellm.exceptions.BadRequestError:  # "no healthy deployments"
             return None

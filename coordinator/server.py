@@ -25,6 +25,7 @@ from coordinator.reconcile import Reconciler
 from coordinator.registry import Registry
 from coordinator.routing import Routing
 from coordinator.store import Store
+from coordinator.tiers import TIERS
 from mlxfleet.v1 import fleet_pb2_grpc
 from node_agent.identity import FINGERPRINT_HEX_CHARS, JoinToken
 
@@ -136,11 +137,21 @@ class Server:
             await asyncio.sleep(MODEL_POLL_S)
         return f"not ready after {timeout_s:.0f} s"
 
+    def _max_parallel(self, tier: str) -> int:
+        """A deployment's max_parallel_requests: its tier's max_concurrency (0: unknown)."""
+        if self.reconciler is None or tier not in TIERS:
+            return 0
+        return self.reconciler.knobs(tier).max_concurrency  # type: ignore[arg-type]
+
     async def serve(self, install_signals: bool = True) -> None:
         config = self.config
         pki = FleetPki.load_or_create(config.home)
         store = Store(config.db_path)
-        routing = self.routing = Routing(pki.ca_cert_pem)
+        routing = self.routing = Routing(
+            pki.ca_cert_pem,
+            prefer_local=config.prefer_local,
+            max_parallel=self._max_parallel,
+        )
         registry = self.registry = Registry(routing)
         reconciler = self.reconciler = Reconciler(config, registry, store)
         service = FleetService(pki, store, registry, reconciler)

@@ -14,7 +14,7 @@ from coordinator.errors import StoreError
 
 API_KEY_PREFIX = "mlxf-"
 
-SCHEMA_VERSION = 3  # 2: certificates and join tokens; 3: key tiers, cordons, tier knobs
+SCHEMA_VERSION = 4  # 2: certificates, join tokens; 3: key tiers, cordons, knobs; 4: key limits
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     node_id     TEXT PRIMARY KEY,
@@ -36,7 +36,10 @@ CREATE TABLE IF NOT EXISTS api_keys (
     name         TEXT NOT NULL,
     created_at   REAL NOT NULL,
     tiers        TEXT NOT NULL DEFAULT 'interactive,batch',
-    default_tier TEXT NOT NULL DEFAULT 'interactive'
+    default_tier TEXT NOT NULL DEFAULT 'interactive',
+    rpm          INTEGER,  -- requests per minute; NULL: unlimited
+    tpm          INTEGER,  -- tokens per minute; NULL: unlimited
+    models       TEXT      -- comma list of models; NULL: every model
 );
 CREATE TABLE IF NOT EXISTS tier_knobs (
     tier         TEXT PRIMARY KEY,
@@ -65,6 +68,18 @@ def hash_secret(secret: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiKey:
+    """What a team key may do (its secret is never stored, only its hash)."""
+
+    name: str
+    tiers: str  # comma list, read by coordinator.tiers.key_tiers
+    default_tier: str
+    rpm: int | None  # requests per minute; None: unlimited
+    tpm: int | None  # tokens (prompt + completion) per minute; None: unlimited
+    models: frozenset[str]  # empty: every model
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     """One stored event: an engine exit, a load failure, an enrollment."""
 
@@ -72,6 +87,15 @@ class Event:
     node_id: str | None
     kind: str
     detail: str
+
+
+_API_KEY_COLUMNS = "name, tiers, default_tier, rpm, tpm, models"
+
+
+def _api_key(row: tuple[str, str, str, int | None, int | None, str | None]) -> ApiKey:
+    name, tiers, default_tier, rpm, tpm, models = row
+    names = frozenset(m for m in (models or "").split(",") if m)
+    return ApiKey(name, tiers, default_tier, rpm, tpm, names)
 
 
 class Store:
@@ -105,6 +129,9 @@ class Store:
             self._db.execute(
                 "ALTER TABLE api_keys ADD COLUMN default_tier TEXT NOT NULL DEFAULT 'interactive'"
             )
+        if version < 4 and self._has_table("api_keys"):
+            for column in ("rpm INTEGER", "tpm INTEGER", "models TEXT"):
+                self._db.execute(f"ALTER TABLE api_keys ADD COLUMN {column}")
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _has_table(self, name: str) -> bool:
@@ -157,22 +184,39 @@ class Store:
         key: str | None = None,
         tiers: str = "interactive,batch",
         default_tier: str = "interactive",
+        rpm: int | None = None,
+        tpm: int | None = None,
+        models: frozenset[str] = frozenset(),
     ) -> str:
         """Store a new team key (hashed) and return it; the plain key is never stored."""
         key = key or API_KEY_PREFIX + secrets.token_urlsafe(32)
         self._db.execute(
-            "INSERT OR REPLACE INTO api_keys VALUES (?, ?, ?, ?, ?)",
-            (hash_secret(key), name, time.time(), tiers, default_tier),
+            "INSERT OR REPLACE INTO api_keys (key_hash, name, created_at, tiers, default_tier, "
+            "rpm, tpm, models) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                hash_secret(key),
+                name,
+                time.time(),
+                tiers,
+                default_tier,
+                rpm,
+                tpm,
+                ",".join(sorted(models)) or None,
+            ),
         )
         return key
 
-    def api_key(self, key: str) -> tuple[str, str, str] | None:
-        """(name, tiers, default tier) of a valid key, or None."""
+    def api_key(self, key: str) -> ApiKey | None:
+        """The record of a valid key, or None."""
         row = self._db.execute(
-            "SELECT name, tiers, default_tier FROM api_keys WHERE key_hash = ?",
-            (hash_secret(key),),
+            f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE key_hash = ?", (hash_secret(key),)
         ).fetchone()
-        return (row[0], row[1], row[2]) if row else None
+        return _api_key(row) if row else None
+
+    def api_keys(self) -> list[ApiKey]:
+        """Every key's record, oldest first (for `mlxfleet keys list`)."""
+        rows = self._db.execute(f"SELECT {_API_KEY_COLUMNS} FROM api_keys ORDER BY created_at")
+        return [_api_key(row) for row in rows]
 
     def revoke_api_keys(self, name: str) -> int:
         """Delete every key with this name; returns how many."""

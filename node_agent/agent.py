@@ -17,6 +17,7 @@ import grpc
 
 from mlxfleet.v1 import fleet_pb2 as pb
 from node_agent.advertise import Advertiser, NodeRecord
+from node_agent.cgroup import MemoryLimiter
 from node_agent.coordinator_client import (
     CoordinatorUnreachable,
     EnrollRefused,
@@ -61,6 +62,7 @@ class AgentConfig:
     advertise: bool = True  # announce this node on mDNS
     role: Role | None = None  # overrides the probe (laptop when a battery is present)
     profile: NodeProfile = field(default_factory=NodeProfile)  # labels, opt-in, OS reserve
+    engine_memory_limit_bytes: int | None = None  # per engine, by a memory cgroup (Linux)
 
 
 def split_host_port(address: str, default_port: int) -> tuple[str, int]:
@@ -94,7 +96,13 @@ class Agent:
         self.probe = probe or local_probe()
         self.session: Session | None = None
         self.identity: NodeIdentity | None = None
-        self.supervisor = Supervisor(self.probe, self._on_event, config.home / "logs")
+        limit = config.engine_memory_limit_bytes
+        self.supervisor = Supervisor(
+            self.probe,
+            self._on_event,
+            config.home / "logs",
+            limiter=MemoryLimiter.for_this_process(limit) if limit else None,
+        )
         self._advertiser: Advertiser | None = None
         self._facts: NodeFacts | None = None
         self._stop = asyncio.Event()

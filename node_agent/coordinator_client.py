@@ -283,4 +283,6 @@ def load_request(message: pb.LoadModel) -> LoadRequest:
         tier,
         message.context_length,
         knobs_from_pb(message.knobs),
+        kv_bits=message.kv_bits or 16,
+        kv_group_size=message.kv_group_size or 64,
     )

@@ -18,6 +18,7 @@ from typing import Literal
 
 import aiohttp
 
+from node_agent.cgroup import MIB, EngineCgroup, MemoryLimiter
 from node_agent.probes.base import Probe
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class LoadRequest:
     tier: str
     context_length: int
     knobs: dict[str, int] = field(default_factory=dict)  # tier knobs; empty: engine defaults
+    kv_bits: int = 16  # 8 or 4: a quantized KV cache (the engine runs one request at a time)
+    kv_group_size: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,13 @@ class EngineEvent:
     exit_code: int = 0
     signal: int = 0
     detail: str = ""
+
+
+def kv_args(request: LoadRequest) -> list[str]:
+    """The engine flags for a quantized KV cache; none for the model's own dtype."""
+    if request.kv_bits in (0, 16):
+        return []
+    return ["--kv-bits", str(request.kv_bits), "--kv-group-size", str(request.kv_group_size)]
 
 
 def knob_args(knobs: dict[str, int]) -> list[str]:
@@ -151,6 +161,7 @@ class _Managed:
     process: asyncio.subprocess.Process
     log_path: Path
     oom_kills_at_start: int
+    cgroup: EngineCgroup | None = None  # its memory limit, when the agent sets one
     stop_requested: bool = False
     watcher: asyncio.Task[None] | None = None
 
@@ -164,8 +175,10 @@ class Supervisor:
         emit: Callable[[EngineEvent], None],
         log_dir: Path,
         network: EngineNetwork | None = None,
+        limiter: MemoryLimiter | None = None,
     ) -> None:
         self._probe = probe
+        self._limiter = limiter
         self._emit = emit
         self._log_dir = log_dir
         self.network = network or EngineNetwork()
@@ -225,6 +238,7 @@ class Supervisor:
             "--tier",
             request.tier if request.tier in ("interactive", "batch") else "interactive",
             *knob_args(request.knobs),
+            *kv_args(request),
         ]
         # The secret goes through the environment: argv is visible to every local user.
         env = {
@@ -232,14 +246,21 @@ class Supervisor:
             "MLXFLEET_ENGINE_SECRET": secret,
             "MLXFLEET_PARENT_PID": str(os.getpid()),
         }  # the engine exits if we die
-        with log_path.open("ab") as log:
-            process = await asyncio.create_subprocess_exec(
-                *args,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                env=env,
-                start_new_session=True,  # Ctrl-C on the agent's terminal must not hit engines
-            )
+        cgroup = self._make_cgroup(request.engine_id)
+        try:
+            with log_path.open("ab") as log:
+                process = await asyncio.create_subprocess_exec(
+                    *args,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=log,
+                    env=env,
+                    start_new_session=True,  # Ctrl-C on the agent's terminal must not hit engines
+                    preexec_fn=cgroup.joiner() if cgroup is not None else None,
+                )
+        except BaseException:
+            if cgroup is not None:
+                cgroup.remove()
+            raise
         info = EngineInfo(
             request.engine_id,
             request.model,
@@ -249,7 +270,8 @@ class Supervisor:
             context_length=request.context_length,
             pid=process.pid,
         )
-        managed = _Managed(info, process, log_path, self._probe.oom_kills())
+        oom_kills = cgroup.oom_kills() if cgroup is not None else self._probe.oom_kills()
+        managed = _Managed(info, process, log_path, oom_kills, cgroup)
         self._engines[request.engine_id] = managed
         self._emit(EngineEvent("started", info))
         managed.watcher = asyncio.create_task(self._watch(managed), name=request.engine_id)
@@ -263,11 +285,18 @@ class Supervisor:
             self._emit(EngineEvent("ready", m.info))
         returncode = await m.process.wait()
         self._engines.pop(m.info.engine_id, None)
-        reason = classify_exit(returncode, m.oom_kills_at_start, self._probe.oom_kills())
+        if m.cgroup is not None:
+            oom_kills = m.cgroup.oom_kills()  # its own counter: no other process's kill counts
+            m.cgroup.remove()
+        else:
+            oom_kills = self._probe.oom_kills()
+        reason = classify_exit(returncode, m.oom_kills_at_start, oom_kills)
         if m.stop_requested and returncode in (0, -signal.SIGTERM):
             reason = "clean"
         kind: EventKind = "exited" if failure is None or m.stop_requested else "load_failed"
         detail = failure or self._log_tail(m.log_path)
+        if reason == "oom" and m.cgroup is not None:
+            detail = f"over its {m.cgroup.limit_bytes // MIB} MiB memory limit | {detail}"
         logger.log(
             logging.INFO if reason == "clean" else logging.WARNING,
             "engine %s (%s) %s: %s (code %s)",
@@ -287,6 +316,16 @@ class Supervisor:
                 detail=detail if reason != "clean" else "",
             )
         )
+
+    def _make_cgroup(self, engine_id: str) -> EngineCgroup | None:
+        """The engine's limited memory cgroup; None without a limit or when it cannot be made."""
+        if self._limiter is None:
+            return None
+        try:
+            return self._limiter.create(engine_id)
+        except OSError as exc:
+            logger.warning("engine %s runs without its memory limit: %s", engine_id, exc)
+            return None
 
     async def _await_ready(self, m: _Managed) -> str | None:
         """None when the engine answered /health ready; else a one-line reason (it is killed)."""

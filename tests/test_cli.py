@@ -34,6 +34,10 @@ def run(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
         (("agent", "--coordinator", "127.0.0.1:1"), "has not enrolled yet: pass --token"),
         (("up", "--model", "{tmp}/no/such/model/here"), "not a folder and not a Hugging Face id"),
         (("up", "--model", "{tmp}"), "no config.json there"),
+        (("keys", "create", "--rpm", "0"), "--rpm '0': must be a positive integer"),
+        (("keys", "create", "--tpm", "lots"), "--tpm 'lots': must be a positive integer"),
+        (("keys", "create", "--models", " , "), "--models ' , ': name at least one model"),
+        (("keys", "create", "--models", "a,b c"), "--models: 'b c' is not a model name"),
     ],
 )
 def test_bad_input_gives_one_line(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
@@ -52,6 +56,26 @@ def test_keys_create_prints_a_key_and_stores_its_hash(tmp_path: Path) -> None:
     key = done.stdout.strip()
     assert key.startswith("mlxf-")
     assert key.encode() not in (tmp_path / "coordinator.sqlite3").read_bytes()
+
+
+def test_keys_list_shows_limits_never_keys(tmp_path: Path) -> None:
+    etl = run(
+        "keys", "create", "--name", "etl", "--tiers", "batch", "--rpm", "2", "--tpm", "9000",
+        "--models", "demo,big", home=tmp_path,
+    )  # fmt: skip
+    team = run("keys", "create", "--name", "team", home=tmp_path)
+    assert etl.returncode == team.returncode == 0, etl.stderr + team.stderr
+    table = run("keys", "list", home=tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines() == [
+        "name  tiers               default_tier  rpm        tpm        models",
+        "etl   batch               batch         2          9000       big, demo",
+        "team  batch, interactive  interactive   unlimited  unlimited  all",
+    ]
+    listed = run("keys", "list", "--json", home=tmp_path)
+    for key in (etl.stdout.strip(), team.stdout.strip()):
+        assert key not in table.stdout + listed.stdout
+    assert '"rpm": 2' in listed.stdout and '"rpm": null' in listed.stdout
 
 
 def test_demo_model_command_writes_a_loadable_model(tmp_path: Path) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from node_agent.engine.decoder import DEFAULT_KV_GROUP_SIZE, KV_BITS_CHOICES, KV_GROUP_SIZES
 from node_agent.engine.errors import BadKnob, Error
 from node_agent.engine.knobs import TIER_DEFAULTS, TIERS, Knobs, Tier
 
@@ -35,6 +36,10 @@ class EngineConfig:
     context_length: int | None = None
     tier: Tier = "interactive"
     knobs: Knobs = TIER_DEFAULTS["interactive"]
+    # None: the KV cache stays in the model's dtype. 8 or 4 (batch tier only): quantized, and
+    # requests run one at a time (mlx-lm 0.32.2 cannot batch a quantized cache; sequential.py).
+    kv_bits: int | None = None
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE
     # Serve HTTPS with the node's certificate (an engine reached from another host).
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -81,6 +86,37 @@ def _knobs(args: argparse.Namespace, environ: Mapping[str, str]) -> Knobs:
         raise ConfigError(f"{sources.get(exc.knob, exc.knob)} {exc.reason}") from None
 
 
+def _choice(flag: str, text: str, choices: tuple[int, ...]) -> int:
+    allowed = ", ".join(map(str, choices))
+    if not text.strip().isdigit() or int(text) not in choices:
+        raise ConfigError(f"{flag} must be one of {allowed}, got {text!r}")
+    return int(text)
+
+
+def _kv(args: argparse.Namespace, knobs: Knobs) -> tuple[int | None, int, Knobs]:
+    """(kv_bits, kv_group_size, knobs). A quantized KV cache is for the batch tier only and
+    decodes one sequence at a time, so its max_concurrency and max_batch_size are 1."""
+    if args.kv_bits is None:
+        if args.kv_group_size is not None:
+            raise ConfigError("--kv-group-size needs --kv-bits")
+        return None, DEFAULT_KV_GROUP_SIZE, knobs
+    bits = _choice("--kv-bits", args.kv_bits, KV_BITS_CHOICES)
+    group_size = DEFAULT_KV_GROUP_SIZE
+    if args.kv_group_size is not None:
+        group_size = _choice("--kv-group-size", args.kv_group_size, KV_GROUP_SIZES)
+    if args.tier != "batch":
+        raise ConfigError(
+            f"--kv-bits {bits} is for the batch tier only: a quantized KV cache cannot join "
+            f"a running batch in mlx-lm 0.32.2, and the {args.tier} tier must batch"
+        )
+    if args.max_concurrency is not None and knobs.max_concurrency != 1:
+        raise ConfigError(
+            f"--kv-bits {bits} decodes one sequence at a time: --max-concurrency must be 1, "
+            f"got {knobs.max_concurrency}"
+        )
+    return bits, group_size, replace(knobs, max_concurrency=1, max_batch_size=1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m node_agent.engine",
@@ -95,6 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tier", default="interactive", help="interactive|batch: knob defaults")
     for name in TIER_DEFAULTS["interactive"].as_dict():
         parser.add_argument(_flag(name), dest=name, default=None, metavar="N")
+    parser.add_argument(
+        "--kv-bits",
+        default=None,
+        metavar="{8,4}",
+        help="quantize the KV cache (batch tier only; requests then run one at a time)",
+    )
+    parser.add_argument(
+        "--kv-group-size",
+        default=None,
+        metavar="{32,64,128}",
+        help=f"values per KV quantization scale and bias (default {DEFAULT_KV_GROUP_SIZE}); "
+        "must divide the model's head_dim",
+    )
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate (HTTPS)")
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key (HTTPS)")
     return parser
@@ -105,7 +154,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> EngineConfig
     args = build_parser().parse_args(argv)
     if args.tier not in TIERS:
         raise ConfigError(f"--tier must be one of {', '.join(TIERS)}, got {args.tier!r}")
-    knobs = _knobs(args, environ)
+    kv_bits, kv_group_size, knobs = _kv(args, _knobs(args, environ))
     secret = environ.get(SECRET_ENV, "")
     if not secret.strip():
         raise ConfigError(f"{SECRET_ENV} is not set or empty; refusing to start without a secret")
@@ -123,6 +172,8 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> EngineConfig
         context_length=args.context_length,
         tier=args.tier,
         knobs=knobs,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
     )

@@ -1,4 +1,4 @@
-"""The model thread: the one thread that owns the model and mlx-lm's BatchGenerator."""
+"""The model thread: the one thread that owns the model and its decoder (see decoder.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node_agent.engine.errors import ModelLoadFailed, QueueFull
+from node_agent.engine.decoder import DEFAULT_KV_GROUP_SIZE, Decoder
+from node_agent.engine.errors import InvalidRequest, ModelLoadFailed, QueueFull
 from node_agent.engine.knobs import TIER_DEFAULTS, Knobs, admit_now, window_remaining_ms
 from node_agent.engine.protocol import SamplingParams
 from node_agent.engine.textstream import TextStream
@@ -21,8 +22,6 @@ logger = logging.getLogger(__name__)
 
 # Seed 002: cap the context at 8192 tokens unless the engine is told otherwise.
 DEFAULT_CONTEXT_CAP_TOKENS = 8192
-# Small prefill slices let a long prompt share the thread with running decodes.
-PREFILL_STEP_SIZE_TOKENS = 512
 WARMUP_PROMPT = "Hello, world."
 WARMUP_MAX_TOKENS = 4
 
@@ -46,10 +45,11 @@ class Job:
     """One generation request; `sink` is called on the model thread and must be thread-safe."""
 
     request_id: int
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # ends with `sent_ids` when continuing a stream
     max_tokens: int
     params: SamplingParams
     sink: Sink
+    sent_ids: tuple[int, ...] = ()  # generated elsewhere, text already sent (a continuation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +64,8 @@ class EngineStats:
     admission_groups: int  # times a group of waiting requests was admitted together
     largest_admission: int  # the biggest such group
     knobs: Knobs
+    kv_bits: int = 16  # the KV cache in force: 16, the model's dtype; 8 or 4, quantized
+    kv_group_size: int | None = None  # values per quantized scale and bias; None: unquantized
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +93,10 @@ _WAKE = object()  # new knobs: decide admissions again
 
 
 class ModelThread:
-    """Loads the model, then runs continuous batching over submitted jobs.
+    """Loads the model, then admits submitted jobs to its decoder as the knobs allow.
 
+    The decoder is mlx-lm's continuous batching (batched.py), or with `kv_bits` one sequence at
+    a time over a quantized KV cache (sequential.py), the others waiting in the queue.
     submit, cancel, set_knobs, stats and stop may be called from any thread. Every submitted job
     gets exactly one final Event (finish_reason set), whatever happens to it.
     """
@@ -103,8 +107,12 @@ class ModelThread:
         *,
         knobs: Knobs = TIER_DEFAULTS["interactive"],
         context_length: int | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
     ) -> None:
         self._model_path = Path(model_path)
+        self._kv_bits = kv_bits  # None: the KV cache stays in the model's dtype
+        self._kv_group_size = kv_group_size
         self._knobs = knobs  # replaced whole (frozen), read at each admission decision
         self.context_length = context_length or DEFAULT_CONTEXT_CAP_TOKENS
         self._requested_context = context_length
@@ -132,7 +140,15 @@ class ModelThread:
         return self._knobs
 
     def set_knobs(self, knobs: Knobs) -> None:
-        """Use `knobs` from the next admission decision on; running requests are left alone."""
+        """Use `knobs` from the next admission decision on; running requests are left alone.
+        InvalidRequest: max_concurrency above 1 with a quantized KV cache."""
+        if self._kv_bits is not None and knobs.max_concurrency != 1:
+            raise InvalidRequest(
+                f"Invalid 'max_concurrency': a quantized KV cache (kv_bits {self._kv_bits}) "
+                f"decodes one sequence at a time, so it must be 1, got {knobs.max_concurrency}.",
+                "max_concurrency",
+                "invalid_value",
+            )
         with self._lock:
             self._knobs = knobs
         self._inbox.put(_WAKE)
@@ -168,6 +184,8 @@ class ModelThread:
             admission_groups=self._admission_groups,
             largest_admission=self._largest_admission,
             knobs=knobs,
+            kv_bits=self._kv_bits or 16,
+            kv_group_size=self._kv_group_size if self._kv_bits else None,
         )
 
     # --- on the model thread -------------------------------------------------------------
@@ -191,7 +209,7 @@ class ModelThread:
                 # Whatever broke, the thread must live on: fail the batch and start afresh.
                 logger.exception("generation failed; failing %d requests", len(self._running))
                 self._fail_running("internal error during generation")
-                self._bg = self._new_batch_generator()
+                self._decoder.reset()
         self._take_inbox(0.0)  # jobs submitted after the stop message still get their end
         for waiting in self._dequeue(len(self._waiting)):
             self._final(waiting.job, "error", "the engine is shutting down")
@@ -199,7 +217,6 @@ class ModelThread:
 
     def _load(self) -> None:
         import mlx_lm
-        from mlx_lm.generate import StopSequences
 
         # mlx_lm.load treats a missing directory as a Hugging Face repo id; engines only serve
         # local files the agent placed, so say plainly what is missing instead.
@@ -207,56 +224,32 @@ class ModelThread:
             raise FileNotFoundError(f"no config.json in {self._model_path}")
         loaded = mlx_lm.load(str(self._model_path))
         model, tokenizer = loaded[0], loaded[1]
-        self._model = model
         self.tokenizer = tokenizer
         args = getattr(model, "args", None)
         self.vocab_size = getattr(args, "vocab_size", None) or len(tokenizer._tokenizer)
         self._eos_ids = frozenset(tokenizer.eos_token_ids)
-        self._eos_stops = StopSequences([(t,) for t in sorted(self._eos_ids)])
         model_max = getattr(args, "max_position_embeddings", None)
         if self._requested_context is None and model_max:
             self.context_length = min(int(model_max), DEFAULT_CONTEXT_CAP_TOKENS)
-        self._bg = self._new_batch_generator()
-        self._warm_up()
+        self._decoder = self._new_decoder(model)
+        self._decoder.warm_up(list(tokenizer.encode(WARMUP_PROMPT)), WARMUP_MAX_TOKENS)
         logger.info(
-            "model %s loaded and warmed up (context %d tokens, eos %s)",
+            "model %s loaded and warmed up (context %d tokens, eos %s, kv %s)",
             self._model_path,
             self.context_length,
             sorted(self._eos_ids),
+            "fp16" if self._kv_bits is None else f"{self._kv_bits}-bit, one sequence at a time",
         )
 
-    def _new_batch_generator(self) -> Any:
-        from mlx_lm.generate import BatchGenerator
+    def _new_decoder(self, model: Any) -> Decoder:
+        # Imported here: importing the engine should not pay for mlx-lm until the thread runs.
+        if self._kv_bits is None:
+            from node_agent.engine.batched import BatchDecoder
 
-        slots = self._knobs.max_concurrency
-        return BatchGenerator(
-            self._model,
-            completion_batch_size=slots,
-            prefill_batch_size=slots,
-            prefill_step_size=PREFILL_STEP_SIZE_TOKENS,
-        )
+            return BatchDecoder(model, self._eos_ids, self._knobs.max_concurrency)
+        from node_agent.engine.sequential import SequentialDecoder
 
-    def _warm_up(self) -> None:
-        # Compiles the CPU kernels (g++ on Linux) for greedy and sampled decoding in a batch of 2,
-        # so /health says ready only when the first real request will not pay for it.
-        from node_agent.engine.sampling import make_request_sampler
-
-        ids = self.tokenizer.encode(WARMUP_PROMPT)
-        greedy, sampled = make_request_sampler(0.0, 1.0, None), make_request_sampler(1.0, 0.9, 0)
-        # A lone sequence and a batch of two take different kernels; warm both.
-        for samplers in ([greedy], [greedy, sampled]):
-            uids = set(
-                self._bg.insert(
-                    [ids] * len(samplers),
-                    max_tokens=[WARMUP_MAX_TOKENS] * len(samplers),
-                    samplers=samplers,
-                    stop_sequences=[self._eos_stops] * len(samplers),
-                )
-            )
-            while uids:
-                for response in self._bg.next_generated():
-                    if response.finish_reason is not None:
-                        uids.discard(response.uid)
+        return SequentialDecoder(model, self._eos_ids, self._kv_bits, self._kv_group_size)
 
     def _inbox_timeout_s(self) -> float | None:
         """How long the thread may block on the inbox: not at all while decoding, until the
@@ -302,10 +295,9 @@ class ModelThread:
     def _admit(self) -> None:
         """Admit groups of waiting requests as the knobs in force allow (see admit_now)."""
         knobs = self._knobs
-        # BatchGenerator reads its sizes at every step: follow max_concurrency without a reload.
-        self._bg.completion_batch_size = self._bg.prefill_batch_size = knobs.max_concurrency
+        slots = self._decoder.slots(knobs.max_concurrency)
         while True:
-            free = knobs.max_concurrency - len(self._running)
+            free = slots - len(self._running)
             n = admit_now(self._waiting_ages_ms(), free, knobs)
             if n == 0:
                 return
@@ -314,7 +306,7 @@ class ModelThread:
             self._largest_admission = max(self._largest_admission, n)
 
     def _start(self, jobs: list[Job]) -> None:
-        """Insert jobs into the batch generator together, so that they prefill together."""
+        """Insert jobs into the decoder together (a batch prefills them together)."""
         from node_agent.engine.sampling import make_request_sampler
 
         ready: list[tuple[Job, Any]] = []
@@ -328,11 +320,10 @@ class ModelThread:
         if not ready:
             return
         try:
-            uids = self._bg.insert(
+            uids = self._decoder.insert(
                 [job.prompt_ids for job, _ in ready],
-                max_tokens=[job.max_tokens for job, _ in ready],
-                samplers=[sampler for _, sampler in ready],
-                stop_sequences=[self._eos_stops] * len(ready),
+                [job.max_tokens for job, _ in ready],
+                [sampler for _, sampler in ready],
             )
         except Exception as exc:
             logger.exception("could not start %d requests", len(ready))
@@ -341,6 +332,7 @@ class ModelThread:
             return
         for (job, _), uid in zip(ready, uids, strict=True):
             text = TextStream(self.tokenizer.detokenizer, job.params.stop)
+            text.resume(job.sent_ids)
             running = _Running(job, text, uid)
             self._running[job.request_id] = running
             self._by_uid[uid] = running
@@ -355,29 +347,29 @@ class ModelThread:
                 return
         running = self._running.get(request_id)
         if running is not None:
-            self._bg.remove([running.uid])
+            self._decoder.remove(running.uid)
             self._finish(running, "", "cancelled")
 
     def _step(self) -> None:
-        _, responses = self._bg.next()
-        if responses:
-            self._max_batch_seen = max(self._max_batch_seen, len(responses))
-            self._generated_total += len(responses)
-        for response in responses:
-            running = self._by_uid.get(response.uid)
+        tokens = self._decoder.step()
+        if tokens:
+            self._max_batch_seen = max(self._max_batch_seen, len(tokens))
+            self._generated_total += len(tokens)
+        for token in tokens:
+            running = self._by_uid.get(token.uid)
             if running is not None:
-                self._on_token(running, response.token, response.finish_reason)
+                self._on_token(running, token.token, token.finish_reason)
 
     def _on_token(self, running: _Running, token: int, finish_reason: str | None) -> None:
         text = ""
-        # The only stop sequences given to BatchGenerator are EOS tokens; EOS is not content.
+        # A decoder's "stop" is an EOS token, which is not content.
         if not (finish_reason == "stop" and token in self._eos_ids):
             running.pending_ids.append(token)
             running.completion_tokens += 1
             text = running.text.add(token)
         if running.text.stopped:
             if finish_reason is None:
-                self._bg.remove([running.uid])
+                self._decoder.remove(running.uid)
             self._finish(running, text, "stop")
         elif finish_reason is not None:
             text += running.text.finish()

@@ -14,6 +14,7 @@ from node_agent.engine.errors import InvalidRequest
 
 ALLOWED_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 MAX_STOP_SEQUENCES = 4
+CONTINUATION_FIELD = "mlxfleet_continuation"  # see Continuation
 MIN_TEMPERATURE = 0.0
 MAX_TEMPERATURE = 2.0
 DEFAULT_TEMPERATURE = 1.0
@@ -52,6 +53,19 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class Continuation:
+    """A stream to pick up where another engine stopped (body field `mlxfleet_continuation`).
+
+    The gateway sends the original request plus the ids of the tokens whose text the client
+    already has; the engine generates what follows them, under the original response id.
+    """
+
+    token_ids: tuple[int, ...]
+    id: str
+    created: int
+
+
+@dataclass(frozen=True, slots=True)
 class ChatRequest:
     """A validated POST /v1/chat/completions body."""
 
@@ -60,6 +74,7 @@ class ChatRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    continuation: Continuation | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +86,7 @@ class CompletionRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    continuation: Continuation | None = None
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
@@ -214,6 +230,22 @@ def _parse_common(body: dict[str, Any]) -> tuple[str | None, bool, bool]:
     return model, stream, include_usage
 
 
+def _parse_continuation(value: Any) -> Continuation | None:
+    if value is None:
+        return None
+    name = CONTINUATION_FIELD
+    if not isinstance(value, dict):
+        raise _type_error(name, "an object", value)
+    ids, id_, created = value.get("token_ids"), value.get("id"), value.get("created")
+    if not isinstance(ids, list) or not all(_is_int(t) and t >= 0 for t in ids):
+        raise _type_error(f"{name}.token_ids", "an array of token ids", ids)
+    if not isinstance(id_, str) or not id_:
+        raise _type_error(f"{name}.id", "a non-empty string", id_)
+    if not isinstance(created, int) or isinstance(created, bool):
+        raise _type_error(f"{name}.created", "an integer", created)
+    return Continuation(tuple(ids), id_, created)
+
+
 def _parse_content(index: int, role: str, content: Any) -> str:
     param = f"messages[{index}].content"
     if isinstance(content, str):
@@ -265,7 +297,8 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
     """Validate a chat completions body."""
     model, stream, include_usage = _parse_common(body)
     messages = _parse_messages(body.get("messages"))
-    return ChatRequest(model, messages, _parse_sampling(body), stream, include_usage)
+    continuation = _parse_continuation(body.get(CONTINUATION_FIELD))
+    return ChatRequest(model, messages, _parse_sampling(body), stream, include_usage, continuation)
 
 
 def _parse_prompt(value: Any) -> str | tuple[int, ...]:
@@ -286,7 +319,10 @@ def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
     """Validate a (legacy) completions body."""
     model, stream, include_usage = _parse_common(body)
     prompt = _parse_prompt(body.get("prompt"))
-    return CompletionRequest(model, prompt, _parse_sampling(body), stream, include_usage)
+    continuation = _parse_continuation(body.get(CONTINUATION_FIELD))
+    return CompletionRequest(
+        model, prompt, _parse_sampling(body), stream, include_usage, continuation
+    )
 
 
 def resolve_max_tokens(

@@ -123,6 +123,8 @@ class EngineServer:
             config.model_path,
             knobs=config.knobs,
             context_length=config.context_length,
+            kv_bits=config.kv_bits,
+            kv_group_size=config.kv_group_size,
         )
         # One worker: HF fast tokenizers are not safe to call from several threads at once.
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, "mlxfleet-tokenize")
@@ -294,26 +296,51 @@ class EngineServer:
         loop = asyncio.get_running_loop()
         prompt_ids = await loop.run_in_executor(self._tokenize_pool, self._tokenize, parsed)
         param: Literal["messages", "prompt"] = "messages" if kind == "chat" else "prompt"
-        max_tokens = resolve_max_tokens(
-            len(prompt_ids), parsed.params.max_tokens, self._model.context_length, param
-        )
-        handle = _Handle(next(self._ids), loop)
-        job = Job(handle.request_id, prompt_ids, max_tokens, parsed.params, handle.push)
-        try:
-            self._model.submit(job)
-        except QueueFull:
-            raise InvalidRequest(
-                "The engine is at capacity; retry shortly.",
-                None,
-                "rate_limit_exceeded",
-                429,
-                "rate_limit_error",
-            ) from None
         header = ResponseHeader.new(kind, self._config.model_name)
         usage_base = Usage(len(prompt_ids), 0)
+        sent: tuple[int, ...] = ()
+        wanted = parsed.params.max_tokens
+        if (cont := parsed.continuation) is not None:
+            # Pick up another engine's stream: same response id, its tokens as our prompt's tail.
+            header = dataclasses.replace(header, id=cont.id, created=cont.created)
+            sent = cont.token_ids
+            usage_base = Usage(len(prompt_ids), len(sent))
+            wanted = None if wanted is None else wanted - len(sent)
+        handle = _Handle(next(self._ids), loop)
+        if wanted is not None and wanted <= 0:  # the stream had all its tokens but not its end
+            handle.push(Event("", [], "length", 0))
+        else:
+            max_tokens = resolve_max_tokens(
+                len(prompt_ids) + len(sent), wanted, self._model.context_length, param
+            )
+            job = Job(
+                handle.request_id,
+                prompt_ids + list(sent),
+                max_tokens,
+                parsed.params,
+                handle.push,
+                sent,
+            )
+            try:
+                self._model.submit(job)
+            except QueueFull:
+                raise InvalidRequest(
+                    "The engine is at capacity; retry shortly.",
+                    None,
+                    "rate_limit_exceeded",
+                    429,
+                    "rate_limit_error",
+                ) from None
         try:
             if parsed.stream:
-                return await self._stream(request, handle, header, usage_base, parsed.include_usage)
+                return await self._stream(
+                    request,
+                    handle,
+                    header,
+                    usage_base,
+                    parsed.include_usage,
+                    first=parsed.continuation is None,
+                )
             return await self._collect(handle, header, usage_base)
         finally:
             if not handle.done:
@@ -363,7 +390,7 @@ class EngineServer:
         if event.finish_reason in ("error", "cancelled"):
             message = f"Generation failed: {event.error or event.finish_reason}."
             return _json_error(500, message, "server_error", None)
-        usage = Usage(usage.prompt_tokens, event.completion_tokens)
+        usage = Usage(usage.prompt_tokens, usage.completion_tokens + event.completion_tokens)
         body = full_response(header, "".join(texts), event.finish_reason, usage, token_ids)
         return web.json_response(body)
 
@@ -374,28 +401,32 @@ class EngineServer:
         header: ResponseHeader,
         usage: Usage,
         include_usage: bool,
+        *,
+        first: bool = True,  # False when continuing a stream: the role chunk was sent already
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
         try:
-            if header.kind == "chat":
+            if header.kind == "chat" and first:
                 await response.write(sse(chunk(header, "", first=True)))
             while True:
                 event = await handle.next()
+                if event.text:  # may come merged with the end, even a failed one
+                    await response.write(sse(chunk(header, event.text, None, event.token_ids)))
                 if event.finish_reason in ("error", "cancelled"):
                     message = f"Generation failed: {event.error or event.finish_reason}."
                     await response.write(sse(error_body(message, "server_error")))
                     break
-                if event.text:
-                    await response.write(sse(chunk(header, event.text, None, event.token_ids)))
                 if event.finish_reason is not None:
                     # Ids not yet sent (their text was held back, then cut) ride on the last chunk.
                     ids = event.token_ids if event.token_ids and not event.text else None
                     await response.write(sse(chunk(header, "", event.finish_reason, ids)))
                     if include_usage:
-                        final = Usage(usage.prompt_tokens, event.completion_tokens)
+                        final = Usage(
+                            usage.prompt_tokens, usage.completion_tokens + event.completion_tokens
+                        )
                         await response.write(sse(usage_chunk(header, final)))
                     break
             await response.write(SSE_DONE)

@@ -51,6 +51,15 @@ class TextStream:
         self._sent = 0  # characters of detokenizer.text already returned as deltas
         self.stopped = False
 
+    def resume(self, token_ids: tuple[int, ...]) -> None:
+        """Take in tokens whose text was already sent (a continued stream): later deltas
+        follow on from their text exactly as if this stream had produced them."""
+        if not token_ids:
+            return
+        for token in token_ids:
+            self._detokenizer.add_token(token)
+        self._sent = len(self._detokenizer.text)
+
     def add(self, token: int) -> str:
         """Consume one token; returns the text now safe to send (sets `stopped` on a stop)."""
         self._detokenizer.add_token(token)

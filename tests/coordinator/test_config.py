@@ -89,7 +89,28 @@ def test_cli_overrides_env_overrides_toml(tmp_path: Path, monkeypatch: pytest.Mo
         ),
         ('[[models]]\nname = "a"\nsource = "x"\nreplicas = 0\n', "'replicas' must be an integer"),
         ('[[models]]\nname = "a"\nsource = "x"\nkv_bits = 3\n', "'kv_bits' must be 16, 8 or 4"),
-        ('[[models]]\nname = "a"\nsource = "x"\nkv_bits = 8\n', "kv_bits 8 is not supported yet"),
+        (
+            '[[models]]\nname = "a"\nsource = "x"\nkv_bits = 8\n',
+            "model 'a': kv_bits 8 is refused in the interactive tier",
+        ),
+        (
+            '[[models]]\nname = "a"\nsource = "x"\nkv_bits = 4\ntiers = ["batch", "interactive"]\n',
+            "model 'a': kv_bits 4 is refused in the interactive tier",
+        ),
+        (
+            '[[models]]\nname = "a"\nsource = "x"\ntier = "batch"\nkv_bits = 8\n'
+            "max_concurrency = 4\n",
+            "model 'a': kv_bits 8 decodes one request at a time, so max_concurrency must be 1",
+        ),
+        (
+            '[[models]]\nname = "a"\nsource = "x"\ntier = "batch"\nkv_bits = 8\n'
+            "kv_group_size = 16\n",
+            "'kv_group_size' must be 32, 64, 128, got 16",
+        ),
+        (
+            '[[models]]\nname = "a"\nsource = "x"\nkv_group_size = 32\n',
+            "'kv_group_size' needs kv_bits 8 or 4",
+        ),
         (
             '[[models]]\nname = "a"\nsource = "x"\nlabels.needed = {a = "b"}\n',
             "'labels' takes 'required' and 'preferred'",
@@ -105,6 +126,18 @@ def test_cli_overrides_env_overrides_toml(tmp_path: Path, monkeypatch: pytest.Mo
 def test_bad_config_names_the_problem(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text))
+
+
+def test_quantized_kv_is_a_batch_unit_of_one_slot(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[[models]]\nname = "long"\nsource = "/m/l"\ntier = "batch"\nkv_bits = 8\n'
+        '[[models]]\nname = "q4"\nsource = "/m/q"\ntier = "batch"\nkv_bits = 4\n'
+        "kv_group_size = 32\nmax_concurrency = 1\n",
+    )
+    long, q4 = load_config(path).models
+    assert (long.kv_bits, long.kv_group_size, long.max_concurrency) == (8, 64, 1)
+    assert (q4.kv_bits, q4.kv_group_size, q4.max_concurrency) == (4, 32, 1)
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -123,3 +156,10 @@ def test_trigger_thresholds_are_configurable(tmp_path: Path) -> None:
         load_config(write(tmp_path, "[triggers]\nswap = 1\n"))
     with pytest.raises(ConfigError, match="swap_for_s must be a positive number"):
         load_config(write(tmp_path, "[triggers]\nswap_for_s = -1\n"))
+
+
+def test_prefer_local_defaults_on_and_can_be_turned_off(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")).prefer_local is True
+    assert load_config(write(tmp_path, "prefer_local = false\n")).prefer_local is False
+    with pytest.raises(ConfigError, match="prefer_local"):
+        load_config(write(tmp_path, 'prefer_local = "no"\n'))

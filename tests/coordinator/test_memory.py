@@ -12,10 +12,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from mlx_lm.models.cache import QuantizedKVCache
 
 from coordinator.memory import (
     ENGINE_RUNTIME_BYTES,
     GIB,
+    Attention,
     SizingError,
     attention_shape,
     estimated_weight_bytes,
@@ -113,15 +115,36 @@ def test_sliding_window_bounds_the_cache() -> None:
     assert attention_shape(MIXTRAL_8X7B).window is None
 
 
-def test_quantized_kv_halves_or_quarters_but_cannot_batch() -> None:
-    shape = attention_shape(LLAMA3_8B)
-    fp16 = kv_cache_bytes(shape, 8192, 1)
-    assert kv_cache_bytes(shape, 8192, 1, kv_bits=8) == fp16 // 2
-    assert kv_cache_bytes(shape, 8192, 1, kv_bits=4) == fp16 // 4
+def test_quantized_kv_pays_a_scale_and_a_bias_per_group_and_cannot_batch() -> None:
+    shape = attention_shape(LLAMA3_70B)
+    values = 2 * 80 * 8 * 128 * 32768  # K and V of a 32K context: 5,368,709,120 values
+    # 8-bit: 1 byte a value + an fp16 scale and bias per 64 values = 17/16 bytes: 5.31 GiB.
+    assert kv_cache_bytes(shape, 32768, 1, kv_bits=8) == values * 17 // 16 == 5_704_253_440
+    # 4-bit: 1/2 byte + 4/64 = 9/16 bytes: 2.81 GiB; groups of 32 cost twice the scales.
+    assert kv_cache_bytes(shape, 32768, 1, kv_bits=4) == values * 9 // 16 == 3_019_898_880
+    assert kv_cache_bytes(shape, 32768, 1, kv_bits=8, group_size=32) == values * 9 // 8
     with pytest.raises(SizingError, match="cannot join a batch"):
         kv_cache_bytes(shape, 8192, 4, kv_bits=8)
     with pytest.raises(SizingError, match="kv_bits must be one of"):
         kv_cache_bytes(shape, 8192, 1, kv_bits=3)
+    with pytest.raises(SizingError, match="kv_group_size 16 cannot quantize head_dim 128"):
+        kv_cache_bytes(shape, 8192, 1, kv_bits=8, group_size=16)
+    demo_like = Attention(layers=2, kv_heads=2, head_dim=32, window=None, max_context=4096)
+    with pytest.raises(SizingError, match="kv_group_size 64 cannot quantize head_dim 32"):
+        kv_cache_bytes(demo_like, 4096, 1, kv_bits=4)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_formula_is_what_mlx_lm_quantized_kv_cache_holds(bits: int, group_size: int) -> None:
+    """One Llama-3 layer (8 KV heads × head_dim 128, fp16) after 256 tokens, the cache's
+    allocation step, against the nbytes of mlx-lm's own QuantizedKVCache."""
+    cache = QuantizedKVCache(group_size=group_size, bits=bits)
+    keys = mx.random.normal((1, 8, 256, 128)).astype(mx.float16)
+    cache.update_and_fetch(keys, keys)
+    one_layer = Attention(layers=1, kv_heads=8, head_dim=128, window=None, max_context=0)
+    assert cache.nbytes == kv_cache_bytes(one_layer, 256, 1, bits, group_size)
+    assert cache.nbytes < kv_cache_bytes(one_layer, 256, 1)  # less than fp16
 
 
 def test_footprint_adds_weights_kv_and_overhead() -> None:
@@ -131,6 +154,8 @@ def test_footprint_adds_weights_kv_and_overhead() -> None:
     assert fp.total == 4 * GIB + fp.kv_cache + fp.overhead
     with pytest.raises(SizingError, match="larger than the model supports"):
         footprint(4 * GIB, LLAMA3_8B, context=16384, sequences=1)
+    quantized = footprint(4 * GIB, LLAMA3_8B, context=8192, sequences=1, kv_bits=8)
+    assert quantized.kv_cache == kv_cache_bytes(attention_shape(LLAMA3_8B), 8192, 1) * 17 // 32
 
 
 def test_node_budget_is_the_smaller_of_ram_less_reserve_and_the_wired_limit() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from coordinator.config import Config, ModelSpec
@@ -83,3 +84,35 @@ def test_silent_nodes_turn_suspect_then_dead(tmp_path: Path) -> None:
     node.last_heartbeat -= 11.0
     reconciler.step()
     assert NodeId("a") not in registry.nodes and routing.models() == []
+
+
+def test_a_tripped_node_leaves_the_router_at_once_when_another_replica_serves(
+    tmp_path: Path,
+) -> None:
+    registry, routing, reconciler = fleet(tmp_path)
+    spec = ModelSpec("demo", str(tmp_path), replicas=2)
+    reconciler = Reconciler(
+        Config(home=tmp_path, models=(spec,)), registry, Store(tmp_path / "t.sqlite3")
+    )
+    for node in ("a", "b"):
+        registry.connect(NodeId(node), FACTS, [])
+        registry.heartbeat(NodeId(node), STATUS, {})
+        registry.upsert_engine(
+            Engine(
+                EngineId(f"e-{node}"),
+                "demo",
+                NodeId(node),
+                "interactive",
+                "ready",
+                url=f"http://127.0.0.1:{ord(node)}",
+            )
+        )
+    reconciler.step()
+    assert routing.units() == {("demo", "interactive")}
+    registry.heartbeat(NodeId("a"), replace(STATUS, memory_pressure="critical"), {})
+    reconciler.observe_reading(NodeId("a"))
+    reconciler.step()
+    # Unrouted now, before its replacement is even placed: only b takes new requests.
+    targets = {t.engine_id for t in routing._targets.values()}
+    assert targets == {"e-b"}
+    assert registry.engines[EngineId("e-a")].state == "ready"  # still finishing its requests

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coordinator.store import API_KEY_PREFIX, Store, hash_secret
+from coordinator.store import API_KEY_PREFIX, ApiKey, Store, hash_secret
 
 
 def test_api_keys_are_stored_hashed(tmp_path: Path) -> None:
@@ -12,7 +12,9 @@ def test_api_keys_are_stored_hashed(tmp_path: Path) -> None:
     store = Store(path)
     key = store.create_api_key("team")
     assert key.startswith(API_KEY_PREFIX) and len(key) > 40
-    assert store.api_key(key) == ("team", "interactive,batch", "interactive")
+    assert store.api_key(key) == ApiKey(
+        "team", "interactive,batch", "interactive", None, None, frozenset()
+    )
     assert store.api_key(key + "x") is None
     store.close()
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
@@ -28,6 +30,54 @@ def test_preset_key_and_revoke(tmp_path: Path) -> None:
     assert store.revoke_api_keys("up") == 1
     assert store.api_key("mlxf-preset") is None
     assert store.api_key_count() == 1
+
+
+def test_key_limits_are_stored_and_listed(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite3")
+    limited = store.create_api_key(
+        "etl", tiers="batch", default_tier="batch", rpm=2, tpm=5000, models=frozenset({"b", "a"})
+    )
+    store.create_api_key("team")
+    record = store.api_key(limited)
+    assert record == ApiKey("etl", "batch", "batch", 2, 5000, frozenset({"a", "b"}))
+    assert [k.name for k in store.api_keys()] == ["etl", "team"]
+    assert store.api_keys()[1].models == frozenset()
+
+
+def test_a_version_3_store_gets_key_limits_and_keeps_its_keys(tmp_path: Path) -> None:
+    """Keys made before limits existed keep working, with no limits."""
+    import sqlite3
+
+    path = tmp_path / "s.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE api_keys (
+            key_hash     TEXT PRIMARY KEY,
+            name         TEXT NOT NULL,
+            created_at   REAL NOT NULL,
+            tiers        TEXT NOT NULL DEFAULT 'interactive,batch',
+            default_tier TEXT NOT NULL DEFAULT 'interactive'
+        );
+        PRAGMA user_version = 3;
+        """
+    )
+    db.execute(
+        "INSERT INTO api_keys VALUES (?, 'old', 1.0, 'batch', 'batch')", (hash_secret("mlxf-old"),)
+    )
+    db.commit()
+    db.close()
+    store = Store(path)
+    assert store.api_key("mlxf-old") == ApiKey("old", "batch", "batch", None, None, frozenset())
+    new = store.create_api_key("new", rpm=3, models=frozenset({"demo"}))
+    assert store.api_key(new) == ApiKey(
+        "new", "interactive,batch", "interactive", 3, None, frozenset({"demo"})
+    )
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+    db.close()
+    assert Store(path).api_key_count() == 2  # a second open migrates nothing twice
 
 
 def test_state_survives_reopen(tmp_path: Path) -> None:

@@ -166,3 +166,41 @@ def test_critical_pressure_drains_a_node_then_clears(fleet: TriggerFleet) -> Non
     )
     nodes = {n["id"]: n for n in json.loads(fleet.cli("nodes", "--json"))}
     assert nodes[busy.node_id]["state"] == "live"
+
+
+def test_drain_moves_models_off_while_an_in_flight_stream_finishes(fleet: TriggerFleet) -> None:
+    [source_id] = fleet.placed("interactive")
+    target_id = fleet.b.node_id if source_id == fleet.a.node_id else fleet.a.node_id
+    max_tokens = 3000  # seconds of decoding: still running when the replacement is ready
+    with httpx.stream(
+        "POST",
+        f"{fleet.base}/v1/completions",
+        json={
+            "model": "demo",
+            "prompt": "drain",
+            "max_tokens": max_tokens,
+            "temperature": 0,  # greedy: the demo model does not pick EOS from this prompt
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        headers={"Authorization": f"Bearer {fleet.key}", "X-Mlxfleet-Tier": "interactive"},
+        timeout=120,
+    ) as stream:
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))  # it is running
+        fleet.cli("nodes", "drain", source_id)
+        rest = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    chunks = [json.loads(r) for r in rest if r != "[DONE]"]
+    assert rest[-1] == "[DONE]" and not [c for c in chunks if "error" in c]
+    assert chunks[-1]["usage"]["completion_tokens"] == max_tokens  # finished, not cut
+    wait_for(
+        lambda: fleet.placed("interactive") == [target_id] and fleet.placed("batch") == [target_id],
+        MOVE_TIMEOUT_S,
+        "both tiers to move off the drained node",
+    )
+    nodes = {n["id"]: n for n in json.loads(fleet.cli("nodes", "--json"))}
+    assert nodes[source_id]["cordoned"] is True
+    assert fleet.chat("interactive") == 200
+    fleet.cli("nodes", "uncordon", source_id)
+    nodes = {n["id"]: n for n in json.loads(fleet.cli("nodes", "--json"))}
+    assert nodes[source_id]["cordoned"] is False

@@ -281,3 +281,48 @@ def test_sigterm_drains_in_flight_requests(demo_model: Path, tmp_path: Path) -> 
         assert engine.secret not in engine.proc.output()
     finally:
         engine.proc.stop()
+
+
+def stream_chunks(engine: Engine, **extra: object) -> list:  # type: ignore[type-arg]
+    stream = client(engine).chat.completions.create(
+        model="demo",
+        messages=CHAT,
+        temperature=0,
+        max_tokens=48,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=extra or None,
+    )
+    return list(stream)
+
+
+def content(chunks: list) -> str:  # type: ignore[type-arg]
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+@pytest.mark.parametrize("cut", [1, 17, 47, 48])
+def test_a_continued_stream_ends_as_the_uninterrupted_one_does(engine: Engine, cut: int) -> None:
+    whole = stream_chunks(engine)
+    # What a client had when the first engine died: the chunks whose ids add up to `cut` tokens.
+    sent, ids = [], []
+    for c in whole:
+        if len(ids) + len(token_ids(c)) > cut:
+            break
+        sent.append(c)
+        ids += token_ids(c)
+    rest = stream_chunks(
+        engine,
+        mlxfleet_continuation={"token_ids": ids, "id": whole[0].id, "created": whole[0].created},
+    )
+    assert content(sent) + content(rest) == content(whole)
+    assert [t for c in sent + rest for t in token_ids(c)] == [
+        t for c in whole for t in token_ids(c)
+    ]
+    assert {c.id for c in rest} == {whole[0].id}
+    assert all(c.choices[0].delta.role is None for c in rest if c.choices)  # no second role chunk
+    assert rest[-1].usage == whole[-1].usage  # the usage of the whole answer
+
+
+def test_a_bad_continuation_is_refused(engine: Engine) -> None:
+    with pytest.raises(openai.BadRequestError, match="mlxfleet_continuation.token_ids"):
+        stream_chunks(engine, mlxfleet_continuation={"token_ids": "x", "id": "a", "created": 1})

@@ -145,22 +145,26 @@ def test_bad_knob_exits_2_with_one_line_naming_it(
     assert named in out.err
 
 
-# --- the model thread's admissions, with a fake BatchGenerator (no model) ------------------
+# --- the model thread's admissions, with a fake decoder (no model) -------------------------
 
 
-class FakeBatchGenerator:
-    """Records insert calls; never generates (these tests drive admission only)."""
+class FakeDecoder:
+    """Records insert calls and the slots asked for; never generates (admission only)."""
 
     def __init__(self) -> None:
         self.inserts: list[int] = []
-        self.completion_batch_size = self.prefill_batch_size = 0
+        self.slots_asked = 0
 
-    def insert(self, prompts: list[list[int]], **kwargs: Any) -> list[int]:
+    def slots(self, max_concurrency: int) -> int:
+        self.slots_asked = max_concurrency
+        return max_concurrency
+
+    def insert(self, prompts: list[list[int]], *args: Any) -> list[int]:
         first = sum(self.inserts)
         self.inserts.append(len(prompts))
         return list(range(first, first + len(prompts)))
 
-    def remove(self, uids: list[int]) -> None:
+    def remove(self, uid: int) -> None:
         pass
 
 
@@ -168,12 +172,11 @@ class FakeTokenizer:
     detokenizer = None
 
 
-def idle_thread(knobs: Knobs) -> tuple[ModelThread, FakeBatchGenerator]:
+def idle_thread(knobs: Knobs) -> tuple[ModelThread, FakeDecoder]:
     thread = ModelThread(Path("/nonexistent"), knobs=knobs)
-    bg = FakeBatchGenerator()
-    thread._bg, thread.tokenizer = bg, FakeTokenizer()
-    thread._eos_stops = None  # type: ignore[assignment]
-    return thread, bg
+    decoder = FakeDecoder()
+    thread._decoder, thread.tokenizer = decoder, FakeTokenizer()  # type: ignore[assignment]
+    return thread, decoder
 
 
 def submit(thread: ModelThread, request_id: int) -> None:
@@ -195,7 +198,7 @@ def test_model_thread_admits_a_full_group_in_one_insert_and_respects_new_knobs()
     thread._take_inbox(0.0)
     thread._admit()
     assert bg.inserts == [3]  # one group, prefilled together
-    assert (bg.completion_batch_size, bg.prefill_batch_size) == (8, 8)
+    assert bg.slots_asked == 8
     stats = thread.stats()
     assert (stats.active, stats.queued, stats.admission_groups, stats.largest_admission) == (
         3,
@@ -211,7 +214,7 @@ def test_model_thread_admits_a_full_group_in_one_insert_and_respects_new_knobs()
     thread._admit()
     assert bg.inserts == [3]
     assert (thread.stats().active, thread.stats().queued) == (3, 1)
-    assert bg.completion_batch_size == 1
+    assert bg.slots_asked == 1
     # Window 0 and a free slot: admitted at once.
     for request_id in (1, 2, 3):
         thread._cancel(request_id)

@@ -1,0 +1,139 @@
+"""One client's SSE stream, relayed from engines, and continued on another engine if one dies.
+
+Only whole server-sent events go to the client, so a stream cut mid-event never leaves half an
+event behind. The events sent are kept: when the engine dies (or ends the stream with an error
+event) the gateway asks the next engine to continue from the token ids the client already has
+(`mlxfleet_continuation`, see node_agent/engine/protocol.py) and the new events are spliced
+into the same response. With temperature 0 the client cannot tell.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from coordinator.errors import ApiError
+from node_agent.engine.protocol import CONTINUATION_FIELD
+
+SSE_DONE = b"data: [DONE]\n\n"
+EVENT_END = b"\n\n"
+CONTENT_MARKERS = (b'"content":"', b'"text":"')  # an event carrying generated text
+
+
+def is_content(event: bytes) -> bool:
+    """Does this event carry generated text (a non-empty content or text field)?"""
+    for marker in CONTENT_MARKERS:
+        i = event.find(marker)
+        if i != -1 and event[i + len(marker) : i + len(marker) + 1] not in (b'"', b""):
+            return True
+    return False
+
+
+class StreamRelay:
+    """Writes whole SSE events to one client response; knows how to continue the stream."""
+
+    def __init__(
+        self,
+        response: web.StreamResponse,
+        on_first_content: Callable[[float], None] | None,
+        started: float,  # time.monotonic() when the request arrived: TTFT counts from there
+    ) -> None:
+        self.response = response
+        self.done = False  # [DONE] was sent
+        self.continuations = 0
+        self._events: list[bytes] = []  # every event sent, for a continuation and the usage
+        self._partial = b""
+        self._on_first_content = on_first_content
+        self._started = started
+
+    async def pump(self, upstream: aiohttp.ClientResponse, first: bytes = b"") -> bool:
+        """Relay one engine's events until [DONE] (True) or until the engine fails: its
+        connection breaks or it sends an error event (False). Raises ConnectionResetError when
+        the client goes away."""
+        self._partial = b""  # half an event from an engine that died is dropped
+        try:
+            if first and not await self._feed(first):
+                return self.done
+            async for chunk in upstream.content.iter_any():
+                if not await self._feed(chunk):
+                    return self.done
+        except aiohttp.ClientError:
+            return False
+        return self.done
+
+    async def _feed(self, chunk: bytes) -> bool:
+        data = self._partial + chunk
+        end = data.rfind(EVENT_END)
+        if end == -1:
+            self._partial = data
+            return True
+        self._partial = data[end + len(EVENT_END) :]
+        events = data[: end + len(EVENT_END)]
+        if b'data: {"error"' in events:  # the engine gave up on the request: continue elsewhere
+            keep = events[: events.index(b'data: {"error"')]
+            if keep:
+                await self._send(keep)
+            return False
+        await self._send(events)
+        return not self.done
+
+    async def _send(self, events: bytes) -> None:
+        await self.response.write(events)
+        self._events.append(events)
+        if self._on_first_content is not None and is_content(events):
+            self._on_first_content(time.monotonic() - self._started)
+            self._on_first_content = None
+        if events.endswith(SSE_DONE):
+            self.done = True
+
+    def sent(self) -> list[dict[str, Any]]:
+        """The JSON payloads of the events sent so far (parsed on demand, not per chunk)."""
+        payloads = []
+        for event in b"".join(self._events).split(EVENT_END):
+            if event.startswith(b"data: {"):
+                payloads.append(json.loads(event[len(b"data: ") :]))
+        return payloads
+
+    def continuation(self, raw: bytes) -> bytes | None:
+        """The request body that continues this stream elsewhere; None when the client has
+        every token and the finish already, so only [DONE] is missing."""
+        payloads = self.sent()
+        if any(c.get("finish_reason") for p in payloads for c in p.get("choices") or ()):
+            return None
+        ids = [t for p in payloads for t in (p.get("mlxfleet") or {}).get("token_ids") or ()]
+        head = next(p for p in payloads if "id" in p)
+        body = json.loads(raw)
+        body[CONTINUATION_FIELD] = {"token_ids": ids, "id": head["id"], "created": head["created"]}
+        self.continuations += 1
+        return json.dumps(body).encode()
+
+    def usage(self) -> tuple[int, int] | None:
+        """(prompt, completion) tokens from the final usage event, when the client asked."""
+        for payload in reversed(self.sent()):
+            if usage := payload.get("usage"):
+                return usage["prompt_tokens"], usage["completion_tokens"]
+        return None
+
+    def completion_tokens(self) -> int:
+        """Tokens the client received, counted from the ids on the events."""
+        return sum(len((p.get("mlxfleet") or {}).get("token_ids") or ()) for p in self.sent())
+
+    async def finish(self) -> None:
+        await self.response.write_eof()
+
+    async def fail(self) -> None:
+        """No engine could finish the stream: end it with an error event, never silently."""
+        err = ApiError(
+            502,
+            "the engines serving this stream stopped before finishing",
+            type="server_error",
+            code="engine_failed",
+        )
+        await self.response.write(b"data: " + json.dumps(err.body()).encode() + EVENT_END)
+        await self.response.write(SSE_DONE)
+        await self.response.write_eof()

@@ -1,0 +1,104 @@
+"""A batch unit with an 8-bit KV cache, end to end: real coordinator, agent and engine.
+
+These need the processes: the kv_bits setting must travel config → LoadModel → the agent's
+argv → the engine's model thread. The demo model's head_dim is 32, so the group size is 32.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import (
+    Proc,
+    children_of,
+    mlxfleet,
+    run_ok,
+    start_agent,
+    start_coordinator,
+    wait_for,
+)
+
+READY_TIMEOUT_S = 120.0
+
+
+@dataclass
+class Fleet:
+    base: str
+    key: str
+    agent: Proc
+    agent_home: Path
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Fleet]:
+    home = tmp_path_factory.mktemp("coord")
+    (home / "fleet.toml").write_text(
+        f'[[models]]\nname = "long"\nsource = "{demo_model}"\ntier = "batch"\n'
+        "kv_bits = 8\nkv_group_size = 32\npinned = true\n"
+    )
+    logs = tmp_path_factory.mktemp("logs")
+    coordinator, runtime = start_coordinator(home, home / "fleet.toml", logs / "coordinator.log")
+    agent = None
+    try:
+        key = run_ok(
+            mlxfleet("keys", "create", "--name", "etl", "--tiers", "batch", "--home", str(home))
+        )
+        agent_home = tmp_path_factory.mktemp("agent")
+        agent = start_agent(home, runtime, agent_home, logs / "agent.log")
+        f = Fleet(f"http://127.0.0.1:{runtime['gateway_port']}", key, agent, agent_home)
+
+        def ready() -> bool:
+            r = httpx.get(f"{f.base}/v1/models", headers={"Authorization": f"Bearer {key}"})
+            tiers = {m["id"]: m["mlxfleet"]["tiers"] for m in r.json()["data"]}
+            return tiers.get("long") == {"batch": "ready"}
+
+        wait_for(ready, READY_TIMEOUT_S, "the quantized batch unit to be ready")
+        yield f
+    except BaseException:
+        print("--- coordinator log ---\n" + coordinator.output()[-5000:])
+        if agent is not None:
+            print("--- agent log ---\n" + agent.output()[-5000:])
+        raise
+    finally:
+        if agent is not None:
+            agent.stop()
+        coordinator.stop()
+
+
+def engine_argv(agent: Proc) -> list[str]:
+    """The command line of the agent's one engine process."""
+    argvs = []
+    for pid in children_of(agent.popen.pid):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        if "node_agent.engine" in argv:
+            argvs.append(argv)
+    assert len(argvs) == 1, argvs
+    return argvs[0]
+
+
+def test_the_engine_runs_8_bit_kv_one_request_at_a_time(fleet: Fleet) -> None:
+    argv = engine_argv(fleet.agent)
+    flags = dict(zip(argv[3::2], argv[4::2], strict=False))
+    assert (flags["--tier"], flags["--kv-bits"], flags["--kv-group-size"]) == ("batch", "8", "32")
+    assert flags["--max-concurrency"] == "1"
+    logs = list(fleet.agent_home.glob("**/logs/long-*.log"))
+    assert len(logs) == 1, list(fleet.agent_home.rglob("*"))
+    assert "kv 8-bit, one sequence at a time" in logs[0].read_text()
+
+    async def two() -> list[httpx.Response]:
+        headers = {"Authorization": f"Bearer {fleet.key}"}
+        body = {"model": "long", "prompt": "The quick brown", "max_tokens": 8, "temperature": 0}
+        async with httpx.AsyncClient(base_url=fleet.base, headers=headers, timeout=90) as c:
+            return list(await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in "ab")))
+
+    first, second = asyncio.run(two())
+    assert first.status_code == second.status_code == 200, first.text
+    assert first.headers["X-Mlxfleet-Tier"] == "batch"
+    assert first.json()["choices"][0]["text"] == second.json()["choices"][0]["text"]
+    assert 0 < first.json()["usage"]["completion_tokens"] <= 8

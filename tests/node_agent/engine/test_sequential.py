@@ -1,0 +1,217 @@
+"""The quantized-KV path: one request at a time through generate_step, on the demo model.
+
+In-process (a model thread and its sinks, no HTTP): what matters is the decoder and the queue.
+The demo model's head_dim is 32, so these use kv_group_size 32 (mlx-lm's 64 does not divide it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+import pytest
+from mlx_lm.models.cache import QuantizedKVCache
+
+from node_agent.engine.errors import InvalidRequest, QueueFull
+from node_agent.engine.generator import Event, Job, ModelThread
+from node_agent.engine.knobs import Knobs
+from node_agent.engine.protocol import SamplingParams
+from node_agent.engine.sampling import make_request_sampler
+from node_agent.engine.sequential import SequentialDecoder
+
+KV_BITS = 8
+GROUP_SIZE = 32
+KNOBS = Knobs(max_concurrency=1, batch_window_ms=80, max_batch_size=1, queue_limit=64)
+PROMPT = "The quick brown"
+EVENT_TIMEOUT_S = 60.0
+_ids = itertools.count(1)
+
+
+class Sink:
+    """A request's events as the model thread delivers them; `log` is shared across requests
+    to see their order (sinks run on the one model thread, so appends are ordered)."""
+
+    def __init__(self, log: list[tuple[int, str | None]] | None = None) -> None:
+        self.request_id = next(_ids)
+        self.events: list[Event] = []
+        self.started, self.done = threading.Event(), threading.Event()
+        self._log = log
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        if self._log is not None:
+            self._log.append((self.request_id, event.finish_reason))
+        self.started.set()
+        if event.finish_reason is not None:
+            self.done.set()
+
+    def final(self) -> Event:
+        assert self.done.wait(EVENT_TIMEOUT_S), f"request {self.request_id} never finished"
+        return self.events[-1]
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for e in self.events for t in e.token_ids]
+
+
+@pytest.fixture(scope="module")
+def thread(demo_model: Path) -> Iterator[ModelThread]:
+    running = ModelThread(demo_model, knobs=KNOBS, kv_bits=KV_BITS, kv_group_size=GROUP_SIZE)
+    running.start()
+    running.loaded.result(EVENT_TIMEOUT_S)
+    yield running
+    running.stop(10.0)
+
+
+def submit(
+    thread: ModelThread,
+    max_tokens: int = 16,
+    log: list[tuple[int, str | None]] | None = None,
+    **params: object,
+) -> Sink:
+    sink = Sink(log)
+    sampling = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(params.get("temperature", 0.0)),  # type: ignore[arg-type]
+        top_p=1.0,
+        seed=params.get("seed"),  # type: ignore[arg-type]
+        stop=tuple(params.get("stop", ())),  # type: ignore[call-overload]
+    )
+    prompt = list(thread.tokenizer.encode(PROMPT))
+    thread.submit(Job(sink.request_id, prompt, max_tokens, sampling, sink))
+    return sink
+
+
+def test_the_decoder_keeps_a_quantized_kv_cache(demo_model: Path) -> None:
+    model, tokenizer = mlx_lm.load(str(demo_model))[:2]
+    decoder = SequentialDecoder(model, frozenset(), KV_BITS, GROUP_SIZE)
+    prompt = list(tokenizer.encode(PROMPT))
+    (uid,) = decoder.insert([prompt], [8], [make_request_sampler(0.0, 1.0, None)])
+    assert decoder.slots(12) == 1
+    with pytest.raises(ValueError, match="one sequence at a time"):
+        decoder.insert([prompt], [8], [make_request_sampler(0.0, 1.0, None)])
+    first = decoder.step()
+    cache = decoder.cache
+    assert cache is not None and len(cache) == 2  # the demo model's layers
+    assert all(isinstance(c, QuantizedKVCache) for c in cache)
+    assert {(c.bits, c.group_size) for c in cache} == {(KV_BITS, GROUP_SIZE)}
+    # Packed uint32 codes, plus a float32 scale and bias per 32 values (the demo is float32).
+    packed, scales, biases = cache[0].keys
+    assert (packed.dtype, scales.dtype, biases.dtype) == (mx.uint32, mx.float32, mx.float32)
+    assert packed.shape[-1] == 32 * KV_BITS // 32 and scales.shape[-1] == 32 // GROUP_SIZE
+    fp32_bytes = 2 * 2 * packed.shape[-2] * 32 * 4  # K and V, 2 KV heads, head_dim 32
+    assert cache[0].nbytes == fp32_bytes * (KV_BITS / 8 + 2 * 4 / GROUP_SIZE) / 4
+    rest = [decoder.step() for _ in range(7)]
+    assert [t.uid for t in first] == [uid]
+    assert [t.finish_reason for (t,) in rest] == [None] * 6 + ["length"]
+    assert decoder.cache is None and decoder.step() == []
+
+
+def test_an_eos_token_ends_the_sequence_with_stop(demo_model: Path) -> None:
+    model, tokenizer = mlx_lm.load(str(demo_model))[:2]
+    prompt = list(tokenizer.encode(PROMPT))
+    greedy = make_request_sampler(0.0, 1.0, None)
+    probe = SequentialDecoder(model, frozenset(), KV_BITS, GROUP_SIZE)
+    probe.insert([prompt], [3], [greedy])
+    first, second = probe.step()[0].token, probe.step()[0].token
+    decoder = SequentialDecoder(model, frozenset({second}), KV_BITS, GROUP_SIZE)
+    decoder.insert([prompt], [8], [greedy])
+    assert [(t.token, t.finish_reason) for t in decoder.step()] == [(first, None)]
+    assert [(t.token, t.finish_reason) for t in decoder.step()] == [(second, "stop")]
+
+
+def test_a_group_size_that_does_not_divide_head_dim_fails_the_warm_up(demo_model: Path) -> None:
+    model, tokenizer = mlx_lm.load(str(demo_model))[:2]
+    decoder = SequentialDecoder(model, frozenset(), KV_BITS, 64)
+    with pytest.raises(ValueError, match="divisible by the quantization group size 64"):
+        decoder.warm_up(list(tokenizer.encode(PROMPT)), 4)
+
+
+def test_greedy_is_deterministic_and_requests_run_one_at_a_time(thread: ModelThread) -> None:
+    log: list[tuple[int, str | None]] = []
+    first, second = submit(thread, 24, log), submit(thread, 24, log)
+    a, b = first.final(), second.final()
+    assert a.finish_reason == b.finish_reason and a.finish_reason in ("stop", "length")
+    assert first.token_ids == second.token_ids and first.text == second.text and first.text
+    assert a.completion_tokens == len(first.token_ids)
+    # FIFO, never together: every event of the first comes before any of the second.
+    order = [request_id for request_id, _ in log]
+    assert order == sorted(order) and set(order) == {first.request_id, second.request_id}
+    stats = thread.stats()
+    assert (stats.max_batch_seen, stats.active, stats.queued) == (1, 0, 0)
+    assert (stats.kv_bits, stats.kv_group_size) == (KV_BITS, GROUP_SIZE)
+
+
+def test_seed_makes_sampling_reproducible(thread: ModelThread) -> None:
+    def sample(seed: int) -> list[int]:
+        sink = submit(thread, 20, temperature=1.0, seed=seed)
+        sink.final()
+        return sink.token_ids
+
+    assert sample(7) == sample(7)
+    assert len({tuple(sample(s)) for s in (1, 2, 3)}) > 1
+
+
+def test_max_tokens_is_honoured(thread: ModelThread) -> None:
+    sink = submit(thread, 7)
+    final = sink.final()
+    assert final.completion_tokens == len(sink.token_ids)
+    if final.finish_reason == "length":
+        assert final.completion_tokens == 7
+    assert final.completion_tokens <= 7
+
+
+def test_stop_string_cuts_the_text(thread: ModelThread) -> None:
+    full = submit(thread, 40)
+    full.final()
+    stop = full.text[12:16]
+    assert stop.strip(), full.text
+    cut = submit(thread, 40, stop=[stop])
+    assert cut.final().finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+
+
+def test_cancel_a_waiting_and_the_running_request(thread: ModelThread) -> None:
+    running = submit(thread, 3000, temperature=1.0, seed=5)
+    waiting = submit(thread, 16)
+    assert running.started.wait(EVENT_TIMEOUT_S)
+    assert (thread.stats().active, thread.stats().queued) == (1, 1)
+    thread.cancel(waiting.request_id)
+    assert waiting.final() == Event("", [], "cancelled", 0)
+    thread.cancel(running.request_id)
+    assert running.final().finish_reason == "cancelled"
+    assert 0 < running.final().completion_tokens < 3000
+    after = submit(thread, 4)  # the thread goes on with the next request
+    assert after.final().finish_reason in ("stop", "length")
+    assert (thread.stats().active, thread.stats().queued) == (0, 0)
+
+
+def test_queue_full_counts_only_the_waiting(thread: ModelThread) -> None:
+    thread.set_knobs(dataclasses.replace(KNOBS, queue_limit=1))
+    try:
+        running = submit(thread, 3000, temperature=1.0, seed=5)
+        assert running.started.wait(EVENT_TIMEOUT_S)  # admitted: no longer queued
+        waiting = submit(thread, 4)
+        with pytest.raises(QueueFull):
+            submit(thread, 4)
+        thread.cancel(running.request_id)
+        assert running.final().finish_reason == "cancelled"
+        assert waiting.final().finish_reason in ("stop", "length")
+    finally:
+        thread.set_knobs(KNOBS)
+
+
+def test_max_concurrency_above_one_is_refused(thread: ModelThread) -> None:
+    with pytest.raises(InvalidRequest, match="must be 1, got 2") as info:
+        thread.set_knobs(dataclasses.replace(KNOBS, max_concurrency=2))
+    assert info.value.param == "max_concurrency"
+    assert thread.knobs == KNOBS
