@@ -9,6 +9,7 @@ into the same response. With temperature 0 the client cannot tell.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -83,7 +84,12 @@ class StreamRelay:
         return not self.done
 
     async def _send(self, events: bytes) -> None:
-        await self.response.write(events)
+        try:
+            await self.response.write(events)
+        except ConnectionResetError as exc:
+            # aiohttp raises ClientConnectionResetError, an aiohttp.ClientError: re-raised plain,
+            # so pump cannot mistake the client leaving for the engine failing.
+            raise ConnectionResetError("the client went away") from exc
         self._events.append(events)
         if self._on_first_content is not None and is_content(events):
             self._on_first_content(time.monotonic() - self._started)
@@ -105,11 +111,13 @@ class StreamRelay:
         payloads = self.sent()
         if any(c.get("finish_reason") for p in payloads for c in p.get("choices") or ()):
             return None
+        self.continuations += 1
+        head = next((p for p in payloads if "id" in p), None)
+        if head is None:  # the engine died inside its first event: the client has nothing yet
+            return raw
         ids = [t for p in payloads for t in (p.get("mlxfleet") or {}).get("token_ids") or ()]
-        head = next(p for p in payloads if "id" in p)
         body = json.loads(raw)
         body[CONTINUATION_FIELD] = {"token_ids": ids, "id": head["id"], "created": head["created"]}
-        self.continuations += 1
         return json.dumps(body).encode()
 
     def usage(self) -> tuple[int, int] | None:
@@ -134,6 +142,7 @@ class StreamRelay:
             type="server_error",
             code="engine_failed",
         )
-        await self.response.write(b"data: " + json.dumps(err.body()).encode() + EVENT_END)
-        await self.response.write(SSE_DONE)
-        await self.response.write_eof()
+        with contextlib.suppress(ConnectionResetError):  # a client that left needs no error
+            await self.response.write(b"data: " + json.dumps(err.body()).encode() + EVENT_END)
+            await self.response.write(SSE_DONE)
+            await self.response.write_eof()

@@ -232,7 +232,9 @@ def test_partition_moves_the_model_and_the_node_comes_back_without_a_second_engi
     assert SUSPECT_AFTER_S - HEARTBEAT_S <= suspect_s <= SUSPECT_AFTER_S + TICK_S + POLL_SLACK_S
     assert DEAD_AFTER_S - HEARTBEAT_S <= dead_s <= DEAD_AFTER_S + TICK_S + POLL_SLACK_S
     assert after and all(o.ok for o in after), [o.error for o in after if not o.ok]
-    # Only streams already running on the cut engine may fail: at most one per loop.
+    # Only streams already running on the cut engine may fail, at most one per loop: with one
+    # replica there is no engine to continue them on when the node turns suspect (the model is
+    # placed again only once it is dead). With two replicas none fails: test_failover.py.
     assert len(failures) <= 2, [f.error for f in failures]
 
     wait_for(lambda: live_agents(fleet, "a1", "a2"), 30, "the cut node live again")

@@ -1,0 +1,115 @@
+"""No lost requests across a partition: two nodes serve the interactive tier, one is cut off.
+
+Host 1 runs the coordinator, hosts 2 and 3 an agent each with one replica of the demo model.
+Under streaming load one agent host's link goes down (no FIN, no RST): streams on its engine
+stall until the coordinator marks the node suspect (~3 s) and unroutes it, which aborts them,
+and the gateway continues each one on the other node's engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import run_ok, wait_for
+from tests.multihost.fleet import MODEL, Fleet, cli
+from tests.netns import Network, unavailable_reason
+from tests.stream_load import StreamLoad, busiest, stream_completion
+
+READY_TIMEOUT_S = 180.0  # two cold engine starts on 2 cores
+PROMPTS = ["partition one", "partition two", "partition three", "partition four"]
+MAX_TOKENS = 300
+SUSPECT_AFTER_S = 3.0  # coordinator/config.py
+AFTER_CUT = 4  # streams started after the cut that must complete before the load stops
+CUT_TIMEOUT_S = 60.0
+BROKE = "broke a stream: continuing elsewhere"  # coordinator/gateway.py, per continuation
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Fleet]:
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("failover")
+    config = root / "fleet.toml"
+    config.write_text(
+        f'[[models]]\nname = "{MODEL}"\nsource = "{demo_model}"\ncontext_length = 2048\n'
+        'tiers = ["interactive"]\nreplicas = 2\npinned = true\n'
+    )
+    with Network(3) as net:
+        f = Fleet(net, root / "coordinator", root, config)
+        try:
+            f.start_coordinator()
+            f.key = run_ok(cli("keys", "create", "--name", "failover", "--home", str(f.home)))
+            for i, name in ((1, "a1"), (2, "a2")):
+                f.start_agent(
+                    name, net.hosts[i], f.token(), extra=("--role", "server", "--no-mdns")
+                )
+            wait_for(lambda: two_ready(f), READY_TIMEOUT_S, "a ready demo engine on each node")
+            yield f
+        except BaseException:
+            print(f.log_tails())
+            raise
+
+
+def two_ready(fleet: Fleet) -> bool:
+    """Both nodes live, each with a ready demo engine."""
+    ready = sorted(n for n, m in fleet.demo_engines() if m == f"{MODEL} (ready)")
+    live = sorted(n["id"] for n in fleet.nodes() if n["state"] == "live")
+    return len(live) == 2 and ready == live
+
+
+@pytest.fixture(scope="module")
+def reference(fleet: Fleet) -> dict[str, str]:
+    texts = {}
+    with httpx.Client(timeout=60) as http:
+        for prompt in PROMPTS:
+            s = stream_completion(http, fleet.base, fleet.key, prompt, MAX_TOKENS)
+            assert s.ok and s.completion_tokens == MAX_TOKENS, s.error
+            texts[prompt] = s.text
+    return texts
+
+
+def test_link_down_under_load_loses_no_request(fleet: Fleet, reference: dict[str, str]) -> None:
+    """Needs namespaces: only a cut link (no FIN, no RST) leaves streams hanging until the
+    coordinator's heartbeat liveness unroutes the node."""
+    wait_for(lambda: two_ready(fleet), READY_TIMEOUT_S, "two ready engines before the cut")
+    before = fleet.coordinator_output().count(BROKE)
+    with StreamLoad(fleet.base, fleet.key, PROMPTS, MAX_TOKENS) as load:
+        wait_for(lambda: len(load.done()) >= 4, CUT_TIMEOUT_S, "load to flow before the cut")
+        owner = {p: a for a in fleet.agents.values() for p in a.engine_pids()}
+        cut = owner[busiest(list(owner))]
+        fleet.net.link_down(cut.host)
+        # After the `ip` command, not before: on 2 busy cores it takes a while to start, and
+        # text sent meanwhile still arrives.
+        t_cut = time.monotonic()
+        try:
+            wait_for(
+                lambda: len(load.ok_started_after(t_cut)) >= AFTER_CUT or load.failures(),
+                CUT_TIMEOUT_S,
+                "streams started after the cut to complete",
+            )
+        finally:
+            load.stop()
+            fleet.net.link_up(cut.host)
+    streams = load.done()
+    continued = fleet.coordinator_output().count(BROKE) - before
+    stalls = sorted(g for s in streams if (g := s.stall_after(t_cut)) is not None)
+    print(
+        f"partition: {len(streams)} streams, {len(stalls)} streaming at the cut, stalls "
+        f"{', '.join(f'{g:.2f} s' for g in stalls)}; {continued} continued"
+    )
+    failures = [(s.prompt, s.error) for s in streams if not s.ok]
+    assert not failures, f"{len(failures)} of {len(streams)} streams failed: {failures}"
+    for s in streams:
+        assert (s.finish_reason, s.completion_tokens) == ("length", MAX_TOKENS)
+        assert s.text == reference[s.prompt], f"stream of {s.prompt!r} differs from its reference"
+    assert continued >= 1, "no stream ran on the cut node"
+    # Continued once the node was suspect and unrouted, not before and not much later.
+    assert stalls and max(stalls) >= SUSPECT_AFTER_S - 1.5
+    assert max(stalls) <= SUSPECT_AFTER_S + 2.0
+    wait_for(lambda: two_ready(fleet), READY_TIMEOUT_S, "the cut node serving again")
