@@ -415,7 +415,8 @@ class Gateway:
                         return relay.response
             # The engine broke the stream midway (died, left the router, sent an error).
             logger.warning("engine %s broke a stream: continuing elsewhere", target.engine_id)
-            self._routing.remove_engine(target.engine_id)
+            if not relay.engine_error:  # an engine that answered with an error event is alive
+                self._routing.remove_engine(target.engine_id)
             continued = relay.continuation(raw)
             if continued is None:  # the client has everything but [DONE]
                 await relay.response.write(SSE_DONE)

@@ -47,6 +47,7 @@ class StreamRelay:
         self.response = response
         self.done = False  # [DONE] was sent
         self.continuations = 0
+        self.engine_error = False  # the last engine ended with an error event (it is alive)
         self._events: list[bytes] = []  # every event sent, for a continuation and the usage
         self._partial = b""
         self._on_first_content = on_first_content
@@ -57,6 +58,7 @@ class StreamRelay:
         connection breaks or it sends an error event (False). Raises ConnectionResetError when
         the client goes away."""
         self._partial = b""  # half an event from an engine that died is dropped
+        self.engine_error = False
         try:
             if first and not await self._feed(first):
                 return self.done
@@ -76,6 +78,7 @@ class StreamRelay:
         self._partial = data[end + len(EVENT_END) :]
         events = data[: end + len(EVENT_END)]
         if b'data: {"error"' in events:  # the engine gave up on the request: continue elsewhere
+            self.engine_error = True
             keep = events[: events.index(b'data: {"error"')]
             if keep:
                 await self._send(keep)

@@ -108,6 +108,7 @@ async def test_an_engine_dying_mid_event_drops_the_half_and_continues_from_the_i
     r = relay(client)
     cut = text("c", [3])
     assert await pump(r, Engine(text("a", [1]), text("b", [2]) + cut[:9], breaks=True)) is False
+    assert not r.engine_error  # a broken connection: the gateway unroutes the engine
     assert client.body == text("a", [1]) + text("b", [2])  # the half event never reaches it
     body = json.loads(r.continuation(REQUEST) or b"")
     assert body.pop(CONTINUATION_FIELD) == {"token_ids": [1, 2], "id": "cmpl-1", "created": 1700}
@@ -132,6 +133,7 @@ async def test_an_error_event_is_withheld_and_the_stream_continues_elsewhere() -
     r = relay(client)
     assert await pump(r, Engine(text("a", [1]) + ERROR + SSE_DONE)) is False
     assert client.body == text("a", [1]) and not r.done
+    assert r.engine_error  # the engine is alive: the gateway keeps it routed
     body = json.loads(r.continuation(REQUEST) or b"")
     assert body[CONTINUATION_FIELD]["token_ids"] == [1]
 
