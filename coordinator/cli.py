@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Coroutine
@@ -51,12 +52,15 @@ def _setup_logging(verbose: bool) -> None:
 
 def _model_spec_for(model: str | None, home: Path) -> tuple[ModelSpec, bool]:
     """The model `up` serves: --model (a folder or a hub id), else the built-in demo model."""
-    from node_agent.engine.demo_model import write_demo_model
-
     if model is None:
         path = home / "models" / DEMO_MODEL_NAME
         if not (path / "config.json").exists():
-            write_demo_model(path)
+            # In a child process: MLX started in `up` itself would leave native threads that
+            # abort the process at exit ("terminate called without an active exception").
+            cmd = [sys.executable, "-m", "coordinator.cli", "demo-model", str(path)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise CliError(f"cannot write the demo model: {done.stderr.strip()[-500:]}")
         return ModelSpec(name=DEMO_MODEL_NAME, source=str(path)), True
     folder = Path(model).expanduser()
     if folder.exists():

@@ -419,8 +419,10 @@ class Gateway:
                 self._routing.remove_engine(target.engine_id)
             continued = relay.continuation(raw)
             if continued is None:  # the client has everything but [DONE]
-                await relay.response.write(SSE_DONE)
-                await relay.finish()
+                with contextlib.suppress(ConnectionResetError):
+                    await relay.response.write(SSE_DONE)
+                    await relay.finish()
+                self._settle_stream(request, relay)
                 return relay.response
             body = continued
         if relay is None:

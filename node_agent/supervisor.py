@@ -120,6 +120,22 @@ def classify_exit(returncode: int, oom_kills_before: int, oom_kills_after: int) 
     return "crash"
 
 
+# The files mlx_lm.load reads: mlx_lm.utils.DEFAULT_ALLOW_PATTERNS (0.32.2), copied because
+# importing mlx_lm here would start MLX in the agent (its native threads abort the agent at
+# exit, seen in CI, and on a Mac it would hold a Metal device); a test keeps them equal.
+HUB_ALLOW_PATTERNS = (
+    "*.json",
+    "model*.safetensors",
+    "*.py",
+    "tokenizer.model",
+    "*.tiktoken",
+    "tiktoken.model",
+    "*.txt",
+    "*.jsonl",
+    "*.jinja",
+)
+
+
 def resolve_source(source: str) -> Path:
     """A local MLX model folder as is; a Hugging Face id downloaded (or found in the hub cache).
 
@@ -129,9 +145,8 @@ def resolve_source(source: str) -> Path:
     if folder.is_dir():
         return folder
     from huggingface_hub import snapshot_download
-    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS  # the files mlx_lm.load reads
 
-    return Path(snapshot_download(source, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+    return Path(snapshot_download(source, allow_patterns=list(HUB_ALLOW_PATTERNS)))
 
 
 def _one_line(exc: BaseException) -> str:

@@ -140,9 +140,15 @@ async def test_a_token_from_another_coordinator_is_refused_before_sending_it(
 
 
 async def stream_hello(channel: grpc.aio.Channel) -> None:
-    call = fleet_pb2_grpc.FleetStub(channel).Connect(
-        iter([pb.AgentMessage(hello=pb.Hello(facts=pb.NodeFacts(hostname="x")))])
-    )
+    """Open a stream that the coordinator is expected to refuse, and raise its status.
+
+    It reads before it writes: the coordinator refuses before reading anything, and a Hello
+    racing that refusal can surface as INTERNAL ("Failed execute_batch") instead of the
+    status the coordinator sent (seen once in CI).
+    """
+    call = fleet_pb2_grpc.FleetStub(channel).Connect()
+    await call.read()
+    await call.write(pb.AgentMessage(hello=pb.Hello(facts=pb.NodeFacts(hostname="x"))))
     async for _ in call:
         pass
 

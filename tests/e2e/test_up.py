@@ -53,5 +53,8 @@ def test_up_serves_the_demo_model_with_the_preset_key(tmp_path: Path, procs: lis
     assert chunks[-1].usage.completion_tokens == sum(
         len(c.model_extra.get("mlxfleet", {}).get("token_ids", [])) for c in chunks
     )
+    # MLX lives in the engine only: loaded in `up` its native threads can abort it at exit.
+    maps = Path(f"/proc/{up.popen.pid}/maps").read_text()
+    assert "libmlx" not in maps and "mlx/core" not in maps
     assert up.stop() == 0
     assert not (home / "coordinator.json").exists()

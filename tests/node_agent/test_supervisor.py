@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from node_agent.probes import local_probe
 from node_agent.supervisor import (
+    HUB_ALLOW_PATTERNS,
     EngineEvent,
     LoadRequest,
     Supervisor,
@@ -54,3 +57,22 @@ async def test_unreachable_hub_model_is_a_load_failure_with_a_reason(tmp_path: P
 
 def test_local_folder_resolves_to_itself(tmp_path: Path) -> None:
     assert resolve_source(str(tmp_path)) == tmp_path
+
+
+def test_hub_downloads_fetch_the_files_mlx_lm_loads() -> None:
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+    assert list(HUB_ALLOW_PATTERNS) == DEFAULT_ALLOW_PATTERNS
+
+
+def test_the_agent_side_of_the_supervisor_does_not_start_mlx() -> None:
+    """Importing the supervisor (and failing a hub download) must not import MLX."""
+    code = (
+        "import sys, node_agent.supervisor as s\n"
+        "try:\n    s.resolve_source('mlxfleet-test/no-such-model')\nexcept Exception:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m == 'mlx' or m.startswith(('mlx.', 'mlx_lm'))))"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
