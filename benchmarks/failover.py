@@ -6,10 +6,10 @@ model in the interactive tier, 2 replicas, pinned) and two agents (`--role serve
 agent runs one engine. Each repetition injects four faults, and waits after each until both
 replicas are ready again (a killed agent is restarted with its home, so it keeps its identity):
 
-- load, engine / load, agent: 4 client loops stream /v1/completions (temperature 0); once the
-  load flows, the busiest engine (most CPU over 0.3 s), or its agent, gets SIGKILL. From the kill
+- load, engine / load, agent: 3 client loops stream /v1/completions (temperature 0); once the
+  load flows, the engine generating the most requests, or its agent, gets SIGKILL. From the kill
   on, a probe loop sends small streamed completions back to back.
-- alone, engine / alone, agent: one long stream on an idle fleet, run once uninterrupted, then
+- alone, engine / alone, agent: one long stream on an idle fleet, run uninterrupted, then
   again with its engine (or agent) killed partway: its stall and total time against the
   uninterrupted run, and whether the text is the same.
 
@@ -57,15 +57,18 @@ from harness import (
 
 sys.path.insert(0, str(REPO))  # tests.stream_load
 
-from tests.stream_load import Stream, StreamLoad, busiest, stream_completion  # noqa: E402
+from tests.stream_load import Stream, StreamLoad, serving, stream_completion  # noqa: E402
 
 SECTION = "## Failover (issue 5)"
 MODEL = "demo"
-LOAD_PROMPTS = ["failover one", "failover two", "failover three", "failover four"]
+# 3 loops: with 4 slots per interactive engine, one engine alone still has a slot for a probe,
+# so the probes time the failover, not a queue.
+LOAD_PROMPTS = ["failover one", "failover two", "failover three"]
 LOAD_MAX_TOKENS = 400  # about a second per stream at 4 streams on 2 cores
 ALONE_PROMPT = "failover alone"
-ALONE_MAX_TOKENS = 1500  # long enough to kill it partway after the busiest-engine window
-ALONE_KILL_AT = 0.3  # of the uninterrupted run's duration, before the 0.3 s CPU window
+ALONE_MAX_TOKENS = 1500  # a few seconds: it is killed partway
+ALONE_KILL_AT = 0.4  # of the uninterrupted run's duration
+ALONE_REFERENCES = 3  # uninterrupted runs; their median duration is the reference
 PROBE_PROMPT = "probe"
 PROBE_MAX_TOKENS = 8
 PROBE_S = 3.0  # probes run this long after a kill
@@ -73,6 +76,7 @@ AFTER_FAULT = 4  # load streams started after the kill that must complete
 START_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 180.0  # cold engine starts on 2 cores
 FAULT_TIMEOUT_S = 60.0
+POLL_S = 0.05
 ORPHAN_TIMEOUT_S = 15.0
 TARGET_S = 2.0
 BROKE = "broke a stream: continuing elsewhere"  # coordinator/gateway.py, per continuation
@@ -227,29 +231,68 @@ def running_fleet(workdir: Path) -> Iterator[Fleet]:
                     os.kill(pid, signal.SIGKILL)
 
 
-def kill(f: Fleet, fault: Fault) -> tuple[float, Agent | None, list[int]]:
-    """SIGKILL the busiest engine, or its agent; returns the time, the agent killed (None for
-    an engine) and the engine pids killed or orphaned."""
+@dataclass
+class Kill:
+    """One SIGKILL and what followed, watched from the moment it was sent."""
+
+    t: float
+    agent: Agent | None  # the agent killed; None when only an engine was
+    engines: list[int]  # the engine pids killed or orphaned
+    unlisted_s: float | None = None  # the coordinator no longer counts the engine ready
+    orphans_exit_s: float | None = None  # the killed agent's engines have all exited
+    ready_again_s: float | None = None  # two ready engines again (an agent: after its restart)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    def watch(self, f: Fleet) -> None:
+        """Poll every POLL_S from the kill on, in a thread, until `recover` stops it."""
+
+        def poll() -> None:
+            while not self._stop.is_set():
+                now = time.monotonic() - self.t
+                if self.agent and self.orphans_exit_s is None and all(map(exited, self.engines)):
+                    self.orphans_exit_s = now
+                ready = f.ready_engines()
+                if self.unlisted_s is None and ready < 2:
+                    self.unlisted_s = now
+                elif self.unlisted_s is not None and ready == 2 and self.agent is None:
+                    self.ready_again_s = now
+                    return
+                time.sleep(POLL_S)
+
+        self._thread = threading.Thread(target=poll, name="watch", daemon=True)
+        self._thread.start()
+
+    def stop_watching(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(READY_TIMEOUT_S)
+
+
+def kill(f: Fleet, fault: Fault) -> Kill:
+    """SIGKILL the engine generating the most requests, or its agent, and start watching."""
     owner = {p: a for a in f.agents for p in a.engine_pids()}
-    victim = busiest(list(owner))
+    victim = serving(dict.fromkeys(owner, "127.0.0.1"))
     agent = owner[victim] if fault == "agent" else None
     engines = agent.engine_pids() if agent else [victim]
-    t = time.monotonic()
+    k = Kill(time.monotonic(), agent, engines)
     os.kill(agent.proc.popen.pid if agent else victim, signal.SIGKILL)
-    return t, agent, engines
+    k.watch(f)
+    return k
 
 
-def recover(f: Fleet, agent: Agent | None, engines: list[int]) -> tuple[float, float | None]:
-    """Wait until both replicas are ready again; returns that wait and, after an agent kill,
-    how long its orphaned engines took to exit (measured from now, just after the fault)."""
-    orphans_s = None
-    if agent is not None:
-        started = time.monotonic()
-        wait_for(lambda: all(exited(p) for p in engines), ORPHAN_TIMEOUT_S, "orphans to exit")
-        orphans_s = time.monotonic() - started
-        agent.proc.stop()
-        f.agents[f.agents.index(agent)] = f.start_agent(agent.home)
-    return f.wait_both_ready(), orphans_s
+def recover(f: Fleet, k: Kill) -> None:
+    """Wait until both replicas are ready again; a killed agent is restarted with its home
+    once its orphaned engines have exited."""
+    if k.agent is None:
+        wait_for(lambda: k.ready_again_s is not None, READY_TIMEOUT_S, "the engine replaced")
+    else:
+        wait_for(lambda: k.orphans_exit_s is not None, ORPHAN_TIMEOUT_S, "orphans to exit")
+        k.agent.proc.stop()
+        f.agents[f.agents.index(k.agent)] = f.start_agent(k.agent.home)
+        k.ready_again_s = f.wait_both_ready()
+    k.stop_watching()
+    f.wait_both_ready()
 
 
 # Measurements
@@ -264,8 +307,8 @@ class LoadRun:
     continued: int
     failed: int
     total: int
-    ready_again_s: float
-    orphans_exit_s: float | None
+    kill: Kill
+    load_avg: float  # 1-minute load average before the kill: others' work on these cores
 
 
 @dataclass
@@ -274,7 +317,8 @@ class AloneRun:
     events_before: int  # text events the client had at the kill
     stall_s: float
     total_s: float
-    reference_s: float
+    reference_s: float  # median of the uninterrupted runs
+    reference_spread_s: float  # slowest − fastest uninterrupted run
     same_text: bool
     ok: bool
 
@@ -287,40 +331,44 @@ def probe_loop(f: Fleet, until: float, out: list[Stream]) -> None:
 
 def under_load(f: Fleet, fault: Fault) -> LoadRun:
     before = f.continuations()
+    load_avg = os.getloadavg()[0]
     probes: list[Stream] = []
     with StreamLoad(f.base, f.key, LOAD_PROMPTS, LOAD_MAX_TOKENS) as load:
         wait_for(lambda: len(load.done()) >= 4, FAULT_TIMEOUT_S, "load to flow")
-        t_kill, agent, engines = kill(f, fault)
-        prober = threading.Thread(target=probe_loop, args=(f, t_kill + PROBE_S, probes))
+        k = kill(f, fault)
+        prober = threading.Thread(target=probe_loop, args=(f, k.t + PROBE_S, probes))
         prober.start()
         wait_for(
-            lambda: len(load.ok_started_after(t_kill)) >= AFTER_FAULT or load.failures(),
+            lambda: len(load.ok_started_after(k.t)) >= AFTER_FAULT or load.failures(),
             FAULT_TIMEOUT_S,
             "streams started after the kill",
         )
         prober.join(PROBE_S + 35)
     streams = load.done()
-    first_ok = min((p.ended for p in probes if p.ok), default=float("nan")) - t_kill
-    ready_s, orphans_s = recover(f, agent, engines)
+    recover(f, k)
     return LoadRun(
         fault,
-        first_ok,
+        min((p.ended for p in probes if p.ok), default=float("nan")) - k.t,
         max((p.ended - p.started for p in probes), default=float("nan")),
-        [g for s in streams if (g := s.stall_after(t_kill)) is not None],
+        [g for s in streams if (g := s.stall_after(k.t)) is not None],
         f.continuations() - before,
         sum(1 for s in [*streams, *probes] if not s.ok),
         len(streams) + len(probes),
-        ready_s,
-        orphans_s,
+        k,
+        load_avg,
     )
 
 
 def alone(f: Fleet, fault: Fault) -> AloneRun:
     with httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0)) as http:
-        ref = stream_completion(http, f.base, f.key, ALONE_PROMPT, ALONE_MAX_TOKENS)
-        if not ref.ok:
-            raise RuntimeError(f"the uninterrupted stream failed: {ref.error}")
-        reference_s = ref.ended - ref.started
+        refs = [
+            stream_completion(http, f.base, f.key, ALONE_PROMPT, ALONE_MAX_TOKENS)
+            for _ in range(ALONE_REFERENCES)
+        ]
+        if not all(r.ok and r.text == refs[0].text for r in refs):
+            raise RuntimeError(f"uninterrupted streams failed or differ: {refs}")
+        durations = [r.ended - r.started for r in refs]
+        reference_s = statistics.median(durations)
         result: list[Stream] = []
         runner = threading.Thread(
             target=lambda: result.append(
@@ -329,20 +377,21 @@ def alone(f: Fleet, fault: Fault) -> AloneRun:
         )
         runner.start()
         time.sleep(reference_s * ALONE_KILL_AT)  # partway, by the clock of the reference run
-        t_kill, agent, engines = kill(f, fault)
+        k = kill(f, fault)
         runner.join(FAULT_TIMEOUT_S)
     [s] = result
-    recover(f, agent, engines)
-    stall = s.stall_after(t_kill)
+    recover(f, k)
+    stall = s.stall_after(k.t)
     if stall is None:
         raise RuntimeError("the stream was not streaming at the kill: raise ALONE_MAX_TOKENS")
     return AloneRun(
         fault,
-        sum(1 for a in s.arrivals if a < t_kill),
+        sum(1 for a in s.arrivals if a < k.t),
         stall,
         s.ended - s.started,
         reference_s,
-        s.text == ref.text,
+        max(durations) - min(durations),
+        s.text == refs[0].text,
         s.ok and s.completion_tokens == ALONE_MAX_TOKENS,
     )
 
@@ -354,6 +403,10 @@ def med_max(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} / {max(values):.2f}" if values else "—"
 
 
+def _s(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def met(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
@@ -362,27 +415,30 @@ def report(loads: list[LoadRun], alones: list[AloneRun], runs: int, command: str
     rows_a = [
         "| run | fault | first response after the kill (s) | slowest probe (s) "
         "| max stall of a stream in flight (s) | streams in flight / continued "
-        "| failed / requests | two replicas ready again (s) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| failed / requests | engine off the coordinator's list (s) | orphans exited (s) "
+        "| two replicas ready again (s) | load avg |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for i, r in enumerate(loads):
-        ready = f"{r.ready_again_s:.1f}"
-        if r.orphans_exit_s is not None:
-            ready = f"{r.orphans_exit_s:.1f} + {ready} (restart)"
+        k = r.kill
+        ready = _s(k.ready_again_s) + (" after the restart" if k.agent else "")
         rows_a.append(
             f"| {i // 2 + 1} | {r.fault} | {r.first_ok_s:.2f} | {r.probe_max_s:.2f} "
             f"| {max(r.stalls, default=0.0):.2f} | {len(r.stalls)} / {r.continued} "
-            f"| {r.failed} / {r.total} | {ready} |"
+            f"| {r.failed} / {r.total} | {_s(k.unlisted_s)} | {_s(k.orphans_exit_s)} | {ready} "
+            f"| {r.load_avg:.2f} |"
         )
     rows_b = [
         "| run | fault | text events before the kill | stall (s) | total (s) "
-        "| uninterrupted (s) | extra (s) | same text | ended ok |",
-        "|---:|---|---:|---:|---:|---:|---:|---|---|",
+        "| uninterrupted (s) | spread of the uninterrupted runs (s) | extra (s) | same text "
+        "| ended ok |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for i, a in enumerate(alones):
         rows_b.append(
             f"| {i // 2 + 1} | {a.fault} | {a.events_before} | {a.stall_s:.3f} | {a.total_s:.2f} "
-            f"| {a.reference_s:.2f} | {a.total_s - a.reference_s:+.2f} "
+            f"| {a.reference_s:.2f} | {a.reference_spread_s:.2f} "
+            f"| {a.total_s - a.reference_s:+.2f} "
             f"| {'yes' if a.same_text else '**no**'} | {'yes' if a.ok else '**no**'} |"
         )
     summary = []
@@ -418,9 +474,9 @@ Measured {when} with `{command}`.
 - {runs} repetitions; each injects the four faults below in this order, and waits after each
   until both replicas are ready again.
 
-Method, under load: 4 client loops stream `/v1/completions` (`temperature: 0`,
+Method, under load: {len(LOAD_PROMPTS)} client loops stream `/v1/completions` (`temperature: 0`,
 `max_tokens: {LOAD_MAX_TOKENS}`, one prompt per loop, usage requested) back to back; once 4
-streams have completed, the engine that used the most CPU over 0.3 s (from `/proc`) gets
+streams have completed, the engine generating the most requests (its `/v1/engine/stats`) gets
 SIGKILL, or its agent does (its engines then find their parent gone and exit; the coordinator
 drops the node when its gRPC stream breaks). From the kill on, a probe loop sends streamed
 completions (`max_tokens: {PROBE_MAX_TOKENS}`) back to back for {PROBE_S:.0f} s. First response
@@ -428,19 +484,26 @@ completions (`max_tokens: {PROBE_MAX_TOKENS}`) back to back for {PROBE_S:.0f} s.
 stream that was streaming at the kill, its longest wait between two text events that ended
 after the kill (a stream continued elsewhere, or one on the other engine that waited while a
 continuation's prompt was prefilled into its batch); the table shows the largest per run.
-Continued = `{BROKE}` lines in the coordinator's log. A request failed unless it answered 200
-and ended with `data: [DONE]`, a finish reason and no error event; clients never retry.
-Two replicas ready again: after an engine kill the agent starts a new engine (the other node
-already hosts a replica); after an agent kill, the orphaned engines' exit time, then the agent
-restarted with the same home (its identity) and its engine loaded.
+Continued = `{BROKE}` lines in the coordinator's log.
+A request failed unless it answered 200 and ended with `data: [DONE]`, a finish reason and no
+error event; clients never retry.
+Off the coordinator's list = kill → the admin API (`mlxfleet models --json`) no longer counts
+the engine ready (the agent reported its exit, or the node was dropped), polled every
+{POLL_S * 1000:.0f} ms from the kill on; orphans exited = kill → the killed agent's engines are
+gone. Two replicas ready again: after an engine kill, kill → the agent's new engine is ready
+(the other node already hosts a replica); after an agent kill, agent restarted with the same
+home (its identity) → its new engine is ready. Load avg = the machine's 1-minute load average
+before the kill (this benchmark's own processes included): the higher, the more other work
+competed for the same {os.cpu_count()} cores.
 
 {table_a}
 
 Method, alone: on an idle fleet one stream (`max_tokens: {ALONE_MAX_TOKENS}`,
-`temperature: 0`) runs uninterrupted, then the same request again; at {ALONE_KILL_AT:.0%} of the
-uninterrupted run's duration plus the 0.3 s CPU window, its engine (or agent) is killed. Extra =
-total − uninterrupted: the stall plus decoding at the continued engine, which first prefills
-the prompt and every token already sent.
+`temperature: 0`) runs uninterrupted {ALONE_REFERENCES} times (uninterrupted = their median
+duration), then the same request again; at {ALONE_KILL_AT:.0%} of the uninterrupted duration
+its engine (or agent) is killed. Stall as above. Extra = total − uninterrupted: the stall
+plus decoding on the continuing engine, which first prefills the prompt and every token
+already sent; compare it with the spread of the uninterrupted runs.
 
 {table_b}
 

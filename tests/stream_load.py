@@ -7,7 +7,9 @@ No client retries: a request the gateway could not place counts as failed too.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ import httpx
 
 MODEL = "demo"
 READ_TIMEOUT_S = 30.0  # a failover stalls a stream for a moment, never this long
-CPU_WINDOW_S = 0.3
+SECRET_ENV = b"MLXFLEET_ENGINE_SECRET="  # node_agent/supervisor.py
 
 
 @dataclass
@@ -166,16 +168,52 @@ class StreamLoad:
                     self.streams.append(s)
 
 
-def _cpu_ticks(pid: int) -> int:
+def engine_port(pid: int) -> int | None:
+    """The TCP port an engine process listens on, from /proc (its own network namespace)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+            return int(fields[1].split(":")[1], 16)
+    return None
+
+
+def active_requests(pid: int, host: str) -> int:
+    """Requests the engine is generating right now (GET /v1/engine/stats, with the secret
+    the agent passed it in its environment); 0 when it cannot be asked."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        secret = next(e for e in environ if e.startswith(SECRET_ENV)).split(b"=", 1)[1].decode()
+        tls = b"--tls-cert" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        port = engine_port(pid)
+    except (OSError, StopIteration):
         return 0
-    return int(fields[11]) + int(fields[12])  # utime + stime
+    scheme = "https" if tls else "http"
+    try:
+        r = httpx.get(
+            f"{scheme}://{host}:{port}/v1/engine/stats",
+            headers={"Authorization": f"Bearer {secret}"},
+            verify=False,  # a remote engine presents its node's certificate; only counting here
+            timeout=5,
+        )
+        return int(r.json()["active"]) if r.status_code == 200 else 0
+    except (httpx.HTTPError, ValueError, KeyError):
+        return 0
 
 
-def busiest(pids: list[int]) -> int:
-    """The process that used the most CPU over a short window: the engine decoding most."""
-    before = {p: _cpu_ticks(p) for p in pids}
-    time.sleep(CPU_WINDOW_S)
-    return max(pids, key=lambda p: _cpu_ticks(p) - before[p])
+def serving(engines: dict[int, str], timeout_s: float = 30.0) -> int:
+    """The engine (pid → the host to reach it at) generating the most requests, once one is:
+    kill it right away and a stream is surely cut midway."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        active = {pid: active_requests(pid, host) for pid, host in engines.items()}
+        pid = max(active, key=lambda p: active[p])
+        if active[pid] > 0:
+            return pid
+        time.sleep(0.02)
+    raise AssertionError(f"no engine of {sorted(engines)} generated anything in {timeout_s} s")

@@ -28,7 +28,7 @@ from tests.conftest import (
     start_coordinator,
     wait_for,
 )
-from tests.stream_load import Stream, StreamLoad, busiest, stream_completion
+from tests.stream_load import Stream, StreamLoad, serving, stream_completion
 
 READY_TIMEOUT_S = 120.0  # cold engine starts on 2 cores
 PROMPTS = ["failover one", "failover two", "failover three", "failover four"]
@@ -156,14 +156,14 @@ class Fault:
 
 
 def run_with_fault(fleet: FailoverFleet, fault: str) -> Fault:
-    """Stream PROMPTS in loops, `kill -9` the busiest engine ("engine") or its agent
+    """Stream PROMPTS in loops, `kill -9` the engine generating most ("engine") or its agent
     ("agent") once the load flows, and stop once streams started after the kill completed."""
     wait_for(fleet.both_ready, READY_TIMEOUT_S, "two ready engines before the fault")
     before = fleet.continuations()
     with StreamLoad(fleet.base, fleet.key, PROMPTS, MAX_TOKENS) as load:
         wait_for(lambda: len(load.done()) >= LOAD_FLOWING, FAULT_TIMEOUT_S, "load to flow")
         owner = {p: a for a in fleet.agents for p in a.engine_pids()}
-        victim = busiest(list(owner))
+        victim = serving(dict.fromkeys(owner, "127.0.0.1"))
         killed = owner[victim] if fault == "agent" else None
         engines = killed.engine_pids() if killed else [victim]
         t_kill = time.monotonic()

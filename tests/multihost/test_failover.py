@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import run_ok, wait_for
 from tests.multihost.fleet import MODEL, Fleet, cli
 from tests.netns import Network, unavailable_reason
-from tests.stream_load import StreamLoad, busiest, stream_completion
+from tests.stream_load import StreamLoad, serving, stream_completion
 
 READY_TIMEOUT_S = 180.0  # two cold engine starts on 2 cores
 PROMPTS = ["partition one", "partition two", "partition three", "partition four"]
@@ -82,7 +82,7 @@ def test_link_down_under_load_loses_no_request(fleet: Fleet, reference: dict[str
     with StreamLoad(fleet.base, fleet.key, PROMPTS, MAX_TOKENS) as load:
         wait_for(lambda: len(load.done()) >= 4, CUT_TIMEOUT_S, "load to flow before the cut")
         owner = {p: a for a in fleet.agents.values() for p in a.engine_pids()}
-        cut = owner[busiest(list(owner))]
+        cut = owner[serving({p: a.host.ip for p, a in owner.items()})]
         fleet.net.link_down(cut.host)
         # After the `ip` command, not before: on 2 busy cores it takes a while to start, and
         # text sent meanwhile still arrives.
