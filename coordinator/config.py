@@ -64,6 +64,23 @@ class ModelSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class CloudFallback:
+    """[cloud]: the Router's last order before a pause (off unless fleet.toml names a model).
+
+    model is any LiteLLM provider model string ("openai/gpt-4o-mini", "anthropic/...");
+    the key is read from the environment variable api_key_env, never from the file.
+    """
+
+    model: str
+    api_key_env: str
+    api_base: str | None = None
+
+    @property
+    def api_key(self) -> str:
+        return os.environ.get(self.api_key_env, "")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything the coordinator process needs; passed down, never re-read."""
 
@@ -86,6 +103,7 @@ class Config:
     # Router order: engines on the coordinator's own host first (order 1), then the other
     # nodes (order 2). False: all engines share order 1 and the Router spreads over them.
     prefer_local: bool = True
+    cloud: CloudFallback | None = None  # order 3, after local and remote engines
 
     def unit(self, name: str, tier: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name and m.tier == tier), None)
@@ -250,6 +268,32 @@ def _seconds(value: Any, key: str) -> float:
     return float(value)
 
 
+def _cloud(raw: Any, where: str) -> CloudFallback | None:
+    """[cloud] model = "openai/gpt-4o-mini", api_key_env = "OPENAI_API_KEY", api_base = ..."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: [cloud] must be a table")
+    unknown = set(raw) - {"model", "api_key_env", "api_base"}
+    if unknown:
+        raise ConfigError(f"{where}: [cloud] unknown key {sorted(unknown)[0]!r}")
+    model, env_name, base = raw.get("model"), raw.get("api_key_env"), raw.get("api_base")
+    if not isinstance(model, str) or "/" not in model:
+        raise ConfigError(
+            f"{where}: [cloud] model must be a LiteLLM provider model string such as "
+            f"'openai/gpt-4o-mini', got {model!r}"
+        )
+    if not isinstance(env_name, str) or not env_name:
+        raise ConfigError(f"{where}: [cloud] api_key_env must name an environment variable")
+    if not os.environ.get(env_name):
+        raise ConfigError(f"{where}: [cloud] api_key_env {env_name} is not set")
+    if base is not None and not (
+        isinstance(base, str) and base.startswith(("http://", "https://"))
+    ):
+        raise ConfigError(f"{where}: [cloud] api_base must be an http(s) URL, got {base!r}")
+    return CloudFallback(model, env_name, base)
+
+
 def _optional_bool(value: Any, key: str) -> bool | None:
     if value is not None and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
@@ -282,6 +326,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         "os_reserve_gib",
         "triggers",
         "prefer_local",
+        "cloud",
     }
     unknown = set(raw) - known
     if unknown:
@@ -316,6 +361,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         idle_unload_s=_seconds(raw.get("idle_unload_s", IDLE_UNLOAD_S), "idle_unload_s"),
         reload_wait_s=_seconds(raw.get("reload_wait_s", RELOAD_WAIT_S), "reload_wait_s"),
         prefer_local=_optional_bool(raw.get("prefer_local"), "prefer_local") is not False,
+        cloud=_cloud(raw.get("cloud"), str(path)),
         os_reserve_bytes=int(
             _seconds(raw.get("os_reserve_gib", OS_RESERVE_BYTES / 2**30), "os_reserve_gib") * 2**30
         ),

@@ -18,6 +18,7 @@ from dataclasses import asdict
 import aiohttp
 from aiohttp import web
 
+from coordinator.cloud import serve_cloud
 from coordinator.config import RETRY_AFTER_S, Config
 from coordinator.discovery import Discovery
 from coordinator.errors import ApiError
@@ -359,6 +360,12 @@ class Gateway:
             target = await self._routing.pick(*key, self._in_flight_count)
             if target is None:
                 break
+            if target.cloud:
+                if relay is not None:  # a provider cannot continue our engine's tokens
+                    break
+                response, usage = await serve_cloud(request, self._routing, target, raw, key[1])
+                self._settle(request, usage)
+                return response
             with self._in_flight(target.engine_id) as flight:
                 try:
                     upstream = await flight.run(self._post(target, request.path, body))

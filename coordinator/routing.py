@@ -24,11 +24,13 @@ import litellm  # noqa: E402
 from litellm import Router  # noqa: E402
 from litellm.types.router import Deployment, LiteLLM_Params, ModelInfo  # noqa: E402
 
+from coordinator.config import CloudFallback  # noqa: E402
 from coordinator.registry import Engine, EngineId  # noqa: E402
 
 logger = logging.getLogger(__name__)
 ORDER_LOCAL = 1  # engines on the coordinator's own host
 ORDER_REMOTE = 2  # engines on other nodes
+ORDER_CLOUD = 3  # the [cloud] fallback: a LiteLLM provider model
 litellm.suppress_debug_info = True
 litellm.telemetry = False
 
@@ -47,9 +49,22 @@ class Target:
     max_parallel: int = 0  # requests in flight before the next order is tried; 0: no limit
 
     @property
+    def cloud(self) -> bool:
+        """The cloud fallback: LiteLLM calls the provider (our engines are called directly)."""
+        return self.order == ORDER_CLOUD
+
+    @property
     def tls(self) -> bool:
         """Engines on another host serve TLS with their node's certificate."""
         return self.url.startswith("https://")
+
+
+class CloudFailed(Exception):
+    """The cloud provider refused or failed a request."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def is_local(url: str) -> bool:
@@ -143,13 +158,45 @@ class Routing:
         for listener in self.on_remove:
             listener(engine_id)
 
+    def add_cloud(self, model: str, tier: str, cloud: CloudFallback) -> None:
+        """The unit's last order before a pause: a provider model called through LiteLLM."""
+        deployment_id = EngineId(f"cloud:{group(model, tier)}")
+        if deployment_id in self._targets:
+            return
+        self._router.add_deployment(
+            Deployment(
+                model_name=group(model, tier),
+                litellm_params=LiteLLM_Params(
+                    model=cloud.model,
+                    api_key=cloud.api_key,
+                    api_base=cloud.api_base,
+                    **_extras(order=ORDER_CLOUD),
+                ),
+                model_info=ModelInfo(id=deployment_id),
+            )
+        )
+        self._targets[deployment_id] = Target(
+            deployment_id, model, tier, "cloud", cloud.api_base or "", "", ORDER_CLOUD
+        )
+        logger.info("cloud fallback for %s/%s: %s", model, tier, cloud.model)
+
+    async def call_cloud(self, target: Target, kind: str, params: dict[str, Any]) -> Any:
+        """Call the provider through the Router (this exact deployment); returns LiteLLM's
+        response, or an async iterator of chunks with `stream`."""
+        call = self._router.acompletion if kind == "chat" else self._router.atext_completion
+        try:
+            return await call(model=target.engine_id, **params)
+        except Exception as exc:  # any provider failure: status and one line, never the key
+            status = getattr(exc, "status_code", None)
+            raise CloudFailed(status if isinstance(status, int) else 502, str(exc)) from None
+
     def models(self) -> list[str]:
-        """Model names that have at least one routable deployment (any tier)."""
-        return sorted({t.model for t in self._targets.values()})
+        """Model names that have at least one routable engine (any tier)."""
+        return sorted({t.model for t in self._targets.values() if not t.cloud})
 
     def units(self) -> set[tuple[str, str]]:
-        """(model, tier) pairs that have at least one routable deployment."""
-        return {(t.model, t.tier) for t in self._targets.values()}
+        """(model, tier) pairs that have at least one routable engine."""
+        return {(t.model, t.tier) for t in self._targets.values() if not t.cloud}
 
     async def pick(
         self,

@@ -154,6 +154,9 @@ class Server:
         )
         registry = self.registry = Registry(routing)
         reconciler = self.reconciler = Reconciler(config, registry, store)
+        if config.cloud is not None:
+            for spec in config.models:
+                routing.add_cloud(spec.name, spec.tier, config.cloud)
         service = FleetService(pki, store, registry, reconciler)
 
         grpc_server, grpc_port, enroll_port = build_grpc_server(

@@ -163,3 +163,20 @@ def test_prefer_local_defaults_on_and_can_be_turned_off(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, "prefer_local = false\n")).prefer_local is False
     with pytest.raises(ConfigError, match="prefer_local"):
         load_config(write(tmp_path, 'prefer_local = "no"\n'))
+
+
+def test_cloud_fallback_is_off_by_default_and_checked_when_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_config(write(tmp_path, "")).cloud is None
+    table = '[cloud]\nmodel = "openai/gpt-4o-mini"\napi_key_env = "MLXFLEET_T_KEY"\n'
+    monkeypatch.delenv("MLXFLEET_T_KEY", raising=False)
+    with pytest.raises(ConfigError, match="MLXFLEET_T_KEY is not set"):
+        load_config(write(tmp_path, table))
+    monkeypatch.setenv("MLXFLEET_T_KEY", "sk-x")
+    cloud = load_config(write(tmp_path, table)).cloud
+    assert cloud is not None and (cloud.model, cloud.api_key) == ("openai/gpt-4o-mini", "sk-x")
+    with pytest.raises(ConfigError, match="provider model string"):
+        load_config(write(tmp_path, '[cloud]\nmodel = "gpt"\napi_key_env = "MLXFLEET_T_KEY"\n'))
+    with pytest.raises(ConfigError, match="unknown key 'api_key'"):
+        load_config(write(tmp_path, table + 'api_key = "sk-in-the-file"\n'))

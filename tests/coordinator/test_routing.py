@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.config import CloudFallback
 from coordinator.pki import FleetPki
 from coordinator.registry import Engine, EngineId, NodeId
-from coordinator.routing import ORDER_LOCAL, ORDER_REMOTE, Routing, is_local
+from coordinator.routing import ORDER_CLOUD, ORDER_LOCAL, ORDER_REMOTE, Routing, is_local
 
 
 def engine(name: str, url: str, tier: str = "interactive") -> Engine:
@@ -70,3 +71,19 @@ async def test_no_deployment_left_is_none_and_draining_engines_keep_their_flight
     assert aborted == ["a"]
     routing.remove_engine(EngineId("a"))
     assert aborted == ["a"]  # once
+
+
+async def test_the_cloud_comes_after_every_engine_and_is_not_a_ready_unit(
+    ca_pem: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLOUD_KEY", "sk-test")
+    routing = Routing(ca_pem)
+    routing.add_cloud("m", "interactive", CloudFallback("openai/gpt-4o-mini", "CLOUD_KEY"))
+    assert routing.units() == set() and routing.models() == []  # nothing to wake or list
+    routing.add_engine(engine("remote", "https://10.0.0.2:9000"))
+    picks = {(await routing.pick("m", "interactive")).engine_id for _ in range(20)}  # type: ignore[union-attr]
+    assert picks == {"remote"}
+    routing.remove_engine(EngineId("remote"))
+    target = await routing.pick("m", "interactive")
+    assert target is not None and target.cloud and target.order == ORDER_CLOUD
+    assert target.secret == ""  # the provider key stays inside LiteLLM's deployment

@@ -1,0 +1,83 @@
+"""Serve one request from the [cloud] fallback: LiteLLM calls the provider, we answer OpenAI-shaped.
+
+Our engines' bytes are passed through unchanged; a provider's response comes back as LiteLLM
+objects, so here each chunk is encoded again as a server-sent event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from coordinator.errors import ApiError
+from coordinator.relay import EVENT_END, SSE_DONE
+from coordinator.routing import CloudFailed, Routing, Target
+from coordinator.tiers import TIER_HEADER
+
+logger = logging.getLogger(__name__)
+
+ROUTE_HEADER = "X-Mlxfleet-Route"  # "cloud" on answers that came from the cloud fallback
+# Passed to the provider as the client sent them; anything else (our own fields) is dropped.
+FORWARDED = (
+    "messages",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+)
+
+
+def cloud_params(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: body[k] for k in FORWARDED if k in body}
+
+
+async def serve_cloud(
+    request: web.Request, routing: Routing, target: Target, raw: bytes, tier: str
+) -> tuple[web.StreamResponse, tuple[int, int] | None]:
+    """The response, and (prompt, completion) tokens when the provider said."""
+    body = json.loads(raw)
+    kind = "chat" if request.path.endswith("/chat/completions") else "completion"
+    params = cloud_params(body)
+    headers = {TIER_HEADER: tier, ROUTE_HEADER: "cloud"}
+    try:
+        result = await routing.call_cloud(target, kind, params)
+    except CloudFailed as exc:
+        logger.warning("cloud fallback for %s failed (%d)", target.model, exc.status)
+        raise ApiError(
+            exc.status if 400 <= exc.status < 600 else 502,
+            f"the cloud fallback failed: {exc}",
+            type="server_error",
+            code="cloud_failed",
+        ) from None
+    if not params.get("stream"):
+        answer = result.model_dump(exclude_none=True)
+        usage = answer.get("usage") or {}
+        counted = (usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+        return web.json_response(answer, headers=headers), counted
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
+    )
+    await response.prepare(request)
+    tokens: tuple[int, int] | None = None
+    with contextlib.suppress(ConnectionResetError):
+        try:
+            async for chunk in result:
+                payload = chunk.model_dump(exclude_none=True)
+                if usage := payload.get("usage"):
+                    tokens = (usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+                await response.write(b"data: " + json.dumps(payload).encode() + EVENT_END)
+        except Exception as exc:  # the provider broke the stream: say so, never a silent close
+            logger.warning("cloud fallback stream for %s broke: %s", target.model, exc)
+            err = ApiError(502, "the cloud fallback stopped before finishing", type="server_error")
+            await response.write(b"data: " + json.dumps(err.body()).encode() + EVENT_END)
+        await response.write(SSE_DONE)
+        await response.write_eof()
+    return response, tokens

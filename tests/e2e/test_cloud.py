@@ -1,0 +1,104 @@
+"""The cloud fallback (Router order 3) through the real coordinator and LiteLLM.
+
+Offline, the "provider" is an OpenAI-compatible server we can run: one of our engines,
+addressed as LiteLLM's `openai/<model>` with an api_base, its secret as the provider key
+(read from the environment variable [cloud] names). No agent runs, so no engine of the fleet
+can serve: every request falls through orders 1 and 2 to the cloud.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import mlxfleet, run_ok, start_coordinator
+from tests.node_agent.engine.conftest import Engine, start_engine
+
+KEY_ENV = "MLXFLEET_TEST_CLOUD_KEY"
+BODY = {
+    "model": "demo",
+    "messages": [{"role": "user", "content": "Tell me about the garden."}],
+    "max_tokens": 24,
+    "temperature": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def provider(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    log = tmp_path_factory.mktemp("provider") / "engine.log"
+    engine = start_engine(demo_model, log)
+    yield engine
+    engine.proc.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    provider: Engine, demo_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
+    home = tmp_path_factory.mktemp("coord")
+    (home / "fleet.toml").write_text(
+        f'[[models]]\nname = "demo"\nsource = "{demo_model}"\n\n'
+        f'[cloud]\nmodel = "openai/demo"\napi_key_env = "{KEY_ENV}"\n'
+        f'api_base = "{provider.base_url}/v1"\n'
+    )
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(KEY_ENV, provider.secret)
+        coordinator, runtime = start_coordinator(home, home / "fleet.toml", home / "c.log")
+    try:
+        key = run_ok(mlxfleet("keys", "create", "--home", str(home)))
+        yield f"http://127.0.0.1:{runtime['gateway_port']}", key
+        assert provider.secret not in coordinator.output()  # the provider key is never logged
+    finally:
+        coordinator.stop()
+
+
+def direct(provider: Engine) -> str:
+    r = httpx.post(
+        provider.base_url + "/v1/chat/completions",
+        json=BODY,
+        headers={"Authorization": f"Bearer {provider.secret}"},
+        timeout=60,
+    )
+    return str(r.json()["choices"][0]["message"]["content"])
+
+
+def test_with_no_engine_left_a_request_is_served_by_the_cloud(
+    gateway: tuple[str, str], provider: Engine
+) -> None:
+    base, key = gateway
+    before = provider.stats()["requests_total"]
+    r = httpx.post(
+        f"{base}/v1/chat/completions",
+        json=BODY,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Mlxfleet-Route"] == "cloud"
+    assert r.json()["choices"][0]["message"]["content"] == direct(provider)
+    assert r.json()["usage"]["completion_tokens"] == 24
+    assert provider.stats()["requests_total"] == before + 2  # ours, then the direct one
+
+
+def test_a_cloud_stream_is_relayed_as_server_sent_events(
+    gateway: tuple[str, str], provider: Engine
+) -> None:
+    base, key = gateway
+    with httpx.stream(
+        "POST",
+        f"{base}/v1/chat/completions",
+        json=BODY | {"stream": True},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    ) as stream:
+        assert stream.status_code == 200 and stream.headers["X-Mlxfleet-Route"] == "cloud"
+        events = [line[6:] for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert not [c for c in chunks if "error" in c]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == direct(provider)
