@@ -29,6 +29,7 @@ from coordinator.limits import (
     check_model,
     estimate_tokens,
 )
+from coordinator.metrics import CONTENT_TYPE_LATEST
 from coordinator.nodes import model_rows, node_rows
 from coordinator.reconcile import Reconciler, UnitKey
 from coordinator.registry import EngineId, NodeId, Registry
@@ -119,6 +120,7 @@ class Gateway:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/admin/v1/nodes", self.admin_nodes)
         app.router.add_delete("/admin/v1/nodes/{node_id}", self.admin_remove_node)
         app.router.add_post("/admin/v1/nodes/{node_id}/drain", self.admin_drain)
@@ -142,6 +144,12 @@ class Gateway:
     # Handlers
     async def health(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        """Prometheus text format; unauthenticated, like any scrape target (no secrets in it)."""
+        return web.Response(
+            body=self._reconciler.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     async def models(self, request: web.Request) -> web.Response:
         """Models this key may use, with their state per tier. A unit is listed when it has a

@@ -21,6 +21,7 @@ from typing import Literal
 
 from coordinator.config import DEFAULT_CONTEXT_LENGTH, Config, ModelSpec
 from coordinator.memory import SizingError, node_budget, size_engine
+from coordinator.metrics import Metrics
 from coordinator.policy import Demand, Offer, place
 from coordinator.registry import (
     Command,
@@ -82,6 +83,7 @@ class Reconciler:
             self._knobs[tier] = apply_knobs(self._knobs[tier], changes)  # type: ignore[index]
         self._registry = registry
         self._store = store
+        self.metrics = Metrics()
         self._started = time.monotonic()
         self._restoring: dict[UnitKey, set[str]] = {}
         for _engine_id, model, node_id, tier in store.placements():
@@ -161,6 +163,7 @@ class Reconciler:
                 detail += f" -> {', '.join(sorted(change.actions))}"
             kind = "trigger_fired" if change.fired else "trigger_cleared"
             self._store.add_event(change.node_id, kind, detail)
+            self.metrics.trigger_changed(change.node_id, change.trigger, change.fired)
             logger.warning("node %s %s %s", change.node_id, kind, detail)
             node_id = NodeId(change.node_id)
             if "relocate_heaviest" in change.actions:

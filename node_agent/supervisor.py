@@ -306,12 +306,18 @@ class Supervisor:
         else:
             oom_kills = self._probe.oom_kills()
         reason = classify_exit(returncode, m.oom_kills_at_start, oom_kills)
+        jetsam = None
+        if reason == "sigkill":  # macOS: jetsam leaves no counter, only a kernel log line
+            jetsam = await asyncio.to_thread(self._probe.memory_kill, m.process.pid)
+            reason = "oom" if jetsam else reason
         if m.stop_requested and returncode in (0, -signal.SIGTERM):
             reason = "clean"
         kind: EventKind = "exited" if failure is None or m.stop_requested else "load_failed"
         detail = failure or self._log_tail(m.log_path)
         if reason == "oom" and m.cgroup is not None:
             detail = f"over its {m.cgroup.limit_bytes // MIB} MiB memory limit | {detail}"
+        elif jetsam:
+            detail = f"killed by jetsam ({jetsam}) | {detail}"
         logger.log(
             logging.INFO if reason == "clean" else logging.WARNING,
             "engine %s (%s) %s: %s (code %s)",

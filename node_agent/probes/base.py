@@ -52,3 +52,8 @@ class Probe(Protocol):
     def oom_kills(self, cgroup_path: str | None = None) -> int:
         """Kernel OOM kills recorded for that cgroup (or the whole machine when None)."""
         ...
+
+    def memory_kill(self, pid: int) -> str | None:
+        """Why the kernel killed this (SIGKILLed) process for memory, if a log says so
+        (macOS jetsam); None where kill counters answer instead (Linux)."""
+        ...

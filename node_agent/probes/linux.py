@@ -143,6 +143,10 @@ class LinuxProbe:
             oom_kills=self.oom_kills(self._cgroup_path),
         )
 
+    def memory_kill(self, pid: int) -> str | None:
+        """None: on Linux the OOM-kill counters (oom_kills) tell."""
+        return None
+
     def oom_kills(self, cgroup_path: str | None = None) -> int:
         """Kernel OOM kills in that cgroup and its children, or on the whole machine when None."""
         if cgroup_path is None:

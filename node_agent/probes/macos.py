@@ -67,6 +67,29 @@ MAX_BANDWIDTH_BY_P_CORES_GBPS: dict[str, dict[int, float]] = {
 }
 
 
+# XNU's jetsam kill lines (kern_memorystatus.c): "memorystatus: killing_specific_process pid 994
+# [KeyboardSpike] (per-process-limit 100 12s ...)", also killing_top_process(_elevated...).
+JETSAM_KILL_RE = re.compile(
+    r"memorystatus: killing_(?:specific|top)_process\w* pid (\d+) \[([^\]]*)\] \(([^\s),]+)"
+)
+# Jetsam kills in the unified log over the last minutes; run right after an engine's SIGKILL.
+JETSAM_LOG_CMD = [
+    "log",
+    "show",
+    "--last",
+    "5m",
+    "--style",
+    "compact",
+    "--predicate",
+    'eventMessage CONTAINS "memorystatus: killing_"',
+]
+
+
+def parse_jetsam_kills(text: str) -> dict[int, str]:
+    """pid -> jetsam cause ("per-process-limit", "vm-pageshortage", ...) from kernel log lines."""
+    return {int(m.group(1)): m.group(3) for m in JETSAM_KILL_RE.finditer(text)}
+
+
 def run(cmd: list[str]) -> str:
     """Run one command and return its stdout, or "" when it fails or hangs."""
     try:
@@ -296,10 +319,12 @@ class MacProbe:
         )
 
     def oom_kills(self, cgroup_path: str | None = None) -> int:
-        """Always 0: none of these commands counts jetsam kills."""
-        # macOS has no cgroups and no kernel counter we can read here; a later issue reads
-        # jetsam kills from the unified log (`log show --predicate 'subsystem == ...'`).
+        """Always 0: macOS has no kill counter; see memory_kill for jetsam."""
         return 0
+
+    def memory_kill(self, pid: int) -> str | None:
+        """The jetsam cause if the kernel killed `pid` for memory (the unified log says so)."""
+        return parse_jetsam_kills(self._run(JETSAM_LOG_CMD)).get(pid)
 
     def _ram(self) -> int:
         # RAM does not change while the agent runs; ask once.

@@ -31,6 +31,9 @@ class OverrideProbe:
     def facts(self) -> NodeFacts:
         return self._inner.facts()
 
+    def memory_kill(self, pid: int) -> str | None:
+        return self._inner.memory_kill(pid)
+
     def oom_kills(self, cgroup_path: str | None = None) -> int:
         return self._inner.oom_kills(cgroup_path)
 

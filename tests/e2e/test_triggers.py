@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import mlxfleet, run_ok, start_agent, start_coordinator, wait_for
 
@@ -64,12 +65,23 @@ class TriggerFleet:
         return r.status_code
 
 
+def metric(fleet: TriggerFleet, name: str, **labels: str) -> float | None:
+    """One sample from the coordinator's GET /metrics (Prometheus text format), or None."""
+    text = httpx.get(f"{fleet.base}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return None
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[TriggerFleet]:
     home = tmp_path_factory.mktemp("coord")
     (home / "fleet.toml").write_text(
         f'[[models]]\nname = "demo"\nsource = "{demo_model}"\n'
         'tiers = ["interactive", "batch"]\npinned = true\n'
+        "\n[triggers]\nswap_for_s = 2\n"  # the seeds' 90 s, shortened for the test
     )
     logs = tmp_path_factory.mktemp("logs")
     coordinator, runtime = start_coordinator(home, home / "fleet.toml", logs / "coordinator.log")
@@ -130,6 +142,7 @@ def test_thermal_serious_moves_the_batch_tier_away_then_clears(fleet: TriggerFle
     fired = [d for k, d in fleet.events(hot) if k == "trigger_fired"]
     assert any(d.startswith("thermal serious:") and d.endswith("-> move_batch") for d in fired)
     assert fleet.placed("interactive") == interactive_before  # only the batch tier moves
+    assert metric(fleet, "mlxfleet_trigger_active", node=hot.node_id, trigger="thermal") == 1
     assert fleet.chat("batch") == 200 and fleet.chat("interactive") == 200
     hot.report(thermal_state="nominal")
     wait_for(
@@ -139,6 +152,10 @@ def test_thermal_serious_moves_the_batch_tier_away_then_clears(fleet: TriggerFle
         30,
         "the thermal trigger to clear",
     )
+    assert metric(fleet, "mlxfleet_trigger_active", node=hot.node_id, trigger="thermal") == 0
+    events = "mlxfleet_trigger_events_total"
+    assert metric(fleet, events, node=hot.node_id, trigger="thermal", event="fired") == 1
+    assert metric(fleet, events, node=hot.node_id, trigger="thermal", event="cleared") == 1
 
 
 def test_critical_pressure_drains_a_node_then_clears(fleet: TriggerFleet) -> None:
@@ -204,3 +221,27 @@ def test_drain_moves_models_off_while_an_in_flight_stream_finishes(fleet: Trigge
     fleet.cli("nodes", "uncordon", source_id)
     nodes = {n["id"]: n for n in json.loads(fleet.cli("nodes", "--json"))}
     assert nodes[source_id]["cordoned"] is False
+
+
+def test_sustained_swap_halts_the_ramp_and_moves_the_batch_tier_then_clears(
+    fleet: TriggerFleet,
+) -> None:
+    [swapping_id] = fleet.placed("batch")
+    swapping, other = (fleet.a, fleet.b) if swapping_id == fleet.a.node_id else (fleet.b, fleet.a)
+    swapping.report(swap_used_bytes=1024 * 2**20)  # 1 GiB > 768 MiB, held past swap_for_s
+    wait_for(
+        lambda: fleet.placed("batch") == [other.node_id],
+        MOVE_TIMEOUT_S,
+        "the batch tier to move off the swapping node",
+    )
+    fired = [d for k, d in fleet.events(swapping) if k == "trigger_fired"]
+    assert any(d.startswith("swap") and "halt_ramp" in d and "move_batch" in d for d in fired)
+    assert fleet.chat("batch") == 200
+    swapping.report(swap_used_bytes=0)
+    wait_for(
+        lambda: any(
+            k == "trigger_cleared" and d.startswith("swap") for k, d in fleet.events(swapping)
+        ),
+        30,
+        "the swap trigger to clear",
+    )

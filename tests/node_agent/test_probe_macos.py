@@ -251,3 +251,22 @@ def test_mac_probe_when_every_command_fails():
         low_power_mode=False,
         oom_kills=0,
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "kills"),
+    [
+        ("log-jetsam-per-process-limit-ios26.txt", {994: "per-process-limit"}),
+        ("log-jetsam-per-process-limit-ios14.txt", {449: "per-process-limit"}),
+        ("memory_pressure-mini2.txt", {}),  # no kill lines: nothing
+    ],
+)
+def test_parse_jetsam_kills(name: str, kills: dict[int, str]) -> None:
+    assert macos.parse_jetsam_kills(fixture(name)) == kills
+
+
+def test_memory_kill_reads_the_unified_log_for_that_pid() -> None:
+    log = fixture("log-jetsam-per-process-limit-ios26.txt")
+    probe = macos.MacProbe(runner=lambda cmd: log if cmd == macos.JETSAM_LOG_CMD else "")
+    assert probe.memory_kill(994) == "per-process-limit"
+    assert probe.memory_kill(995) is None  # a SIGKILL with no jetsam line is not an OOM

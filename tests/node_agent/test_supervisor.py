@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from node_agent.probes import local_probe
+from node_agent.probes import local_probe, macos
+from node_agent.probes.linux import LinuxProbe
 from node_agent.supervisor import (
     HUB_ALLOW_PATTERNS,
     EngineEvent,
@@ -20,6 +22,8 @@ from node_agent.supervisor import (
     resolve_source,
     rss_bytes,
 )
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "macos"
 
 
 @pytest.mark.parametrize(
@@ -76,3 +80,33 @@ def test_the_agent_side_of_the_supervisor_does_not_start_mlx() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+class JetsamLog(LinuxProbe):
+    """This machine's readings, plus the unified log a Mac would show after a jetsam kill:
+    the captured kernel line, for the pid the test killed."""
+
+    def memory_kill(self, pid: int) -> str | None:
+        text = (FIXTURES / "log-jetsam-per-process-limit-ios26.txt").read_text()
+        return macos.parse_jetsam_kills(text.replace("pid 994", f"pid {pid}")).get(pid)
+
+
+async def test_a_jetsam_kill_is_an_oom_exit_with_its_cause(
+    tmp_path: Path, demo_model: Path
+) -> None:
+    events: list[EngineEvent] = []
+    supervisor = Supervisor(JetsamLog(), events.append, tmp_path / "logs")
+    await supervisor.load(LoadRequest("e1", "demo", str(demo_model), "interactive", 512))
+    for _ in range(600):
+        if any(e.kind == "ready" for e in events):
+            break
+        await asyncio.sleep(0.1)
+    [(_, pid)] = [(info.engine_id, info.pid) for info in supervisor.infos()]
+    os.kill(pid, signal.SIGKILL)  # what jetsam does
+    for _ in range(100):
+        if any(e.kind == "exited" for e in events):
+            break
+        await asyncio.sleep(0.1)
+    [exited] = [e for e in events if e.kind == "exited"]
+    assert exited.exit_reason == "oom" and exited.signal == signal.SIGKILL
+    assert exited.detail.startswith("killed by jetsam (per-process-limit)")
