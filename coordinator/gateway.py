@@ -155,11 +155,12 @@ class Gateway:
         """Models this key may use, with their state per tier. A unit is listed when it has a
         ready engine or sleeps (idle-unloaded: a request wakes it); a unit whose engine died
         or that cannot be placed is not."""
-        allowed = self._authenticate(request).allowed
+        record = self._api_key(request)
+        allowed = key_tiers(record.tiers, record.default_tier).allowed
         routable = self._routing.units()
         tiers: dict[str, dict[str, str]] = {}
         for spec in self._reconciler.units():
-            if spec.tier not in allowed:
+            if spec.tier not in allowed or (record.models and spec.name not in record.models):
                 continue
             if spec.key in routable:
                 tiers.setdefault(spec.name, {})[spec.tier] = "ready"

@@ -46,7 +46,6 @@ class Target:
     url: str
     secret: str
     order: int = ORDER_LOCAL
-    max_parallel: int = 0  # requests in flight before the next order is tried; 0: no limit
 
     @property
     def cloud(self) -> bool:
@@ -132,7 +131,6 @@ class Routing:
             engine.url,
             engine.secret,
             order,
-            max_parallel,
         )
         logger.info(
             "routing %s to engine %s at %s (order %d)",
@@ -214,11 +212,9 @@ class Routing:
             # Our own table answers "none" without the Router's exception path (it keeps
             # deleted groups in Router.model_names).
             return None
-        full = [
-            t.engine_id
-            for t in targets
-            if t.max_parallel and in_flight(t.engine_id) >= t.max_parallel
-        ]
+        # The limit in force now: tier knobs change at runtime (`mlxfleet tiers set`).
+        limits = {t.engine_id: self._max_parallel(t.tier) for t in targets if not t.cloud}
+        full = [e for e, limit in limits.items() if limit and in_flight(e) >= limit]
         for order in sorted({t.order for t in targets}):
             if all(t.engine_id in full for t in targets if t.order == order):
                 continue

@@ -39,7 +39,8 @@ async def test_local_engines_come_first_then_remote(ca_pem: bytes) -> None:
 
 
 async def test_a_full_deployment_spills_to_the_next_order(ca_pem: bytes) -> None:
-    routing = Routing(ca_pem, max_parallel=lambda tier: 2)
+    limit = [2]
+    routing = Routing(ca_pem, max_parallel=lambda tier: limit[0])
     routing.add_engine(engine("local", "http://127.0.0.1:9000"))
     routing.add_engine(engine("remote", "https://10.0.0.2:9000"))
     in_flight = {"local": 2, "remote": 0}
@@ -48,6 +49,10 @@ async def test_a_full_deployment_spills_to_the_next_order(ca_pem: bytes) -> None
     in_flight["remote"] = 2  # everything full: the lowest order takes it (its engine queues)
     target = await routing.pick("m", "interactive", lambda e: in_flight[e])
     assert target is not None and (target.engine_id, target.order) == ("local", ORDER_LOCAL)
+    limit[0] = 4  # `mlxfleet tiers set`: the new max_concurrency counts from the next pick
+    in_flight["local"] = 3
+    target = await routing.pick("m", "interactive", lambda e: in_flight[e])
+    assert target is not None and target.engine_id == "local"
 
 
 async def test_without_prefer_local_all_engines_share_one_order(ca_pem: bytes) -> None:

@@ -68,6 +68,7 @@ def test_key_limits_answer_429_and_403(tmp_path: Path, demo_model: Path, procs: 
             )
         assert denied.value.code == "model_not_allowed"
         assert "may not use model 'demo' (allowed: big, small)" in denied.value.message
+        assert [m.id for m in client.models.list()] == []  # nor is it listed for this key
 
         too_big = post(small_tpm, max_tokens=200)
         assert too_big.status_code == 429 and "Retry-After" not in too_big.headers
