@@ -37,6 +37,7 @@ from harness import (
     REPO,
     Proc,
     cli,
+    coordinator_cli,
     machine,
     publish,
     read_json,
@@ -293,17 +294,7 @@ class Results:
 @contextlib.contextmanager
 def coordinator(home: Path, logs: Path) -> Iterator[tuple[Proc, dict[str, Any]]]:
     proc = Proc(
-        cli(
-            "coordinator",
-            "--home",
-            str(home),
-            "--port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--enroll-port",
-            "0",
-        ),
+        coordinator_cli(home),
         logs / "coordinator.log",
     )
     try:

@@ -46,6 +46,7 @@ from harness import (
     REPO,
     Proc,
     cli,
+    coordinator_cli,
     descendants,
     machine,
     publish,
@@ -192,19 +193,7 @@ def running_fleet(workdir: Path) -> Iterator[Fleet]:
         'tiers = ["interactive"]\nreplicas = 2\npinned = true\n'
     )
     coordinator = Proc(
-        cli(
-            "coordinator",
-            "--config",
-            str(config),
-            "--home",
-            str(home),
-            "--port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--enroll-port",
-            "0",
-        ),
+        coordinator_cli(home, config),
         workdir / "coordinator.log",
     )
     f = Fleet(workdir, home, coordinator, {})

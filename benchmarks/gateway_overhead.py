@@ -35,6 +35,7 @@ from harness import (
     REPO,
     Proc,
     cli,
+    coordinator_cli,
     machine,
     mlx_cache_state,
     publish,
@@ -106,19 +107,7 @@ def running_system(workdir: Path) -> Iterator[Endpoints]:
     procs: list[Proc] = []
     try:
         coordinator = Proc(
-            cli(
-                "coordinator",
-                "--config",
-                str(config),
-                "--home",
-                str(home),
-                "--port",
-                "0",
-                "--grpc-port",
-                "0",
-                "--enroll-port",
-                "0",
-            ),
+            coordinator_cli(home, config),
             logs / "coordinator.log",
         )
         procs.append(coordinator)

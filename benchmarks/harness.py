@@ -97,6 +97,14 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "coordinator.cli", *args]
 
 
+def coordinator_cli(home: Path, config: Path | None = None) -> list[str]:
+    """argv for `mlxfleet coordinator` on free ports; it writes the real ones to
+    HOME/coordinator.json."""
+    with_config = ["--config", str(config)] if config is not None else []
+    ports = ["--port", "0", "--grpc-port", "0", "--enroll-port", "0"]
+    return cli("coordinator", *with_config, "--home", str(home), *ports)
+
+
 def wait_for(check: Callable[[], T | None], timeout_s: float, what: str, poll_s: float = 0.1) -> T:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
