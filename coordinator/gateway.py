@@ -155,8 +155,8 @@ class Gateway:
         """Models this key may use, with their state per tier. A unit is listed when it has a
         ready engine or sleeps (idle-unloaded: a request wakes it); a unit whose engine died
         or that cannot be placed is not."""
-        record = self._api_key(request)
-        allowed = key_tiers(record.tiers, record.default_tier).allowed
+        record, key = self._authenticate(request)
+        allowed = key.allowed
         routable = self._routing.units()
         tiers: dict[str, dict[str, str]] = {}
         for spec in self._reconciler.units():
@@ -253,11 +253,8 @@ class Gateway:
         )
 
     # The request path
-    def _authenticate(self, request: web.Request) -> KeyTiers:
-        record = self._api_key(request)
-        return key_tiers(record.tiers, record.default_tier)
-
-    def _api_key(self, request: web.Request) -> ApiKey:
+    def _authenticate(self, request: web.Request) -> tuple[ApiKey, KeyTiers]:
+        """The request's team key (401 without a valid one) and the tiers it may use."""
         header = request.headers.get("Authorization", "")
         key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
         record = self._store.api_key(key) if key else None
@@ -267,7 +264,7 @@ class Gateway:
                 "missing or invalid API key (send Authorization: Bearer <team key>)",
                 code="invalid_api_key",
             )
-        return record
+        return record, key_tiers(record.tiers, record.default_tier)
 
     def settle_usage(
         self, reservation: Reservation | None, prompt_tokens: int, completion_tokens: int
@@ -279,8 +276,7 @@ class Gateway:
             self.limiter.settle(reservation, prompt_tokens + completion_tokens)
 
     async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
-        record = self._api_key(request)
-        key = key_tiers(record.tiers, record.default_tier)
+        record, key = self._authenticate(request)
         try:
             tier = key.choose(request.headers.get(TIER_HEADER))
         except TierError as exc:
