@@ -14,9 +14,10 @@ from typing import Any
 from aiohttp import web
 
 from coordinator.errors import ApiError
-from coordinator.relay import EVENT_END, SSE_DONE
+from coordinator.relay import SSE_DONE
 from coordinator.routing import CloudFailed, Routing, Target
 from coordinator.tiers import TIER_HEADER
+from node_agent.engine.responses import sse
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +74,11 @@ async def serve_cloud(
                 payload = chunk.model_dump(exclude_none=True)
                 if usage := payload.get("usage"):
                     tokens = (usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
-                await response.write(b"data: " + json.dumps(payload).encode() + EVENT_END)
+                await response.write(sse(payload))
         except Exception as exc:  # the provider broke the stream: say so, never a silent close
             logger.warning("cloud fallback stream for %s broke: %s", target.model, exc)
             err = ApiError(502, "the cloud fallback stopped before finishing", type="server_error")
-            await response.write(b"data: " + json.dumps(err.body()).encode() + EVENT_END)
+            await response.write(sse(err.body()))
         await response.write(SSE_DONE)
         await response.write_eof()
     return response, tokens

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from coordinator.errors import ApiError
 from node_agent.engine.protocol import CONTINUATION_FIELD
+from node_agent.engine.responses import sse
 
 SSE_DONE = b"data: [DONE]\n\n"
 EVENT_END = b"\n\n"
@@ -146,6 +147,6 @@ class StreamRelay:
             code="engine_failed",
         )
         with contextlib.suppress(ConnectionResetError):  # a client that left needs no error
-            await self.response.write(b"data: " + json.dumps(err.body()).encode() + EVENT_END)
+            await self.response.write(sse(err.body()))
             await self.response.write(SSE_DONE)
             await self.response.write_eof()
