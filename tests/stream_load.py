@@ -115,6 +115,26 @@ def stream_completion(
     return s
 
 
+def reference_texts(base: str, key: str, prompts: list[str], max_tokens: int) -> dict[str, str]:
+    """Each prompt's text from an uninterrupted stream, run one at a time with no fault."""
+    texts = {}
+    with httpx.Client(timeout=60) as http:
+        for prompt in prompts:
+            s = stream_completion(http, base, key, prompt, max_tokens)
+            assert s.ok and s.completion_tokens == max_tokens, s.error
+            texts[prompt] = s.text
+    return texts
+
+
+def assert_all_completed(streams: list[Stream], reference: dict[str, str], max_tokens: int) -> None:
+    """No stream failed, each got all its tokens, and each text is its prompt's reference."""
+    failures = [(s.prompt, s.error) for s in streams if not s.ok]
+    assert not failures, f"{len(failures)} of {len(streams)} streams failed: {failures}"
+    for s in streams:
+        assert (s.finish_reason, s.completion_tokens) == ("length", max_tokens)
+        assert s.text == reference[s.prompt], f"stream of {s.prompt!r} differs from its reference"
+
+
 class StreamLoad:
     """One thread per prompt, each streaming completions of its prompt back to back.
 

@@ -28,7 +28,14 @@ from tests.conftest import (
     start_coordinator,
     wait_for,
 )
-from tests.stream_load import Stream, StreamLoad, serving, stream_completion
+from tests.stream_load import (
+    Stream,
+    StreamLoad,
+    assert_all_completed,
+    reference_texts,
+    serving,
+    stream_completion,
+)
 
 READY_TIMEOUT_S = 120.0  # cold engine starts on 2 cores
 PROMPTS = ["failover one", "failover two", "failover three", "failover four"]
@@ -124,12 +131,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterato
 @pytest.fixture(scope="module")
 def reference(fleet: FailoverFleet) -> dict[str, str]:
     """Each prompt's text from an uninterrupted stream, with no fault anywhere."""
-    texts = {}
-    with httpx.Client(timeout=60) as http:
-        for prompt in PROMPTS:
-            s = stream_completion(http, fleet.base, fleet.key, prompt, MAX_TOKENS)
-            assert s.ok and s.completion_tokens == MAX_TOKENS, s.error
-            texts[prompt] = s.text
+    texts = reference_texts(fleet.base, fleet.key, PROMPTS, MAX_TOKENS)
     assert len(set(texts.values())) == len(PROMPTS)  # distinct texts: a mix-up would show
     return texts
 
@@ -183,11 +185,7 @@ def check_streams(streams: list[Stream], reference: dict[str, str], t_kill: floa
         f"{len(streams)} streams, {len(stalls)} streaming at the kill; "
         f"stalls {', '.join(f'{g * 1000:.0f} ms' for g in sorted(stalls))}"
     )
-    failures = [(s.prompt, s.error) for s in streams if not s.ok]
-    assert not failures, f"{len(failures)} of {len(streams)} streams failed: {failures}"
-    for s in streams:
-        assert (s.finish_reason, s.completion_tokens) == ("length", MAX_TOKENS)
-        assert s.text == reference[s.prompt], f"stream of {s.prompt!r} differs from its reference"
+    assert_all_completed(streams, reference, MAX_TOKENS)
     assert any(s.spans(t_kill) for s in streams)
 
 

@@ -12,13 +12,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import run_ok, wait_for
 from tests.multihost.fleet import MODEL, Fleet, cli
 from tests.netns import Network, unavailable_reason
-from tests.stream_load import StreamLoad, serving, stream_completion
+from tests.stream_load import (
+    StreamLoad,
+    assert_all_completed,
+    reference_texts,
+    serving,
+)
 
 READY_TIMEOUT_S = 180.0  # two cold engine starts on 2 cores
 PROMPTS = ["partition one", "partition two", "partition three", "partition four"]
@@ -65,13 +69,7 @@ def two_ready(fleet: Fleet) -> bool:
 
 @pytest.fixture(scope="module")
 def reference(fleet: Fleet) -> dict[str, str]:
-    texts = {}
-    with httpx.Client(timeout=60) as http:
-        for prompt in PROMPTS:
-            s = stream_completion(http, fleet.base, fleet.key, prompt, MAX_TOKENS)
-            assert s.ok and s.completion_tokens == MAX_TOKENS, s.error
-            texts[prompt] = s.text
-    return texts
+    return reference_texts(fleet.base, fleet.key, PROMPTS, MAX_TOKENS)
 
 
 def test_link_down_under_load_loses_no_request(fleet: Fleet, reference: dict[str, str]) -> None:
@@ -103,11 +101,7 @@ def test_link_down_under_load_loses_no_request(fleet: Fleet, reference: dict[str
         f"partition: {len(streams)} streams, {len(stalls)} streaming at the cut, stalls "
         f"{', '.join(f'{g:.2f} s' for g in stalls)}; {continued} continued"
     )
-    failures = [(s.prompt, s.error) for s in streams if not s.ok]
-    assert not failures, f"{len(failures)} of {len(streams)} streams failed: {failures}"
-    for s in streams:
-        assert (s.finish_reason, s.completion_tokens) == ("length", MAX_TOKENS)
-        assert s.text == reference[s.prompt], f"stream of {s.prompt!r} differs from its reference"
+    assert_all_completed(streams, reference, MAX_TOKENS)
     assert continued >= 1, "no stream ran on the cut node"
     # Continued once the node was suspect and unrouted, not before and not much later.
     assert stalls and max(stalls) >= SUSPECT_AFTER_S - 1.5
