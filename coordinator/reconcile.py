@@ -403,15 +403,14 @@ class Reconciler:
         """Cordoned or drained node, the batch tier moved off it, or moved by a rebalance or a
         memory trigger: the engine goes once enough replicas elsewhere are ready."""
         node = self._registry.nodes.get(engine.node_id)
-        actions = self.triggers.actions(engine.node_id)
         return (
             (node is not None and node.cordoned)
-            or "drain" in actions
-            or (spec.tier == "batch" and "move_batch" in actions)
+            or self._tripped(engine, spec)
             or engine.engine_id in self._moving
         )
 
     def _tripped(self, engine: Engine, spec: ModelSpec) -> bool:
+        """A trigger on its node moves it: drain, or move_batch for a batch engine."""
         actions = self.triggers.actions(engine.node_id)
         return "drain" in actions or (spec.tier == "batch" and "move_batch" in actions)
 
