@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import aiohttp
 from aiohttp import web
@@ -22,6 +22,7 @@ from coordinator.cloud import serve_cloud
 from coordinator.config import RETRY_AFTER_S, Config
 from coordinator.discovery import Discovery
 from coordinator.errors import ApiError
+from coordinator.fleet_metrics import sd_targets
 from coordinator.limits import (
     BYTES_PER_TOKEN,
     Limiter,
@@ -45,6 +46,8 @@ from node_agent.engine.protocol import (
 
 logger = logging.getLogger(__name__)
 
+CLIENT_GONE = 499  # the status nginx made common for "the client closed the connection"
+STREAM_FAILED = 502  # a stream no engine could finish (it ends with an error event)
 ATTEMPTS = 3  # engines tried for one request before answering 503 (only before any byte is sent)
 ENGINE_CONNECT_TIMEOUT_S = 5.0
 WAKE_POLL_S = 0.05
@@ -121,6 +124,7 @@ class Gateway:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/prometheus/targets", self.prometheus_targets)
         app.router.add_get("/admin/v1/nodes", self.admin_nodes)
         app.router.add_delete("/admin/v1/nodes/{node_id}", self.admin_remove_node)
         app.router.add_post("/admin/v1/nodes/{node_id}/drain", self.admin_drain)
@@ -150,6 +154,11 @@ class Gateway:
         return web.Response(
             body=self._reconciler.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
+
+    async def prometheus_targets(self, _request: web.Request) -> web.Response:
+        """Prometheus HTTP service discovery: every connected agent's metrics address, with
+        its node id and role as target labels. Unauthenticated, like /metrics."""
+        return web.json_response(sd_targets(self._registry))
 
     async def models(self, request: web.Request) -> web.Response:
         """Models this key may use, with their state per tier. A unit is listed when it has a
@@ -276,6 +285,46 @@ class Gateway:
             self.limiter.settle(reservation, prompt_tokens + completion_tokens)
 
     async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
+        """Serve one completion request and record it in the metrics, however it ends."""
+        outcome = _Outcome(time.monotonic())
+        try:
+            response = await self._serve(request, kind, outcome)
+        except ApiError as err:
+            outcome.status = err.status
+            raise
+        except web.HTTPException as exc:
+            outcome.status = exc.status
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            outcome.status = CLIENT_GONE
+            raise
+        except Exception:
+            outcome.status = 500
+            raise
+        finally:
+            self._record(outcome)
+        outcome.status = outcome.status or response.status
+        return response
+
+    def _record(self, outcome: _Outcome) -> None:
+        metrics = self._reconciler.metrics
+        model, tier = outcome.model, outcome.tier
+        duration = time.monotonic() - outcome.started if outcome.served else None
+        metrics.request_done(model, tier, outcome.status, duration, outcome.usage)
+        relay = outcome.relay
+        if relay is not None and relay.first_content_at is not None:
+            tokens = outcome.usage[1] if outcome.usage else 0
+            metrics.stream_timing(
+                model,
+                tier,
+                relay.first_content_at - outcome.started,
+                relay.last_content_at - relay.first_content_at,
+                tokens,
+            )
+
+    async def _serve(
+        self, request: web.Request, kind: str, outcome: _Outcome
+    ) -> web.StreamResponse:
         record, key = self._authenticate(request)
         try:
             tier = key.choose(request.headers.get(TIER_HEADER))
@@ -300,6 +349,8 @@ class Gateway:
             raise ApiError(400, "'model' must be a non-empty string", param="model")
         check_model(record.models, model)
         spec = self._config.unit(model, tier)
+        if spec is not None:
+            outcome.model, outcome.tier = spec.name, spec.tier  # configured: bounded labels
         if spec is None:
             served = sorted(s.tier for s in self._reconciler.units() if s.name == model)
             where = f" in the {tier} tier (it is served in: {', '.join(served)})" if served else ""
@@ -334,10 +385,13 @@ class Gateway:
         if reservation is not None:
             request[RESERVATION_KEY] = reservation
         self._reconciler.begin_request(spec.key)
+        in_flight = self._reconciler.metrics.in_flight.labels(*spec.key)
+        in_flight.inc()
         try:
             await self._wake(spec.key)
-            return await self._forward(request, spec.key, raw, parsed.stream)
+            return await self._forward(request, spec.key, raw, parsed.stream, outcome)
         finally:
+            in_flight.dec()
             self._reconciler.end_request(spec.key)
 
     async def _wake(self, key: UnitKey) -> None:
@@ -354,13 +408,13 @@ class Gateway:
         logger.info("cold start of %s/%s: %.2f s", *key, waited)
 
     async def _forward(
-        self, request: web.Request, key: UnitKey, raw: bytes, stream: bool
+        self, request: web.Request, key: UnitKey, raw: bytes, stream: bool, outcome: _Outcome
     ) -> web.StreamResponse:
         """Try engines until one answers. Before the client has a byte, a failing engine is
         simply replaced; after, a stream that breaks is continued on the next engine."""
         relay: StreamRelay | None = None
         body = raw
-        started = time.monotonic()
+        failovers = self._reconciler.metrics.failovers
         for _ in range(ATTEMPTS):
             target = await self._routing.pick(*key, self._in_flight_count)
             if target is None:
@@ -368,7 +422,9 @@ class Gateway:
             if target.cloud:
                 if relay is not None:  # a provider cannot continue our engine's tokens
                     break
+                failovers.labels(*key, "cloud").inc()
                 response, usage = await serve_cloud(request, self._routing, target, raw, key[1])
+                outcome.served, outcome.usage = True, usage
                 self._settle(request, usage)
                 return response
             with self._in_flight(target.engine_id) as flight:
@@ -379,6 +435,7 @@ class Gateway:
                         "engine %s unreachable (%s): unrouting it", target.engine_id, exc
                     )
                     self._routing.remove_engine(target.engine_id)
+                    failovers.labels(*key, "retry").inc()
                     continue
                 flight.upstream = upstream
                 async with upstream:
@@ -387,7 +444,8 @@ class Gateway:
                         try:
                             if upstream.status != 200 or not stream:
                                 data = await upstream.read()
-                                self._settle(request, _body_usage(data))
+                                outcome.served, outcome.usage = True, _body_usage(data)
+                                self._settle(request, outcome.usage)
                                 return web.Response(
                                     body=data,
                                     status=upstream.status,
@@ -407,8 +465,12 @@ class Gateway:
                                 "engine %s failed before answering: %s", target.engine_id, exc
                             )
                             self._routing.remove_engine(target.engine_id)
+                            failovers.labels(*key, "retry").inc()
                             continue
-                        relay = await self._open_stream(request, key[1], target, started)
+                        relay = outcome.relay = await self._open_stream(
+                            request, key[1], target, outcome.started
+                        )
+                        outcome.served = True
                     elif upstream.status != 200:
                         logger.warning(
                             "engine %s refused a continuation (%d)",
@@ -419,11 +481,12 @@ class Gateway:
                     try:
                         if await relay.pump(upstream, first):
                             await relay.finish()
-                            self._settle_stream(request, relay)
+                            self._settle_stream(request, relay, outcome)
                             return relay.response
                     except ConnectionResetError:
                         # The client left: closing upstream (on return) frees the engine's slot.
-                        self._settle_stream(request, relay)
+                        outcome.status = CLIENT_GONE
+                        self._settle_stream(request, relay, outcome)
                         return relay.response
             # The engine broke the stream midway (died, left the router, sent an error).
             logger.warning("engine %s broke a stream: continuing elsewhere", target.engine_id)
@@ -434,14 +497,16 @@ class Gateway:
                 with contextlib.suppress(ConnectionResetError):
                     await relay.response.write(SSE_DONE)
                     await relay.finish()
-                self._settle_stream(request, relay)
+                self._settle_stream(request, relay, outcome)
                 return relay.response
+            failovers.labels(*key, "continued").inc()
             body = continued
         if relay is None:
             self._settle(request, (0, 0))
             raise unavailable(*key)
         await relay.fail()
-        self._settle_stream(request, relay)
+        outcome.status = STREAM_FAILED
+        self._settle_stream(request, relay, outcome)
         return relay.response
 
     async def _open_stream(
@@ -467,10 +532,18 @@ class Gateway:
         if reservation is not None and usage is not None:
             self.settle_usage(reservation, *usage)
 
-    def _settle_stream(self, request: web.Request, relay: StreamRelay) -> None:
-        if request.get(RESERVATION_KEY) is not None:  # parse the events only for limited keys
+    def _settle_stream(self, request: web.Request, relay: StreamRelay, outcome: _Outcome) -> None:
+        """A stream's usage: the engine's, else (a stream that did not finish) the tokens the
+        client got; the key's tpm is charged the prompt estimate, the metrics no prompt."""
+        usage = relay.usage()
+        if usage is None:
+            completion = relay.completion_tokens()
             prompt_estimate = (request.content_length or 0) // BYTES_PER_TOKEN
-            self._settle(request, relay.usage() or (prompt_estimate, relay.completion_tokens()))
+            outcome.usage = (0, completion)
+            self._settle(request, (prompt_estimate, completion))
+        else:
+            outcome.usage = usage
+            self._settle(request, usage)
 
     async def _post(self, target: Target, path: str, raw: bytes) -> aiohttp.ClientResponse:
         assert self._session is not None
@@ -508,6 +581,19 @@ class Gateway:
         sent nothing to the client and ends the others with an error event."""
         for flight in list(self._flights.get(engine_id, ())):
             flight.abort()
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What the metrics record of one request, filled in as it goes."""
+
+    started: float  # time.monotonic() at arrival
+    model: str = ""  # set once the request names a configured unit
+    tier: str = ""
+    status: int = 0  # 0: the response's own status
+    served: bool = False  # an engine (or the cloud) answered
+    usage: tuple[int, int] | None = None  # (prompt, completion) tokens
+    relay: StreamRelay | None = None
 
 
 class _Flight:

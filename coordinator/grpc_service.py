@@ -190,6 +190,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         engines = [engine_from_pb(node_id, e) for e in hello.engines]
         node = self._registry.connect(node_id, facts_from_pb(hello.facts), engines)
         node.cordoned = self._store.node_cordoned(node_id)
+        node.metrics_target = metrics_target(context.peer(), hello.metrics_port)
         self._store.touch_node(node_id)
         logger.info("node %s connected with %d running engine(s)", node_id, len(engines))
         reader = asyncio.create_task(self._read(node_id, messages))
@@ -261,6 +262,9 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         if event.detail:
             detail += f": {event.detail}"
         self._store.add_event(node_id, f"engine_{kind}", detail)
+        self._reconciler.metrics.engine_exited(
+            node_id, engine.model, engine.tier, "load_failed" if kind == "load_failed" else reason
+        )
         logger.warning("node %s: %s", node_id, detail)
         self._registry.drop_engine(engine.engine_id)
         self._store.delete_placement(engine.engine_id)
@@ -270,6 +274,16 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             self._reconciler.engine_failed(
                 unit_of(engine), detail if kind == "load_failed" else None
             )
+
+
+def metrics_target(peer: str, port: int) -> str:
+    """Where Prometheus scrapes an agent: the address its stream came from, at the metrics
+    port it reported ("" for none). gRPC peers read "ipv4:10.0.0.7:53122" or "ipv6:[::1]:53122"."""
+    kind, _, address = peer.partition(":")
+    if not port or kind not in ("ipv4", "ipv6"):
+        return ""
+    host = address.rpartition(":")[0]
+    return f"{host}:{port}"
 
 
 def _slug(hostname: str) -> str:

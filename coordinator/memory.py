@@ -268,5 +268,8 @@ def cached_hub_config(repo: str) -> dict[str, Any] | None:
     """config.json of a hub model already in the local Hugging Face cache (never downloads)."""
     from huggingface_hub import try_to_load_from_cache
 
-    path = try_to_load_from_cache(repo, "config.json")
+    try:
+        path = try_to_load_from_cache(repo, "config.json")
+    except ValueError:  # huggingface_hub's HFValidationError: "/no/such/folder" is no repo id
+        raise SizingError(f"{repo!r} is neither a model folder nor a Hugging Face id") from None
     return read_config(Path(path).parent) if isinstance(path, str) else None

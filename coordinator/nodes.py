@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from typing import Literal
 
 from coordinator.discovery import Discovery
-from coordinator.reconcile import Reconciler, unit_of
-from coordinator.registry import Registry
+from coordinator.reconcile import Reconciler, UnitKey, unit_of
+from coordinator.registry import Engine, Registry
 from coordinator.routing import Routing
 from coordinator.store import Store
 
@@ -63,6 +65,25 @@ def node_rows(
     return [rows[k] for k in sorted(rows)]
 
 
+UnitState = Literal["ready", "asleep", "loading", "pending"]
+
+
+def unit_state(
+    key: UnitKey,
+    reconciler: Reconciler,
+    routable: set[tuple[str, str]],
+    engines: Iterable[Engine],
+) -> UnitState:
+    """Ready (routable), asleep (idle-unloaded; a request wakes it), loading, or pending."""
+    if key in routable:
+        return "ready"
+    if reconciler.is_asleep(key):
+        return "asleep"
+    if any(e.state == "starting" for e in engines):
+        return "loading"
+    return "pending"
+
+
 def model_rows(
     reconciler: Reconciler, registry: Registry, routing: Routing
 ) -> list[dict[str, object]]:
@@ -76,19 +97,11 @@ def model_rows(
         )
         size = reconciler.size(spec)
         usage = reconciler.usage.get(spec.key)
-        if spec.key in routable:
-            state = "ready"
-        elif reconciler.is_asleep(spec.key):
-            state = "asleep"
-        elif any(e.state == "starting" for e in engines):
-            state = "loading"
-        else:
-            state = "pending"
         rows.append(
             {
                 "model": spec.name,
                 "tier": spec.tier,
-                "state": state,
+                "state": unit_state(spec.key, reconciler, routable, engines),
                 "replicas": spec.replicas,
                 "pinned": spec.pinned,
                 "engines": [f"{e.node_id}: {e.state}" for e in engines],

@@ -84,6 +84,8 @@ class Reconciler:
         self._registry = registry
         self._store = store
         self.metrics = Metrics()
+        for spec in config.models:
+            self.metrics.unit_seen(spec.name, spec.tier)
         self._started = time.monotonic()
         self._restoring: dict[UnitKey, set[str]] = {}
         for _engine_id, model, node_id, tier in store.placements():

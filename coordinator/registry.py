@@ -105,6 +105,7 @@ class Node:
     liveness: Liveness = "live"
     connected_at: float = field(default_factory=time.time)
     cordoned: bool = False  # drained: its replicas move off and nothing new lands
+    metrics_target: str = ""  # "host:port" of its agent's /metrics; "" when it serves none
     # None tells the stream writer that this connection was replaced or dropped.
     outbox: asyncio.Queue[Command | None] = field(default_factory=asyncio.Queue)
 

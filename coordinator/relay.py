@@ -53,6 +53,8 @@ class StreamRelay:
         self._partial = b""
         self._on_first_content = on_first_content
         self._started = started
+        self.first_content_at: float | None = None  # time.monotonic() of the first text sent
+        self.last_content_at = 0.0
 
     async def pump(self, upstream: aiohttp.ClientResponse, first: bytes = b"") -> bool:
         """Relay one engine's events until [DONE] (True) or until the engine fails: its
@@ -95,9 +97,12 @@ class StreamRelay:
             # so pump cannot mistake the client leaving for the engine failing.
             raise ConnectionResetError("the client went away") from exc
         self._events.append(events)
-        if self._on_first_content is not None and is_content(events):
-            self._on_first_content(time.monotonic() - self._started)
-            self._on_first_content = None
+        if is_content(events):
+            self.last_content_at = now = time.monotonic()
+            if self.first_content_at is None:
+                self.first_content_at = now
+                if self._on_first_content is not None:
+                    self._on_first_content(now - self._started)
         if events.endswith(SSE_DONE):
             self.done = True
 
@@ -125,10 +130,18 @@ class StreamRelay:
         return json.dumps(body).encode()
 
     def usage(self) -> tuple[int, int] | None:
-        """(prompt, completion) tokens from the final usage event, when the client asked."""
-        for payload in reversed(self.sent()):
-            if usage := payload.get("usage"):
-                return usage["prompt_tokens"], usage["completion_tokens"]
+        """(prompt, completion) tokens of the whole answer, from the usage the engine puts on
+        its finishing event (`mlxfleet.usage`, or the standard usage chunk the client asked
+        for); None when the stream did not finish. Parses only the events that carry it."""
+        for sent in reversed(self._events):
+            if b'"usage":' not in sent:
+                continue
+            for event in reversed(sent.split(EVENT_END)):
+                if b'"usage":' in event and event.startswith(b"data: {"):
+                    payload = json.loads(event[len(b"data: ") :])
+                    usage = payload.get("usage") or (payload.get("mlxfleet") or {}).get("usage")
+                    if usage:
+                        return usage["prompt_tokens"], usage["completion_tokens"]
         return None
 
     def completion_tokens(self) -> int:

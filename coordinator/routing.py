@@ -188,6 +188,20 @@ class Routing:
             status = getattr(exc, "status_code", None)
             raise CloudFailed(status if isinstance(status, int) else 502, str(exc)) from None
 
+    def deployments(self) -> list[tuple[Target, bool]]:
+        """Every deployment in the Router, and whether LiteLLM has it cooling down now.
+
+        Only the cloud fallback is called through the Router, so only it can cool down: an
+        engine that fails leaves the Router at once instead."""
+        targets = list(self._targets.values())
+        cooling = {
+            model_id
+            for model_id, _ in self._router.cooldown_cache.get_active_cooldowns(
+                [t.engine_id for t in targets], None
+            )
+        }
+        return [(t, t.engine_id in cooling) for t in targets]
+
     def models(self) -> list[str]:
         """Model names that have at least one routable engine (any tier)."""
         return sorted({t.model for t in self._targets.values() if not t.cloud})

@@ -18,6 +18,7 @@ from aiohttp import web
 from coordinator import __version__
 from coordinator.config import Config
 from coordinator.discovery import CoordinatorAdvertiser, Discovery
+from coordinator.fleet_metrics import FleetCollector
 from coordinator.gateway import Gateway
 from coordinator.grpc_service import MAX_MESSAGE_BYTES, FleetService
 from coordinator.pki import FleetPki
@@ -154,6 +155,7 @@ class Server:
         )
         registry = self.registry = Registry(routing)
         reconciler = self.reconciler = Reconciler(config, registry, store)
+        reconciler.metrics.watch(FleetCollector(reconciler, registry, routing, store))
         if config.cloud is not None:
             for spec in config.models:
                 routing.add_cloud(spec.name, spec.tier, config.cloud)

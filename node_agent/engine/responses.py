@@ -88,8 +88,10 @@ def chunk(
     token_ids: list[int] | None = None,
     *,
     first: bool = False,
+    usage: Usage | None = None,
 ) -> dict[str, Any]:
-    """One streamed chunk; the first chat chunk also carries the assistant role."""
+    """One streamed chunk; the first chat chunk also carries the assistant role, and the
+    finishing one the whole answer's usage as `mlxfleet.usage` (the gateway's token counts)."""
     if header.kind == "chat":
         delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {}
         if text and not first:
@@ -102,6 +104,8 @@ def chunk(
     body = header.fields(chunk=True) | {"choices": [choice]}
     if token_ids is not None:
         body["mlxfleet"] = {"token_ids": token_ids}
+    if usage is not None:
+        body.setdefault("mlxfleet", {})["usage"] = usage.as_dict()
     return body
 
 

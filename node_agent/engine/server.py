@@ -422,11 +422,12 @@ class EngineServer:
                 if event.finish_reason is not None:
                     # Ids not yet sent (their text was held back, then cut) ride on the last chunk.
                     ids = event.token_ids if event.token_ids and not event.text else None
-                    await response.write(sse(chunk(header, "", event.finish_reason, ids)))
+                    final = Usage(
+                        usage.prompt_tokens, usage.completion_tokens + event.completion_tokens
+                    )
+                    end = chunk(header, "", event.finish_reason, ids, usage=final)
+                    await response.write(sse(end))
                     if include_usage:
-                        final = Usage(
-                            usage.prompt_tokens, usage.completion_tokens + event.completion_tokens
-                        )
                         await response.write(sse(usage_chunk(header, final)))
                     break
             await response.write(SSE_DONE)

@@ -178,3 +178,19 @@ async def test_fail_ends_the_stream_with_an_error_event_and_done() -> None:
     assert json.loads(error.removeprefix(b"data: "))["error"]["code"] == "engine_failed"
     assert done + b"\n\n" == SSE_DONE and client.eof
     await relay(Client(gone=True)).fail()  # a client that left is told nothing, no exception
+
+
+async def test_usage_comes_from_the_finishing_event_and_content_times_are_kept() -> None:
+    """Engines put the whole answer's usage on their finishing event (`mlxfleet.usage`), so
+    the gateway counts tokens without the client asking for a usage chunk."""
+    finish = json.loads(text("", [], "length")[len(b"data: ") :])
+    finish["mlxfleet"]["usage"] = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    client = Client()
+    r = relay(client)
+    assert r.first_content_at is None and r.usage() is None
+    assert await pump(r, Engine(text("a", [1]), text("b", [2]), text("c", [3]))) is False
+    first, last = r.first_content_at, r.last_content_at
+    assert first is not None and last >= first > 0.0
+    assert await pump(r, Engine(event(finish) + SSE_DONE)) is True
+    assert r.usage() == (5, 3)
+    assert r.last_content_at == last  # an event without text is not a token

@@ -105,6 +105,8 @@ def test_completions_stream_and_non_stream(engine: Engine) -> None:
     assert "".join(ch.choices[0].text for ch in chunks) == full.choices[0].text
     assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
     assert sum(len(token_ids(ch)) for ch in chunks) == full.usage.completion_tokens
+    # the finishing chunk carries the whole usage for the gateway's counts, asked or not
+    assert chunks[-1].model_extra["mlxfleet"]["usage"] == full.usage.model_dump(exclude_none=True)
 
 
 def test_temperature_zero_is_deterministic(engine: Engine) -> None:
