@@ -139,6 +139,8 @@ async def _worker(args: argparse.Namespace) -> None:
     reading = NodeReading(
         available_bytes=24 * 2**30,
         swap_used_bytes=0,
+        wired_bytes=2 * 2**30,
+        compressed_bytes=0,
         memory_pressure="normal",
         thermal_state="nominal",
         power_source="ac",

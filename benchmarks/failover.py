@@ -151,6 +151,8 @@ class Fleet:
                 str(home),
                 "--role",
                 "server",
+                "--metrics-port",
+                "0",  # several agents share this machine
             ),
             self.workdir / f"agent-{self.starts}.log",
         )

@@ -141,6 +141,8 @@ def running_system(workdir: Path) -> Iterator[Endpoints]:
                     "--no-mdns",
                     "--home",
                     str(agent_home),
+                    "--metrics-port",
+                    "0",  # the default port may be taken by an agent already running here
                 ),
                 logs / "agent.log",
             )

@@ -17,7 +17,7 @@ from coordinator.cli_admin import cmd_models, cmd_nodes, cmd_tiers
 from coordinator.cli_keys import cmd_keys_create, cmd_keys_list
 from coordinator.config import Config, ModelSpec, default_home, load_config
 from coordinator.errors import Error
-from node_agent.agent import AgentError
+from node_agent.agent import DEFAULT_METRICS_PORT, AgentError
 
 logger = logging.getLogger("mlxfleet")
 
@@ -107,6 +107,7 @@ async def _up(args: argparse.Namespace) -> None:
             token=token,
             enroll_port=server.bound.enroll_port,
             advertise=args.lan,
+            metrics_host="127.0.0.1",  # default port; when busy the agent runs without metrics
         )
     )
     agent_task = asyncio.create_task(agent.serve(install_signals=False))
@@ -206,6 +207,8 @@ def _cmd_agent(args: argparse.Namespace) -> None:
     limit_mib = args.engine_memory_limit_mib
     if limit_mib is not None and not 1 <= limit_mib <= 2**24:
         raise CliError(f"--engine-memory-limit-mib {limit_mib}: must be 1-16777216")
+    if not 0 <= args.metrics_port <= 65535:
+        raise CliError(f"--metrics-port {args.metrics_port}: must be 0-65535")
     profile = NodeProfile(
         labels=labels,
         serve_interactive=args.serve_interactive,
@@ -220,6 +223,8 @@ def _cmd_agent(args: argparse.Namespace) -> None:
         role=args.role,
         profile=profile,
         engine_memory_limit_bytes=limit_mib * 2**20 if limit_mib is not None else None,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
     )
     run_loop(Agent(config).serve())
 
@@ -341,6 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="kill an engine (kernel OOM) above this memory; Linux cgroup v1, as root",
+    )
+    agent.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help=f"Prometheus /metrics port (default {DEFAULT_METRICS_PORT}; 0 = any free port)",
+    )
+    agent.add_argument(
+        "--metrics-host", default="0.0.0.0", help="/metrics listen address (default 0.0.0.0)"
     )
     agent.add_argument("--home", help="state folder (default $MLXFLEET_HOME or ~/.mlxfleet)")
     agent.set_defaults(func=_cmd_agent)

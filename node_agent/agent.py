@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import random
 import signal
 import socket
@@ -29,6 +30,7 @@ from node_agent.coordinator_client import (
 )
 from node_agent.discover import find_coordinator
 from node_agent.identity import JoinToken, NodeIdentity
+from node_agent.metrics import AgentMetrics
 from node_agent.probes import local_probe
 from node_agent.probes.base import NodeFacts, NodeReading, Probe, Role
 from node_agent.supervisor import EngineEvent, EngineNetwork, EngineTls, Supervisor
@@ -37,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_GRPC_PORT = 8401
 DEFAULT_ENROLL_PORT = 8403
-DEFAULT_METRICS_PORT = 8402
+DEFAULT_METRICS_PORT = 8402  # GET /metrics for Prometheus
 RECONNECT_BASE_S = 0.5  # first retry after a lost stream; doubles up to the max, with jitter
 RECONNECT_MAX_S = 5.0
 MDNS_SEARCH_S = 5.0  # one round of looking for a coordinator on the LAN
@@ -63,6 +65,8 @@ class AgentConfig:
     role: Role | None = None  # overrides the probe (laptop when a battery is present)
     profile: NodeProfile = field(default_factory=NodeProfile)  # labels, opt-in, OS reserve
     engine_memory_limit_bytes: int | None = None  # per engine, by a memory cgroup (Linux)
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = DEFAULT_METRICS_PORT  # 0: any free port
 
 
 def split_host_port(address: str, default_port: int) -> tuple[str, int]:
@@ -105,6 +109,8 @@ class Agent:
         )
         self._advertiser: Advertiser | None = None
         self._facts: NodeFacts | None = None
+        self._metrics: AgentMetrics | None = None
+        self.metrics_port = 0  # the port /metrics is served on; 0 until serve() binds it
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -144,6 +150,8 @@ class Agent:
         if self.config.role is not None:
             facts = replace(facts, role=self.config.role)
         self._facts = facts
+        self._metrics = AgentMetrics(facts, self.probe, self.supervisor, self._connected)
+        self.metrics_port = await self._serve_metrics(self._metrics)
         stopper = asyncio.create_task(self._stop.wait())
         try:
             await self._run(facts, stopper)
@@ -152,6 +160,23 @@ class Agent:
             await self.supervisor.stop_all()
             if self._advertiser is not None:
                 await self._advertiser.close()
+            await self._metrics.stop()
+
+    def _connected(self) -> bool:
+        return self.session is not None and self.session.connected.is_set()
+
+    async def _serve_metrics(self, metrics: AgentMetrics) -> int:
+        """Start GET /metrics and return its port; 0 (and one warning) when it cannot listen."""
+        host, port = self.config.metrics_host, self.config.metrics_port
+        try:
+            bound = await metrics.start(host, port)
+        except OSError as exc:
+            # "Address already in use": asyncio's own message repeats the address, in words.
+            reason = os.strerror(exc.errno) if exc.errno else exc
+            logger.warning("not serving metrics: cannot listen on %s:%d (%s)", host, port, reason)
+            return 0
+        logger.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
 
     async def _run(self, facts: NodeFacts, stopper: asyncio.Task[bool]) -> None:
         delay = RECONNECT_BASE_S
@@ -170,6 +195,7 @@ class Agent:
                     self.supervisor.rss,
                     self._on_reading,
                     self.config.profile,
+                    metrics_port=self.metrics_port,
                 )
                 run = asyncio.create_task(self.session.run(self._on_command))
                 await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -256,7 +282,9 @@ class Agent:
         )
 
     def _on_reading(self, reading: NodeReading) -> None:
-        """Each heartbeat's reading also refreshes the mDNS record (rate-limited there)."""
+        """Each heartbeat's reading feeds /metrics and the mDNS record (rate-limited there)."""
+        if self._metrics is not None:
+            self._metrics.note_reading(reading)
         if self._advertiser is None or self.identity is None or self._facts is None:
             return
         task = asyncio.create_task(
@@ -282,7 +310,7 @@ class Agent:
         return NodeRecord(
             node_id=identity.node_id,
             version=_version(),
-            metrics_port=DEFAULT_METRICS_PORT,
+            metrics_port=self.metrics_port,
             chip=facts.chip[:64],
             ram_gib=max(1, round(facts.ram_bytes / GIB)),
             role=facts.role,

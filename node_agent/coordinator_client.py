@@ -42,7 +42,8 @@ class CoordinatorUnreachable(Exception):
     """No answer from the coordinator's enrollment port (worth retrying)."""
 
 
-def _version(dist: str) -> str:
+def package_version(dist: str) -> str:
+    """An installed distribution's version; "" when it is not installed."""
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -72,9 +73,9 @@ def facts_to_pb(f: NodeFacts, profile: NodeProfile | None = None) -> pb.NodeFact
         gpu_cores=f.gpu_cores,
         memory_bandwidth_gbps=f.memory_bandwidth_gbps,
         gpu_wired_limit_bytes=f.gpu_wired_limit_bytes,
-        mlx_version=_version("mlx"),
-        mlx_lm_version=_version("mlx-lm"),
-        agent_version=_version("mlxfleet"),
+        mlx_version=package_version("mlx"),
+        mlx_lm_version=package_version("mlx-lm"),
+        agent_version=package_version("mlxfleet"),
         role=pb.Role.Value(f"ROLE_{f.role.upper()}"),
     )
 
@@ -201,8 +202,10 @@ class Session:
         engine_rss: Callable[[], dict[str, tuple[EngineState, int, int]]],
         on_reading: Callable[[NodeReading], None] | None = None,
         profile: NodeProfile | None = None,
+        metrics_port: int = 0,  # where this agent serves /metrics; 0: it does not
     ) -> None:
         self._profile = profile
+        self._metrics_port = metrics_port
         self._on_reading = on_reading
         self._target = target
         self._identity = identity
@@ -221,6 +224,7 @@ class Session:
         hello = pb.Hello(
             facts=facts_to_pb(self._facts, self._profile),
             engines=[engine_to_pb(e, with_secret=True) for e in self._engines()],
+            metrics_port=self._metrics_port,
         )
         yield pb.AgentMessage(hello=hello)
         while True:

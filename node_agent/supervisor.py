@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
 
@@ -28,6 +28,7 @@ ENGINE_LISTEN_TIMEOUT_S = 60.0  # process start to socket listening (imports mlx
 ENGINE_READY_TIMEOUT_S = 600.0  # listening to /health ready (a large download or load)
 HEALTH_POLL_S = 0.1
 STOP_TIMEOUT_S = 15.0  # SIGTERM lets in-flight requests finish; SIGKILL after this
+ENGINE_CALL_TIMEOUT_S = 10.0  # one agent call to an engine's API (knobs, stats)
 LOG_TAIL_LINES = 5
 
 EngineState = Literal["starting", "ready", "stopping", "exited"]
@@ -147,6 +148,10 @@ def resolve_source(source: str) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(source, allow_patterns=list(HUB_ALLOW_PATTERNS)))
+
+
+def _auth(info: EngineInfo) -> dict[str, str]:
+    return {"Authorization": f"Bearer {info.secret}"}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -361,23 +366,14 @@ class Supervisor:
             await self._kill(m)
             return "engine never started listening: " + self._log_tail(m.log_path)
         m.info = replace(m.info, url=self.network.url(port))
-        headers = {"Authorization": f"Bearer {m.info.secret}"}
-        tls = self.network.tls
-        # Poll over loopback, checking the certificate exactly as the gateway will.
-        health = f"{'https' if tls else 'http'}://127.0.0.1:{port}/health"
-        ssl_context = ssl.create_default_context(cadata=tls.fleet_ca_pem.decode()) if tls else True
+        health, tls_options = self._loopback(port, "/health")
         deadline = time.monotonic() + ENGINE_READY_TIMEOUT_S
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             while time.monotonic() < deadline:
                 if m.process.returncode is not None:
                     return "engine exited while loading: " + self._log_tail(m.log_path)
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with session.get(
-                        health,
-                        headers=headers,
-                        ssl=ssl_context,
-                        server_hostname=tls.node_id if tls else None,
-                    ) as r:
+                    async with session.get(health, headers=_auth(m.info), **tls_options) as r:
                         if r.status == 200:
                             return None
                 await asyncio.sleep(HEALTH_POLL_S)
@@ -395,33 +391,48 @@ class Supervisor:
         tls = self.network.tls
         return ["--tls-cert", str(tls.cert_path), "--tls-key", str(tls.key_path)] if tls else []
 
-    async def set_knobs(self, engine_id: str, knobs: dict[str, int]) -> None:
-        """Change a running engine's knobs (no reload): POST /v1/engine/knobs over loopback."""
+    def _loopback(self, port: int, path: str) -> tuple[str, dict[str, Any]]:
+        """The URL of an engine's `path` over loopback, and the aiohttp TLS arguments that
+        check its certificate exactly as the gateway does."""
+        tls = self.network.tls
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{port}{path}"
+        if tls is None:
+            return url, {}
+        context = ssl.create_default_context(cadata=tls.fleet_ca_pem.decode())
+        return url, {"ssl": context, "server_hostname": tls.node_id}
+
+    async def engine_request(
+        self,
+        engine_id: str,
+        method: str,
+        path: str,
+        body: Any = None,
+        timeout_s: float = ENGINE_CALL_TIMEOUT_S,
+    ) -> tuple[int, str] | None:
+        """(status, body text) of one call to an engine's HTTP API, with its secret; None when
+        no such engine listens yet. Raises aiohttp.ClientError or TimeoutError."""
         m = self._engines.get(engine_id)
         if m is None or not m.info.url:
-            return
-        tls = self.network.tls
-        port = m.info.url.rsplit(":", 1)[1]
-        url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/v1/engine/knobs"
-        ssl_context = ssl.create_default_context(cadata=tls.fleet_ca_pem.decode()) if tls else True
+            return None
+        url, tls_options = self._loopback(int(m.info.url.rsplit(":", 1)[1]), path)
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+            session.request(method, url, json=body, headers=_auth(m.info), **tls_options) as r,
+        ):
+            return r.status, await r.text()
+
+    async def set_knobs(self, engine_id: str, knobs: dict[str, int]) -> None:
+        """Change a running engine's knobs (no reload): POST /v1/engine/knobs over loopback."""
         try:
-            async with (
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
-                session.post(
-                    url,
-                    json=knobs,
-                    headers={"Authorization": f"Bearer {m.info.secret}"},
-                    ssl=ssl_context,
-                    server_hostname=tls.node_id if tls else None,
-                ) as reply,
-            ):
-                if reply.status != 200:
-                    logger.warning(
-                        "engine %s refused knobs %s: %s", engine_id, knobs, await reply.text()
-                    )
-                    return
+            reply = await self.engine_request(engine_id, "POST", "/v1/engine/knobs", knobs)
         except (aiohttp.ClientError, TimeoutError) as exc:
             logger.warning("could not set knobs on engine %s: %s", engine_id, exc)
+            return
+        if reply is None:
+            return
+        status, text = reply
+        if status != 200:
+            logger.warning("engine %s refused knobs %s: %s", engine_id, knobs, text)
             return
         logger.info("engine %s knobs now %s", engine_id, knobs)
 

@@ -147,6 +147,8 @@ def start_agent(
             "--no-mdns",
             "--home",
             str(agent_home),
+            "--metrics-port",
+            "0",  # several agents share this machine
             *extra,
         ),
         log,

@@ -33,6 +33,8 @@ class NodeReading:
 
     available_bytes: int
     swap_used_bytes: int
+    wired_bytes: int  # memory the kernel cannot page out (macOS wired; Linux Unevictable)
+    compressed_bytes: int  # memory holding compressed pages (macOS compressor; Linux zswap)
     memory_pressure: MemoryPressure
     thermal_state: ThermalState
     power_source: PowerSource

@@ -136,6 +136,8 @@ class LinuxProbe:
         return NodeReading(
             available_bytes=meminfo.get("MemAvailable", 0) * KIB_BYTES,
             swap_used_bytes=max(swap_used, 0) * KIB_BYTES,
+            wired_bytes=meminfo.get("Unevictable", 0) * KIB_BYTES,
+            compressed_bytes=meminfo.get("Zswap", 0) * KIB_BYTES,  # no line without zswap
             memory_pressure=parse_psi(psi) if psi is not None else "unknown",
             thermal_state=self._thermal_state(),
             power_source=self._power_source(),

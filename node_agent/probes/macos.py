@@ -196,6 +196,27 @@ def parse_memory_pressure(text: str) -> tuple[int, int] | None:
     return int(pct.group(1)), int(total.group(1)) if total else 0
 
 
+# The page counts `memory_pressure` prints (the same counters as vm_stat, which calls the
+# compressor's "Pages occupied by compressor").
+PAGE_SIZE_RE = re.compile(r"page size of (\d+)")
+WIRED_PAGES_RE = re.compile(r"^Pages wired down:\s*(\d+)", re.MULTILINE)
+COMPRESSOR_PAGES_RE = re.compile(r"^Pages (?:used|occupied) by compressor:\s*(\d+)", re.MULTILINE)
+
+
+def parse_wired_compressed(text: str) -> tuple[int, int]:
+    """(wired bytes, compressor bytes) from `memory_pressure` (or vm_stat); 0 when absent."""
+    page = PAGE_SIZE_RE.search(text)
+    if page is None:
+        return 0, 0
+    page_bytes = int(page.group(1))
+    wired = WIRED_PAGES_RE.search(text)
+    compressed = COMPRESSOR_PAGES_RE.search(text)
+    return (
+        int(wired.group(1)) * page_bytes if wired else 0,
+        int(compressed.group(1)) * page_bytes if compressed else 0,
+    )
+
+
 def available_bytes(free_pct: int, ram_bytes: int) -> int:
     """Memory a new model could take without pushing the machine into pressure."""
     # The free percentage is the kernel's own count of memory it can hand out without
@@ -299,7 +320,9 @@ class MacProbe:
     def reading(self) -> NodeReading:
         """This Mac's state now."""
         ram = self._ram()
-        parsed = parse_memory_pressure(self._run(["memory_pressure"]))
+        pressure_text = self._run(["memory_pressure"])
+        parsed = parse_memory_pressure(pressure_text)
+        wired, compressed = parse_wired_compressed(pressure_text)
         available = 0
         if parsed is not None:
             free_pct, total = parsed
@@ -309,6 +332,8 @@ class MacProbe:
         return NodeReading(
             available_bytes=available,
             swap_used_bytes=swap or 0,
+            wired_bytes=wired,
+            compressed_bytes=compressed,
             memory_pressure=parse_pressure_level(
                 self._run(["sysctl", "-n", "kern.memorystatus_vm_pressure_level"])
             ),

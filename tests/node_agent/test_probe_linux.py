@@ -23,6 +23,7 @@ MemAvailable:   12000000 kB
 SwapCached:            0 kB
 SwapTotal:       2097148 kB
 SwapFree:        1048572 kB
+Unevictable:        8192 kB
 """
 PSI_CALM = """some avg10=0.00 avg60=0.00 avg300=0.00 total=0
 full avg10=0.00 avg60=0.00 avg300=0.00 total=0
@@ -96,6 +97,8 @@ def test_reading_from_a_laptop_tree(laptop):
     reading = probe_for(laptop).reading()
     assert reading.available_bytes == 12000000 * KIB
     assert reading.swap_used_bytes == (2097148 - 1048572) * KIB
+    assert reading.wired_bytes == 8192 * KIB
+    assert reading.compressed_bytes == 0  # no Zswap line: zswap is not built in
     assert reading.memory_pressure == "normal"
     # zone1 is past its passive trip (70 °C) but not its hot one; the active trip is ignored.
     assert reading.thermal_state == "fair"
@@ -120,6 +123,12 @@ def test_no_thermal_zones_or_supplies_or_psi_is_unknown(tmp_path):
     assert reading.power_source == "unknown"
     assert reading.memory_pressure == "unknown"
     assert probe_for(tmp_path).facts().role == "server"
+
+
+def test_zswap_pool_is_the_compressed_memory(tmp_path):
+    zswap = "Zswap:             40960 kB\nZswapped:         163840 kB\n"  # pool, pages' size
+    write(tmp_path, {"proc/meminfo": MEMINFO + zswap})
+    assert probe_for(tmp_path).reading().compressed_bytes == 40960 * KIB
 
 
 def test_mains_online_is_ac(tmp_path):

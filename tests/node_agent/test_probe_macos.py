@@ -93,6 +93,18 @@ def test_parse_memory_pressure_full_and_summary():
     assert macos.available_bytes(86, 32 * GIB) == 29549374996
 
 
+def test_parse_wired_and_compressed_pages():
+    # mini2: "Pages wired down: 127722", "Pages used by compressor: 153447", 16 KiB pages.
+    full = fixture("memory_pressure-mini2.txt")
+    assert macos.parse_wired_compressed(full) == (2092597248, 2514075648)
+    assert macos.parse_wired_compressed(full) == (127722 * 16384, 153447 * 16384)
+    # vm_stat names the compressor's pages differently; the counter is the same.
+    vm_stat = full.replace("Pages used by compressor", "Pages occupied by compressor")
+    assert macos.parse_wired_compressed(vm_stat)[1] == 153447 * 16384
+    # `memory_pressure -Q` prints no page counts.
+    assert macos.parse_wired_compressed(fixture("memory_pressure-q-lab4.txt")) == (0, 0)
+
+
 def test_parse_therm():
     assert macos.parse_therm(fixture("pmset-therm-no-warning.txt")) == "nominal"
     # CPU_Speed_Limit = 35: below the 50 % critical line.
@@ -196,6 +208,8 @@ def test_mac_probe_laptop_end_to_end(monkeypatch):
     assert probe.reading() == NodeReading(
         available_bytes=20615843020,
         swap_used_bytes=2825062973,
+        wired_bytes=0,  # the -Q summary has no page counts
+        compressed_bytes=0,
         memory_pressure="normal",
         thermal_state="nominal",
         power_source="battery",
@@ -228,6 +242,8 @@ def test_mac_probe_desktop_with_failed_commands(monkeypatch, caplog):
     assert reading == NodeReading(
         available_bytes=29549374996,
         swap_used_bytes=round(1462.50 * MIB),
+        wired_bytes=127722 * 16384,
+        compressed_bytes=153447 * 16384,
         memory_pressure="unknown",
         thermal_state="critical",
         power_source="ac",
@@ -245,6 +261,8 @@ def test_mac_probe_when_every_command_fails():
     assert reading == NodeReading(
         available_bytes=0,
         swap_used_bytes=0,
+        wired_bytes=0,
+        compressed_bytes=0,
         memory_pressure="unknown",
         thermal_state="unknown",
         power_source="unknown",

@@ -1,0 +1,316 @@
+"""The agent's GET /metrics, scraped over real HTTP on 127.0.0.1.
+
+Only the OS readings are a test double (a Mac's numbers on this Linux machine); the server,
+the supervisor and, where named, a real engine process with the demo model are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
+
+from node_agent import metrics as metrics_module
+from node_agent.agent import Agent, AgentConfig, AgentError
+from node_agent.coordinator_client import Session, package_version
+from node_agent.metrics import AgentMetrics, parse_stats
+from node_agent.probes.base import NodeFacts, NodeReading
+from node_agent.probes.linux import LinuxProbe
+from node_agent.supervisor import EngineEvent, LoadRequest, Supervisor
+
+GIB = 2**30
+PROMTOOL = "/usr/bin/promtool"
+ENGINE_READY_S = 120.0  # cold start on 2 cores: imports, model load, kernel compile
+FACTS = NodeFacts(
+    hostname="mini",
+    chip="Apple M2 Pro",
+    os="macOS 15.1",
+    ram_bytes=32 * GIB,
+    performance_cores=8,
+    gpu_cores=19,
+    memory_bandwidth_gbps=200.0,
+    gpu_wired_limit_bytes=24 * GIB,
+    role="server",
+)
+READING = NodeReading(
+    available_bytes=20 * GIB,
+    swap_used_bytes=3 * GIB,
+    wired_bytes=5 * GIB,
+    compressed_bytes=2 * GIB,
+    memory_pressure="warning",
+    thermal_state="serious",
+    power_source="battery",
+    low_power_mode=True,
+    oom_kills=3,
+)
+KNOBS = {"max_concurrency": 2, "batch_window_ms": 25, "max_batch_size": 3, "queue_limit": 8}
+ENGINE_STATS_METRICS = {
+    "mlxfleet_engine_queue_depth",
+    "mlxfleet_engine_batch_size",
+    "mlxfleet_engine_max_batch_size",
+    "mlxfleet_engine_batch_window_seconds",
+    "mlxfleet_engine_max_concurrency",
+    "mlxfleet_engine_kv_quantization",
+    "mlxfleet_engine_requests_total",
+    "mlxfleet_engine_generation_tokens_total",
+}
+
+
+class FixedReadings(LinuxProbe):
+    """This machine's probe, except that reading() returns a set reading and counts calls."""
+
+    def __init__(self, reading: NodeReading) -> None:
+        super().__init__()
+        self.value = reading
+        self.calls = 0
+
+    def reading(self) -> NodeReading:
+        self.calls += 1
+        return self.value
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    """Every sample as (name, labels) -> value."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def names(samples: Samples) -> set[str]:
+    return {name for name, _ in samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[name, frozenset(labels.items())]
+
+
+async def scrape(port: int) -> httpx.Response:
+    async with httpx.AsyncClient() as client:
+        reply = await client.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    assert reply.status_code == 200
+    assert reply.headers["content-type"] == CONTENT_TYPE_LATEST
+    return reply
+
+
+def promtool_check(text: str) -> None:
+    """`promtool check metrics` parses the exposition and finds no lint problem."""
+    if not os.path.exists(PROMTOOL):
+        print(f"SKIP: {PROMTOOL} is not installed: cannot check the exposition")
+        pytest.skip(f"{PROMTOOL} is not installed: cannot check the exposition")
+    done = subprocess.run(
+        [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.fixture
+def probe() -> FixedReadings:
+    return FixedReadings(READING)
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path, probe: FixedReadings) -> Supervisor:
+    return Supervisor(probe, lambda event: None, tmp_path / "logs")
+
+
+@pytest.fixture
+async def served(probe: FixedReadings, supervisor: Supervisor) -> AsyncIterator[int]:
+    """AgentMetrics on 127.0.0.1, a free port; yields that port."""
+    agent_metrics = AgentMetrics(FACTS, probe, supervisor, connected=lambda: True)
+    port = await agent_metrics.start("127.0.0.1", 0)
+    yield port
+    await agent_metrics.stop()
+
+
+async def test_node_metrics_have_the_readings_values(served: int, probe: FixedReadings) -> None:
+    text = (await scrape(served)).text
+    samples = parse(text)
+    versions = {
+        "mlx_version": package_version("mlx"),
+        "mlx_lm_version": package_version("mlx-lm"),
+        "agent_version": package_version("mlxfleet"),
+    }
+    assert value(samples, "mlxfleet_agent_info", chip="Apple M2 Pro", os="macOS 15.1", **versions)
+    assert value(samples, "mlxfleet_node_memory_total_bytes") == 32 * GIB
+    assert value(samples, "mlxfleet_node_memory_available_bytes") == 20 * GIB
+    assert value(samples, "mlxfleet_node_memory_wired_bytes") == 5 * GIB
+    assert value(samples, "mlxfleet_node_memory_compressed_bytes") == 2 * GIB
+    assert value(samples, "mlxfleet_node_swap_used_bytes") == 3 * GIB
+    assert value(samples, "mlxfleet_node_memory_pressure_level") == 1  # warning
+    assert value(samples, "mlxfleet_node_thermal_level") == 2  # serious
+    assert value(samples, "mlxfleet_node_power_source", source="battery") == 1
+    assert value(samples, "mlxfleet_node_low_power_mode") == 1
+    assert value(samples, "mlxfleet_node_gpu_wired_limit_bytes") == 24 * GIB
+    assert value(samples, "mlxfleet_node_oom_kills_total") == 3
+    assert value(samples, "mlxfleet_agent_connected") == 1
+    # No engines: no engine series; the node label comes from service discovery, not us.
+    assert not {n for n in names(samples) if n.startswith("mlxfleet_engine_")}
+    assert all("node" not in dict(labels) for _, labels in samples)
+    assert probe.calls == 1  # the first scrape reads once; the second uses that reading
+    await scrape(served)
+    assert probe.calls == 1
+    promtool_check(text)
+
+
+async def test_heartbeat_readings_are_used_and_unknown_levels_are_absent(
+    probe: FixedReadings, supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connected = False
+    agent_metrics = AgentMetrics(FACTS, probe, supervisor, connected=lambda: connected)
+    port = await agent_metrics.start("127.0.0.1", 0)
+    try:
+        unknown = replace(
+            READING, memory_pressure="unknown", thermal_state="unknown", power_source="unknown"
+        )
+        agent_metrics.note_reading(unknown)  # what the heartbeat hands over
+        samples = parse((await scrape(port)).text)
+        assert probe.calls == 0
+        assert "mlxfleet_node_memory_pressure_level" not in names(samples)
+        assert "mlxfleet_node_thermal_level" not in names(samples)
+        assert value(samples, "mlxfleet_node_power_source", source="unknown") == 1
+        assert value(samples, "mlxfleet_agent_connected") == 0
+        # No heartbeat for a while (no session): a scrape reads the probe itself.
+        monkeypatch.setattr(metrics_module, "READING_MAX_AGE_S", 0.0)
+        connected = True
+        samples = parse((await scrape(port)).text)
+        assert probe.calls == 1
+        assert value(samples, "mlxfleet_node_memory_pressure_level") == 1
+        assert value(samples, "mlxfleet_agent_connected") == 1
+    finally:
+        await agent_metrics.stop()
+
+
+async def wait_ready(events: list[EngineEvent]) -> None:
+    deadline = time.monotonic() + ENGINE_READY_S
+    while not any(e.kind in ("ready", "load_failed") for e in events):
+        assert time.monotonic() < deadline, "the demo engine never became ready"
+        await asyncio.sleep(0.1)
+    assert [e.kind for e in events] == ["started", "ready"], events
+
+
+async def test_engine_metrics_from_a_real_engine(tmp_path: Path, demo_model: Path) -> None:
+    """Needs a real engine process: its stats answer is what the gauges show; a stopped
+    (SIGSTOP) engine loses its stats gauges for that scrape but never fails it."""
+    events: list[EngineEvent] = []
+    probe = FixedReadings(READING)
+    supervisor = Supervisor(probe, events.append, tmp_path / "logs")
+    agent_metrics = AgentMetrics(FACTS, probe, supervisor, connected=lambda: True)
+    port = await agent_metrics.start("127.0.0.1", 0)
+    try:
+        await supervisor.load(LoadRequest("e1", "demo", str(demo_model), "batch", 512, KNOBS))
+        await wait_ready(events)
+        [info] = supervisor.infos()
+        body = {"model": "demo", "prompt": "Once upon", "max_tokens": 3, "temperature": 0}
+        reply = await supervisor.engine_request("e1", "POST", "/v1/completions", body)
+        assert reply is not None and reply[0] == 200, reply
+        generated = json.loads(reply[1])["usage"]["completion_tokens"]
+        assert generated >= 1
+
+        text = (await scrape(port)).text
+        samples = parse(text)
+        unit = {"model": "demo", "tier": "batch"}
+        assert value(samples, "mlxfleet_engine_state", state="ready", **unit) == 1
+        assert value(samples, "mlxfleet_engine_rss_bytes", **unit) > 50 * 2**20
+        assert value(samples, "mlxfleet_engine_queue_depth", **unit) == 0
+        assert value(samples, "mlxfleet_engine_batch_size", **unit) == 0
+        assert value(samples, "mlxfleet_engine_max_batch_size", **unit) == 3
+        assert value(samples, "mlxfleet_engine_batch_window_seconds", **unit) == 0.025
+        assert value(samples, "mlxfleet_engine_max_concurrency", **unit) == 2
+        assert value(samples, "mlxfleet_engine_kv_quantization", **unit) == 16
+        assert value(samples, "mlxfleet_engine_requests_total", **unit) == 1
+        assert value(samples, "mlxfleet_engine_generation_tokens_total", **unit) == generated
+        assert info.secret and info.secret not in text
+        promtool_check(text)
+
+        os.kill(info.pid, signal.SIGSTOP)  # alive, listening, answering nothing
+        try:
+            started = time.monotonic()
+            stopped = parse((await scrape(port)).text)
+            assert time.monotonic() - started < 5  # the ~1 s stats timeout, not the client's
+        finally:
+            os.kill(info.pid, signal.SIGCONT)
+        assert value(stopped, "mlxfleet_engine_state", state="ready", **unit) == 1
+        assert value(stopped, "mlxfleet_engine_rss_bytes", **unit) > 50 * 2**20
+        assert not ENGINE_STATS_METRICS & names(stopped)
+        assert value(stopped, "mlxfleet_node_memory_available_bytes") == 20 * GIB
+    finally:
+        await supervisor.stop_all()
+        await agent_metrics.stop()
+
+
+def test_parse_stats_rejects_another_shape(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="node_agent.metrics"):
+        assert parse_stats('{"active": 1}') is None
+        assert parse_stats("not json") is None
+    assert "unexpected engine stats" in caplog.text
+
+
+async def test_agent_serves_metrics_until_it_stops(
+    tmp_path: Path, probe: FixedReadings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """serve() binds the metrics port first and closes it on the way out (here: at once, as
+    the node has not enrolled and no token was given)."""
+    agent = Agent(AgentConfig(home=tmp_path, metrics_host="127.0.0.1", metrics_port=0), probe)
+    with (
+        caplog.at_level(logging.INFO, logger="node_agent.agent"),
+        pytest.raises(AgentError, match="has not enrolled yet"),
+    ):
+        await agent.serve(install_signals=False)
+    assert agent.metrics_port > 0
+    assert f"metrics on http://127.0.0.1:{agent.metrics_port}/metrics" in caplog.text
+    with pytest.raises(httpx.ConnectError):
+        await scrape(agent.metrics_port)
+
+
+async def test_a_busy_metrics_port_is_one_warning_and_no_metrics(
+    tmp_path: Path, probe: FixedReadings, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        config = AgentConfig(home=tmp_path, metrics_host="127.0.0.1", metrics_port=busy)
+        agent = Agent(config, probe)
+        with (
+            caplog.at_level(logging.WARNING, logger="node_agent.agent"),
+            pytest.raises(AgentError, match="has not enrolled yet"),
+        ):
+            await agent.serve(install_signals=False)
+    assert agent.metrics_port == 0
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert (
+        warning
+        == f"not serving metrics: cannot listen on 127.0.0.1:{busy} (Address already in use)"
+    )
+
+
+async def test_hello_carries_the_metrics_port() -> None:
+    session = Session(
+        "127.0.0.1:1",
+        None,  # type: ignore[arg-type]  # Hello needs no identity
+        FACTS,
+        lambda: READING,
+        lambda: [],
+        lambda: {},
+        metrics_port=40123,
+    )
+    first = await anext(session._requests())
+    assert first.hello.metrics_port == 40123
