@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from coordinator import cli_service
 from coordinator.cli_admin import cmd_models, cmd_nodes, cmd_tiers
 from coordinator.cli_keys import cmd_keys_create, cmd_keys_list
 from coordinator.config import Config, ModelSpec, default_home, load_config
@@ -430,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--json", action="store_true")
     events.add_argument("--home", help="state folder (default $MLXFLEET_HOME)")
     events.set_defaults(func=_cmd_events)
+
+    cli_service.add_parser(sub)
 
     demo = sub.add_parser("demo-model", help="write the offline demo model to PATH")
     demo.add_argument("path")

@@ -19,6 +19,10 @@ class EnrollmentError(Error):
     """A node presented a wrong token or an unknown node key."""
 
 
+class ServiceError(Error):
+    """A service file cannot be rendered, written or loaded (launchd, systemd)."""
+
+
 class ApiError(Error):
     """An error answered at the HTTP edge as OpenAI-shaped JSON."""
 

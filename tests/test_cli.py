@@ -28,6 +28,11 @@ def run(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
         (("agent", "--coordinator", "host:notaport"), "expected HOST or HOST:PORT"),
         (("agent", "--coordinator", "127.0.0.1:1", "--token", "garbage"), "not a join token"),
         (("token", "create", "--ttl", "soon"), "expected a duration like 90s"),
+        (("service", "uninstall", "agent", "--dir", "{tmp}"), "nothing to uninstall"),
+        (
+            ("service", "install", "agent", "--token", "x", "--dry-run"),
+            "never written into a service file",
+        ),
         (("token", "create", "--uses", "0"), "--uses 0: must be at least 1"),
         (("nodes",), "no coordinator is running"),
         (("nodes", "remove", "ghost"), "no coordinator is running"),
