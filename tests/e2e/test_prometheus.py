@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from coordinator.tiers import TIER_HEADER
-from tests.conftest import REPO, Proc, wait_for
+from tests.conftest import REPO, Proc, start_agent, wait_for
 from tests.e2e.fleet import Fleet, running_fleet
 
 pytestmark = pytest.mark.e2e
@@ -250,3 +250,48 @@ def test_tokens_counted_equal_usage_and_every_dashboard_panel_returns_data(
 def _scalar(prometheus: str, expr: str) -> float:
     result = query(prometheus, expr)["result"]
     return float(result[0]["value"][1]) if result else 0.0
+
+
+def test_an_agent_restart_keeps_every_scrape_well_formed_and_queries_error_free(
+    fleet: Fleet, prometheus: str, tmp_path: Path
+) -> None:
+    """The agent goes away (its models with it) and comes back: the coordinator's metrics stay
+    valid with the node offline and nothing placed, every panel query still succeeds (empty is
+    fine, an error is not), and Prometheus finds the agent again through discovery."""
+    node = httpx.get(f"{fleet.base}/prometheus/targets").json()[0]["labels"]["node"]
+    agent_home = Path(_flag(fleet.agent.popen.args, "--home"))
+    fleet.agent.stop()
+    wait_for(
+        lambda: httpx.get(f"{fleet.base}/prometheus/targets").json() == [],
+        15,
+        "the stopped agent to leave service discovery",
+    )
+    promtool_check_metrics(httpx.get(f"{fleet.base}/metrics").content)
+    wait_for(
+        lambda: _scalar(prometheus, 'sum(mlxfleet_nodes{state="offline"})') == 1,
+        10,
+        "Prometheus to see the node offline",
+    )
+    for path in DASHBOARDS:
+        for _title, expr in panel_exprs(json.loads(path.read_text())):
+            query(prometheus, substitute(expr, node))  # asserts status success
+
+    fleet.agents.append(
+        start_agent(fleet.home, fleet.runtime, agent_home, tmp_path / "agent-again.log")
+    )
+    wait_for(
+        lambda: fleet.models().get("demo", {}).get("interactive") == "ready",
+        120,
+        "the restarted agent to serve the demo model again",
+    )
+    jobs = wait_for(
+        lambda: (j := targets_up(prometheus)).get("mlxfleet-agents") and j,
+        20,
+        "Prometheus to scrape the restarted agent",
+    )
+    assert jobs["mlxfleet-agents"][0]["labels"]["node"] == node  # the same node, not a new one
+    promtool_check_metrics(httpx.get(f"{fleet.base}/metrics").content)
+
+
+def _flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
