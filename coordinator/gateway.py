@@ -151,9 +151,10 @@ class Gateway:
 
     async def metrics(self, _request: web.Request) -> web.Response:
         """Prometheus text format; unauthenticated, like any scrape target (no secrets in it)."""
-        return web.Response(
-            body=self._reconciler.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+        metrics = self._reconciler.metrics
+        fleet = metrics.render_fleet()  # reads loop-owned state: here, on the loop
+        counted = await asyncio.to_thread(metrics.render_counted)
+        return web.Response(body=counted + fleet, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def prometheus_targets(self, _request: web.Request) -> web.Response:
         """Prometheus HTTP service discovery: every connected agent's metrics address, with

@@ -9,6 +9,7 @@ codes and reason codes: never a prompt, a key or a secret, and never a string a 
 
 from __future__ import annotations
 
+import prometheus_client
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -28,12 +29,20 @@ TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0
 DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 FAILOVER_CAUSES = ("retry", "continued", "cloud")
 
+# Process-wide: no dashboard reads the `_created` series, and they are ~12 % of a scrape's body
+# and of its render time (docs/benchmarks.md, Metrics cost).
+prometheus_client.disable_created_metrics()
+
 
 class Metrics:
-    """The coordinator's metrics; a fresh registry each, so several can live in one process.
-    Use from the event loop."""
+    """The coordinator's metrics; fresh registries each, so several can live in one process.
+
+    `registry` holds what is counted as it happens: prometheus-client's metrics take locks, so
+    it may be rendered in a thread while the loop records. Collectors given to `watch` read
+    state only the event loop may touch, so `render_fleet` must run on the loop."""
 
     def __init__(self) -> None:
+        self._fleet = CollectorRegistry()
         self.registry = r = CollectorRegistry()
         unit = ["model", "tier"]
         self.requests = Counter(
@@ -106,8 +115,8 @@ class Metrics:
         )
 
     def watch(self, collector: Collector) -> None:
-        """Add a collector read at scrape time (the fleet's state)."""
-        self.registry.register(collector)
+        """Add a collector read at scrape time (the fleet's state), on the event loop."""
+        self._fleet.register(collector)
 
     def unit_seen(self, model: str, tier: str) -> None:
         """Create a unit's series at zero, so rates and ratios have data before traffic."""
@@ -151,5 +160,15 @@ class Metrics:
         if tokens >= 2:
             self.tpot.labels(model, tier).observe(decode_s / (tokens - 1))
 
-    def render(self) -> bytes:
+    def render_fleet(self) -> bytes:
+        """The watched collectors' text. On the event loop."""
+        return generate_latest(self._fleet)
+
+    def render_counted(self) -> bytes:
+        """The counters', gauges' and histograms' text. Any thread (the gateway uses one, so
+        the loop is not blocked for the ~50 ms thousands of histogram buckets take)."""
         return generate_latest(self.registry)
+
+    def render(self) -> bytes:
+        """The whole exposition, on the event loop."""
+        return self.render_counted() + self.render_fleet()
