@@ -130,12 +130,15 @@ async def _up(args: argparse.Namespace) -> None:
                 f"(engine logs in {home / 'agent' / 'logs'})"
             )
         if ready.done():
-            base = f"http://{config.host}:{server.bound.gateway_port}/v1"
+            root = f"http://{config.host}:{server.bound.gateway_port}"
+            base = f"{root}/v1"
             print(
                 f"\nmlxfleet is up ({time.monotonic() - started:.1f} s)\n"
                 f"  endpoint  {base}\n"
                 f"  api key   {api_key}\n"
-                f"  model     {spec.name}\n",
+                f"  model     {spec.name}\n"
+                f"  status    {root}/ui\n"
+                f"  metrics   {root}/metrics (Prometheus: deploy/prometheus/prometheus.yml)\n",
                 flush=True,
             )
             if is_demo:

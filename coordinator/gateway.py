@@ -36,6 +36,7 @@ from coordinator.reconcile import Reconciler, UnitKey
 from coordinator.registry import EngineId, NodeId, Registry
 from coordinator.relay import SSE_DONE, StreamRelay
 from coordinator.routing import Routing, Target
+from coordinator.status_page import StatusPage
 from coordinator.store import ApiKey, Store
 from coordinator.tiers import TIER_HEADER, TIERS, KeyTiers, TierError, key_tiers, parse_tier
 from node_agent.engine.protocol import (
@@ -110,6 +111,9 @@ class Gateway:
         self._admin_token = admin_token
         self.limiter = Limiter()
         self.discovery: Discovery | None = None  # set when mDNS runs
+        self.status_page = StatusPage(
+            reconciler.metrics.registry, reconciler, registry, routing, store
+        )
         self._flights: dict[EngineId, set[_Flight]] = {}
         routing.on_remove.append(self.abort_engine)
         self._session: aiohttp.ClientSession | None = None
@@ -132,6 +136,7 @@ class Gateway:
         app.router.add_get("/admin/v1/tiers", self.admin_tiers)
         app.router.add_post("/admin/v1/tiers/{tier}", self.admin_set_tier)
         app.router.add_get("/admin/v1/models", self.admin_models)
+        self.status_page.add_routes(app)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
         return app
@@ -290,6 +295,8 @@ class Gateway:
         outcome = _Outcome(time.monotonic())
         try:
             response = await self._serve(request, kind, outcome)
+            outcome.status = outcome.status or response.status
+            return response
         except ApiError as err:
             outcome.status = err.status
             raise
@@ -304,8 +311,6 @@ class Gateway:
             raise
         finally:
             self._record(outcome)
-        outcome.status = outcome.status or response.status
-        return response
 
     def _record(self, outcome: _Outcome) -> None:
         metrics = self._reconciler.metrics

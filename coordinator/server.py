@@ -223,4 +223,4 @@ class Server:
         except OSError as exc:  # no multicast-capable interface: the fleet still works by address
             logger.warning("mDNS unavailable: %s", exc)
             return
-        gateway.discovery = discovery
+        gateway.discovery = gateway.status_page.discovery = discovery

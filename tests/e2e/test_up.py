@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import httpx
 import openai
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Proc, mlxfleet, wait_for
 
@@ -53,6 +55,19 @@ def test_up_serves_the_demo_model_with_the_preset_key(tmp_path: Path, procs: lis
     assert chunks[-1].usage.completion_tokens == sum(
         len(c.model_extra.get("mlxfleet", {}).get("token_ids", [])) for c in chunks
     )
+    # the status page and the metrics it prints are there, and count what was just served
+    status = re.search(r"^  status\s+(http\S+)", out, re.MULTILINE)
+    metrics = re.search(r"^  metrics\s+(http\S+)", out, re.MULTILINE)
+    assert status and metrics, out
+    page = httpx.get(status.group(1))
+    assert page.status_code == 200 and b"<title>mlxfleet" in page.content
+    served = {
+        (sample.labels["model"], sample.labels["tier"], sample.labels["status"]): sample.value
+        for family in text_string_to_metric_families(httpx.get(metrics.group(1)).text)
+        for sample in family.samples
+        if sample.name == "mlxfleet_requests_total"
+    }
+    assert served == {("mlxfleet-demo", "interactive", "200"): 2.0}
     # MLX lives in the engine only: loaded in `up` its native threads can abort it at exit.
     maps = Path(f"/proc/{up.popen.pid}/maps").read_text()
     assert "libmlx" not in maps and "mlx/core" not in maps
