@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -86,20 +85,14 @@ class EngineCgroup:
     path: Path
     limit_bytes: int
 
-    def joiner(self) -> Callable[[], None]:
-        """A preexec_fn that moves the forked child into this cgroup before it execs, so the
-        engine is limited from its first allocation. It only makes system calls: it runs
-        between fork and exec of a threaded process."""
-        procs = os.fsencode(self.path / "cgroup.procs")
-
-        def join() -> None:
-            fd = os.open(procs, os.O_WRONLY)
-            try:
-                os.write(fd, b"0")  # 0: the writing process itself
-            finally:
-                os.close(fd)
-
-        return join
+    def wrap(self, argv: list[str]) -> list[str]:
+        """argv run by a shell that first moves itself into this cgroup, then execs argv, so
+        the engine is limited from its first allocation. Not a preexec_fn: that makes Python
+        fork() instead of vfork(), and gRPC's fork handlers in the agent can then abort the
+        child ("ev_epoll1_linux.cc: Check failed: next_worker->state == KICKED")."""
+        # "0" written to cgroup.procs moves the writing process: the shell, which exec keeps.
+        join = 'echo 0 > "$0" && exec "$@"'
+        return ["/bin/sh", "-c", join, str(self.path / "cgroup.procs"), *argv]
 
     def oom_kills(self) -> int:
         """Kernel OOM kills in this cgroup; 0 when it cannot be read."""

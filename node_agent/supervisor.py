@@ -270,12 +270,11 @@ class Supervisor:
         try:
             with log_path.open("ab") as log:
                 process = await asyncio.create_subprocess_exec(
-                    *args,
+                    *(cgroup.wrap(args) if cgroup is not None else args),
                     stdout=asyncio.subprocess.PIPE,
                     stderr=log,
                     env=env,
                     start_new_session=True,  # Ctrl-C on the agent's terminal must not hit engines
-                    preexec_fn=cgroup.joiner() if cgroup is not None else None,
                 )
         except BaseException:
             if cgroup is not None:

@@ -146,20 +146,17 @@ def test_a_real_cgroup_gets_the_limit_and_is_removed(limiter: MemoryLimiter) -> 
 
 
 def test_a_process_over_the_limit_is_killed_by_the_kernel(limiter: MemoryLimiter) -> None:
-    """The child joins the cgroup before exec (preexec_fn), touches 256 MiB and is OOM-killed;
-    the cgroup's own counter records it. A real process, because the kill is the kernel's."""
+    """The child joins the cgroup before exec (EngineCgroup.wrap), touches 256 MiB and is
+    OOM-killed; the cgroup's own counter records it. A real process: the kill is the kernel's."""
     made = limiter.create("test-oom")
     try:
         child = subprocess.run(
-            [sys.executable, "-c", "b = b'x' * (256 * 2**20)"],
-            preexec_fn=made.joiner(),
-            timeout=60,
+            made.wrap([sys.executable, "-c", "b = b'x' * (256 * 2**20)"]), timeout=60
         )
         assert child.returncode == -signal.SIGKILL
         assert made.oom_kills() == 1
         idle = subprocess.run(
-            [sys.executable, "-c", "print(open('/proc/self/cgroup').read())"],
-            preexec_fn=made.joiner(),
+            made.wrap([sys.executable, "-c", "print(open('/proc/self/cgroup').read())"]),
             capture_output=True,
             text=True,
             timeout=60,
