@@ -99,7 +99,9 @@ def read_runtime(home: Path) -> dict | None:
         return None
 
 
-def start_coordinator(home: Path, config: Path, log: Path) -> tuple[Proc, dict]:
+def start_coordinator(
+    home: Path, config: Path, log: Path, env: dict[str, str] | None = None
+) -> tuple[Proc, dict]:
     """The real coordinator on 127.0.0.1 with free ports; returns it and its real ports."""
     proc = Proc(
         mlxfleet(
@@ -116,6 +118,7 @@ def start_coordinator(home: Path, config: Path, log: Path) -> tuple[Proc, dict]:
             "0",
         ),
         log,
+        env=env,
     )
     try:
         return proc, wait_for(lambda: read_runtime(home), 30, "the coordinator to listen")

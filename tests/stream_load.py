@@ -14,11 +14,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Self
 
 import httpx
 
 MODEL = "demo"
 READ_TIMEOUT_S = 30.0  # a failover stalls a stream for a moment, never this long
+STOP_S = 2 * READ_TIMEOUT_S  # for a loop to finish the request it is on
 SECRET_ENV = b"MLXFLEET_ENGINE_SECRET="  # node_agent/supervisor.py
 
 
@@ -135,27 +137,22 @@ def assert_all_completed(streams: list[Stream], reference: dict[str, str], max_t
         assert s.text == reference[s.prompt], f"stream of {s.prompt!r} differs from its reference"
 
 
-class StreamLoad:
-    """One thread per prompt, each streaming completions of its prompt back to back.
+class ClientLoops:
+    """Client threads, each running `_loop` until stopped or `max_s` has passed.
 
-    Bounded: each loop stops after `max_s`. `stop` lets every loop finish the stream it is
-    reading, so no stream is cut by the test itself.
+    `stop` lets every loop finish the request it is on, so no request is cut by the test itself.
     """
 
-    def __init__(
-        self, base: str, key: str, prompts: list[str], max_tokens: int, max_s: float = 300.0
-    ) -> None:
-        self.streams: list[Stream] = []
-        self._base, self._key, self._max_tokens = base, key, max_tokens
+    def __init__(self, loop_args: list[tuple[Any, ...]], max_s: float) -> None:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._deadline = time.monotonic() + max_s
         self._threads = [
-            threading.Thread(target=self._loop, args=(p,), name=f"load-{i}", daemon=True)
-            for i, p in enumerate(prompts)
+            threading.Thread(target=self._loop, args=args, name=f"load-{i}", daemon=True)
+            for i, args in enumerate(loop_args)
         ]
 
-    def __enter__(self) -> StreamLoad:
+    def __enter__(self) -> Self:
         for t in self._threads:
             t.start()
         return self
@@ -166,8 +163,29 @@ class StreamLoad:
     def stop(self) -> None:
         self._stop.set()
         for t in self._threads:
-            t.join(READ_TIMEOUT_S * 2)
+            t.join(STOP_S)
         assert not any(t.is_alive() for t in self._threads), "a load loop did not stop"
+
+    def running(self) -> bool:
+        """Whether a loop may start another request."""
+        return not self._stop.is_set() and time.monotonic() < self._deadline
+
+    def _loop(self, *args: Any) -> None:
+        raise NotImplementedError
+
+
+class StreamLoad(ClientLoops):
+    """One thread per prompt, each streaming completions of its prompt back to back.
+
+    Bounded: each loop stops after `max_s`.
+    """
+
+    def __init__(
+        self, base: str, key: str, prompts: list[str], max_tokens: int, max_s: float = 300.0
+    ) -> None:
+        super().__init__([(p,) for p in prompts], max_s)
+        self.streams: list[Stream] = []
+        self._base, self._key, self._max_tokens = base, key, max_tokens
 
     def done(self) -> list[Stream]:
         with self._lock:
@@ -182,7 +200,7 @@ class StreamLoad:
     def _loop(self, prompt: str) -> None:
         timeout = httpx.Timeout(READ_TIMEOUT_S, connect=5.0)
         with httpx.Client(timeout=timeout) as http:
-            while not self._stop.is_set() and time.monotonic() < self._deadline:
+            while self.running():
                 s = stream_completion(http, self._base, self._key, prompt, self._max_tokens)
                 with self._lock:
                     self.streams.append(s)

@@ -1,13 +1,13 @@
 """One real fleet for an end-to-end module: coordinator, agents and engines on 127.0.0.1.
 
-Every e2e module needs the same steps: write fleet.toml, start the coordinator, create a team
-key, start agents, wait until the models are routable, and show the logs when anything fails.
+Every e2e module needs the same steps: write fleet.toml, start the coordinator, create team
+keys, start agents, wait until the models are routable, and show the logs when anything fails.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from node_agent.identity import NodeIdentity
 from tests.conftest import (
     Proc,
     children_of,
@@ -26,16 +27,23 @@ from tests.conftest import (
 )
 
 READY_TIMEOUT_S = 120.0  # cold start on 2 cores: imports, model load, g++ kernel compile
+ENROLL_TIMEOUT_S = 30.0
 
 
 @dataclass
 class Fleet:
+    """A running fleet as its tests see it: the gateway, the keys and the processes."""
+
     base: str  # http://127.0.0.1:PORT
-    key: str
+    key: str  # the default key: every model, every tier
     home: Path  # the coordinator's MLXFLEET_HOME
     runtime: dict  # the coordinator's real ports
     coordinator: Proc
+    logs: Path  # the folder of every process's log
+    tmp_path_factory: pytest.TempPathFactory = field(repr=False)
     agents: list[Proc] = field(default_factory=list)
+    keys: dict[str, str] = field(default_factory=dict)  # name -> key, the extra keys
+    agents_started: int = 0  # numbers each agent's home and log, restarts included
 
     @property
     def agent(self) -> Proc:
@@ -51,13 +59,55 @@ class Fleet:
         )
         return {m["id"]: m["mlxfleet"]["tiers"] for m in r.json()["data"]}
 
+    def wait_ready(
+        self, ready: Sequence[tuple[str, str]], timeout_s: float = READY_TIMEOUT_S
+    ) -> None:
+        """Wait until every (model, tier) is routable with the default key."""
+        for model, tier in ready:
+            wait_for(
+                lambda m=model, t=tier: self.models().get(m, {}).get(t) == "ready",
+                timeout_s,
+                f"{model}/{tier} to be routable",
+            )
+
+    def cli(self, *args: str) -> str:
+        """What `mlxfleet ARGS` prints, run against this coordinator's home."""
+        return run_ok(mlxfleet(*args, "--home", str(self.home)))
+
+    def start_agent(
+        self, *extra: str, home: Path | None = None, env: dict[str, str] | None = None
+    ) -> Proc:
+        """Start an agent and return once its node has an identity; `home` is a fresh folder
+        unless given (an agent's old home restarts it as the same node)."""
+        n = self.agents_started
+        self.agents_started += 1
+        home = home or self.tmp_path_factory.mktemp("agent")
+        agent = start_agent(
+            self.home, self.runtime, home, self.logs / f"agent{n}.log", *extra, env=env
+        )
+        self.agents.append(agent)
+        self.node_id(agent)
+        return agent
+
+    def agent_home(self, agent: Proc) -> Path:
+        """The MLXFLEET_HOME `agent` was started with."""
+        args = list(agent.popen.args)
+        return Path(args[args.index("--home") + 1])
+
+    def node_id(self, agent: Proc) -> str:
+        """The id `agent`'s node enrolled as, once it has one."""
+        folder = self.agent_home(agent) / "agent"
+        identity = wait_for(
+            lambda: NodeIdentity.load(folder), ENROLL_TIMEOUT_S, f"{agent.log.stem} to enroll"
+        )
+        return identity.node_id
+
     def engine_pids(self) -> list[int]:
         return [pid for agent in self.agents for pid in children_of(agent.popen.pid)]
 
     def dump_logs(self) -> None:
-        print("--- coordinator log ---\n" + self.coordinator.output()[-4000:])
-        for i, agent in enumerate(self.agents):
-            print(f"--- agent {i} log ---\n" + agent.output()[-4000:])
+        for proc in (self.coordinator, *self.agents):
+            print(f"--- {proc.log.name} ---\n" + proc.output()[-4000:])
 
 
 @contextlib.contextmanager
@@ -69,27 +119,30 @@ def running_fleet(
     agent_args: Sequence[str] = (),
     ready: Sequence[tuple[str, str]] = (("demo", "interactive"),),
     key_args: Sequence[str] = (),
+    keys: Mapping[str, Sequence[str]] | None = None,
+    coordinator_env: dict[str, str] | None = None,
 ) -> Iterator[Fleet]:
-    """Start a fleet, wait until every (model, tier) in `ready` is routable, stop it after."""
+    """Start a fleet, wait until every (model, tier) in `ready` is routable, stop it after.
+
+    The default key is made with `key_args`; `keys` makes more (name -> args), in `Fleet.keys`.
+    Agents start one at a time, each enrolled before the next, so nodes join in order.
+    """
     home = tmp_path_factory.mktemp("coord")
     config = home / "fleet.toml"
     config.write_text(config_toml)
     logs = tmp_path_factory.mktemp("logs")
-    coordinator, runtime = start_coordinator(home, config, logs / "coordinator.log")
-    key = run_ok(mlxfleet("keys", "create", "--name", "e2e", *key_args, "--home", str(home)))
-    fleet = Fleet(f"http://127.0.0.1:{runtime['gateway_port']}", key, home, runtime, coordinator)
+    coordinator, runtime = start_coordinator(
+        home, config, logs / "coordinator.log", env=coordinator_env
+    )
+    base = f"http://127.0.0.1:{runtime['gateway_port']}"
+    fleet = Fleet(base, "", home, runtime, coordinator, logs, tmp_path_factory)
     try:
-        for i in range(agents):
-            agent_home = tmp_path_factory.mktemp(f"agent{i}")
-            fleet.agents.append(
-                start_agent(home, runtime, agent_home, logs / f"agent{i}.log", *agent_args)
-            )
-        for model, tier in ready:
-            wait_for(
-                lambda m=model, t=tier: fleet.models().get(m, {}).get(t) == "ready",
-                READY_TIMEOUT_S,
-                f"{model}/{tier} to be routable",
-            )
+        fleet.key = fleet.cli("keys", "create", "--name", "e2e", *key_args)
+        for name, args in (keys or {}).items():
+            fleet.keys[name] = fleet.cli("keys", "create", "--name", name, *args)
+        for _ in range(agents):
+            fleet.start_agent(*agent_args)
+        fleet.wait_ready(ready)
         yield fleet
     except BaseException:
         fleet.dump_logs()

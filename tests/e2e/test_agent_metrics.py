@@ -10,13 +10,13 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import mlxfleet, run_ok, start_agent, start_coordinator, wait_for
+from tests.conftest import wait_for
+from tests.e2e.fleet import running_fleet
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "demo"
 MAX_BATCH_SIZE = 3  # the interactive tier's knob in this fleet (the default is 4)
-READY_TIMEOUT_S = 120.0  # cold start on 2 cores: imports, model load, g++ kernel compile
 METRICS_LINE_RE = re.compile(r"metrics on http://[\d.]+:(\d+)/metrics")
 
 
@@ -30,29 +30,17 @@ def mem_total_bytes() -> int:
 def test_a_real_agent_serves_its_node_and_engine(
     tmp_path_factory: pytest.TempPathFactory, demo_model: Path
 ) -> None:
-    home = tmp_path_factory.mktemp("coord")
-    config = home / "fleet.toml"
-    config.write_text(
+    config = (
         f'[[models]]\nname = "{MODEL}"\nsource = "{demo_model}"\ncontext_length = 2048\n'
         f"[tiers.interactive]\nmax_batch_size = {MAX_BATCH_SIZE}\n"
     )
-    logs = tmp_path_factory.mktemp("logs")
-    coordinator, runtime = start_coordinator(home, config, logs / "coordinator.log")
-    agent = None
-    base = f"http://127.0.0.1:{runtime['gateway_port']}"
-    try:
-        key = run_ok(mlxfleet("keys", "create", "--name", "e2e", "--home", str(home)))
-        agent = start_agent(home, runtime, tmp_path_factory.mktemp("agent"), logs / "agent.log")
+    with running_fleet(tmp_path_factory, config) as fleet:
+        base = fleet.base
         found = wait_for(
-            lambda: METRICS_LINE_RE.search(agent.output()), 30, "the agent's metrics log line"
+            lambda: METRICS_LINE_RE.search(fleet.agent.output()), 30, "the agent's metrics log line"
         )
         port = int(found.group(1))
 
-        def routable() -> bool:
-            r = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"})
-            return MODEL in [m["id"] for m in r.json()["data"]]
-
-        wait_for(routable, READY_TIMEOUT_S, "the demo model to be routable")
         # The real port went up in Hello: the coordinator's service discovery lists it.
         targets = httpx.get(f"{base}/prometheus/targets").json()
         assert [t["targets"] for t in targets] == [[f"127.0.0.1:{port}"]]
@@ -70,12 +58,3 @@ def test_a_real_agent_serves_its_node_and_engine(
         assert samples["mlxfleet_engine_max_batch_size", unit] == MAX_BATCH_SIZE
         assert samples["mlxfleet_node_memory_total_bytes", frozenset()] == mem_total_bytes()
         assert samples["mlxfleet_agent_connected", frozenset()] == 1
-    except BaseException:
-        print("--- coordinator log ---\n" + coordinator.output()[-4000:])
-        if agent is not None:
-            print("--- agent log ---\n" + agent.output()[-4000:])
-        raise
-    finally:
-        if agent is not None:
-            agent.stop()
-        coordinator.stop()

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import mlxfleet, run_ok, start_coordinator
+from tests.e2e.fleet import running_fleet
 from tests.node_agent.engine.conftest import Engine, start_engine
 
 KEY_ENV = "MLXFLEET_TEST_CLOUD_KEY"
@@ -39,21 +39,16 @@ def provider(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def gateway(
     provider: Engine, demo_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, str]]:
-    home = tmp_path_factory.mktemp("coord")
-    (home / "fleet.toml").write_text(
+    config = (
         f'[[models]]\nname = "demo"\nsource = "{demo_model}"\n\n'
         f'[cloud]\nmodel = "openai/demo"\napi_key_env = "{KEY_ENV}"\n'
         f'api_base = "{provider.base_url}/v1"\n'
     )
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(KEY_ENV, provider.secret)
-        coordinator, runtime = start_coordinator(home, home / "fleet.toml", home / "c.log")
-    try:
-        key = run_ok(mlxfleet("keys", "create", "--home", str(home)))
-        yield f"http://127.0.0.1:{runtime['gateway_port']}", key
-        assert provider.secret not in coordinator.output()  # the provider key is never logged
-    finally:
-        coordinator.stop()
+    with running_fleet(
+        tmp_path_factory, config, agents=0, ready=(), coordinator_env={KEY_ENV: provider.secret}
+    ) as fleet:
+        yield fleet.base, fleet.key
+        assert provider.secret not in fleet.coordinator.output()  # the provider key is never logged
 
 
 def direct(provider: Engine) -> str:

@@ -10,71 +10,22 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
-from tests.conftest import (
-    Proc,
-    children_of,
-    mlxfleet,
-    run_ok,
-    start_agent,
-    start_coordinator,
-    wait_for,
-)
+from tests.conftest import Proc, wait_for
+from tests.e2e.fleet import READY_TIMEOUT_S, Fleet, running_fleet
 
 MODEL = "demo"
-READY_TIMEOUT_S = 120.0  # cold start on 2 cores: imports, model load, g++ kernel compile
-
-
-@dataclass
-class Fleet:
-    base: str  # http://127.0.0.1:PORT
-    key: str
-    coordinator: Proc
-    agent: Proc
-
-    def client(self, key: str | None = None) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=key or self.key, max_retries=0)
-
-    def models(self) -> list[str]:
-        r = httpx.get(f"{self.base}/v1/models", headers={"Authorization": f"Bearer {self.key}"})
-        return [m["id"] for m in r.json()["data"]]
-
-    def engine_pids(self) -> list[int]:
-        return children_of(self.agent.popen.pid)
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Fleet]:
-    home = tmp_path_factory.mktemp("coord")
-    agent_home = tmp_path_factory.mktemp("agent")
-    config = home / "fleet.toml"
-    config.write_text(
-        f'[[models]]\nname = "{MODEL}"\nsource = "{demo_model}"\ncontext_length = 2048\n'
-    )
-    logs = tmp_path_factory.mktemp("logs")
-    coordinator, runtime = start_coordinator(home, config, logs / "coordinator.log")
-    agent = None
-    try:
-        key = run_ok(mlxfleet("keys", "create", "--name", "e2e", "--home", str(home)))
-        agent = start_agent(home, runtime, agent_home, logs / "agent.log")
-        f = Fleet(f"http://127.0.0.1:{runtime['gateway_port']}", key, coordinator, agent)
-        wait_for(lambda: MODEL in f.models(), READY_TIMEOUT_S, "the demo model to be routable")
+    config = f'[[models]]\nname = "{MODEL}"\nsource = "{demo_model}"\ncontext_length = 2048\n'
+    with running_fleet(tmp_path_factory, config) as f:
         yield f
-    except BaseException:
-        print("--- coordinator log ---\n" + coordinator.output()[-4000:])
-        if agent is not None:
-            print("--- agent log ---\n" + agent.output()[-4000:])
-        raise
-    finally:
-        if agent is not None:
-            agent.stop()
-        coordinator.stop()
 
 
 def test_chat_non_stream_has_usage(fleet: Fleet) -> None:

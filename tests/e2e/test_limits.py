@@ -12,45 +12,32 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Proc, mlxfleet, run_ok, start_agent, start_coordinator, wait_for
+from tests.e2e.fleet import running_fleet
 
-READY_TIMEOUT_S = 120.0
+KEYS = {"slow": ("--rpm", "2"), "elsewhere": ("--models", "big,small"), "tiny": ("--tpm", "100")}
 
 
-def test_key_limits_answer_429_and_403(tmp_path: Path, demo_model: Path, procs: list[Proc]) -> None:
-    home = tmp_path / "coord"
-    home.mkdir()
-    (home / "fleet.toml").write_text(f'[[models]]\nname = "demo"\nsource = "{demo_model}"\n')
-    coordinator, runtime = start_coordinator(home, home / "fleet.toml", tmp_path / "coord.log")
-    procs.append(coordinator)
+def test_key_limits_answer_429_and_403(
+    tmp_path_factory: pytest.TempPathFactory, demo_model: Path
+) -> None:
+    config = f'[[models]]\nname = "demo"\nsource = "{demo_model}"\n'
+    with running_fleet(tmp_path_factory, config, keys=KEYS) as fleet:
+        two_a_minute = fleet.keys["slow"]
+        other_models = fleet.keys["elsewhere"]
+        small_tpm = fleet.keys["tiny"]
 
-    def key(*args: str) -> str:
-        return run_ok(mlxfleet("keys", "create", *args, "--home", str(home)))
+        def post(key: str, max_tokens: int = 2) -> httpx.Response:
+            return httpx.post(
+                f"{fleet.base}/v1/chat/completions",
+                json={
+                    "model": "demo",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": max_tokens,
+                },
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=90,
+            )
 
-    two_a_minute = key("--name", "slow", "--rpm", "2")
-    other_models = key("--name", "elsewhere", "--models", "big,small")
-    small_tpm = key("--name", "tiny", "--tpm", "100")
-    procs.append(start_agent(home, runtime, tmp_path / "agent", tmp_path / "agent.log"))
-    base = f"http://127.0.0.1:{runtime['gateway_port']}"
-
-    def post(key: str, max_tokens: int = 2) -> httpx.Response:
-        return httpx.post(
-            f"{base}/v1/chat/completions",
-            json={
-                "model": "demo",
-                "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": max_tokens,
-            },
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=90,
-        )
-
-    def ready() -> bool:
-        r = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {small_tpm}"})
-        return any(m["id"] == "demo" for m in r.json()["data"])
-
-    try:
-        wait_for(ready, READY_TIMEOUT_S, "the demo model to be routable")
         assert [post(two_a_minute).status_code for _ in range(2)] == [200, 200]
         refused = post(two_a_minute)
         assert refused.status_code == 429
@@ -61,7 +48,7 @@ def test_key_limits_answer_429_and_403(tmp_path: Path, demo_model: Path, procs: 
         assert error["param"] is None
         assert "2 requests per minute" in error["message"]
 
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key=other_models, max_retries=0)
+        client = fleet.client(other_models)
         with pytest.raises(openai.PermissionDeniedError) as denied:
             client.chat.completions.create(
                 model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=2
@@ -74,7 +61,3 @@ def test_key_limits_answer_429_and_403(tmp_path: Path, demo_model: Path, procs: 
         assert too_big.status_code == 429 and "Retry-After" not in too_big.headers
         assert too_big.json()["error"]["param"] == "max_tokens"
         assert post(small_tpm, max_tokens=2).status_code == 200
-    except BaseException:
-        for proc in procs:
-            print(f"--- {proc.log.name} ---\n" + proc.output()[-4000:])
-        raise

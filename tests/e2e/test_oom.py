@@ -19,15 +19,8 @@ import httpx
 import pytest
 
 from node_agent.cgroup import CGROUP_PREFIX, MIB, MemoryLimiter, memory_cgroup_dir
-from tests.conftest import (
-    Proc,
-    children_of,
-    mlxfleet,
-    run_ok,
-    start_agent,
-    start_coordinator,
-    wait_for,
-)
+from tests.conftest import children_of, wait_for
+from tests.e2e.fleet import READY_TIMEOUT_S, Fleet, running_fleet
 
 # Measured on the demo engine: ~70 MiB resident when idle; g++ compiling MLX kernels on first
 # use (a cold $TMPDIR/mlx) runs inside its cgroup and adds ~60 MiB: a cold start was killed at
@@ -40,7 +33,6 @@ LIMIT_MIB = 192
 CONCURRENCY = 16
 PROMPT_WORDS = 2100  # 3,670-3,830 tokens of the demo tokenizer: all fit its 4,096 context
 WORDS = ("apple", "river", "robot", "cloud", "seven", "garden", "train", "x7q", "zz")
-READY_TIMEOUT_S = 120.0
 KILL_TIMEOUT_S = 30.0
 
 
@@ -61,109 +53,87 @@ def _alive(pid: int) -> bool:
         return False
 
 
-class Fleet:
-    """The coordinator as the test sees it: the CLI's JSON and the gateway."""
+def cli_json(fleet: Fleet, *args: str) -> list[dict]:
+    rows: list[dict] = json.loads(fleet.cli(*args, "--json"))
+    return rows
 
-    def __init__(self, base: str, home: Path, key: str) -> None:
-        self.base, self.home, self.key = base, home, key
 
-    def cli(self, *args: str) -> list[dict]:
-        rows: list[dict] = json.loads(run_ok(mlxfleet(*args, "--json", "--home", str(self.home))))
-        return rows
+def ready_on(fleet: Fleet) -> list[str]:
+    """Nodes with a ready demo engine."""
+    [row] = [r for r in cli_json(fleet, "models") if r["model"] == "demo"]
+    return sorted(e.split(":")[0] for e in row["engines"] if e.endswith(": ready"))
 
-    def ready_on(self) -> list[str]:
-        """Nodes with a ready demo engine."""
-        [row] = [r for r in self.cli("models") if r["model"] == "demo"]
-        return sorted(e.split(":")[0] for e in row["engines"] if e.endswith(": ready"))
 
-    def chat(self, content: str, max_tokens: int) -> httpx.Response:
-        return httpx.post(
-            f"{self.base}/v1/chat/completions",
-            json={
-                "model": "demo",
-                "messages": [{"role": "user", "content": content}],
-                "max_tokens": max_tokens,
-            },
-            headers={"Authorization": f"Bearer {self.key}"},
-            timeout=90,
-        )
+def chat(fleet: Fleet, content: str, max_tokens: int) -> httpx.Response:
+    return httpx.post(
+        f"{fleet.base}/v1/chat/completions",
+        json={
+            "model": "demo",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+        },
+        headers={"Authorization": f"Bearer {fleet.key}"},
+        timeout=90,
+    )
 
-    async def overload(self, engine_pid: int) -> tuple[float, list[int | str]]:
-        """Send the long prompts together; return once the engine is gone (seconds it took)
-        with what each request got. None of them may hang."""
-        prompts = [
-            " ".join(random.Random(i).choices(WORDS, k=PROMPT_WORDS)) for i in range(CONCURRENCY)
-        ]
-        limits = httpx.Limits(max_connections=CONCURRENCY)
-        async with httpx.AsyncClient(limits=limits, timeout=60) as client:
 
-            async def one(prompt: str) -> int | str:
-                try:
-                    r = await client.post(
-                        f"{self.base}/v1/chat/completions",
-                        json={
-                            "model": "demo",
-                            "messages": [{"role": "user", "content": prompt}],
-                            "max_tokens": 16,
-                            "temperature": 0,
-                        },
-                        headers={"Authorization": f"Bearer {self.key}"},
-                    )
-                except httpx.HTTPError as exc:
-                    return type(exc).__name__
-                return r.status_code
+async def overload(fleet: Fleet, engine_pid: int) -> tuple[float, list[int | str]]:
+    """Send the long prompts together; return once the engine is gone (seconds it took)
+    with what each request got. None of them may hang."""
+    prompts = [
+        " ".join(random.Random(i).choices(WORDS, k=PROMPT_WORDS)) for i in range(CONCURRENCY)
+    ]
+    limits = httpx.Limits(max_connections=CONCURRENCY)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
 
-            started = time.monotonic()
-            tasks = [asyncio.create_task(one(p)) for p in prompts]
-            while _alive(engine_pid) and time.monotonic() - started < KILL_TIMEOUT_S:
-                await asyncio.sleep(0.05)
-            took = time.monotonic() - started
-            statuses = await asyncio.wait_for(asyncio.gather(*tasks), 60)
-        return took, statuses
+        async def one(prompt: str) -> int | str:
+            try:
+                r = await client.post(
+                    f"{fleet.base}/v1/chat/completions",
+                    json={
+                        "model": "demo",
+                        "messages": [{"role": "user", "content": prompt}],
+                        "max_tokens": 16,
+                        "temperature": 0,
+                    },
+                    headers={"Authorization": f"Bearer {fleet.key}"},
+                )
+            except httpx.HTTPError as exc:
+                return type(exc).__name__
+            return r.status_code
+
+        started = time.monotonic()
+        tasks = [asyncio.create_task(one(p)) for p in prompts]
+        while _alive(engine_pid) and time.monotonic() - started < KILL_TIMEOUT_S:
+            await asyncio.sleep(0.05)
+        took = time.monotonic() - started
+        statuses = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    return took, statuses
 
 
 def test_an_engine_over_its_memory_limit_is_oom_killed_and_the_model_served_again(
-    tmp_path: Path, demo_model: Path, procs: list[Proc]
+    tmp_path_factory: pytest.TempPathFactory, demo_model: Path
 ) -> None:
     if MemoryLimiter.for_this_process(LIMIT_MIB * MIB) is None:
         pytest.skip("needs a writable cgroup v1 memory controller (Linux, root)")
-    home = tmp_path / "coord"
-    home.mkdir()
-    (home / "fleet.toml").write_text(
+    config = (
         f'[[models]]\nname = "demo"\nsource = "{demo_model}"\n'
         f"context_length = 4096\nmax_concurrency = {CONCURRENCY}\npinned = true\n"
     )
-    coordinator, runtime = start_coordinator(home, home / "fleet.toml", tmp_path / "coord.log")
-    procs.append(coordinator)
-    key = run_ok(mlxfleet("keys", "create", "--home", str(home)))
-    fleet = Fleet(f"http://127.0.0.1:{runtime['gateway_port']}", home, key)
-    node_ids = {}
-
-    def start(name: str, *extra: str) -> Proc:
-        agent_home = tmp_path / f"agent-{name}"
-        agent = start_agent(
-            home, runtime, agent_home, tmp_path / f"agent-{name}.log", "--role", "server", *extra
-        )
-        procs.append(agent)
-        identity = agent_home / "agent" / "identity.json"
-        node_ids[name] = wait_for(
-            lambda: identity.exists() and json.loads(identity.read_text()),
-            30,
-            f"agent {name} to enroll",
-        )["node_id"]
-        return agent
-
-    try:
+    with running_fleet(tmp_path_factory, config, agents=0, ready=()) as fleet:
         # A alone first, so the model lands on it; its larger reserve leaves B more headroom.
-        a = start("a", "--engine-memory-limit-mib", str(LIMIT_MIB), "--os-reserve-gib", "12")
-        wait_for(lambda: fleet.ready_on() == [node_ids["a"]], READY_TIMEOUT_S, "demo on A")
-        b = start("b", "--os-reserve-gib", "8")
+        limit = ("--engine-memory-limit-mib", str(LIMIT_MIB))
+        a = fleet.start_agent("--role", "server", *limit, "--os-reserve-gib", "12")
+        a_id = fleet.node_id(a)
+        wait_for(lambda: ready_on(fleet) == [a_id], READY_TIMEOUT_S, "demo on A")
+        b = fleet.start_agent("--role", "server", "--os-reserve-gib", "8")
+        b_id = fleet.node_id(b)
         wait_for(
-            lambda: {n["id"]: n["state"] for n in fleet.cli("nodes")}.get(node_ids["b"]) == "live",
+            lambda: {n["id"]: n["state"] for n in cli_json(fleet, "nodes")}.get(b_id) == "live",
             30,
             "agent B to be live",
         )
-        assert fleet.chat("hi", 2).status_code == 200  # traffic before
+        assert chat(fleet, "hi", 2).status_code == 200  # traffic before
 
         [engine_pid] = children_of(a.popen.pid)
         cgroup = _cgroup_dir(engine_pid)
@@ -174,7 +144,7 @@ def test_an_engine_over_its_memory_limit_is_oom_killed_and_the_model_served_agai
         assert {int(f.read_text()) for f in limits} == {LIMIT_MIB * MIB}
         idle_mib = int((cgroup / "memory.usage_in_bytes").read_text()) / MIB
 
-        took, statuses = asyncio.run(fleet.overload(engine_pid))
+        took, statuses = asyncio.run(overload(fleet, engine_pid))
         print(f"engine {engine_id} at {idle_mib:.0f} MiB idle, gone {took:.1f} s into the load")
         assert not _alive(engine_pid), f"engine survived {KILL_TIMEOUT_S:.0f} s of load"
         print(f"the long requests got {statuses}")
@@ -190,20 +160,17 @@ def test_an_engine_over_its_memory_limit_is_oom_killed_and_the_model_served_agai
         wait_for(
             lambda: any(
                 e["kind"] == "engine_exited" and e["detail"].startswith(detail)
-                for e in fleet.cli("events", "--node", node_ids["a"])
+                for e in cli_json(fleet, "events", "--node", a_id)
             ),
             10,
             "the coordinator to store the OOM exit event",
         )
         assert not cgroup.exists()  # removed once the engine was gone
 
-        placed = wait_for(fleet.ready_on, READY_TIMEOUT_S, "demo to be placed again")
-        print(f"demo placed again on {'A' if placed == [node_ids['a']] else 'B'}")
-        r = fleet.chat("back?", 3)
+        placed = wait_for(lambda: ready_on(fleet), READY_TIMEOUT_S, "demo to be placed again")
+        print(f"demo placed again on {'A' if placed == [a_id] else 'B'}")
+        r = chat(fleet, "back?", 3)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] >= 1
-        assert all(p.alive() for p in (coordinator, a, b))  # the kernel killed only the engine
-    except BaseException:
-        for p in procs:
-            print(f"--- {p.log.name} ---\n" + p.output()[-3000:])
-        raise
+        # the kernel killed only the engine
+        assert all(p.alive() for p in (fleet.coordinator, a, b))

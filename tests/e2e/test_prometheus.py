@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from coordinator.tiers import TIER_HEADER
-from tests.conftest import REPO, Proc, start_agent, wait_for
+from tests.conftest import REPO, Proc, wait_for
 from tests.e2e.fleet import Fleet, running_fleet
 
 pytestmark = pytest.mark.e2e
@@ -34,6 +34,7 @@ DASHBOARDS = sorted((REPO / "dashboards").glob("*.json"))
 RATE_WINDOW = "30s"  # $__rate_interval: at a 1 s scrape interval, 30 samples
 TRAFFIC_S = 12.0
 NEVER_LOADS = "ghost"  # a model whose folder does not exist: pending, never loaded
+OK_REQUESTS = 'sum(mlxfleet_requests_total{model="demo", status="200"})'
 
 
 def require(tool: str | None, name: str) -> str:
@@ -217,6 +218,7 @@ def test_tokens_counted_equal_usage_and_every_dashboard_panel_returns_data(
     fleet: Fleet, prometheus: str
 ) -> None:
     before = _scalar(prometheus, 'sum(mlxfleet_generation_tokens_total{model="demo"})')
+    answered = _scalar(prometheus, OK_REQUESTS)
     tokens = serve_traffic(fleet, TRAFFIC_S)
     assert len(tokens) >= 4
     after = wait_for(
@@ -229,6 +231,9 @@ def test_tokens_counted_equal_usage_and_every_dashboard_panel_returns_data(
         "Prometheus to see every generated token",
     )
     assert after - before == sum(tokens)  # the gateway counts exactly what usage reported
+    # every stream counted once as a 200, the unknown model as a 404 without a model label
+    assert _scalar(prometheus, OK_REQUESTS) - answered == len(tokens)
+    assert _scalar(prometheus, 'sum(mlxfleet_requests_total{model="", status="404"})') == 1
 
     node = httpx.get(f"{fleet.base}/prometheus/targets").json()[0]["labels"]["node"]
     empty = []
@@ -253,13 +258,13 @@ def _scalar(prometheus: str, expr: str) -> float:
 
 
 def test_an_agent_restart_keeps_every_scrape_well_formed_and_queries_error_free(
-    fleet: Fleet, prometheus: str, tmp_path: Path
+    fleet: Fleet, prometheus: str
 ) -> None:
     """The agent goes away (its models with it) and comes back: the coordinator's metrics stay
     valid with the node offline and nothing placed, every panel query still succeeds (empty is
     fine, an error is not), and Prometheus finds the agent again through discovery."""
     node = httpx.get(f"{fleet.base}/prometheus/targets").json()[0]["labels"]["node"]
-    agent_home = Path(_flag(fleet.agent.popen.args, "--home"))
+    agent_home = fleet.agent_home(fleet.agent)
     fleet.agent.stop()
     wait_for(
         lambda: httpx.get(f"{fleet.base}/prometheus/targets").json() == [],
@@ -276,9 +281,7 @@ def test_an_agent_restart_keeps_every_scrape_well_formed_and_queries_error_free(
         for _title, expr in panel_exprs(json.loads(path.read_text())):
             query(prometheus, substitute(expr, node))  # asserts status success
 
-    fleet.agents.append(
-        start_agent(fleet.home, fleet.runtime, agent_home, tmp_path / "agent-again.log")
-    )
+    fleet.start_agent(home=agent_home)
     wait_for(
         lambda: fleet.models().get("demo", {}).get("interactive") == "ready",
         120,
@@ -291,7 +294,3 @@ def test_an_agent_restart_keeps_every_scrape_well_formed_and_queries_error_free(
     )
     assert jobs["mlxfleet-agents"][0]["labels"]["node"] == node  # the same node, not a new one
     promtool_check_metrics(httpx.get(f"{fleet.base}/metrics").content)
-
-
-def _flag(args: list[str], name: str) -> str:
-    return args[args.index(name) + 1]

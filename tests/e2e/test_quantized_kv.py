@@ -8,67 +8,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import (
-    Proc,
-    children_of,
-    mlxfleet,
-    run_ok,
-    start_agent,
-    start_coordinator,
-    wait_for,
-)
-
-READY_TIMEOUT_S = 120.0
-
-
-@dataclass
-class Fleet:
-    base: str
-    key: str
-    agent: Proc
-    agent_home: Path
+from tests.conftest import Proc, children_of
+from tests.e2e.fleet import Fleet, running_fleet
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Fleet]:
-    home = tmp_path_factory.mktemp("coord")
-    (home / "fleet.toml").write_text(
+    config = (
         f'[[models]]\nname = "long"\nsource = "{demo_model}"\ntier = "batch"\n'
         "kv_bits = 8\nkv_group_size = 32\npinned = true\n"
     )
-    logs = tmp_path_factory.mktemp("logs")
-    coordinator, runtime = start_coordinator(home, home / "fleet.toml", logs / "coordinator.log")
-    agent = None
-    try:
-        key = run_ok(
-            mlxfleet("keys", "create", "--name", "etl", "--tiers", "batch", "--home", str(home))
-        )
-        agent_home = tmp_path_factory.mktemp("agent")
-        agent = start_agent(home, runtime, agent_home, logs / "agent.log")
-        f = Fleet(f"http://127.0.0.1:{runtime['gateway_port']}", key, agent, agent_home)
-
-        def ready() -> bool:
-            r = httpx.get(f"{f.base}/v1/models", headers={"Authorization": f"Bearer {key}"})
-            tiers = {m["id"]: m["mlxfleet"]["tiers"] for m in r.json()["data"]}
-            return tiers.get("long") == {"batch": "ready"}
-
-        wait_for(ready, READY_TIMEOUT_S, "the quantized batch unit to be ready")
+    with running_fleet(
+        tmp_path_factory, config, key_args=("--tiers", "batch"), ready=[("long", "batch")]
+    ) as f:
         yield f
-    except BaseException:
-        print("--- coordinator log ---\n" + coordinator.output()[-5000:])
-        if agent is not None:
-            print("--- agent log ---\n" + agent.output()[-5000:])
-        raise
-    finally:
-        if agent is not None:
-            agent.stop()
-        coordinator.stop()
 
 
 def engine_argv(agent: Proc) -> list[str]:
@@ -87,8 +45,9 @@ def test_the_engine_runs_8_bit_kv_one_request_at_a_time(fleet: Fleet) -> None:
     flags = dict(zip(argv[3::2], argv[4::2], strict=False))
     assert (flags["--tier"], flags["--kv-bits"], flags["--kv-group-size"]) == ("batch", "8", "32")
     assert flags["--max-concurrency"] == "1"
-    logs = list(fleet.agent_home.glob("**/logs/long-*.log"))
-    assert len(logs) == 1, list(fleet.agent_home.rglob("*"))
+    agent_home = fleet.agent_home(fleet.agent)
+    logs = list(agent_home.glob("**/logs/long-*.log"))
+    assert len(logs) == 1, list(agent_home.rglob("*"))
     assert "kv 8-bit, one sequence at a time" in logs[0].read_text()
 
     async def two() -> list[httpx.Response]:

@@ -16,9 +16,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import mlxfleet, run_ok, start_agent, start_coordinator, wait_for
+from tests.conftest import wait_for
+from tests.e2e.fleet import Fleet, running_fleet
 
-READY_TIMEOUT_S = 120.0
 MOVE_TIMEOUT_S = 60.0
 
 
@@ -31,41 +31,32 @@ class Node:
         self.readings.write_text(json.dumps(fields))
 
 
-@dataclass
-class TriggerFleet:
-    base: str
-    home: Path
-    key: str
-    a: Node
-    b: Node
-
-    def cli(self, *args: str) -> str:
-        return run_ok(mlxfleet(*args, "--home", str(self.home)))
-
-    def placed(self, tier: str) -> list[str]:
-        """Nodes with a ready engine of demo in this tier."""
-        rows = {r["tier"]: r for r in json.loads(self.cli("models", "--json"))}
-        return sorted(e.split(":")[0] for e in rows[tier]["engines"] if e.endswith(": ready"))
-
-    def events(self, node: Node) -> list[tuple[str, str]]:
-        rows = json.loads(self.cli("events", "--json", "--node", node.node_id))
-        return [(r["kind"], r["detail"]) for r in rows]
-
-    def chat(self, tier: str) -> int:
-        r = httpx.post(
-            f"{self.base}/v1/chat/completions",
-            json={
-                "model": "demo",
-                "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": 2,
-            },
-            headers={"Authorization": f"Bearer {self.key}", "X-Mlxfleet-Tier": tier},
-            timeout=60,
-        )
-        return r.status_code
+def placed(fleet: Fleet, tier: str) -> list[str]:
+    """Nodes with a ready engine of demo in this tier."""
+    rows = {r["tier"]: r for r in json.loads(fleet.cli("models", "--json"))}
+    return sorted(e.split(":")[0] for e in rows[tier]["engines"] if e.endswith(": ready"))
 
 
-def metric(fleet: TriggerFleet, name: str, **labels: str) -> float | None:
+def node_events(fleet: Fleet, node: Node) -> list[tuple[str, str]]:
+    rows = json.loads(fleet.cli("events", "--json", "--node", node.node_id))
+    return [(r["kind"], r["detail"]) for r in rows]
+
+
+def chat(fleet: Fleet, tier: str) -> int:
+    r = httpx.post(
+        f"{fleet.base}/v1/chat/completions",
+        json={
+            "model": "demo",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2,
+        },
+        headers={"Authorization": f"Bearer {fleet.key}", "X-Mlxfleet-Tier": tier},
+        timeout=60,
+    )
+    return r.status_code
+
+
+def metric(fleet: Fleet, name: str, **labels: str) -> float | None:
     """One sample from the coordinator's GET /metrics (Prometheus text format), or None."""
     text = httpx.get(f"{fleet.base}/metrics", timeout=10).text
     for family in text_string_to_metric_families(text):
@@ -76,78 +67,49 @@ def metric(fleet: TriggerFleet, name: str, **labels: str) -> float | None:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[TriggerFleet]:
-    home = tmp_path_factory.mktemp("coord")
-    (home / "fleet.toml").write_text(
+def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Fleet]:
+    config = (
         f'[[models]]\nname = "demo"\nsource = "{demo_model}"\n'
         'tiers = ["interactive", "batch"]\npinned = true\n'
         "\n[triggers]\nswap_for_s = 2\n"  # the seeds' 90 s, shortened for the test
     )
-    logs = tmp_path_factory.mktemp("logs")
-    coordinator, runtime = start_coordinator(home, home / "fleet.toml", logs / "coordinator.log")
-    procs = [coordinator]
-    try:
-        key = run_ok(mlxfleet("keys", "create", "--home", str(home)))
-        nodes = []
-        for name, reserve in (("a", "12"), ("b", "8")):
-            agent_home = tmp_path_factory.mktemp(f"agent-{name}")
-            readings = agent_home / "readings.json"
+    with running_fleet(tmp_path_factory, config, agents=0, ready=()) as f:
+        for reserve in ("12", "8"):  # A, then B
+            home = tmp_path_factory.mktemp("agent")
+            readings = home / "readings.json"
             readings.write_text("{}")
-            procs.append(
-                start_agent(
-                    home,
-                    runtime,
-                    agent_home,
-                    logs / f"agent-{name}.log",
-                    "--role",
-                    "server",
-                    "--os-reserve-gib",
-                    reserve,
-                    env={"MLXFLEET_READINGS_FILE": str(readings)},
-                )
-            )
-            identity = agent_home / "agent" / "identity.json"
-            node_id = wait_for(
-                lambda p=identity: p.exists() and json.loads(p.read_text()),
-                30,
-                f"agent {name} to enroll",
-            )["node_id"]
-            nodes.append(Node(node_id, readings))
-        f = TriggerFleet(f"http://127.0.0.1:{runtime['gateway_port']}", home, key, *nodes)
-        wait_for(
-            lambda: f.placed("batch") and f.placed("interactive"),
-            READY_TIMEOUT_S,
-            "demo to be ready in both tiers",
-        )
+            env = {"MLXFLEET_READINGS_FILE": str(readings)}
+            f.start_agent("--role", "server", "--os-reserve-gib", reserve, home=home, env=env)
+        f.wait_ready([("demo", "batch"), ("demo", "interactive")])
         yield f
-    except BaseException:
-        for p in procs:
-            print(f"--- {p.log.name} ---\n" + p.output()[-4000:])
-        raise
-    finally:
-        for p in reversed(procs):
-            p.stop()
 
 
-def test_thermal_serious_moves_the_batch_tier_away_then_clears(fleet: TriggerFleet) -> None:
-    [hot_id] = fleet.placed("batch")
-    hot, cool = (fleet.a, fleet.b) if hot_id == fleet.a.node_id else (fleet.b, fleet.a)
-    interactive_before = fleet.placed("interactive")
+def two_nodes(fleet: Fleet) -> tuple[Node, Node]:
+    """A and B, each with the readings file its agent reads instead of the OS's."""
+    a, b = (Node(fleet.node_id(p), fleet.agent_home(p) / "readings.json") for p in fleet.agents)
+    return a, b
+
+
+def test_thermal_serious_moves_the_batch_tier_away_then_clears(fleet: Fleet) -> None:
+    a, b = two_nodes(fleet)
+    [hot_id] = placed(fleet, "batch")
+    hot, cool = (a, b) if hot_id == a.node_id else (b, a)
+    interactive_before = placed(fleet, "interactive")
     hot.report(thermal_state="serious")
     wait_for(
-        lambda: fleet.placed("batch") == [cool.node_id],
+        lambda: placed(fleet, "batch") == [cool.node_id],
         MOVE_TIMEOUT_S,
         "the batch tier to move off the hot node",
     )
-    fired = [d for k, d in fleet.events(hot) if k == "trigger_fired"]
+    fired = [d for k, d in node_events(fleet, hot) if k == "trigger_fired"]
     assert any(d.startswith("thermal serious:") and d.endswith("-> move_batch") for d in fired)
-    assert fleet.placed("interactive") == interactive_before  # only the batch tier moves
+    assert placed(fleet, "interactive") == interactive_before  # only the batch tier moves
     assert metric(fleet, "mlxfleet_trigger_active", node=hot.node_id, trigger="thermal") == 1
-    assert fleet.chat("batch") == 200 and fleet.chat("interactive") == 200
+    assert chat(fleet, "batch") == 200 and chat(fleet, "interactive") == 200
     hot.report(thermal_state="nominal")
     wait_for(
         lambda: any(
-            k == "trigger_cleared" and d.startswith("thermal") for k, d in fleet.events(hot)
+            k == "trigger_cleared" and d.startswith("thermal") for k, d in node_events(fleet, hot)
         ),
         30,
         "the thermal trigger to clear",
@@ -158,25 +120,26 @@ def test_thermal_serious_moves_the_batch_tier_away_then_clears(fleet: TriggerFle
     assert metric(fleet, events, node=hot.node_id, trigger="thermal", event="cleared") == 1
 
 
-def test_critical_pressure_drains_a_node_then_clears(fleet: TriggerFleet) -> None:
-    [busy_id] = fleet.placed("batch")
-    busy, other = (fleet.a, fleet.b) if busy_id == fleet.a.node_id else (fleet.b, fleet.a)
+def test_critical_pressure_drains_a_node_then_clears(fleet: Fleet) -> None:
+    a, b = two_nodes(fleet)
+    [busy_id] = placed(fleet, "batch")
+    busy, other = (a, b) if busy_id == a.node_id else (b, a)
     busy.report(memory_pressure="critical")
     wait_for(
         lambda: (
-            fleet.placed("interactive") == [other.node_id]
-            and fleet.placed("batch") == [other.node_id]
+            placed(fleet, "interactive") == [other.node_id]
+            and placed(fleet, "batch") == [other.node_id]
         ),
         MOVE_TIMEOUT_S,
         "both tiers to move off the node under critical pressure",
     )
-    fired = [d for k, d in fleet.events(busy) if k == "trigger_fired"]
+    fired = [d for k, d in node_events(fleet, busy) if k == "trigger_fired"]
     assert any(d.startswith("pressure critical:") and d.endswith("-> drain") for d in fired)
-    assert fleet.chat("interactive") == 200 and fleet.chat("batch") == 200
+    assert chat(fleet, "interactive") == 200 and chat(fleet, "batch") == 200
     busy.report(memory_pressure="normal")
     wait_for(
         lambda: any(
-            k == "trigger_cleared" and d.startswith("pressure") for k, d in fleet.events(busy)
+            k == "trigger_cleared" and d.startswith("pressure") for k, d in node_events(fleet, busy)
         ),
         30,
         "the pressure trigger to clear",
@@ -185,9 +148,10 @@ def test_critical_pressure_drains_a_node_then_clears(fleet: TriggerFleet) -> Non
     assert nodes[busy.node_id]["state"] == "live"
 
 
-def test_drain_moves_models_off_while_an_in_flight_stream_finishes(fleet: TriggerFleet) -> None:
-    [source_id] = fleet.placed("interactive")
-    target_id = fleet.b.node_id if source_id == fleet.a.node_id else fleet.a.node_id
+def test_drain_moves_models_off_while_an_in_flight_stream_finishes(fleet: Fleet) -> None:
+    a, b = two_nodes(fleet)
+    [source_id] = placed(fleet, "interactive")
+    target_id = b.node_id if source_id == a.node_id else a.node_id
     max_tokens = 3000  # seconds of decoding: still running when the replacement is ready
     with httpx.stream(
         "POST",
@@ -211,36 +175,39 @@ def test_drain_moves_models_off_while_an_in_flight_stream_finishes(fleet: Trigge
     assert rest[-1] == "[DONE]" and not [c for c in chunks if "error" in c]
     assert chunks[-1]["usage"]["completion_tokens"] == max_tokens  # finished, not cut
     wait_for(
-        lambda: fleet.placed("interactive") == [target_id] and fleet.placed("batch") == [target_id],
+        lambda: (
+            placed(fleet, "interactive") == [target_id] and placed(fleet, "batch") == [target_id]
+        ),
         MOVE_TIMEOUT_S,
         "both tiers to move off the drained node",
     )
     nodes = {n["id"]: n for n in json.loads(fleet.cli("nodes", "--json"))}
     assert nodes[source_id]["cordoned"] is True
-    assert fleet.chat("interactive") == 200
+    assert chat(fleet, "interactive") == 200
     fleet.cli("nodes", "uncordon", source_id)
     nodes = {n["id"]: n for n in json.loads(fleet.cli("nodes", "--json"))}
     assert nodes[source_id]["cordoned"] is False
 
 
 def test_sustained_swap_halts_the_ramp_and_moves_the_batch_tier_then_clears(
-    fleet: TriggerFleet,
+    fleet: Fleet,
 ) -> None:
-    [swapping_id] = fleet.placed("batch")
-    swapping, other = (fleet.a, fleet.b) if swapping_id == fleet.a.node_id else (fleet.b, fleet.a)
+    a, b = two_nodes(fleet)
+    [swapping_id] = placed(fleet, "batch")
+    swapping, other = (a, b) if swapping_id == a.node_id else (b, a)
     swapping.report(swap_used_bytes=1024 * 2**20)  # 1 GiB > 768 MiB, held past swap_for_s
     wait_for(
-        lambda: fleet.placed("batch") == [other.node_id],
+        lambda: placed(fleet, "batch") == [other.node_id],
         MOVE_TIMEOUT_S,
         "the batch tier to move off the swapping node",
     )
-    fired = [d for k, d in fleet.events(swapping) if k == "trigger_fired"]
+    fired = [d for k, d in node_events(fleet, swapping) if k == "trigger_fired"]
     assert any(d.startswith("swap") and "halt_ramp" in d and "move_batch" in d for d in fired)
-    assert fleet.chat("batch") == 200
+    assert chat(fleet, "batch") == 200
     swapping.report(swap_used_bytes=0)
     wait_for(
         lambda: any(
-            k == "trigger_cleared" and d.startswith("swap") for k, d in fleet.events(swapping)
+            k == "trigger_cleared" and d.startswith("swap") for k, d in node_events(fleet, swapping)
         ),
         30,
         "the swap trigger to clear",

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import openai
 from node_agent.identity import NodeIdentity
 from tests.conftest import children_of, read_runtime, run_ok, wait_for
 from tests.netns import Host, Network
+from tests.stream_load import ClientLoops
 
 MODEL = "demo"
 COORDINATOR_START_S = 60.0  # imports (litellm) on 2 cores, busy with engines
@@ -219,7 +219,7 @@ class Outcome:
     error: str = ""
 
 
-class Load:
+class Load(ClientLoops):
     """Client loops streaming small chat requests through the gateway until stopped.
 
     Bounded: each loop stops after `max_requests` or `max_s`, whichever comes first. The
@@ -230,30 +230,11 @@ class Load:
     def __init__(
         self, fleet: Fleet, loops: int = 2, max_requests: int = 300, max_s: float = 120.0
     ) -> None:
+        super().__init__([()] * loops, max_s)
         self.outcomes: list[Outcome] = []
         self.statuses: dict[int, int] = {}  # HTTP status -> responses seen (retries included)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._deadline = time.monotonic() + max_s
         self._max = max_requests
         self._fleet = fleet
-        self._threads = [
-            threading.Thread(target=self._loop, name=f"load-{i}", daemon=True) for i in range(loops)
-        ]
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(60)
-        assert not any(t.is_alive() for t in self._threads), "a load loop did not stop"
 
     def successes_after(self, t: float) -> int:
         with self._lock:
@@ -278,7 +259,7 @@ class Load:
         # Enough retries (Retry-After: 2 s) to ride out a re-placement of about 40 s.
         client = self._fleet.client(max_retries=20, http=http)
         done = 0
-        while not self._stop.is_set() and done < self._max and time.monotonic() < self._deadline:
+        while self.running() and done < self._max:
             done += 1
             started = time.monotonic()
             try:
