@@ -22,6 +22,7 @@ class BatchDecoder:
         self._model = model
         # The only stop sequences BatchGenerator sees are EOS tokens; stop strings are ours.
         self._eos_stops = StopSequences([(t,) for t in sorted(eos_ids)])
+        self._no_stops = StopSequences([])
         self._bg = self._new_generator(slots)
 
     def _new_generator(self, slots: int) -> Any:
@@ -38,15 +39,20 @@ class BatchDecoder:
         return max_concurrency
 
     def insert(
-        self, prompts: list[list[int]], max_tokens: list[int], samplers: list[Sampler]
+        self,
+        prompts: list[list[int]],
+        max_tokens: list[int],
+        samplers: list[Sampler],
+        ignore_eos: list[bool] | None = None,
     ) -> list[int]:
         # Inserted together, they prefill together.
+        ignore = ignore_eos or [False] * len(prompts)
         return list(
             self._bg.insert(
                 prompts,
                 max_tokens=max_tokens,
                 samplers=samplers,
-                stop_sequences=[self._eos_stops] * len(prompts),
+                stop_sequences=[self._no_stops if i else self._eos_stops for i in ignore],
             )
         )
 

@@ -38,9 +38,14 @@ class Decoder(Protocol):
         ...
 
     def insert(
-        self, prompts: list[list[int]], max_tokens: list[int], samplers: list[Sampler]
+        self,
+        prompts: list[list[int]],
+        max_tokens: list[int],
+        samplers: list[Sampler],
+        ignore_eos: list[bool] | None = None,
     ) -> list[int]:
-        """Start sequences (no more than the free slots); returns their uids in order."""
+        """Start sequences (no more than the free slots); returns their uids in order. A
+        sequence with ignore_eos runs to its max_tokens through end-of-sequence tokens."""
         ...
 
     def remove(self, uid: int) -> None:

@@ -324,6 +324,7 @@ class ModelThread:
                 [job.prompt_ids for job, _ in ready],
                 [job.max_tokens for job, _ in ready],
                 [sampler for _, sampler in ready],
+                [job.params.ignore_eos for job, _ in ready],
             )
         except Exception as exc:
             logger.exception("could not start %d requests", len(ready))

@@ -50,6 +50,8 @@ class SamplingParams:
     top_p: float
     seed: int | None
     stop: tuple[str, ...]
+    # vLLM's extension, for benchmarks: generate to max_tokens through end-of-sequence tokens.
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,12 +203,16 @@ def _parse_sampling(body: dict[str, Any]) -> SamplingParams:
             raise InvalidRequest(
                 f"Unsupported parameter '{param}'.", param, "unsupported_parameter"
             )
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _type_error("ignore_eos", "a boolean", ignore_eos)
     return SamplingParams(
         max_tokens=_parse_max_tokens(body),
         temperature=float(temperature),
         top_p=float(top_p),
         seed=seed,
         stop=_parse_stop(body.get("stop")),
+        ignore_eos=ignore_eos,
     )
 
 

@@ -35,6 +35,7 @@ class _Sequence:
     steps: Generator[tuple[Any, Any], None, None]
     cache: list[Any]  # the per-layer caches generate_step fills (and quantizes) in place
     max_tokens: int
+    ignore_eos: bool = False
     generated: int = 0
 
 
@@ -61,7 +62,11 @@ class SequentialDecoder:
         return 1
 
     def insert(
-        self, prompts: list[list[int]], max_tokens: list[int], samplers: list[Sampler]
+        self,
+        prompts: list[list[int]],
+        max_tokens: list[int],
+        samplers: list[Sampler],
+        ignore_eos: list[bool] | None = None,
     ) -> list[int]:
         if self._current is not None or len(prompts) != 1:
             raise ValueError(f"decodes one sequence at a time, asked to start {len(prompts)}")
@@ -76,7 +81,8 @@ class SequentialDecoder:
             kv_group_size=self._group_size,
             quantized_kv_start=QUANTIZED_KV_START_TOKENS,
         )
-        self._current = _Sequence(next(self._uids), steps, cache, max_tokens[0])
+        ignore = bool(ignore_eos and ignore_eos[0])
+        self._current = _Sequence(next(self._uids), steps, cache, max_tokens[0], ignore)
         return [self._current.uid]
 
     def remove(self, uid: int) -> None:
@@ -90,7 +96,7 @@ class SequentialDecoder:
         token = int(next(seq.steps)[0])
         seq.generated += 1
         finish = None
-        if token in self._eos_ids:
+        if token in self._eos_ids and not seq.ignore_eos:
             finish = "stop"
         elif seq.generated >= seq.max_tokens:
             finish = "length"

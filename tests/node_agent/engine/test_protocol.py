@@ -62,6 +62,7 @@ BAD_CHAT = [
     ({"messages": USER, "stream_options": []}, 400, "invalid_type", "stream_options"),
     ({"messages": USER, "model": 3}, 400, "invalid_type", "model"),
     ({"messages": USER, "logprobs": True}, 400, "unsupported_parameter", "logprobs"),
+    ({"messages": USER, "ignore_eos": "yes"}, 400, "invalid_type", "ignore_eos"),
 ]
 
 
@@ -117,6 +118,7 @@ def test_good_chat_request_is_normalized() -> None:
         "stream": True,
         "stream_options": {"include_usage": True},
         "n": 1,
+        "ignore_eos": True,
     }
     req = parse_chat_request(body)
     assert req.messages == (
@@ -126,7 +128,7 @@ def test_good_chat_request_is_normalized() -> None:
     )
     assert req.params.max_tokens == 7  # max_completion_tokens wins over max_tokens
     assert (req.params.temperature, req.params.top_p, req.params.seed) == (0.0, 0.5, -3)
-    assert req.params.stop == ("x",)
+    assert req.params.stop == ("x",) and req.params.ignore_eos
     assert (req.stream, req.include_usage, req.model) == (True, True, "m")
 
 
@@ -135,7 +137,7 @@ def test_defaults_leave_max_tokens_to_the_engine() -> None:
     assert req.params.max_tokens is None
     assert (req.params.temperature, req.params.top_p, req.params.seed) == (1.0, 1.0, None)
     assert req.params.stop == ("b",)
-    assert (req.stream, req.include_usage) == (False, False)
+    assert (req.stream, req.include_usage, req.params.ignore_eos) == (False, False, False)
     assert parse_completion_request({"prompt": [5, 6]}).prompt == (5, 6)
     assert parse_completion_request({"prompt": ["one"]}).prompt == "one"
 

@@ -17,6 +17,7 @@ import mlx_lm
 import pytest
 from mlx_lm.models.cache import QuantizedKVCache
 
+from node_agent.engine.batched import BatchDecoder
 from node_agent.engine.errors import InvalidRequest, QueueFull
 from node_agent.engine.generator import Event, Job, ModelThread
 from node_agent.engine.knobs import Knobs
@@ -127,6 +128,33 @@ def test_an_eos_token_ends_the_sequence_with_stop(demo_model: Path) -> None:
     decoder.insert([prompt], [8], [greedy])
     assert [(t.token, t.finish_reason) for t in decoder.step()] == [(first, None)]
     assert [(t.token, t.finish_reason) for t in decoder.step()] == [(second, "stop")]
+
+
+@pytest.mark.parametrize("kind", ["sequential", "batched"])
+def test_ignore_eos_runs_to_max_tokens_through_an_eos_token(demo_model: Path, kind: str) -> None:
+    """vLLM's ignore_eos, for benchmarks that must generate exactly max_tokens: the token
+    that ends the plain request is generated through by the one that ignores it."""
+    model, tokenizer = mlx_lm.load(str(demo_model))[:2]
+    prompt = list(tokenizer.encode(PROMPT))
+    greedy = make_request_sampler(0.0, 1.0, None)
+    probe = SequentialDecoder(model, frozenset(), KV_BITS, GROUP_SIZE)
+    probe.insert([prompt], [3], [greedy])
+    second = [probe.step()[0].token for _ in range(2)][1]
+    eos = frozenset({second})
+    decoder: SequentialDecoder | BatchDecoder = (
+        SequentialDecoder(model, eos, KV_BITS, GROUP_SIZE)
+        if kind == "sequential"
+        else BatchDecoder(model, eos, 2)
+    )
+    n = 1 if kind == "sequential" else 2  # the sequential decoder takes one at a time
+    uids = decoder.insert([prompt] * n, [6] * n, [greedy] * n, [True, False][:n])
+    finished: dict[int, list[str | None]] = {uid: [] for uid in uids}
+    while any(not f or f[-1] is None for f in finished.values()):
+        for t in decoder.step():
+            finished[t.uid].append(t.finish_reason)
+    assert finished[uids[0]] == [None] * 5 + ["length"]  # 6 tokens, the EOS among them
+    if kind == "batched":
+        assert finished[uids[1]] == [None, "stop"]  # the plain request stops at the EOS
 
 
 def test_a_group_size_that_does_not_divide_head_dim_fails_the_warm_up(demo_model: Path) -> None:
