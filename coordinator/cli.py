@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from coordinator import cli_service
+from coordinator import cli_bench, cli_service
 from coordinator.cli_admin import cmd_models, cmd_nodes, cmd_tiers
 from coordinator.cli_keys import cmd_keys_create, cmd_keys_list
 from coordinator.config import Config, ModelSpec, default_home, load_config
@@ -436,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     events.set_defaults(func=_cmd_events)
 
     cli_service.add_parser(sub)
+    cli_bench.add_parser(sub)
 
     demo = sub.add_parser("demo-model", help="write the offline demo model to PATH")
     demo.add_argument("path")
@@ -447,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        args.func(args)
+        status = args.func(args)
     except KeyboardInterrupt:
         return 130
     except (Error, AgentError) as exc:
@@ -456,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"mlxfleet: error: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return status or 0  # a command may return its own status (bench: 1 when a gate tripped)
 
 
 if __name__ == "__main__":

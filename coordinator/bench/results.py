@@ -55,6 +55,9 @@ class Sample:
     content_chunks: int  # chunks that carried text, counted by the client
     finish_reason: str | None
     error: str | None = None  # one line; None for a success
+    # Generated tokens the client counted itself (mlxfleet's token ids on the chunks); None
+    # when the endpoint does not send them. Checks `completion_tokens` against the stream.
+    tokens_counted: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -93,6 +96,9 @@ class Cell:
     aggregate_tokens_per_s: float  # completion tokens of the cell / its wall time
     completion_tokens: int
     ran_to_max_tokens: int  # requests whose completion reached max_tokens
+    # Requests whose prompt (the endpoint's usage) was not exactly prompt_tokens long: the
+    # length could not be hit with this endpoint's tokenizer.
+    prompt_tokens_missed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +148,7 @@ class Resources:
 
 @dataclass(frozen=True, slots=True)
 class Gate:
-    """One SLA gate: tripped when value > limit."""
+    """One SLA gate: tripped when value > limit (swap: when its stretch reaches limit s)."""
 
     name: Literal["tail_ratio", "swap", "rss"]
     limit: float
