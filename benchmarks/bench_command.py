@@ -31,10 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import (
+    CLI_TIMEOUT_S,
     DOCS,
     REPO,
     Proc,
+    agent_cli,
     cli,
+    cli_out,
     coordinator_cli,
     machine,
     publish,
@@ -62,18 +65,11 @@ SWEEP_MAX_TOKENS = 32
 START_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 180.0  # cold engine starts on 2 cores
 BENCH_TIMEOUT_S = 400.0
-CLI_TIMEOUT_S = 60.0
 NONE = "—"
 DOCS_WIDTH = 100
 
 
 # Processes
-
-
-def cli_out(*args: str) -> str:
-    return subprocess.run(
-        cli(*args), capture_output=True, text=True, check=True, cwd=REPO, timeout=CLI_TIMEOUT_S
-    ).stdout.strip()
 
 
 def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
@@ -123,13 +119,7 @@ def running_fleet(workdir: Path, model: Path) -> Iterator[Fleet]:
             lambda: read_json(home / "coordinator.json"), START_TIMEOUT_S, "the coordinator"
         )
         key = cli_out("keys", "create", "--name", "bench", "--home", str(home))
-        token = cli_out("token", "create", "--home", str(home))
-        agent_argv = cli(
-            "agent", "--coordinator", f"127.0.0.1:{runtime['grpc_port']}",
-            "--enroll-port", str(runtime["enroll_port"]), "--token", token, "--no-mdns",
-            "--home", str(workdir / "agent"), "--metrics-port", "0",
-        )  # fmt: skip
-        procs.append(Proc(agent_argv, workdir / "agent.log"))
+        procs.append(Proc(agent_cli(home, runtime, workdir / "agent"), workdir / "agent.log"))
         fleet = Fleet(home, f"http://127.0.0.1:{runtime['gateway_port']}", key, *procs)
         wait_for(fleet.tiers_ready, READY_TIMEOUT_S, "demo/interactive and demo/batch", 0.5)
         yield fleet

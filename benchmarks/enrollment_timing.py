@@ -40,7 +40,7 @@ from harness import (
     DOCS,
     REPO,
     STOP_TIMEOUT_S,
-    cli,
+    cli_out,
     descendants,
     machine,
     mlx_cache_state,
@@ -82,12 +82,6 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
     proc.wait()
-
-
-def cli_out(*args: str) -> str:
-    return subprocess.run(
-        cli(*args), capture_output=True, text=True, check=True, cwd=REPO, timeout=60
-    ).stdout.strip()
 
 
 def http(

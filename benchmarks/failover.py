@@ -28,7 +28,6 @@ import os
 import shlex
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -45,7 +44,8 @@ from harness import (
     DOCS,
     REPO,
     Proc,
-    cli,
+    agent_cli,
+    cli_out,
     coordinator_cli,
     descendants,
     machine,
@@ -89,12 +89,6 @@ FAULTS: tuple[Fault, ...] = ("engine", "agent")
 # The fleet
 
 
-def cli_out(*args: str) -> str:
-    return subprocess.run(
-        cli(*args), capture_output=True, text=True, check=True, cwd=REPO, timeout=60
-    ).stdout.strip()
-
-
 def is_engine(pid: int) -> bool:
     try:
         return b"node_agent.engine" in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -136,24 +130,8 @@ class Fleet:
 
     def start_agent(self, home: Path) -> Agent:
         self.starts += 1
-        token = cli_out("token", "create", "--home", str(self.home))
         proc = Proc(
-            cli(
-                "agent",
-                "--coordinator",
-                f"127.0.0.1:{self.runtime['grpc_port']}",
-                "--enroll-port",
-                str(self.runtime["enroll_port"]),
-                "--token",
-                token,
-                "--no-mdns",
-                "--home",
-                str(home),
-                "--role",
-                "server",
-                "--metrics-port",
-                "0",  # several agents share this machine
-            ),
+            agent_cli(self.home, self.runtime, home, "--role", "server"),
             self.workdir / f"agent-{self.starts}.log",
         )
         return Agent(home, proc)

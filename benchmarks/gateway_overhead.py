@@ -21,7 +21,6 @@ import re
 import secrets
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,9 @@ from harness import (
     DOCS,
     REPO,
     Proc,
+    agent_cli,
     cli,
+    cli_out,
     coordinator_cli,
     machine,
     mlx_cache_state,
@@ -114,39 +115,8 @@ def running_system(workdir: Path) -> Iterator[Endpoints]:
         runtime = wait_for(
             lambda: read_json(home / "coordinator.json"), 60, "the coordinator to listen"
         )
-        key = subprocess.run(
-            cli("keys", "create", "--name", "bench", "--home", str(home)),
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=REPO,
-        ).stdout.strip()
-        token = subprocess.run(
-            cli("token", "create", "--home", str(home)),
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=REPO,
-        ).stdout.strip()
-        procs.append(
-            Proc(
-                cli(
-                    "agent",
-                    "--coordinator",
-                    f"127.0.0.1:{runtime['grpc_port']}",
-                    "--enroll-port",
-                    str(runtime["enroll_port"]),
-                    "--token",
-                    token,
-                    "--no-mdns",
-                    "--home",
-                    str(agent_home),
-                    "--metrics-port",
-                    "0",  # the default port may be taken by an agent already running here
-                ),
-                logs / "agent.log",
-            )
-        )
+        key = cli_out("keys", "create", "--name", "bench", "--home", str(home))
+        procs.append(Proc(agent_cli(home, runtime, agent_home), logs / "agent.log"))
         # The same argv the agent's supervisor uses for its engine (node_agent/supervisor.py).
         secret = secrets.token_urlsafe(32)
         engine = Proc(

@@ -97,6 +97,30 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "coordinator.cli", *args]
 
 
+CLI_TIMEOUT_S = 60.0
+
+
+def cli_out(*args: str) -> str:
+    """What `mlxfleet ARGS` prints (a key, a token); CalledProcessError when it fails."""
+    return subprocess.run(
+        cli(*args), capture_output=True, text=True, check=True, cwd=REPO, timeout=CLI_TIMEOUT_S
+    ).stdout.strip()
+
+
+def agent_cli(
+    coordinator_home: Path, runtime: dict[str, Any], home: Path, *extra: str
+) -> list[str]:
+    """argv for `mlxfleet agent` enrolling with a fresh join token with the coordinator whose
+    real ports are `runtime` (its coordinator.json): no mDNS, metrics on a free port (several
+    agents may share this machine)."""
+    token = cli_out("token", "create", "--home", str(coordinator_home))
+    return cli(
+        "agent", "--coordinator", f"127.0.0.1:{runtime['grpc_port']}",
+        "--enroll-port", str(runtime["enroll_port"]), "--token", token, "--no-mdns",
+        "--home", str(home), "--metrics-port", "0", *extra,
+    )  # fmt: skip
+
+
 def coordinator_cli(home: Path, config: Path | None = None) -> list[str]:
     """argv for `mlxfleet coordinator` on free ports; it writes the real ones to
     HOME/coordinator.json."""

@@ -24,7 +24,6 @@ import random
 import shlex
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,7 +41,8 @@ from harness import (
     DOCS,
     REPO,
     Proc,
-    cli,
+    agent_cli,
+    cli_out,
     coordinator_cli,
     machine,
     publish,
@@ -429,12 +429,6 @@ def token_counting() -> list[CountRow]:
 # Part 4: real scrapes over loopback
 
 
-def cli_out(*args: str) -> str:
-    return subprocess.run(
-        cli(*args), capture_output=True, text=True, check=True, cwd=REPO, timeout=60
-    ).stdout.strip()
-
-
 @dataclass(frozen=True, slots=True)
 class Live:
     base: str  # the gateway
@@ -478,23 +472,7 @@ def live_fleet(workdir: Path) -> Iterator[Live]:
         )
         base = f"http://127.0.0.1:{runtime['gateway_port']}"
         key = cli_out("keys", "create", "--name", "bench", "--home", str(home))
-        token = cli_out("token", "create", "--home", str(home))
-        agent = cli(
-            "agent",
-            "--coordinator",
-            f"127.0.0.1:{runtime['grpc_port']}",
-            "--enroll-port",
-            str(runtime["enroll_port"]),
-            "--token",
-            token,
-            "--no-mdns",
-            "--home",
-            str(workdir / "agent"),
-            "--role",
-            "server",
-            "--metrics-port",
-            "0",
-        )
+        agent = agent_cli(home, runtime, workdir / "agent", "--role", "server")
         procs.append(Proc(agent, workdir / "agent.log"))
         target = wait_for(lambda: agent_target(base), START_TIMEOUT_S, "/prometheus/targets")
         wait_for(lambda: routable(base, key), READY_TIMEOUT_S, "the demo model to be ready")
