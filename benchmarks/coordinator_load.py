@@ -122,9 +122,10 @@ def _emit(**message: Any) -> None:
 async def _worker(args: argparse.Namespace) -> None:
     import grpc
 
+    from mlxfleet.facts import NodeFacts
+    from mlxfleet.join import JoinToken
     from node_agent.coordinator_client import Session, enroll
-    from node_agent.identity import JoinToken
-    from node_agent.probes.base import NodeFacts, NodeReading
+    from node_agent.probes.base import NodeReading
 
     loop = asyncio.get_running_loop()
     commands: asyncio.Queue[str] = asyncio.Queue()

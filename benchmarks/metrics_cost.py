@@ -59,18 +59,12 @@ from coordinator.fleet_metrics import FleetCollector  # noqa: E402
 from coordinator.metrics import Metrics  # noqa: E402
 from coordinator.pki import FleetPki  # noqa: E402
 from coordinator.reconcile import Reconciler  # noqa: E402
-from coordinator.registry import (  # noqa: E402
-    Engine,
-    EngineId,
-    NodeFacts,
-    NodeId,
-    NodeStatus,
-    Registry,
-)
+from coordinator.registry import Engine, EngineId, NodeId, NodeStatus, Registry
 from coordinator.relay import SSE_DONE, StreamRelay  # noqa: E402
-from coordinator.routing import Routing  # noqa: E402
+from coordinator.routing import Routing
 from coordinator.store import Store  # noqa: E402
-from node_agent.engine.responses import ResponseHeader, Usage, chunk, sse  # noqa: E402
+from mlxfleet.facts import NodeFacts
+from mlxfleet.openai.responses import ResponseHeader, Usage, chunk, sse
 
 SECTION = "## Metrics cost (issue 6)"
 GIB = 2**30
@@ -194,9 +188,7 @@ def sim_fleet(root: Path, nodes: int) -> SimFleet:
         node_id = NodeId(f"node-{n:03d}")
         role = "laptop" if n % 4 == 0 else "server"
         ram = (64 if n % 3 else 128) * GIB
-        facts = NodeFacts(
-            f"host-{n:03d}", CHIPS[n % len(CHIPS)], "macOS", ram, 8, 0, 0.0, 0, "", "", "", role
-        )
+        facts = NodeFacts(f"host-{n:03d}", CHIPS[n % len(CHIPS)], "macOS", ram, 8, 0, 0.0, 0, role)
         store.save_node(node_id, facts.hostname, {"role": role})  # enrolled: the offline count
         registry.connect(node_id, facts, [])
         registry.heartbeat(node_id, status, {})

@@ -18,7 +18,8 @@ from coordinator.cli_admin import cmd_models, cmd_nodes, cmd_tiers
 from coordinator.cli_keys import cmd_keys_create, cmd_keys_list
 from coordinator.config import Config, ModelSpec, default_home, load_config
 from coordinator.errors import Error
-from node_agent.agent import DEFAULT_METRICS_PORT, AgentError
+from node_agent.agent import DEFAULT_METRICS_PORT
+from node_agent.errors import AgentError
 
 logger = logging.getLogger("mlxfleet")
 

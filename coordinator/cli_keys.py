@@ -10,7 +10,8 @@ from coordinator.cli_admin import _print_table
 from coordinator.config import MODEL_NAME_RE, Config, default_home
 from coordinator.errors import ConfigError
 from coordinator.store import Store
-from coordinator.tiers import TierError, key_tiers
+from coordinator.tiers import key_tiers
+from mlxfleet.errors import TierError
 
 
 def _store(args: argparse.Namespace) -> Store:

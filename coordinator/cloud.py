@@ -13,11 +13,12 @@ from typing import Any
 
 from aiohttp import web
 
-from coordinator.errors import ApiError
+from coordinator.errors import CloudFailed
 from coordinator.relay import SSE_DONE
-from coordinator.routing import CloudFailed, Routing, Target
-from coordinator.tiers import TIER_HEADER
-from node_agent.engine.responses import sse
+from coordinator.routing import Routing, Target
+from mlxfleet.errors import ApiError
+from mlxfleet.openai.responses import sse
+from mlxfleet.tiers import TIER_HEADER
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,9 @@ from typing import Any
 
 from coordinator.errors import ConfigError
 from coordinator.memory import DEFAULT_KV_GROUP_SIZE, KV_GROUP_SIZES, OS_RESERVE_BYTES
-from coordinator.tiers import DEFAULT_KNOBS, TIERS, Knobs, Tier, TierError, apply_knobs
 from coordinator.triggers import TriggerConfig
+from mlxfleet.errors import TierError
+from mlxfleet.tiers import DEFAULT_KNOBS, TIERS, Knobs, Tier, apply_knobs
 
 DEFAULT_GATEWAY_PORT = 8400
 DEFAULT_GRPC_PORT = 8401  # mutual TLS: the agents' control streams

@@ -17,22 +17,9 @@ from typing import cast, get_args
 from zeroconf import InterfaceChoice, InterfacesType, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from node_agent.advertise import (
-    MAX_NODE_ID_BYTES,
-    MAX_TXT_VALUE_BYTES,
-    SERVICE_TYPE,
-    ipv4_interfaces,
-    local_ipv4_addresses,
-    service_info,
-)
-from node_agent.discover import (
-    COORD_SERVICE_TYPE,
-    MAX_COORD_TXT_VALUE_BYTES,
-    MalformedRecordError,
-    txt_port,
-    txt_text,
-)
-from node_agent.probes.base import Role, ThermalState
+from mlxfleet import mdns
+from mlxfleet.errors import MalformedRecordError
+from mlxfleet.facts import Role, ThermalState
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +57,10 @@ def coordinator_txt(
         "enroll": str(enroll_port),
     }
     for key, value in txt.items():
-        if len(value.encode()) > MAX_COORD_TXT_VALUE_BYTES:
-            raise ValueError(f"TXT value for {key!r} is over {MAX_COORD_TXT_VALUE_BYTES} bytes")
+        if len(value.encode()) > mdns.MAX_COORD_TXT_VALUE_BYTES:
+            raise ValueError(
+                f"TXT value for {key!r} is over {mdns.MAX_COORD_TXT_VALUE_BYTES} bytes"
+            )
     return txt
 
 
@@ -83,36 +72,36 @@ def parse_node(
     now_s: float,
 ) -> DiscoveredNode:
     """A DiscoveredNode from one resolved record; raises MalformedRecordError."""
-    node_id = txt_text(properties, "id", MAX_NODE_ID_BYTES)
+    node_id = mdns.txt_text(properties, "id", mdns.MAX_NODE_ID_BYTES)
     if node_id != instance:
         raise MalformedRecordError(f"TXT id {node_id!r} differs from instance name {instance!r}")
-    role = txt_text(properties, "role", MAX_TXT_VALUE_BYTES)
+    role = mdns.txt_text(properties, "role", mdns.MAX_TXT_VALUE_BYTES)
     if role not in get_args(Role):
         raise MalformedRecordError(f"unknown role {role!r}")
-    thermal = txt_text(properties, "thermal", MAX_TXT_VALUE_BYTES)
+    thermal = mdns.txt_text(properties, "thermal", mdns.MAX_TXT_VALUE_BYTES)
     if thermal not in get_args(ThermalState):
         raise MalformedRecordError(f"unknown thermal state {thermal!r}")
-    ram_text = txt_text(properties, "ram_gib", MAX_TXT_VALUE_BYTES)
+    ram_text = mdns.txt_text(properties, "ram_gib", mdns.MAX_TXT_VALUE_BYTES)
     if not ram_text.isdigit() or not 0 < int(ram_text) <= MAX_RAM_GIB:
         raise MalformedRecordError(f"ram_gib is not a plausible GiB count: {ram_text!r}")
-    avail_text = txt_text(properties, "avail_gib", MAX_TXT_VALUE_BYTES)
+    avail_text = mdns.txt_text(properties, "avail_gib", mdns.MAX_TXT_VALUE_BYTES)
     try:
         avail_gib = float(avail_text)
     except ValueError as exc:
         raise MalformedRecordError(f"avail_gib is not a number: {avail_text!r}") from exc
     if not 0.0 <= avail_gib <= MAX_RAM_GIB:  # also rejects nan and inf
         raise MalformedRecordError(f"avail_gib is out of range: {avail_text!r}")
-    txt_port(properties, "metrics")
+    mdns.txt_port(properties, "metrics")
     return DiscoveredNode(
         node_id=node_id,
         addresses=tuple(addresses),
         port=port,
-        chip=txt_text(properties, "chip", MAX_TXT_VALUE_BYTES),
+        chip=mdns.txt_text(properties, "chip", mdns.MAX_TXT_VALUE_BYTES),
         ram_gib=int(ram_text),
         role=cast(Role, role),
         avail_gib=avail_gib,
         thermal=cast(ThermalState, thermal),
-        version=txt_text(properties, "v", MAX_TXT_VALUE_BYTES),
+        version=mdns.txt_text(properties, "v", mdns.MAX_TXT_VALUE_BYTES),
         last_seen=now_s,
     )
 
@@ -143,7 +132,7 @@ class CoordinatorAdvertiser:
         self._txt = coordinator_txt(version, grpc_port, gateway_port, fingerprint, enroll_port)
         self._instance = instance or socket.gethostname().split(".")[0]
         self._port = grpc_port
-        self._addresses = list(addresses) or ipv4_interfaces(interfaces)
+        self._addresses = list(addresses) or mdns.ipv4_interfaces(interfaces)
         self._interfaces = interfaces
         self._zc: AsyncZeroconf | None = None
         self._info: AsyncServiceInfo | None = None
@@ -151,8 +140,10 @@ class CoordinatorAdvertiser:
     async def start(self) -> None:
         """Register the service; returns once the announcements are sent."""
         self._zc = AsyncZeroconf(interfaces=self._interfaces)
-        addresses = self._addresses or local_ipv4_addresses()
-        info = service_info(COORD_SERVICE_TYPE, self._instance, self._port, self._txt, addresses)
+        addresses = self._addresses or mdns.local_ipv4_addresses()
+        info = mdns.service_info(
+            mdns.COORD_SERVICE_TYPE, self._instance, self._port, self._txt, addresses
+        )
         announced = await self._zc.async_register_service(info)
         await announced
         self._info = info
@@ -201,7 +192,7 @@ class Discovery:
         """Open the sockets and start browsing."""
         self._zc = AsyncZeroconf(interfaces=self._interfaces)
         self._browser = AsyncServiceBrowser(
-            self._zc.zeroconf, SERVICE_TYPE, handlers=[self._on_service_state_change]
+            self._zc.zeroconf, mdns.SERVICE_TYPE, handlers=[self._on_service_state_change]
         )
 
     async def close(self) -> None:
@@ -237,7 +228,7 @@ class Discovery:
     async def _resolve(self, name: str, instance: str) -> None:
         assert self._zc is not None
         try:
-            info = AsyncServiceInfo(SERVICE_TYPE, name)
+            info = AsyncServiceInfo(mdns.SERVICE_TYPE, name)
             if not await info.async_request(self._zc.zeroconf, RESOLVE_TIMEOUT_S * 1000):
                 logger.warning("node %s announced itself but did not answer in time", instance)
                 return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grpc
+
 
 class Error(Exception):
     """Base class for every expected coordinator failure."""
@@ -23,34 +25,21 @@ class ServiceError(Error):
     """A service file cannot be rendered, written or loaded (launchd, systemd)."""
 
 
-class ApiError(Error):
-    """An error answered at the HTTP edge as OpenAI-shaped JSON."""
+class SizingError(Error, ValueError):
+    """A model folder or config that cannot be sized."""
 
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
+
+class CloudFailed(Error):
+    """The cloud provider refused or failed a request."""
+
+    def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
 
-    def body(self) -> dict[str, object]:
-        """The OpenAI error object."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+
+class StreamRefused(Error):
+    """An agent's stream broke the contract (garbage, flooding); the reason is logged."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code

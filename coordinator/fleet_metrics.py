@@ -13,13 +13,13 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from coordinator.memory import SizingError
+from coordinator.errors import SizingError
 from coordinator.nodes import unit_state
 from coordinator.reconcile import Reconciler, unit_of
 from coordinator.registry import Node, Registry
 from coordinator.routing import Routing
 from coordinator.store import Store
-from coordinator.tiers import TIERS
+from mlxfleet.tiers import TIERS
 
 NODE_STATES = ("live", "suspect", "cordoned", "offline")
 ROLES = ("laptop", "server")

@@ -21,7 +21,6 @@ from aiohttp import web
 from coordinator.cloud import serve_cloud
 from coordinator.config import RETRY_AFTER_S, Config
 from coordinator.discovery import Discovery
-from coordinator.errors import ApiError
 from coordinator.fleet_metrics import sd_targets
 from coordinator.limits import (
     BYTES_PER_TOKEN,
@@ -38,12 +37,10 @@ from coordinator.relay import SSE_DONE, StreamRelay
 from coordinator.routing import Routing, Target
 from coordinator.status_page import StatusPage
 from coordinator.store import ApiKey, Store
-from coordinator.tiers import TIER_HEADER, TIERS, KeyTiers, TierError, key_tiers, parse_tier
-from node_agent.engine.protocol import (
-    InvalidRequest,
-    parse_chat_request,
-    parse_completion_request,
-)
+from coordinator.tiers import KeyTiers, key_tiers
+from mlxfleet.errors import ApiError, TierError
+from mlxfleet.openai.protocol import parse_chat_request, parse_completion_request
+from mlxfleet.tiers import TIER_HEADER, TIERS, parse_tier
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +366,7 @@ class Gateway:
         parse = parse_chat_request if kind == "chat" else parse_completion_request
         try:
             parsed = parse(body)
-        except InvalidRequest as exc:
+        except ApiError as exc:
             raise ApiError(
                 exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code
             ) from None

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from coordinator.errors import EnrollmentError
+from coordinator.errors import EnrollmentError, StreamRefused
 from coordinator.pki import FleetPki
 from coordinator.reconcile import Reconciler, unit_of
 from coordinator.registry import (
@@ -20,14 +20,14 @@ from coordinator.registry import (
     Engine,
     EngineId,
     LoadCommand,
-    NodeFacts,
     NodeId,
     NodeStatus,
     Registry,
     SetKnobsCommand,
 )
 from coordinator.store import Store
-from coordinator.tiers import Knobs
+from mlxfleet.facts import NodeFacts
+from mlxfleet.tiers import Knobs
 from mlxfleet.v1 import fleet_pb2 as pb
 from mlxfleet.v1 import fleet_pb2_grpc
 
@@ -64,7 +64,8 @@ def facts_from_pb(f: pb.NodeFacts) -> NodeFacts:
         mlx_version=f.mlx_version,
         mlx_lm_version=f.mlx_lm_version,
         agent_version=f.agent_version,
-        role=_enum_name(pb.Role, f.role, "ROLE_"),
+        # An agent that sent no role reads "unknown": never a server, never a laptop that opted in.
+        role=_enum_name(pb.Role, f.role, "ROLE_"),  # type: ignore[arg-type]
         labels=dict(f.labels),
         serve_interactive=f.serve_interactive,
         os_reserve_bytes=f.os_reserve_bytes,
@@ -124,14 +125,6 @@ def command_to_pb(command: Command) -> pb.CoordinatorMessage:
             set_knobs=pb.SetKnobs(engine_id=command.engine_id, knobs=knobs_to_pb(command.knobs))
         )
     return pb.CoordinatorMessage(unload=pb.UnloadModel(engine_id=command.engine_id))
-
-
-class StreamRefused(Exception):
-    """An agent's stream broke the contract (garbage, flooding); the reason is logged."""
-
-    def __init__(self, code: grpc.StatusCode, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
 
 
 class FleetService(fleet_pb2_grpc.FleetServicer):

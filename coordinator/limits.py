@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from coordinator.errors import ApiError
+from mlxfleet.errors import ApiError
 
 WINDOW_S = 60.0
 DEFAULT_COMPLETION_TOKENS = 256  # charged for a request that sends no max_tokens

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.errors import SizingError
+
 GIB = 2**30
 OS_RESERVE_BYTES = 8 * GIB  # seed 000 §4: macOS and the user's apps before weights + KV
 # Engine overhead beyond weights and KV, in two parts:
@@ -33,10 +35,6 @@ MODEL_DTYPE_BYTES = 2  # fp16/bf16: the KV cache's dtype, and its quantization s
 # mlx-lm 0.32.2: a QuantizedKVCache cannot merge into a batch (no `merge`), so only an engine
 # that decodes one sequence at a time may quantize its KV cache (the batch tier's, see config).
 QUANTIZED_KV_MAX_SEQUENCES = 1
-
-
-class SizingError(ValueError):
-    """A model folder or config that cannot be sized."""
 
 
 @dataclass(frozen=True, slots=True)

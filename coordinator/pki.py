@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from coordinator.errors import EnrollmentError
-from node_agent.identity import COORDINATOR_TLS_NAME as SERVER_NAME
-from node_agent.identity import fingerprint, new_key_pem
+from mlxfleet.join import COORDINATOR_TLS_NAME as SERVER_NAME
+from mlxfleet.join import fingerprint, new_key_pem
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 GIB = 2**30
-Tier = Literal["interactive", "batch"]
+from mlxfleet.tiers import Tier  # noqa: E402
 
 
 @dataclass(frozen=True, slots=True)

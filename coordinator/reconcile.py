@@ -20,7 +20,8 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from coordinator.config import DEFAULT_CONTEXT_LENGTH, Config, ModelSpec
-from coordinator.memory import SizingError, node_budget, size_engine
+from coordinator.errors import SizingError
+from coordinator.memory import node_budget, size_engine
 from coordinator.metrics import Metrics
 from coordinator.policy import Demand, Offer, place
 from coordinator.registry import (
@@ -35,8 +36,8 @@ from coordinator.registry import (
     UnloadCommand,
 )
 from coordinator.store import Store
-from coordinator.tiers import Knobs, Tier, apply_knobs
 from coordinator.triggers import Change, Reading, Triggers
+from mlxfleet.tiers import Knobs, Tier, apply_knobs
 
 logger = logging.getLogger(__name__)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal, NewType, Protocol
 
-from coordinator.tiers import Knobs
+from mlxfleet.facts import NodeFacts
+from mlxfleet.tiers import Knobs
 
 logger = logging.getLogger(__name__)
 
@@ -17,27 +17,6 @@ NodeId = NewType("NodeId", str)
 EngineId = NewType("EngineId", str)
 EngineState = Literal["starting", "ready", "stopping", "exited"]
 Liveness = Literal["live", "suspect"]
-
-
-@dataclass(frozen=True, slots=True)
-class NodeFacts:
-    """What a node is (from its Hello)."""
-
-    hostname: str
-    chip: str
-    os: str
-    ram_bytes: int
-    performance_cores: int
-    gpu_cores: int
-    memory_bandwidth_gbps: float
-    gpu_wired_limit_bytes: int
-    mlx_version: str
-    mlx_lm_version: str
-    agent_version: str
-    role: str
-    labels: Mapping[str, str] = field(default_factory=dict)
-    serve_interactive: bool = False  # a laptop that opted in to interactive replicas
-    os_reserve_bytes: int = 0  # the node's own reserve; 0 = the fleet default
 
 
 @dataclass(frozen=True, slots=True)

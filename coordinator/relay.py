@@ -18,9 +18,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from coordinator.errors import ApiError
-from node_agent.engine.protocol import CONTINUATION_FIELD
-from node_agent.engine.responses import sse
+from mlxfleet.errors import ApiError
+from mlxfleet.openai.protocol import CONTINUATION_FIELD
+from mlxfleet.openai.responses import sse
 
 SSE_DONE = b"data: [DONE]\n\n"
 EVENT_END = b"\n\n"

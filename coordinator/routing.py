@@ -25,7 +25,8 @@ from litellm import Router  # noqa: E402
 from litellm.types.router import Deployment, LiteLLM_Params, ModelInfo  # noqa: E402
 
 from coordinator.config import CloudFallback  # noqa: E402
-from coordinator.registry import Engine, EngineId  # noqa: E402
+from coordinator.errors import CloudFailed
+from coordinator.registry import Engine, EngineId
 
 logger = logging.getLogger(__name__)
 ORDER_LOCAL = 1  # engines on the coordinator's own host
@@ -56,14 +57,6 @@ class Target:
     def tls(self) -> bool:
         """Engines on another host serve TLS with their node's certificate."""
         return self.url.startswith("https://")
-
-
-class CloudFailed(Exception):
-    """The cloud provider refused or failed a request."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def is_local(url: str) -> bool:

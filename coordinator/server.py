@@ -26,9 +26,9 @@ from coordinator.reconcile import Reconciler
 from coordinator.registry import Registry
 from coordinator.routing import Routing
 from coordinator.store import Store
-from coordinator.tiers import TIERS
+from mlxfleet.join import FINGERPRINT_HEX_CHARS, JoinToken
+from mlxfleet.tiers import TIERS
 from mlxfleet.v1 import fleet_pb2_grpc
-from node_agent.identity import FINGERPRINT_HEX_CHARS, JoinToken
 
 logger = logging.getLogger(__name__)
 

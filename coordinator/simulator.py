@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from coordinator.memory import GIB, estimated_weight_bytes, footprint, node_budget
-from coordinator.policy import Demand, Offer, Placement, Tier, eligible
+from coordinator.policy import Demand, Offer, Placement, eligible
+from mlxfleet.tiers import Tier
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from coordinator.reconcile import Reconciler
 from coordinator.registry import Registry
 from coordinator.routing import Routing
 from coordinator.store import Store
-from coordinator.tiers import TIERS
+from mlxfleet.tiers import TIERS
 
 logger = logging.getLogger(__name__)
 

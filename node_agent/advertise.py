@@ -7,29 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
-import ifaddr
 from zeroconf import InterfaceChoice, InterfacesType
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
-from node_agent.probes.base import Role, ThermalState
+from mlxfleet import mdns
+from mlxfleet.facts import Role, ThermalState
 
 logger = logging.getLogger(__name__)
 
-SERVICE_TYPE = "_mlxfleet._tcp.local."
-# The whole TXT contract. Nothing secret may ever be added: any host on the LAN reads it.
-TXT_KEYS = frozenset(
-    {"id", "v", "grpc", "metrics", "chip", "ram_gib", "role", "avail_gib", "thermal"}
-)
-# Readers drop a record with a longer value; keeps the TXT record well under one packet.
-MAX_TXT_VALUE_BYTES = 64
-# A DNS label holds at most 63 bytes, and the instance name is the node id.
-MAX_NODE_ID_BYTES = 63
 MIN_UPDATE_INTERVAL_S = 5.0
 # Smaller moves of available memory are heartbeat noise, not news for the LAN.
 AVAIL_CHANGE_GIB = 1.0
@@ -56,7 +46,7 @@ def txt_properties(record: NodeRecord) -> dict[str, str]:
     """The TXT properties for a record; raises ValueError on a value readers would drop."""
     if (
         not record.node_id
-        or len(record.node_id.encode()) > MAX_NODE_ID_BYTES
+        or len(record.node_id.encode()) > mdns.MAX_NODE_ID_BYTES
         or "." in record.node_id
     ):
         raise ValueError(f"node id {record.node_id!r} is not a usable mDNS instance name")
@@ -72,9 +62,9 @@ def txt_properties(record: NodeRecord) -> dict[str, str]:
         "thermal": record.thermal,
     }
     for key, value in txt.items():
-        if len(value.encode()) > MAX_TXT_VALUE_BYTES:
+        if len(value.encode()) > mdns.MAX_TXT_VALUE_BYTES:
             raise ValueError(
-                f"TXT value for {key!r} is over {MAX_TXT_VALUE_BYTES} bytes: {value!r}"
+                f"TXT value for {key!r} is over {mdns.MAX_TXT_VALUE_BYTES} bytes: {value!r}"
             )
     return txt
 
@@ -96,38 +86,6 @@ def publish_delay_s(
     if new.thermal != published.thermal:
         return 0.0  # a hot Mac must shed work now; the rate limit would hide it
     return max(0.0, last_publish_s + MIN_UPDATE_INTERVAL_S - now_s)
-
-
-def local_ipv4_addresses() -> list[str]:
-    """Every non-loopback IPv4 address of this host."""
-    found: list[str] = []
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            if isinstance(ip.ip, str) and not ipaddress.IPv4Address(ip.ip).is_loopback:
-                found.append(ip.ip)
-    return found
-
-
-def ipv4_interfaces(interfaces: InterfacesType) -> list[str]:
-    """The IPv4 addresses named in an interfaces choice (none for an InterfaceChoice)."""
-    if isinstance(interfaces, InterfaceChoice):
-        return []
-    return [i for i in interfaces if isinstance(i, str) and ipaddress.ip_address(i).version == 4]
-
-
-def service_info(
-    service_type: str, instance: str, port: int, txt: dict[str, str], addresses: list[str]
-) -> AsyncServiceInfo:
-    """A ServiceInfo with our naming: the host record gets an `mlxfleet-` prefix."""
-    # A Mac already answers for <hostname>.local.; a server name of our own cannot collide with it.
-    return AsyncServiceInfo(
-        service_type,
-        f"{instance}.{service_type}",
-        port=port,
-        properties=txt,
-        server=f"mlxfleet-{instance}.local.",
-        parsed_addresses=addresses,
-    )
 
 
 class Advertiser:
@@ -236,8 +194,10 @@ class Advertiser:
         self._last_publish_s = self._clock()
 
     def _info_for(self, record: NodeRecord) -> AsyncServiceInfo:
-        addresses = list(record.addresses) or ipv4_interfaces(self._interfaces)
+        addresses = list(record.addresses) or mdns.ipv4_interfaces(self._interfaces)
         if not addresses:
-            addresses = local_ipv4_addresses()
+            addresses = mdns.local_ipv4_addresses()
         port = record.metrics_port if record.port is None else record.port
-        return service_info(SERVICE_TYPE, record.node_id, port, txt_properties(record), addresses)
+        return mdns.service_info(
+            mdns.SERVICE_TYPE, record.node_id, port, txt_properties(record), addresses
+        )

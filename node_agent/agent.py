@@ -11,28 +11,23 @@ import random
 import signal
 import socket
 from dataclasses import dataclass, field, replace
-from importlib import metadata
 from pathlib import Path
 
 import grpc
 
+from mlxfleet.facts import NodeFacts, Role
+from mlxfleet.join import JoinToken
 from mlxfleet.v1 import fleet_pb2 as pb
+from mlxfleet.version import package_version
 from node_agent.advertise import Advertiser, NodeRecord
 from node_agent.cgroup import MemoryLimiter
-from node_agent.coordinator_client import (
-    CoordinatorUnreachable,
-    EnrollRefused,
-    NodeProfile,
-    Session,
-    enroll,
-    knobs_from_pb,
-    load_request,
-)
+from node_agent.coordinator_client import NodeProfile, Session, enroll, knobs_from_pb, load_request
 from node_agent.discover import find_coordinator
-from node_agent.identity import JoinToken, NodeIdentity
+from node_agent.errors import AgentError, CoordinatorUnreachable, EnrollRefused
+from node_agent.identity import NodeIdentity
 from node_agent.metrics import AgentMetrics
 from node_agent.probes import local_probe
-from node_agent.probes.base import NodeFacts, NodeReading, Probe, Role
+from node_agent.probes.base import NodeReading, Probe
 from node_agent.supervisor import EngineEvent, EngineNetwork, EngineTls, Supervisor
 
 logger = logging.getLogger(__name__)
@@ -44,13 +39,6 @@ RECONNECT_BASE_S = 0.5  # first retry after a lost stream; doubles up to the max
 RECONNECT_MAX_S = 5.0
 MDNS_SEARCH_S = 5.0  # one round of looking for a coordinator on the LAN
 GIB = 2**30
-
-
-class AgentError(Exception):
-    """The agent cannot run (no token, refused enrollment); one line at the CLI."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "agent error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +308,4 @@ class Agent:
 
 
 def _version() -> str:
-    try:
-        return metadata.version("mlxfleet")
-    except metadata.PackageNotFoundError:
-        return "0"
+    return package_version("mlxfleet") or "0"

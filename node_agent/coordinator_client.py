@@ -8,20 +8,17 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from importlib import metadata
 
 import grpc
 
+from mlxfleet.facts import NodeFacts
+from mlxfleet.join import COORDINATOR_TLS_NAME, JoinToken, new_key_pem
 from mlxfleet.v1 import fleet_pb2 as pb
 from mlxfleet.v1 import fleet_pb2_grpc
-from node_agent.identity import (
-    COORDINATOR_TLS_NAME,
-    JoinToken,
-    NodeIdentity,
-    make_csr,
-    new_key_pem,
-)
-from node_agent.probes.base import NodeFacts, NodeReading
+from mlxfleet.version import package_version
+from node_agent.errors import CoordinatorUnreachable, EnrollRefused
+from node_agent.identity import NodeIdentity, make_csr
+from node_agent.probes.base import NodeReading
 from node_agent.supervisor import EngineEvent, EngineInfo, EngineState, LoadRequest
 
 logger = logging.getLogger(__name__)
@@ -32,22 +29,6 @@ ENROLL_TIMEOUT_S = 10.0
 
 # Whatever address the agent dials, the coordinator's certificate names itself this way.
 TLS_NAME_OPTION = (("grpc.ssl_target_name_override", COORDINATOR_TLS_NAME),)
-
-
-class EnrollRefused(Exception):
-    """The coordinator refused the join token, or is not the one that made it."""
-
-
-class CoordinatorUnreachable(Exception):
-    """No answer from the coordinator's enrollment port (worth retrying)."""
-
-
-def package_version(dist: str) -> str:
-    """An installed distribution's version; "" when it is not installed."""
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from zeroconf import InterfaceChoice, InterfacesType, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from mlxfleet import mdns
+from mlxfleet.errors import MalformedRecordError
+
 logger = logging.getLogger(__name__)
 
-COORD_SERVICE_TYPE = "_mlxfleet-coord._tcp.local."
-# The coordinator's TXT contract: all public (fp is a certificate fingerprint, not a key).
-COORD_TXT_KEYS = frozenset({"v", "grpc", "gw", "fp"})
-MAX_COORD_TXT_VALUE_BYTES = 128  # a SHA-256 fingerprint in hex with a prefix fits
 # Per attempt to read one announced coordinator's SRV/TXT/A records.
 RESOLVE_TIMEOUT_S = 3.0
 
@@ -32,47 +31,22 @@ class CoordinatorAddress:
     enroll_port: int
 
 
-class MalformedRecordError(ValueError):
-    """An mDNS TXT record does not follow the mlxfleet contract."""
-
-
-def txt_text(properties: dict[bytes, bytes | None], key: str, max_bytes: int) -> str:
-    """One TXT value as text; raises MalformedRecordError when missing, oversized or not UTF-8."""
-    raw = properties.get(key.encode())
-    if raw is None:
-        raise MalformedRecordError(f"TXT key {key!r} is missing")
-    if len(raw) > max_bytes:
-        raise MalformedRecordError(f"TXT value for {key!r} is {len(raw)} bytes (max {max_bytes})")
-    try:
-        return raw.decode()
-    except UnicodeDecodeError as exc:
-        raise MalformedRecordError(f"TXT value for {key!r} is not UTF-8: {raw!r}") from exc
-
-
-def txt_port(properties: dict[bytes, bytes | None], key: str) -> int:
-    """A TXT value that must be a TCP port (0 allowed: 'none')."""
-    text = txt_text(properties, key, 5)
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise MalformedRecordError(f"TXT value for {key!r} is not a port: {text!r}")
-    return int(text)
-
-
 def parse_coordinator(
     properties: dict[bytes, bytes | None], addresses: list[str]
 ) -> CoordinatorAddress:
     """A CoordinatorAddress from TXT properties and IPv4 addresses; raises MalformedRecordError."""
     if not addresses:
         raise MalformedRecordError("no IPv4 address")
-    grpc_port = txt_port(properties, "grpc")
+    grpc_port = mdns.txt_port(properties, "grpc")
     if grpc_port == 0:
         raise MalformedRecordError("grpc port is 0")
     return CoordinatorAddress(
         host=addresses[0],
         grpc_port=grpc_port,
-        gateway_port=txt_port(properties, "gw"),
-        fingerprint=txt_text(properties, "fp", MAX_COORD_TXT_VALUE_BYTES),
-        version=txt_text(properties, "v", MAX_COORD_TXT_VALUE_BYTES),
-        enroll_port=txt_port(properties, "enroll"),
+        gateway_port=mdns.txt_port(properties, "gw"),
+        fingerprint=mdns.txt_text(properties, "fp", mdns.MAX_COORD_TXT_VALUE_BYTES),
+        version=mdns.txt_text(properties, "v", mdns.MAX_COORD_TXT_VALUE_BYTES),
+        enroll_port=mdns.txt_port(properties, "enroll"),
     )
 
 
@@ -96,7 +70,7 @@ async def find_coordinator(
         if state_change is not ServiceStateChange.Removed:
             names.put_nowait(name)
 
-    browser = AsyncServiceBrowser(azc.zeroconf, COORD_SERVICE_TYPE, handlers=[on_change])
+    browser = AsyncServiceBrowser(azc.zeroconf, mdns.COORD_SERVICE_TYPE, handlers=[on_change])
     try:
         while (left_s := deadline - time.monotonic()) > 0:
             try:
@@ -117,7 +91,7 @@ async def find_coordinator(
 async def _resolve(azc: AsyncZeroconf, name: str, timeout_s: float) -> CoordinatorAddress | None:
     if timeout_s <= 0:
         return None
-    info = AsyncServiceInfo(COORD_SERVICE_TYPE, name)
+    info = AsyncServiceInfo(mdns.COORD_SERVICE_TYPE, name)
     if not await info.async_request(azc.zeroconf, timeout_s * 1000):
         logger.warning("coordinator %s announced itself but did not answer in time", name)
         return None

@@ -7,7 +7,6 @@ pinned: the join token carries its fingerprint, and later connections trust only
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -19,17 +18,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 IDENTITY_FILES = ("identity.json", "node.key", "node.crt", "coordinator.crt", "fleet-ca.crt")
-JOIN_TOKEN_PREFIX = "mlxfj1"
-COORDINATOR_TLS_NAME = "mlxfleet-coordinator"  # the name in the coordinator's certificate
-FINGERPRINT_HEX_CHARS = 32  # 128 bits of the coordinator certificate's SHA-256 in a join token
-
-
-def new_key_pem() -> bytes:
-    """A fresh P-256 private key, PEM (PKCS#8, unencrypted: files are mode 600)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
 
 
 def make_csr(key_pem: bytes) -> bytes:
@@ -42,46 +30,12 @@ def make_csr(key_pem: bytes) -> bytes:
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
-def fingerprint(cert_pem: bytes) -> str:
-    """SHA-256 of the certificate's DER bytes, hex."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-
-
 def certificate_cn(cert_pem: bytes) -> str:
     """The certificate's common name (a node certificate's CN is the node id)."""
     names = x509.load_pem_x509_certificate(cert_pem).subject.get_attributes_for_oid(
         NameOID.COMMON_NAME
     )
     return str(names[0].value) if names else ""
-
-
-@dataclass(frozen=True, slots=True)
-class JoinToken:
-    """`mlxfj1.<coordinator fingerprint prefix>.<secret>`: what `mlxfleet token create` prints."""
-
-    fingerprint_prefix: str
-    secret: str
-
-    def __str__(self) -> str:
-        return f"{JOIN_TOKEN_PREFIX}.{self.fingerprint_prefix}.{self.secret}"
-
-    @classmethod
-    def parse(cls, text: str) -> JoinToken:
-        parts = text.strip().split(".")
-        if (
-            len(parts) != 3
-            or parts[0] != JOIN_TOKEN_PREFIX
-            or len(parts[1]) != FINGERPRINT_HEX_CHARS
-        ):
-            raise ValueError("not a join token (expected mlxfj1.<fingerprint>.<secret>)")
-        if not parts[2]:
-            raise ValueError("join token has an empty secret")
-        return cls(parts[1].lower(), parts[2])
-
-    def pins(self, cert_pem: bytes) -> bool:
-        """Whether this token was made by the coordinator presenting that certificate."""
-        return fingerprint(cert_pem).startswith(self.fingerprint_prefix)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,8 +23,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from node_agent.coordinator_client import package_version
-from node_agent.probes.base import NodeFacts, NodeReading, Probe
+from mlxfleet.facts import NodeFacts
+from mlxfleet.version import package_version
+from node_agent.probes.base import NodeReading, Probe
 from node_agent.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)

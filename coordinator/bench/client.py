@@ -23,7 +23,7 @@ from coordinator.bench.errors import (
     NotStreaming,
 )
 from coordinator.bench.results import Sample
-from coordinator.tiers import TIER_HEADER
+from mlxfleet.tiers import TIER_HEADER
 
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0  # the longest silence inside a response (a long prefill on a slow Mac)

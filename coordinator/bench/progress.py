@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from types import TracebackType
 from typing import TextIO
+
+from coordinator.bench.tasks import stop
 
 PROGRESS_REDRAW_S = 0.5  # on a terminal
 PROGRESS_PLAIN_S = 10.0  # stderr is a file or a pipe: one plain line this often
@@ -66,15 +67,9 @@ class ProgressLine:
         self._task = asyncio.create_task(self._redraw(), name="bench-progress")
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+    async def __aexit__(self, *exc_info: object) -> None:
+        await stop(self._task)
+        self._task = None
         if self._tty and self._cell:
             self._write()
             self._stream.write("\n")

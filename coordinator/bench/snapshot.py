@@ -29,10 +29,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.bench.gates import longest_stretch_s
 from coordinator.bench.results import ProcessMemory, Resources, Snapshot, Workload
-from node_agent.coordinator_client import package_version
+from mlxfleet.facts import NodeFacts
+from mlxfleet.version import package_version
+from node_agent.errors import Error as ProbeError
 from node_agent.probes import local_probe
-from node_agent.probes.base import NodeFacts, Probe
-from node_agent.probes.errors import Error as ProbeError
+from node_agent.probes.base import Probe
 
 logger = logging.getLogger(__name__)
 

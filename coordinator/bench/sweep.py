@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import aiohttp
 
 from coordinator.bench.errors import BenchError
 from coordinator.bench.results import Workload
-from coordinator.tiers import DEFAULT_KNOBS, TierError, apply_knobs
+from mlxfleet.errors import TierError
+from mlxfleet.tiers import DEFAULT_KNOBS, apply_knobs
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +77,7 @@ class TierKnobs:
         await self.current()  # fail before the first run: not our fleet, or a wrong token
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.restore()
 
     async def current(self) -> dict[str, int]:

@@ -7,7 +7,8 @@ import logging
 import os
 import sys
 
-from node_agent.engine.config import ConfigError, load_config
+from node_agent.engine.config import load_config
+from node_agent.errors import ConfigError
 
 EXIT_USAGE = 2
 

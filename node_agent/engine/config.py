@@ -7,9 +7,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from mlxfleet.errors import KnobError
+from mlxfleet.tiers import DEFAULT_KNOBS, TIERS, Knobs, Tier
 from node_agent.engine.decoder import DEFAULT_KV_GROUP_SIZE, KV_BITS_CHOICES, KV_GROUP_SIZES
-from node_agent.engine.errors import BadKnob, Error
-from node_agent.engine.knobs import TIER_DEFAULTS, TIERS, Knobs, Tier
+from node_agent.errors import ConfigError
 
 SECRET_ENV = "MLXFLEET_ENGINE_SECRET"
 DEFAULT_HOST = "127.0.0.1"
@@ -18,10 +19,6 @@ BATCH_ENV = {
     "batch_window_ms": "MLX_BATCH_BATCH_WINDOW_MS",
     "max_batch_size": "MLX_BATCH_MAX_BATCH_SIZE",
 }
-
-
-class ConfigError(Error):
-    """The command line or environment cannot start an engine."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +32,7 @@ class EngineConfig:
     port: int = 0
     context_length: int | None = None
     tier: Tier = "interactive"
-    knobs: Knobs = TIER_DEFAULTS["interactive"]
+    knobs: Knobs = DEFAULT_KNOBS["interactive"]
     # None: the KV cache stays in the model's dtype. 8 or 4 (batch tier only): quantized, and
     # requests run one at a time (mlx-lm 0.32.2 cannot batch a quantized cache; sequential.py).
     kv_bits: int | None = None
@@ -66,7 +63,7 @@ def _flag(knob: str) -> str:
 def _knobs(args: argparse.Namespace, environ: Mapping[str, str]) -> Knobs:
     """Flags, then (batch tier) the seeds' environment variables, then the tier's defaults."""
     tier: Tier = args.tier
-    values = TIER_DEFAULTS[tier].as_dict()
+    values = DEFAULT_KNOBS[tier].as_dict()
     sources: dict[str, str] = {}  # knob -> the flag or variable that set it
     for name in values:
         env_name = BATCH_ENV.get(name) if tier == "batch" else None
@@ -82,7 +79,7 @@ def _knobs(args: argparse.Namespace, environ: Mapping[str, str]) -> Knobs:
             raise ConfigError(f"{sources[name]} must be an integer, got {text!r}") from None
     try:
         return Knobs(**values)
-    except BadKnob as exc:
+    except KnobError as exc:
         raise ConfigError(f"{sources.get(exc.knob, exc.knob)} {exc.reason}") from None
 
 
@@ -129,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--context-length", type=_positive, default=None)
     # Tier and knobs are checked in load_config, so a bad value is one line, not usage + error.
     parser.add_argument("--tier", default="interactive", help="interactive|batch: knob defaults")
-    for name in TIER_DEFAULTS["interactive"].as_dict():
+    for name in DEFAULT_KNOBS["interactive"].as_dict():
         parser.add_argument(_flag(name), dest=name, default=None, metavar="N")
     parser.add_argument(
         "--kv-bits",

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlxfleet.errors import ApiError
+from mlxfleet.openai.protocol import SamplingParams
+from mlxfleet.tiers import DEFAULT_KNOBS, Knobs
 from node_agent.engine.decoder import DEFAULT_KV_GROUP_SIZE, Decoder
-from node_agent.engine.errors import InvalidRequest, ModelLoadFailed, QueueFull
-from node_agent.engine.knobs import TIER_DEFAULTS, Knobs, admit_now, window_remaining_ms
-from node_agent.engine.protocol import SamplingParams
+from node_agent.engine.knobs import admit_now, window_remaining_ms
 from node_agent.engine.textstream import TextStream
+from node_agent.errors import ModelLoadFailed, QueueFull
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ class ModelThread:
         self,
         model_path: Path,
         *,
-        knobs: Knobs = TIER_DEFAULTS["interactive"],
+        knobs: Knobs = DEFAULT_KNOBS["interactive"],
         context_length: int | None = None,
         kv_bits: int | None = None,
         kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
@@ -141,9 +143,9 @@ class ModelThread:
 
     def set_knobs(self, knobs: Knobs) -> None:
         """Use `knobs` from the next admission decision on; running requests are left alone.
-        InvalidRequest: max_concurrency above 1 with a quantized KV cache."""
+        ApiError: max_concurrency above 1 with a quantized KV cache."""
         if self._kv_bits is not None and knobs.max_concurrency != 1:
-            raise InvalidRequest(
+            raise ApiError.invalid(
                 f"Invalid 'max_concurrency': a quantized KV cache (kv_bits {self._kv_bits}) "
                 f"decodes one sequence at a time, so it must be 1, got {knobs.max_concurrency}.",
                 "max_concurrency",

@@ -1,73 +1,23 @@
-"""Tier knobs (how an engine admits and batches requests) and the pure admission rule."""
+"""The engine side of the tier knobs (mlxfleet/tiers.py): runtime updates and the pure
+admission rule."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
-from node_agent.engine.errors import BadKnob, InvalidRequest
-
-Tier = Literal["interactive", "batch"]
-TIERS: tuple[Tier, ...] = get_args(Tier)
-MAX_BATCH_WINDOW_MS = 10_000
-# Inclusive (low, high) per knob; None: no upper bound.
-KNOB_RANGES: dict[str, tuple[int, int | None]] = {
-    "max_concurrency": (1, None),
-    "batch_window_ms": (0, MAX_BATCH_WINDOW_MS),
-    "max_batch_size": (1, None),
-    "queue_limit": (1, None),
-}
-
-
-def check_knob(name: str, value: object) -> int:
-    """Return `value` when it is a valid value of knob `name`; raise BadKnob otherwise."""
-    if name not in KNOB_RANGES:
-        raise BadKnob(name, f"is not a knob (known: {', '.join(KNOB_RANGES)})")
-    # bool is a subclass of int, but `true` is a client bug, not 1.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadKnob(name, f"must be an integer, got {value!r}")
-    low, high = KNOB_RANGES[name]
-    if value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"{low}-{high}"
-        raise BadKnob(name, f"must be {bounds}, got {value}")
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class Knobs:
-    """How an engine admits work; every instance is valid (checked on construction)."""
-
-    max_concurrency: int  # sequences decoding together
-    batch_window_ms: int  # how long the oldest waiting request may wait for company; 0: none
-    max_batch_size: int  # waiting requests admitted together at a window boundary
-    queue_limit: int  # requests allowed to wait; beyond it, 429
-
-    def __post_init__(self) -> None:
-        for name in KNOB_RANGES:
-            check_knob(name, getattr(self, name))
-
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-
-# Seed 001: batch window 80 ms, max batch size 12; interactive admits at once.
-TIER_DEFAULTS: dict[Tier, Knobs] = {
-    "interactive": Knobs(max_concurrency=4, batch_window_ms=0, max_batch_size=12, queue_limit=64),
-    "batch": Knobs(max_concurrency=12, batch_window_ms=80, max_batch_size=12, queue_limit=64),
-}
+from mlxfleet.errors import ApiError, KnobError
+from mlxfleet.tiers import KNOB_BOUNDS, Knobs, apply_knobs
 
 
 def updated_knobs(current: Knobs, body: Mapping[str, Any]) -> Knobs:
-    """Apply a POST /v1/engine/knobs body (any subset of the knobs); InvalidRequest names the
+    """Apply a POST /v1/engine/knobs body (any subset of the knobs); ApiError names the
     first bad field."""
     try:
-        changes = {name: check_knob(name, value) for name, value in body.items()}
-        return dataclasses.replace(current, **changes)
-    except BadKnob as exc:
-        code = "unknown_parameter" if exc.knob not in KNOB_RANGES else "invalid_value"
-        raise InvalidRequest(f"Invalid '{exc.knob}': {exc.reason}.", exc.knob, code) from None
+        return apply_knobs(current, body)
+    except KnobError as exc:
+        code = "unknown_parameter" if exc.knob not in KNOB_BOUNDS else "invalid_value"
+        raise ApiError.invalid(f"Invalid '{exc.knob}': {exc.reason}.", exc.knob, code) from None
 
 
 def admit_now(waiting_ages_ms: Sequence[float], free_slots: int, knobs: Knobs) -> int:

@@ -19,11 +19,8 @@ from typing import Any, Literal, TextIO
 
 from aiohttp import web
 
-from node_agent.engine.config import EngineConfig
-from node_agent.engine.errors import InvalidRequest, QueueFull
-from node_agent.engine.generator import Event, Job, ModelThread
-from node_agent.engine.knobs import updated_knobs
-from node_agent.engine.protocol import (
+from mlxfleet.errors import ApiError
+from mlxfleet.openai.protocol import (
     ChatRequest,
     CompletionRequest,
     parse_chat_request,
@@ -31,7 +28,7 @@ from node_agent.engine.protocol import (
     parse_json_body,
     resolve_max_tokens,
 )
-from node_agent.engine.responses import (
+from mlxfleet.openai.responses import (
     SSE_DONE,
     Kind,
     ResponseHeader,
@@ -42,6 +39,10 @@ from node_agent.engine.responses import (
     sse,
     usage_chunk,
 )
+from node_agent.engine.config import EngineConfig
+from node_agent.engine.generator import Event, Job, ModelThread
+from node_agent.engine.knobs import updated_knobs
+from node_agent.errors import QueueFull
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ class EngineServer:
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         try:
             return await handler(request)
-        except InvalidRequest as exc:
+        except ApiError as exc:
             headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status in (429, 503) else None
             body = error_body(exc.message, exc.type, exc.param, exc.code)
             return web.json_response(body, status=exc.status, headers=headers)
@@ -290,7 +291,7 @@ class EngineServer:
         self, request: web.Request, kind: Kind, parsed: ChatRequest | CompletionRequest
     ) -> web.StreamResponse:
         if not self._ready:
-            raise InvalidRequest(
+            raise ApiError.invalid(
                 "The model is still loading.", None, "model_loading", 503, "server_error"
             )
         loop = asyncio.get_running_loop()
@@ -324,7 +325,7 @@ class EngineServer:
             try:
                 self._model.submit(job)
             except QueueFull:
-                raise InvalidRequest(
+                raise ApiError.invalid(
                     "The engine is at capacity; retry shortly.",
                     None,
                     "rate_limit_exceeded",
@@ -357,7 +358,7 @@ class EngineServer:
             try:
                 ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
             except Exception as exc:
-                raise InvalidRequest(
+                raise ApiError.invalid(
                     f"The model's chat template rejected the messages: {exc}",
                     "messages",
                     "invalid_value",
@@ -368,14 +369,14 @@ class EngineServer:
             ids = list(parsed.prompt)
             bad = [t for t in ids if t >= self._model.vocab_size]
             if bad:
-                raise InvalidRequest(
+                raise ApiError.invalid(
                     f"Invalid 'prompt': token id {bad[0]} is outside the vocabulary "
                     f"(size {self._model.vocab_size}).",
                     "prompt",
                     "invalid_value",
                 )
         if not ids:
-            raise InvalidRequest("The prompt tokenizes to nothing.", "prompt", "invalid_value")
+            raise ApiError.invalid("The prompt tokenizes to nothing.", "prompt", "invalid_value")
         return ids
 
     async def _collect(self, handle: _Handle, header: ResponseHeader, usage: Usage) -> web.Response:

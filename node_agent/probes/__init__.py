@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from node_agent.errors import UnsupportedPlatformError
 from node_agent.probes.base import Probe
-from node_agent.probes.errors import UnsupportedPlatformError
 from node_agent.probes.linux import LinuxProbe
 from node_agent.probes.macos import MacProbe
 from node_agent.probes.override import READINGS_FILE_ENV, OverrideProbe

@@ -3,28 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
-Role = Literal["laptop", "server"]
-MemoryPressure = Literal["normal", "warning", "critical", "unknown"]
-# The macOS ProcessInfo.ThermalState scale; Linux maps thermal zones onto it.
-ThermalState = Literal["nominal", "fair", "serious", "critical", "unknown"]
-PowerSource = Literal["ac", "battery", "unknown"]
-
-
-@dataclass(frozen=True, slots=True)
-class NodeFacts:
-    """What a machine is; read once at agent start."""
-
-    hostname: str
-    chip: str
-    os: str
-    ram_bytes: int
-    performance_cores: int
-    gpu_cores: int  # 0 = unknown
-    memory_bandwidth_gbps: float  # 0.0 = unknown
-    gpu_wired_limit_bytes: int  # 0 = no separate GPU limit (Linux)
-    role: Role
+from mlxfleet.facts import MemoryPressure, NodeFacts, PowerSource, ThermalState
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,14 +9,8 @@ import platform
 import socket
 from pathlib import Path
 
-from node_agent.probes.base import (
-    MemoryPressure,
-    NodeFacts,
-    NodeReading,
-    PowerSource,
-    Role,
-    ThermalState,
-)
+from mlxfleet.facts import MemoryPressure, NodeFacts, PowerSource, Role, ThermalState
+from node_agent.probes.base import NodeReading
 
 logger = logging.getLogger(__name__)
 

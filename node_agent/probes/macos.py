@@ -8,14 +8,8 @@ import socket
 import subprocess
 from collections.abc import Callable
 
-from node_agent.probes.base import (
-    MemoryPressure,
-    NodeFacts,
-    NodeReading,
-    PowerSource,
-    Role,
-    ThermalState,
-)
+from mlxfleet.facts import MemoryPressure, NodeFacts, PowerSource, Role, ThermalState
+from node_agent.probes.base import NodeReading
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ import json
 import logging
 from pathlib import Path
 
-from node_agent.probes.base import NodeFacts, NodeReading, Probe
+from mlxfleet.facts import NodeFacts
+from node_agent.probes.base import NodeReading, Probe
 
 logger = logging.getLogger(__name__)
 

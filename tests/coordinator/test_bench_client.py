@@ -17,7 +17,7 @@ from coordinator.bench.errors import (
     ModelMissing,
     NotStreaming,
 )
-from coordinator.tiers import TIER_HEADER
+from mlxfleet.tiers import TIER_HEADER
 from tests.coordinator.fake_endpoint import TEMPLATE_TOKENS, Behaviour, serving
 
 HELLO = [{"role": "user", "content": "one two three"}]

@@ -42,14 +42,15 @@ from coordinator.config import Config, ModelSpec
 from coordinator.gateway import Gateway
 from coordinator.pki import FleetPki
 from coordinator.reconcile import Reconciler
-from coordinator.registry import NodeFacts as CoordinatorFacts
 from coordinator.registry import NodeId, Registry
 from coordinator.routing import Routing
 from coordinator.store import Store
-from coordinator.tiers import DEFAULT_KNOBS
-from node_agent.coordinator_client import package_version
+from mlxfleet.facts import NodeFacts
+from mlxfleet.facts import NodeFacts as CoordinatorFacts
+from mlxfleet.tiers import DEFAULT_KNOBS
+from mlxfleet.version import package_version
 from node_agent.metrics import AgentMetrics
-from node_agent.probes.base import NodeFacts, NodeReading
+from node_agent.probes.base import NodeReading
 from node_agent.probes.linux import LinuxProbe
 from node_agent.supervisor import EngineInfo, Supervisor
 
@@ -170,7 +171,7 @@ async def running_fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
     agents["mini-2"].engines.add("e2", "demo", "interactive", 2 * GIB, 50, **one)
     agents["mini-2"].engines.add("e3", "demo", "batch", 2 * GIB, 80, **batch)
     for agent in agents.values():
-        facts = CoordinatorFacts(agent.node, "", "", 0, 8, 0, 0.0, 0, "", "", "", "server")
+        facts = CoordinatorFacts(agent.node, "", "", 0, 8, 0, 0.0, 0, "server")
         registry.connect(NodeId(agent.node), facts, [])
         registry.nodes[NodeId(agent.node)].metrics_target = f"127.0.0.1:{agent.port}"
     requests: list[tuple[str, str, str, Any]] = []
@@ -259,7 +260,7 @@ async def test_fleet_snapshot_without_reachable_agents_names_chips_from_the_coor
         for agent in fleet.agents.values():
             await agent.metrics.stop()  # the client cannot reach the agents' metrics port
         fleet.registry.nodes[NodeId("mini-1")].facts = CoordinatorFacts(
-            "mini-1", "Apple M2 Pro", "macOS", 32 * GIB, 8, 0, 0.0, 0, "", "", "", "server"
+            "mini-1", "Apple M2 Pro", "macOS", 32 * GIB, 8, 0, 0.0, 0, "server"
         )
         snap = await take_snapshot(session, fleet.root, "interactive")
     assert snap.fleet

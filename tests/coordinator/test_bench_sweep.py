@@ -12,7 +12,7 @@ from coordinator.bench.errors import BenchError
 from coordinator.bench.snapshot import knobs_in_force, take_snapshot
 from coordinator.bench.sweep import TierKnobs, parse_sweep
 from coordinator.server import ADMIN_TOKEN_FILE
-from coordinator.tiers import DEFAULT_KNOBS
+from mlxfleet.tiers import DEFAULT_KNOBS
 from tests.coordinator.test_bench_snapshot import ADMIN_TOKEN, running_fleet
 
 BEARER = f"Bearer {ADMIN_TOKEN}"

@@ -7,8 +7,9 @@ import logging
 import pytest
 
 from coordinator.discovery import DiscoveredNode, Discovery, coordinator_txt, parse_node
+from mlxfleet.errors import MalformedRecordError
 from node_agent.advertise import NodeRecord, txt_properties
-from node_agent.discover import CoordinatorAddress, MalformedRecordError, parse_coordinator
+from node_agent.discover import CoordinatorAddress, parse_coordinator
 
 RECORD = NodeRecord(
     node_id="mini-1",

@@ -22,11 +22,13 @@ from coordinator.registry import Engine, EngineId, NodeId, Registry
 from coordinator.routing import Routing
 from coordinator.server import build_grpc_server
 from coordinator.store import Store
+from mlxfleet.facts import NodeFacts
+from mlxfleet.join import FINGERPRINT_HEX_CHARS, JoinToken
 from mlxfleet.v1 import fleet_pb2 as pb
 from mlxfleet.v1 import fleet_pb2_grpc
-from node_agent.coordinator_client import TLS_NAME_OPTION, EnrollRefused, enroll
-from node_agent.identity import FINGERPRINT_HEX_CHARS, JoinToken, NodeIdentity, certificate_cn
-from node_agent.probes.base import NodeFacts
+from node_agent.coordinator_client import TLS_NAME_OPTION, enroll
+from node_agent.errors import EnrollRefused
+from node_agent.identity import NodeIdentity, certificate_cn
 
 FACTS = NodeFacts(
     hostname="Mini One",

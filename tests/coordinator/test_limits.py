@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.errors import ApiError
 from coordinator.limits import (
     BYTES_PER_TOKEN,
     DEFAULT_COMPLETION_TOKENS,
@@ -14,6 +13,7 @@ from coordinator.limits import (
     check_model,
     estimate_tokens,
 )
+from mlxfleet.errors import ApiError
 
 
 class Clock:

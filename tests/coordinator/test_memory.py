@@ -14,11 +14,11 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import QuantizedKVCache
 
+from coordinator.errors import SizingError
 from coordinator.memory import (
     ENGINE_RUNTIME_BYTES,
     GIB,
     Attention,
-    SizingError,
     attention_shape,
     estimated_weight_bytes,
     footprint,

@@ -18,7 +18,6 @@ from coordinator.registry import (
     Engine,
     EngineId,
     LoadCommand,
-    NodeFacts,
     NodeId,
     NodeStatus,
     Registry,
@@ -27,6 +26,7 @@ from coordinator.registry import (
 )
 from coordinator.routing import Routing
 from coordinator.store import Store
+from mlxfleet.facts import NodeFacts
 
 GIB = 2**30
 LLAMA3_8B = {
@@ -62,9 +62,6 @@ def facts(ram_gib: int, role: str = "server", **extra: object) -> NodeFacts:
         0,
         0.0,
         0,
-        "",
-        "",
-        "",
         role,
         **extra,
     )  # type: ignore[arg-type]

@@ -9,19 +9,12 @@ from pathlib import Path
 from coordinator.config import Config, ModelSpec
 from coordinator.pki import FleetPki
 from coordinator.reconcile import Reconciler
-from coordinator.registry import (
-    Engine,
-    EngineId,
-    NodeFacts,
-    NodeId,
-    NodeStatus,
-    Registry,
-    UnloadCommand,
-)
+from coordinator.registry import Engine, EngineId, NodeId, NodeStatus, Registry, UnloadCommand
 from coordinator.routing import Routing
 from coordinator.store import Store
+from mlxfleet.facts import NodeFacts
 
-FACTS = NodeFacts("h", "M2", "macOS", 32 * 2**30, 8, 0, 0.0, 0, "", "", "", "server")
+FACTS = NodeFacts("h", "M2", "macOS", 32 * 2**30, 8, 0, 0.0, 0, "server")
 STATUS = NodeStatus(20 * 2**30, 0, "normal", "nominal", "ac", False)
 
 

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from coordinator.relay import SSE_DONE, StreamRelay
-from node_agent.engine.protocol import CONTINUATION_FIELD
+from mlxfleet.openai.protocol import CONTINUATION_FIELD
 
 REQUEST = json.dumps(
     {"model": "demo", "prompt": "hi", "max_tokens": 6, "stream": True, "temperature": 0}

@@ -18,7 +18,7 @@ from coordinator import status_page
 from coordinator.config import Config, ModelSpec
 from coordinator.pki import FleetPki
 from coordinator.reconcile import Reconciler
-from coordinator.registry import Engine, EngineId, NodeFacts, NodeId, NodeStatus, Registry
+from coordinator.registry import Engine, EngineId, NodeId, NodeStatus, Registry
 from coordinator.routing import Routing
 from coordinator.status_page import (
     StatusPage,
@@ -30,6 +30,7 @@ from coordinator.status_page import (
     sample_point,
 )
 from coordinator.store import Store
+from mlxfleet.facts import NodeFacts
 
 INF = math.inf
 BUCKETS = [(0.1, 2.0), (0.5, 6.0), (1.0, 8.0), (INF, 10.0)]
@@ -113,7 +114,7 @@ def test_read_totals_sums_a_tier_over_its_models_and_sample_point_uses_the_inter
 
 
 # The JSON, on the real registry, router, reconciler and store
-FACTS = NodeFacts("mini.local", "M2 Pro", "macOS", 32 * 2**30, 8, 0, 0.0, 0, "", "", "", "server")
+FACTS = NodeFacts("mini.local", "M2 Pro", "macOS", 32 * 2**30, 8, 0, 0.0, 0, "server")
 STATUS = NodeStatus(20 * 2**30, 0, "normal", "nominal", "ac", False)
 
 

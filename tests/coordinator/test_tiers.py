@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.tiers import DEFAULT_KNOBS, TierError, apply_knobs, key_tiers
+from coordinator.tiers import key_tiers
+from mlxfleet.errors import TierError
+from mlxfleet.tiers import DEFAULT_KNOBS, apply_knobs
 
 
 def test_the_seeds_defaults() -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coordinator.tiers import TIER_HEADER
+from mlxfleet.tiers import TIER_HEADER
 from tests.conftest import REPO, Proc, wait_for
 from tests.e2e.fleet import Fleet, running_fleet
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from mlxfleet.mdns import TXT_KEYS
 from node_agent.advertise import (
     MIN_UPDATE_INTERVAL_S,
-    TXT_KEYS,
     Advertiser,
     NodeRecord,
     is_meaningful_change,

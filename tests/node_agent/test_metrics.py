@@ -23,11 +23,14 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
+from mlxfleet.facts import NodeFacts
+from mlxfleet.version import package_version
 from node_agent import metrics as metrics_module
-from node_agent.agent import Agent, AgentConfig, AgentError
-from node_agent.coordinator_client import Session, package_version
+from node_agent.agent import Agent, AgentConfig
+from node_agent.coordinator_client import Session
+from node_agent.errors import AgentError
 from node_agent.metrics import AgentMetrics, parse_stats
-from node_agent.probes.base import NodeFacts, NodeReading
+from node_agent.probes.base import NodeReading
 from node_agent.probes.linux import LinuxProbe
 from node_agent.supervisor import EngineEvent, LoadRequest, Supervisor
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from node_agent.errors import UnsupportedPlatformError
 from node_agent.probes import PROBES, local_probe
-from node_agent.probes.errors import UnsupportedPlatformError
 from node_agent.probes.linux import LinuxProbe, parse_psi
 from node_agent.probes.macos import MacProbe
 

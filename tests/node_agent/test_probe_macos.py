@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from mlxfleet.facts import NodeFacts
 from node_agent.probes import macos
-from node_agent.probes.base import NodeFacts, NodeReading
+from node_agent.probes.base import NodeReading
 from node_agent.probes.macos import MacProbe
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "macos"

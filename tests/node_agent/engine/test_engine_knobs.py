@@ -17,7 +17,7 @@ import openai
 import pytest
 from openai.types import Completion
 
-from node_agent.engine.knobs import MAX_BATCH_WINDOW_MS as MAX_WINDOW_MS
+from mlxfleet.tiers import MAX_WINDOW_MS
 from node_agent.engine.server import BATCH_TIER_NICE
 from tests.node_agent.engine.conftest import Engine, start_engine
 
@@ -90,7 +90,7 @@ async def test_requests_arriving_together_are_admitted_as_one_group(batch_engine
         "max_concurrency": 12,
         "batch_window_ms": 300,
         "max_batch_size": 4,
-        "queue_limit": 64,
+        "queue_limit": 256,  # the batch tier default (mlxfleet.tiers.DEFAULT_KNOBS)
     }
     # The longest window: the 4 may arrive spread out on a busy machine, and a full group
     # must go before the window ends (the ordering checked below), not because it ended.
@@ -131,7 +131,7 @@ async def test_window_delays_a_lone_request_until_changed_at_runtime(
             "max_concurrency": 12,
             "batch_window_ms": 0,
             "max_batch_size": 4,
-            "queue_limit": 64,
+            "queue_limit": 256,
         }
         assert (response.status_code, response.json()) == (200, expected)
         assert batch_engine.get("/v1/engine/knobs").json() == expected

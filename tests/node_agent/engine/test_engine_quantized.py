@@ -15,9 +15,10 @@ import httpx
 import openai
 import pytest
 
-from node_agent.engine.config import ConfigError, load_config
+from mlxfleet.tiers import DEFAULT_KNOBS
+from node_agent.engine.config import load_config
 from node_agent.engine.decoder import DEFAULT_KV_GROUP_SIZE
-from node_agent.engine.knobs import TIER_DEFAULTS
+from node_agent.errors import ConfigError
 from tests.node_agent.engine.conftest import Engine, start_engine
 
 BASE_ARGV = ["--model-path", "/m", "--model-name", "demo"]
@@ -72,9 +73,9 @@ def test_kv_flags_make_a_batch_engine_of_one_slot() -> None:
     config = load_config([*BASE_ARGV, "--tier", "batch", "--kv-bits", "4"], SECRET_ENV)
     assert (config.kv_bits, config.kv_group_size) == (4, DEFAULT_KV_GROUP_SIZE)
     assert (config.knobs.max_concurrency, config.knobs.max_batch_size) == (1, 1)
-    assert config.knobs.queue_limit == TIER_DEFAULTS["batch"].queue_limit
+    assert config.knobs.queue_limit == DEFAULT_KNOBS["batch"].queue_limit
     plain = load_config([*BASE_ARGV, "--tier", "batch"], SECRET_ENV)
-    assert (plain.kv_bits, plain.knobs) == (None, TIER_DEFAULTS["batch"])
+    assert (plain.kv_bits, plain.knobs) == (None, DEFAULT_KNOBS["batch"])
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,11 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from node_agent.engine.errors import QueueFull
+from mlxfleet.openai.protocol import SamplingParams
+from mlxfleet.tiers import Knobs
 from node_agent.engine.generator import Job, ModelThread
-from node_agent.engine.knobs import Knobs
-from node_agent.engine.protocol import SamplingParams
 from node_agent.engine.sampling import make_request_sampler
+from node_agent.errors import QueueFull
 
 PARAMS = SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, seed=None, stop=())
 

@@ -7,21 +7,17 @@ from typing import Any
 
 import pytest
 
+from mlxfleet.errors import ApiError, KnobError
+from mlxfleet.openai.protocol import SamplingParams
+from mlxfleet.tiers import DEFAULT_KNOBS, Knobs
 from node_agent.engine.__main__ import EXIT_USAGE, main
-from node_agent.engine.config import ConfigError, load_config
-from node_agent.engine.errors import BadKnob, InvalidRequest
+from node_agent.engine.config import load_config
 from node_agent.engine.generator import Job, ModelThread
-from node_agent.engine.knobs import (
-    TIER_DEFAULTS,
-    Knobs,
-    admit_now,
-    updated_knobs,
-    window_remaining_ms,
-)
-from node_agent.engine.protocol import SamplingParams
+from node_agent.engine.knobs import admit_now, updated_knobs, window_remaining_ms
+from node_agent.errors import ConfigError
 
 BATCH = Knobs(max_concurrency=8, batch_window_ms=80, max_batch_size=4, queue_limit=64)
-INTERACTIVE = TIER_DEFAULTS["interactive"]
+INTERACTIVE = DEFAULT_KNOBS["interactive"]
 BASE_ARGV = ["--model-path", "/m", "--model-name", "demo"]
 SECRET_ENV = {"MLXFLEET_ENGINE_SECRET": "s"}
 
@@ -64,12 +60,15 @@ def test_window_zero_admits_at_once_and_nothing_waits_forever() -> None:
 
 
 def test_knobs_are_checked_on_construction() -> None:
-    with pytest.raises(BadKnob) as info:
+    with pytest.raises(KnobError) as info:
         Knobs(max_concurrency=0, batch_window_ms=0, max_batch_size=1, queue_limit=1)
     assert info.value.knob == "max_concurrency"
-    with pytest.raises(BadKnob) as info:
+    with pytest.raises(KnobError) as info:
         Knobs(max_concurrency=1, batch_window_ms=10_001, max_batch_size=1, queue_limit=1)
-    assert (info.value.knob, info.value.reason) == ("batch_window_ms", "must be 0-10000, got 10001")
+    assert (info.value.knob, info.value.reason) == (
+        "batch_window_ms",
+        "must be an integer 0-10000, got 10001",
+    )
 
 
 @pytest.mark.parametrize(
@@ -84,7 +83,7 @@ def test_knobs_are_checked_on_construction() -> None:
     ],
 )
 def test_bad_update_names_the_field(body: dict[str, Any], param: str, code: str) -> None:
-    with pytest.raises(InvalidRequest) as info:
+    with pytest.raises(ApiError) as info:
         updated_knobs(BATCH, body)
     assert (info.value.status, info.value.param, info.value.code) == (400, param, code)
     assert f"'{param}'" in info.value.message
@@ -99,14 +98,14 @@ def test_update_changes_only_the_fields_given() -> None:
 
 
 def test_tier_defaults() -> None:
-    assert load_config(BASE_ARGV, SECRET_ENV).knobs == Knobs(4, 0, 12, 64)
+    assert load_config(BASE_ARGV, SECRET_ENV).knobs == Knobs(4, 0, 4, 64)
     config = load_config([*BASE_ARGV, "--tier", "batch"], SECRET_ENV)
-    assert (config.tier, config.knobs) == ("batch", Knobs(12, 80, 12, 64))
+    assert (config.tier, config.knobs) == ("batch", Knobs(12, 80, 12, 256))
 
 
 def test_environment_overrides_batch_defaults_and_flags_override_both() -> None:
     env = SECRET_ENV | {"MLX_BATCH_BATCH_WINDOW_MS": "200", "MLX_BATCH_MAX_BATCH_SIZE": "6"}
-    assert load_config([*BASE_ARGV, "--tier", "batch"], env).knobs == Knobs(12, 200, 6, 64)
+    assert load_config([*BASE_ARGV, "--tier", "batch"], env).knobs == Knobs(12, 200, 6, 256)
     flags = ["--tier", "batch", "--batch-window-ms", "30", "--max-concurrency", "3"]
     flags += ["--queue-limit", "5"]
     assert load_config([*BASE_ARGV, *flags], env).knobs == Knobs(3, 30, 6, 5)

@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from node_agent.engine.protocol import (
-    InvalidRequest,
+from mlxfleet.errors import ApiError
+from mlxfleet.openai.protocol import (
     Message,
     parse_chat_request,
     parse_completion_request,
     parse_json_body,
     resolve_max_tokens,
 )
-from node_agent.engine.responses import ResponseHeader, Usage, chunk, full_response, usage_chunk
+from mlxfleet.openai.responses import ResponseHeader, Usage, chunk, full_response, usage_chunk
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -68,7 +68,7 @@ BAD_CHAT = [
 
 @pytest.mark.parametrize(("body", "status", "code", "param"), BAD_CHAT)
 def test_bad_chat_requests_are_refused(body: dict, status: int, code: str, param: str) -> None:
-    with pytest.raises(InvalidRequest) as info:
+    with pytest.raises(ApiError) as info:
         parse_chat_request(body)
     assert (info.value.status, info.value.code, info.value.param) == (status, code, param)
     assert info.value.type == "invalid_request_error"
@@ -86,14 +86,14 @@ BAD_COMPLETION = [
 
 @pytest.mark.parametrize(("body", "code", "param"), BAD_COMPLETION)
 def test_bad_completion_requests_are_refused(body: dict, code: str, param: str) -> None:
-    with pytest.raises(InvalidRequest) as info:
+    with pytest.raises(ApiError) as info:
         parse_completion_request(body)
     assert (info.value.status, info.value.code, info.value.param) == (400, code, param)
 
 
 @pytest.mark.parametrize("raw", [b"{", b"[1, 2]", b"\xff\xfe", b'"text"', b""])
 def test_body_must_be_one_json_object(raw: bytes) -> None:
-    with pytest.raises(InvalidRequest) as info:
+    with pytest.raises(ApiError) as info:
         parse_json_body(raw)
     assert (info.value.status, info.value.code, info.value.param) == (400, "invalid_json", None)
 
@@ -145,14 +145,14 @@ def test_defaults_leave_max_tokens_to_the_engine() -> None:
 def test_context_length_is_checked_after_tokenizing() -> None:
     assert resolve_max_tokens(10, None, 100, "messages") == 90
     assert resolve_max_tokens(10, 90, 100, "messages") == 90
-    with pytest.raises(InvalidRequest) as info:
+    with pytest.raises(ApiError) as info:
         resolve_max_tokens(10, 91, 100, "messages")
     assert (info.value.code, info.value.param, info.value.status) == (
         "context_length_exceeded",
         "messages",
         400,
     )
-    with pytest.raises(InvalidRequest) as info:
+    with pytest.raises(ApiError) as info:
         resolve_max_tokens(100, None, 100, "prompt")
     assert (info.value.code, info.value.param) == ("context_length_exceeded", "prompt")
 

@@ -17,13 +17,14 @@ import mlx_lm
 import pytest
 from mlx_lm.models.cache import QuantizedKVCache
 
+from mlxfleet.errors import ApiError
+from mlxfleet.openai.protocol import SamplingParams
+from mlxfleet.tiers import Knobs
 from node_agent.engine.batched import BatchDecoder
-from node_agent.engine.errors import InvalidRequest, QueueFull
 from node_agent.engine.generator import Event, Job, ModelThread
-from node_agent.engine.knobs import Knobs
-from node_agent.engine.protocol import SamplingParams
 from node_agent.engine.sampling import make_request_sampler
 from node_agent.engine.sequential import SequentialDecoder
+from node_agent.errors import QueueFull
 
 KV_BITS = 8
 GROUP_SIZE = 32
@@ -239,7 +240,7 @@ def test_queue_full_counts_only_the_waiting(thread: ModelThread) -> None:
 
 
 def test_max_concurrency_above_one_is_refused(thread: ModelThread) -> None:
-    with pytest.raises(InvalidRequest, match="must be 1, got 2") as info:
+    with pytest.raises(ApiError, match="must be 1, got 2") as info:
         thread.set_knobs(dataclasses.replace(KNOBS, max_concurrency=2))
     assert info.value.param == "max_concurrency"
     assert thread.knobs == KNOBS

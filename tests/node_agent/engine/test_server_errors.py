@@ -8,11 +8,11 @@ from pathlib import Path
 import httpx
 from aiohttp.test_utils import TestServer
 
+from mlxfleet.tiers import DEFAULT_KNOBS
 from node_agent.engine.config import EngineConfig
-from node_agent.engine.errors import QueueFull
 from node_agent.engine.generator import EngineStats, Event, Job
-from node_agent.engine.knobs import TIER_DEFAULTS
 from node_agent.engine.server import EngineServer
+from node_agent.errors import QueueFull
 
 SECRET = "test-secret"
 HEADERS = {"Authorization": f"Bearer {SECRET}"}
@@ -44,7 +44,7 @@ class FakeModelThread:
         self.cancelled.append(request_id)
 
     def stats(self) -> EngineStats:
-        return EngineStats(0, 0, 0, 0, 0, 0, 0, TIER_DEFAULTS["interactive"])
+        return EngineStats(0, 0, 0, 0, 0, 0, 0, DEFAULT_KNOBS["interactive"])
 
 
 async def serve(model: FakeModelThread) -> TestServer:

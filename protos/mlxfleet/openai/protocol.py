@@ -1,7 +1,7 @@
 """Parsing and validation of OpenAI chat and completion requests; pure, no engine state.
 
 The gateway imports this module too, so it must stay free of mlx and of any engine object.
-Every refusal raises `InvalidRequest` carrying the OpenAI error fields (status, type, param, code).
+Every refusal raises `ApiError` carrying the OpenAI error fields (status, type, param, code).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from node_agent.engine.errors import InvalidRequest
+from mlxfleet.errors import ApiError
 
 ALLOWED_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 MAX_STOP_SEQUENCES = 4
@@ -21,7 +21,6 @@ DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
 
 __all__ = [
-    "InvalidRequest",
     "Message",
     "SamplingParams",
     "ChatRequest",
@@ -96,11 +95,11 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(
+        raise ApiError.invalid(
             f"We could not parse the JSON body of your request: {exc}", None, "invalid_json"
         ) from None
     if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", None, "invalid_json")
+        raise ApiError.invalid("The request body must be a JSON object.", None, "invalid_json")
     return body
 
 
@@ -113,8 +112,8 @@ def _is_number(value: Any) -> bool:
     return _is_int(value) or isinstance(value, float)
 
 
-def _type_error(param: str, expected: str, value: Any) -> InvalidRequest:
-    return InvalidRequest(
+def _type_error(param: str, expected: str, value: Any) -> ApiError:
+    return ApiError.invalid(
         f"Invalid type for '{param}': expected {expected}, got {type(value).__name__} ({value!r}).",
         param,
         "invalid_type",
@@ -132,7 +131,7 @@ def _parse_max_tokens(body: dict[str, Any]) -> int | None:
             raise _type_error(param, "an integer", value)
         # 0 is refused like OpenAI does: a request that may generate nothing is a client bug.
         if value < 1:
-            raise InvalidRequest(
+            raise ApiError.invalid(
                 f"Invalid '{param}': integer below minimum value. "
                 f"Expected a value >= 1, but got {value} instead.",
                 param,
@@ -152,7 +151,7 @@ def _parse_stop(value: Any) -> tuple[str, ...]:
     else:
         raise _type_error("stop", "a string or a list of strings", value)
     if len(stops) > MAX_STOP_SEQUENCES:
-        raise InvalidRequest(
+        raise ApiError.invalid(
             f"Invalid 'stop': at most {MAX_STOP_SEQUENCES} sequences, got {len(stops)}.",
             "stop",
             "array_above_max_length",
@@ -168,7 +167,7 @@ def _parse_sampling(body: dict[str, Any]) -> SamplingParams:
     elif not _is_number(temperature):
         raise _type_error("temperature", "a number", temperature)
     elif not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
-        raise InvalidRequest(
+        raise ApiError.invalid(
             f"Invalid 'temperature': {temperature} is not in "
             f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}].",
             "temperature",
@@ -180,7 +179,7 @@ def _parse_sampling(body: dict[str, Any]) -> SamplingParams:
     elif not _is_number(top_p):
         raise _type_error("top_p", "a number", top_p)
     elif not 0.0 < top_p <= 1.0:
-        raise InvalidRequest(
+        raise ApiError.invalid(
             f"Invalid 'top_p': {top_p} is not in (0, 1].", "top_p", "invalid_value"
         )
     seed = body.get("seed")
@@ -191,16 +190,16 @@ def _parse_sampling(body: dict[str, Any]) -> SamplingParams:
         if not _is_int(n):
             raise _type_error("n", "an integer", n)
         if n < 1:
-            raise InvalidRequest(f"Invalid 'n': {n} is below 1.", "n", "integer_below_min_value")
+            raise ApiError.invalid(f"Invalid 'n': {n} is below 1.", "n", "integer_below_min_value")
         if n > 1:
-            raise InvalidRequest(
+            raise ApiError.invalid(
                 f"Unsupported value for 'n': {n}; this server returns one choice.",
                 "n",
                 "unsupported_parameter",
             )
     for param in ("logprobs", "echo"):
         if body.get(param) not in (None, False):
-            raise InvalidRequest(
+            raise ApiError.invalid(
                 f"Unsupported parameter '{param}'.", param, "unsupported_parameter"
             )
     ignore_eos = body.get("ignore_eos", False)
@@ -263,7 +262,7 @@ def _parse_content(index: int, role: str, content: Any) -> str:
         texts = []
         for j, part in enumerate(content):
             if not (isinstance(part, dict) and part.get("type") == "text"):
-                raise InvalidRequest(
+                raise ApiError.invalid(
                     f"Invalid '{param}[{j}]': only text parts are supported.",
                     f"{param}[{j}]",
                     "invalid_value",
@@ -278,7 +277,7 @@ def _parse_content(index: int, role: str, content: Any) -> str:
 
 def _parse_messages(value: Any) -> tuple[Message, ...]:
     if not isinstance(value, list) or not value:
-        raise InvalidRequest(
+        raise ApiError.invalid(
             "Invalid 'messages': expected a non-empty array of message objects.",
             "messages",
             "invalid_value" if isinstance(value, list) else "invalid_type",
@@ -289,7 +288,7 @@ def _parse_messages(value: Any) -> tuple[Message, ...]:
             raise _type_error(f"messages[{i}]", "an object", item)
         role = item.get("role")
         if role not in ALLOWED_ROLES:
-            raise InvalidRequest(
+            raise ApiError.invalid(
                 f"Invalid 'messages[{i}].role': {role!r}; expected one of "
                 f"{', '.join(sorted(ALLOWED_ROLES))}.",
                 f"messages[{i}].role",
@@ -317,7 +316,7 @@ def _parse_prompt(value: Any) -> str | tuple[int, ...]:
     else:
         raise _type_error("prompt", "a string, a list of one string or a list of token ids", value)
     if not prompt:
-        raise InvalidRequest("Invalid 'prompt': it must not be empty.", "prompt", "invalid_value")
+        raise ApiError.invalid("Invalid 'prompt': it must not be empty.", "prompt", "invalid_value")
     return prompt
 
 
@@ -341,7 +340,7 @@ def resolve_max_tokens(
     remaining = context_length - prompt_tokens
     wanted = max_tokens if max_tokens is not None else remaining
     if remaining < 1 or wanted > remaining:
-        raise InvalidRequest(
+        raise ApiError.invalid(
             f"This model's maximum context length is {context_length} tokens. However, you "
             f"requested {prompt_tokens + max(wanted, 1)} tokens ({prompt_tokens} in the "
             f"{param}, {max(wanted, 1)} in the completion). Please reduce the length of the "
