@@ -28,9 +28,11 @@ from coordinator.bench.client import (
 )
 from coordinator.bench.errors import PromptLengthError
 from coordinator.bench.gates import GateLimits, evaluate
+from coordinator.bench.machine import MachineProbe
 from coordinator.bench.prompts import Messages, PromptBook
 from coordinator.bench.results import SCHEMA, Cell, Quantiles, Report, Run, Sample, Workload
-from coordinator.bench.snapshot import ResourceSampler, fleet_status, take_snapshot
+from coordinator.bench.sampler import ResourceSampler
+from coordinator.bench.snapshot import fleet_status, take_snapshot
 from coordinator.bench.sweep import TierKnobs
 from coordinator.config import default_home
 
@@ -123,11 +125,16 @@ def root_of(base_url: str) -> str:
 
 class Bench:
     """Runs one invocation. Use from the event loop; `interrupt()` (the SIGINT handler) stops
-    the running cell: its requests are cancelled, what finished is kept, no new cell starts."""
+    the running cell: its requests are cancelled, what finished is kept, no new cell starts.
+    `probe` reads this machine for the snapshot and the local sampler (the CLI passes the
+    node agent's; None: no machine facts, no local memory samples)."""
 
-    def __init__(self, config: BenchConfig, progress: Progress) -> None:
+    def __init__(
+        self, config: BenchConfig, progress: Progress, probe: MachineProbe | None = None
+    ) -> None:
         self.config = config
         self._progress = progress
+        self._machine = probe
         self._root = root_of(config.endpoint.base_url)
         self._stop = asyncio.Event()
         self._slots: list[asyncio.Task[None]] = []
@@ -200,7 +207,7 @@ class Bench:
             return
         deadline = time.monotonic() + KNOB_SETTLE_S
         while time.monotonic() < deadline and not self._stop.is_set():
-            snapshot = await take_snapshot(session, self._root, self.config.workload)
+            snapshot = await take_snapshot(session, self._root, self.config.workload, self._machine)
             if getattr(snapshot, knob) == value:
                 return
             await asyncio.sleep(KNOB_POLL_S)
@@ -210,7 +217,7 @@ class Bench:
         self, session: aiohttp.ClientSession, book: PromptBook, sweep: dict[str, int]
     ) -> Run:
         config = self.config
-        snapshot = await take_snapshot(session, self._root, config.workload)
+        snapshot = await take_snapshot(session, self._root, config.workload, self._machine)
         sampler = ResourceSampler(
             session,
             self._root,
@@ -218,6 +225,7 @@ class Bench:
             snapshot.ram_bytes,
             config.limits.swap_bytes,
             pid=config.server_pid,
+            probe=self._machine,
         )
         started_at, t0 = time.time(), time.perf_counter()
         cells: list[Cell] = []

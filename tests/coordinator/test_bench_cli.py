@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import cli_bench
 from coordinator.bench.errors import EndpointUnreachable, KeyRefused
 from coordinator.bench.gates import MIB
 from coordinator.bench.progress import ProgressLine
+from coordinator.cli import bench as cli_bench
 from tests.coordinator.fake_endpoint import Behaviour, serving_in_thread
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

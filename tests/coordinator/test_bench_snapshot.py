@@ -3,7 +3,7 @@
 The fleet is the real gateway app (its /ui/status, /prometheus/targets and admin API over the
 real registry, reconciler and store) and real agent /metrics servers (AgentMetrics). Only
 the agents' engines (a supervisor that reports given engines) and the agents' OS readings are
-test doubles. The local path reads this machine for real.
+test doubles. The local path reads this machine for real, through the Linux probe passed in.
 """
 
 from __future__ import annotations
@@ -27,17 +27,16 @@ from aiohttp import web
 
 from coordinator.bench import snapshot as snapshot_module
 from coordinator.bench.gates import MIB
-from coordinator.bench.results import ProcessMemory
-from coordinator.bench.snapshot import (
+from coordinator.bench.machine import (
     ProcessRow,
-    ResourceSampler,
     linux_processes,
-    parse_agent_metrics,
     parse_ps,
-    take_snapshot,
     top_processes,
     tree_rss,
 )
+from coordinator.bench.results import ProcessMemory
+from coordinator.bench.sampler import ResourceSampler
+from coordinator.bench.snapshot import parse_agent_metrics, take_snapshot
 from coordinator.config import Config, ModelSpec
 from coordinator.gateway import Gateway
 from coordinator.pki import FleetPki
@@ -243,7 +242,7 @@ async def test_fleet_snapshot_reads_the_knobs_in_force_and_the_serving_agents(
             ],
         }
 
-        snap = await take_snapshot(session, fleet.root, "batch")
+        snap = await take_snapshot(session, fleet.root, "batch", probe=LinuxProbe())
         assert (snap.chips, snap.ram_bytes) == (["Apple M4"], 16 * GIB)  # only mini-2 serves
         assert (snap.batch_window_ms, snap.max_batch_size, snap.max_concurrency) == (80, 12, 12)
         assert snap.knobs["queue_limit"] == DEFAULT_KNOBS["batch"].queue_limit
@@ -297,7 +296,9 @@ async def test_other_endpoints_snapshot_this_machine() -> None:
     facts = LinuxProbe().facts()
     try:
         async with aiohttp.ClientSession() as session:
-            snap = await take_snapshot(session, f"http://127.0.0.1:{port}", "interactive")
+            snap = await take_snapshot(
+                session, f"http://127.0.0.1:{port}", "interactive", probe=LinuxProbe()
+            )
     finally:
         await runner.cleanup()
     assert not snap.fleet
@@ -398,7 +399,7 @@ async def test_local_sampler_reads_meminfo(tmp_path: Path) -> None:
         assert [(rss, s) for _, rss, s in result.series] == [(used, swap)]
         assert result.rss_peak_percent == 100.0 * used / ram
         # The live file: the same numbers give or take what moved between the two reads.
-        live = ResourceSampler(session, "http://unused", False, ram, 0)
+        live = ResourceSampler(session, "http://unused", False, ram, 0, probe=LinuxProbe())
         await live.sample()
         now = meminfo()
         result = live.result()
@@ -424,7 +425,9 @@ async def test_local_sampler_with_a_pid_takes_its_process_tree() -> None:
         assert rows[parent.pid].rss_bytes == vmrss[parent.pid]
         assert rows[child.pid].rss_bytes == vmrss[child.pid]
         async with aiohttp.ClientSession() as session:
-            sampler = ResourceSampler(session, "http://unused", False, 2**40, 0, pid=parent.pid)
+            sampler = ResourceSampler(
+                session, "http://unused", False, 2**40, 0, pid=parent.pid, probe=LinuxProbe()
+            )
             await sampler.sample()
         result = sampler.result()
         assert result is not None

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import cli_service, service
+from coordinator import service
+from coordinator.cli import service as cli_service
 from coordinator.errors import Error, ServiceError
 from coordinator.service import ServiceSpec, Step
 from node_agent.identity import NodeIdentity
@@ -40,7 +41,7 @@ LAUNCHD_KEYS = {
 
 
 def run_cli(command: str) -> None:
-    """`mlxfleet <command>` through this module's parser (cli.py wires the same add_parser)."""
+    """`mlxfleet <command>` through this module's parser (the CLI wires the same add_parser)."""
     parser = argparse.ArgumentParser(prog="mlxfleet")
     cli_service.add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(shlex.split(command))

@@ -3,7 +3,8 @@
 
 Exit status: 0 every gate passed, 1 a gate tripped (compare: a change for the worse beyond
 noise), 2 an error (nothing is written when it happens before the first measurement), 130
-Ctrl-C (what was measured until then is written).
+Ctrl-C (what was measured until then is written). The bench reads this machine with the node
+agent's probe, handed to it here: coordinator.bench itself never imports the agent.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import logging
 import os
 import signal
 import sys
@@ -20,9 +22,14 @@ from typing import Any
 from coordinator.bench.client import Endpoint
 from coordinator.bench.errors import BenchError
 from coordinator.bench.gates import MIB, GateLimits
+from coordinator.bench.machine import MachineProbe
 from coordinator.bench.progress import ProgressLine
 from coordinator.bench.runner import Bench, BenchConfig, Outcome
 from coordinator.config import default_home
+from node_agent.errors import Error as ProbeError
+from node_agent.probes import local_probe
+
+logger = logging.getLogger(__name__)
 
 EXIT_GATE = 1
 EXIT_ERROR = 2
@@ -57,9 +64,24 @@ def _positive(kind: type[int] | type[float]) -> Any:
     return parse
 
 
+def _shown(value: Any) -> str:
+    """A default as one would type it: 30 (not 30.0), 1,4,16."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _numbers(parser: argparse.ArgumentParser, rows: list[tuple[str, Any, Any, str, str]]) -> None:
+    """Flags from (flag, parser, default, metavar, help) rows; the help names the default
+    where its text has {} (else at its end)."""
+    for flag, parse, default, metavar, text in rows:
+        text = text if "{}" in text else text + " (default {})"
+        help_text = text.replace("{}", _shown(default))
+        parser.add_argument(flag, type=parse, default=default, metavar=metavar, help=help_text)
+
+
 def add_parser(subparsers: Any) -> None:
     """`bench ...` and `bench compare A B`."""
-    limits = GateLimits()
     bench = subparsers.add_parser(
         "bench", help="benchmark an OpenAI-compatible endpoint (ours or another engine)"
     )
@@ -69,9 +91,9 @@ def add_parser(subparsers: Any) -> None:
     compare.add_argument("b", type=Path, help="the report.json to compare with it")
     compare.set_defaults(func=cmd_compare)
 
-    bench.add_argument("--endpoint", help="base URL, e.g. http://127.0.0.1:8400/v1")
-    bench.add_argument("--model", help="the model name the endpoint serves")
     add = bench.add_argument
+    add("--endpoint", help="base URL, e.g. http://127.0.0.1:8400/v1")
+    add("--model", help="the model name the endpoint serves")
     add(
         "--workload",
         choices=("interactive", "batch"),
@@ -79,34 +101,18 @@ def add_parser(subparsers: Any) -> None:
         help="streaming chats led by TTFT, or the batch tier's ramp led by tokens/s",
     )
     add("--key", help="API key (default $MLXFLEET_API_KEY; none if unset)")
-    add(
-        "--concurrency",
-        type=_positive_ints,
-        default=_positive_ints(DEFAULT_CONCURRENCY),
-        metavar="C,C",
-        help=f"requests in flight per cell (default {DEFAULT_CONCURRENCY})",
-    )
-    add(
-        "--prompt-tokens",
-        type=_positive_ints,
-        default=_positive_ints(DEFAULT_PROMPT_TOKENS),
-        metavar="N,N",
-        help=f"exact prompt lengths (default {DEFAULT_PROMPT_TOKENS})",
-    )
-    add(
-        "--max-tokens",
-        type=_positive(int),
-        default=DEFAULT_MAX_TOKENS,
-        metavar="N",
-        help=f"tokens to generate per request (default {DEFAULT_MAX_TOKENS})",
-    )
-    add(
-        "--duration",
-        type=_positive(float),
-        default=DEFAULT_DURATION_S,
-        metavar="S",
-        help=f"seconds per cell (default {DEFAULT_DURATION_S:g})",
-    )
+    _numbers(
+        bench,
+        [
+            ("--concurrency", _positive_ints, _positive_ints(DEFAULT_CONCURRENCY), "C,C",
+             "requests in flight per cell"),
+            ("--prompt-tokens", _positive_ints, _positive_ints(DEFAULT_PROMPT_TOKENS), "N,N",
+             "exact prompt lengths"),
+            ("--max-tokens", _positive(int), DEFAULT_MAX_TOKENS, "N",
+             "tokens to generate per request"),
+            ("--duration", _positive(float), DEFAULT_DURATION_S, "S", "seconds per cell"),
+        ],
+    )  # fmt: skip
     add(
         "--sweep",
         metavar="KNOB=V,V",
@@ -127,34 +133,20 @@ def add_parser(subparsers: Any) -> None:
         metavar="PID",
         help="the endpoint's process on this machine: its RSS for the trio (not a fleet)",
     )
-    add(
-        "--gate-tail-ratio",
-        type=_positive(float),
-        default=limits.tail_ratio,
-        metavar="R",
-        help=f"exit 1 above this TTFT p95/p50 (default {limits.tail_ratio:g})",
-    )
-    add(
-        "--gate-swap-mib",
-        type=_positive(int),
-        default=limits.swap_bytes // MIB,
-        metavar="MIB",
-        help=f"exit 1 when swap stays above this (default {limits.swap_bytes // MIB}) ...",
-    )
-    add(
-        "--gate-swap-s",
-        type=_positive(float),
-        default=limits.swap_for_s,
-        metavar="S",
-        help=f"... for this long (default {limits.swap_for_s:g})",
-    )
-    add(
-        "--gate-rss-percent",
-        type=_positive(float),
-        default=limits.rss_percent,
-        metavar="P",
-        help=f"exit 1 above this RSS peak, %% of RAM (default {limits.rss_percent:g})",
-    )
+    limits = GateLimits()
+    _numbers(
+        bench,
+        [
+            ("--gate-tail-ratio", _positive(float), limits.tail_ratio, "R",
+             "exit 1 above this TTFT p95/p50"),
+            ("--gate-swap-mib", _positive(int), limits.swap_bytes // MIB, "MIB",
+             "exit 1 when swap stays above this (default {}) ..."),
+            ("--gate-swap-s", _positive(float), limits.swap_for_s, "S",
+             "... for this long"),
+            ("--gate-rss-percent", _positive(float), limits.rss_percent, "P",
+             "exit 1 above this RSS peak, %% of RAM"),
+        ],
+    )  # fmt: skip
     bench.set_defaults(func=cmd_bench)
 
 
@@ -219,6 +211,15 @@ def config_from(args: argparse.Namespace, argv: list[str]) -> BenchConfig:
     )
 
 
+def machine_probe() -> MachineProbe | None:
+    """This machine's probe (the node agent's); None on an OS without one."""
+    try:
+        return local_probe()
+    except ProbeError as exc:
+        logger.warning("cannot read this machine: %s", exc)
+        return None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from coordinator.bench.report import write_outputs
 
@@ -228,7 +229,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if (out / "report.json").exists():
         raise BenchError(f"--out {out} already holds a report: choose another folder")
     try:
-        outcome = asyncio.run(_bench(config))
+        outcome = asyncio.run(_bench(config, machine_probe()))
     except asyncio.CancelledError:  # Ctrl-C before the first measurement
         print("mlxfleet: interrupted before anything was measured", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -246,12 +247,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_GATE if outcome.report.tripped else 0
 
 
-async def _bench(config: BenchConfig) -> Outcome:
+async def _bench(config: BenchConfig, probe: MachineProbe | None) -> Outcome:
     """Run the bench with the progress line; the first Ctrl-C stops it cleanly (before the
     first cell: cancels everything), a second one stops at once."""
     cells = len(config.concurrency) * len(config.prompt_tokens)
     progress = ProgressLine(sys.stderr, cells * (len(config.sweep[1]) if config.sweep else 1))
-    bench = Bench(config, progress)
+    bench = Bench(config, progress, probe)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None

@@ -4,19 +4,45 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+from typing import Any
 
-from coordinator.cli_admin import _print_table
-from coordinator.config import MODEL_NAME_RE, Config, default_home
+from coordinator.cli.common import HOME_HELP, home_of, print_table
+from coordinator.config import MODEL_NAME_RE, Config
 from coordinator.errors import ConfigError
 from coordinator.store import Store
 from coordinator.tiers import key_tiers
 from mlxfleet.errors import TierError
 
 
+def add_parser(subparsers: Any) -> None:
+    """`keys create [--tiers T,T] [--rpm N] ...` and `keys list [--json]`."""
+    keys = subparsers.add_parser("keys", help="team API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key and print it (stored hashed)")
+    create.add_argument("--name", default="team")
+    create.add_argument(
+        "--tiers",
+        default="interactive,batch",
+        help="tiers the key may use (default interactive,batch)",
+    )
+    create.add_argument(
+        "--default-tier",
+        default=None,
+        help="tier when a request sends no X-Mlxfleet-Tier (default: the first)",
+    )
+    create.add_argument("--rpm", help="requests per minute (default: unlimited)")
+    create.add_argument("--tpm", help="prompt + completion tokens per minute (default: unlimited)")
+    create.add_argument("--models", help="models the key may use, a,b (default: all)")
+    create.add_argument("--home", help=HOME_HELP)
+    create.set_defaults(func=cmd_keys_create)
+    keys_list = keys_sub.add_parser("list", help="names, tiers and limits (never the keys)")
+    keys_list.add_argument("--json", action="store_true")
+    keys_list.add_argument("--home", help=HOME_HELP)
+    keys_list.set_defaults(func=cmd_keys_list)
+
+
 def _store(args: argparse.Namespace) -> Store:
-    home = Path(args.home or default_home()).expanduser()
-    return Store(Config(home=home).db_path)
+    return Store(Config(home=home_of(args)).db_path)
 
 
 def positive_int(flag: str, text: str | None) -> int | None:
@@ -84,4 +110,4 @@ def cmd_keys_list(args: argparse.Namespace) -> None:
         row["tpm"] = row["tpm"] or "unlimited"
         row["models"] = row["models"] or ["all"]
     if rows:
-        _print_table(rows, ("name", "tiers", "default_tier", "rpm", "tpm", "models"))
+        print_table(rows, ("name", "tiers", "default_tier", "rpm", "tpm", "models"))
