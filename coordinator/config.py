@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.errors import ConfigError
-from coordinator.memory import DEFAULT_KV_GROUP_SIZE, KV_GROUP_SIZES, OS_RESERVE_BYTES
+from coordinator.memory import OS_RESERVE_BYTES
 from coordinator.triggers import TriggerConfig
-from mlxfleet.errors import TierError
+from mlxfleet.errors import KvCacheError, TierError
+from mlxfleet.kv import DEFAULT_KV_GROUP_SIZE, KV_BITS, KV_GROUP_SIZES, check_kv
 from mlxfleet.tiers import DEFAULT_KNOBS, TIERS, Knobs, Tier, apply_knobs
 
 DEFAULT_GATEWAY_PORT = 8400
@@ -21,7 +22,6 @@ DEFAULT_GRPC_PORT = 8401  # mutual TLS: the agents' control streams
 DEFAULT_ENROLL_PORT = 8403  # server-authenticated TLS: Enroll only (a new node has no certificate)
 SUSPECT_AFTER_S = 3.0  # no heartbeat this long: the node's engines leave the router
 DEAD_AFTER_S = 10.0  # no heartbeat this long: the node is dropped and its models placed again
-DEFAULT_CONTEXT_LENGTH = 8192  # tokens; the seeds' cap unless a model asks more
 MAX_CONCURRENCY_LIMIT = 256
 IDLE_UNLOAD_S = 180.0  # seed 002 §8: unpinned models unload after 3 idle minutes
 RELOAD_WAIT_S = 60.0  # a request for an unloaded model waits this long for the reload
@@ -48,8 +48,8 @@ class ModelSpec:
     name: str  # what clients put in "model"
     source: str  # a local MLX model folder or a Hugging Face id
     tier: Tier = "interactive"
-    # None: DEFAULT_CONTEXT_LENGTH, capped at what the model supports; a value larger than the
-    # model supports is refused.
+    # None: mlxfleet.kv.DEFAULT_CONTEXT_LENGTH, capped at what the model supports; a value
+    # larger than the model supports is refused.
     context_length: int | None = None
     max_concurrency: int | None = None  # None: the tier's knob
     replicas: int = 1
@@ -176,7 +176,7 @@ def _model_specs(raw: Any, where: str) -> list[ModelSpec]:
     if slots is not None:
         slots = _int(raw, "max_concurrency", 0, 1, MAX_CONCURRENCY_LIMIT, where)
     kv_bits = raw.get("kv_bits", 16)
-    if kv_bits not in (16, 8, 4) or isinstance(kv_bits, bool):
+    if kv_bits not in KV_BITS or isinstance(kv_bits, bool):
         raise ConfigError(f"{where}: 'kv_bits' must be 16, 8 or 4, got {kv_bits!r}")
     group_size = raw.get("kv_group_size", DEFAULT_KV_GROUP_SIZE)
     if group_size not in KV_GROUP_SIZES or isinstance(group_size, bool):
@@ -185,17 +185,11 @@ def _model_specs(raw: Any, where: str) -> list[ModelSpec]:
     if "kv_group_size" in raw and kv_bits == 16:
         raise ConfigError(f"{where}: 'kv_group_size' needs kv_bits 8 or 4")
     if kv_bits != 16:
-        if "interactive" in tiers:
-            raise ConfigError(
-                f"{where}: model {name!r}: kv_bits {kv_bits} is refused in the interactive tier: "
-                "a quantized KV cache cannot join a running batch in mlx-lm 0.32.2, and an "
-                "interactive request must join at the next step (use the batch tier)"
-            )
-        if slots not in (None, 1):
-            raise ConfigError(
-                f"{where}: model {name!r}: kv_bits {kv_bits} decodes one request at a time, "
-                f"so max_concurrency must be 1, got {slots}"
-            )
+        for tier in tiers:
+            try:
+                check_kv(kv_bits, group_size, tier=tier, sequences=slots)
+            except KvCacheError as exc:
+                raise ConfigError(f"{where}: model {name!r}: {exc}") from None
         slots = 1  # the engine runs requests one at a time; sizing counts one sequence
     pinned = raw.get("pinned", False)
     if not isinstance(pinned, bool):

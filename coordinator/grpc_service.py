@@ -30,6 +30,7 @@ from mlxfleet.facts import NodeFacts
 from mlxfleet.tiers import Knobs
 from mlxfleet.v1 import fleet_pb2 as pb
 from mlxfleet.v1 import fleet_pb2_grpc
+from mlxfleet.wire import enum_name, facts_from_pb
 
 logger = logging.getLogger(__name__)
 
@@ -41,55 +42,24 @@ MAX_MESSAGE_BYTES = 1 * 1024 * 1024  # larger agent messages are refused by gRPC
 NODE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
-def _enum_name(enum: type, value: int, prefix: str) -> str:
-    """pb.MemoryPressure WARNING -> "warning"; an unknown number -> "unknown"."""
-    try:
-        name: str = enum.Name(value)  # type: ignore[attr-defined]
-    except ValueError:
-        return "unknown"
-    name = name.removeprefix(prefix).lower()
-    return "unknown" if name == "unspecified" else name
-
-
-def facts_from_pb(f: pb.NodeFacts) -> NodeFacts:
-    return NodeFacts(
-        hostname=f.hostname,
-        chip=f.chip,
-        os=f.os,
-        ram_bytes=f.ram_bytes,
-        performance_cores=f.performance_cores,
-        gpu_cores=f.gpu_cores,
-        memory_bandwidth_gbps=f.memory_bandwidth_gbps,
-        gpu_wired_limit_bytes=f.gpu_wired_limit_bytes,
-        mlx_version=f.mlx_version,
-        mlx_lm_version=f.mlx_lm_version,
-        agent_version=f.agent_version,
-        # An agent that sent no role reads "unknown": never a server, never a laptop that opted in.
-        role=_enum_name(pb.Role, f.role, "ROLE_"),  # type: ignore[arg-type]
-        labels=dict(f.labels),
-        serve_interactive=f.serve_interactive,
-        os_reserve_bytes=f.os_reserve_bytes,
-    )
-
-
 def status_from_pb(s: pb.NodeStatus) -> NodeStatus:
     return NodeStatus(
         available_bytes=s.available_bytes,
         swap_used_bytes=s.swap_used_bytes,
-        memory_pressure=_enum_name(pb.MemoryPressure, s.memory_pressure, "MEMORY_PRESSURE_"),
-        thermal_state=_enum_name(pb.ThermalState, s.thermal_state, "THERMAL_STATE_"),
-        power_source=_enum_name(pb.PowerSource, s.power_source, "POWER_SOURCE_"),
+        memory_pressure=enum_name(pb.MemoryPressure, s.memory_pressure, "MEMORY_PRESSURE_"),
+        thermal_state=enum_name(pb.ThermalState, s.thermal_state, "THERMAL_STATE_"),
+        power_source=enum_name(pb.PowerSource, s.power_source, "POWER_SOURCE_"),
         low_power_mode=s.low_power_mode,
     )
 
 
 def engine_from_pb(node_id: NodeId, e: pb.EngineInfo) -> Engine:
-    state = _enum_name(pb.EngineState, e.state, "ENGINE_STATE_")
+    state = enum_name(pb.EngineState, e.state, "ENGINE_STATE_")
     return Engine(
         engine_id=EngineId(e.engine_id),
         model=e.model,
         node_id=node_id,
-        tier=_enum_name(pb.Tier, e.tier, "TIER_"),
+        tier=enum_name(pb.Tier, e.tier, "TIER_"),
         state=state if state in ("starting", "ready", "stopping") else "exited",  # type: ignore[arg-type]
         url=e.url,
         secret=e.secret,
@@ -239,7 +209,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                 )
 
     def _on_event(self, node_id: NodeId, event: pb.EngineEvent) -> None:
-        kind = _enum_name(pb.EngineEvent.Kind, event.kind, "KIND_")
+        kind = enum_name(pb.EngineEvent.Kind, event.kind, "KIND_")
         engine = engine_from_pb(node_id, event.engine)
         if kind in ("started", "ready"):
             known = self._registry.engines.get(engine.engine_id)
@@ -250,7 +220,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                 self._reconciler.engine_ready(unit_of(engine))
                 self._store.add_event(node_id, "engine_ready", f"{engine.model} {engine.url}")
             return
-        reason = _enum_name(pb.ExitReason, event.exit_reason, "EXIT_REASON_")
+        reason = enum_name(pb.ExitReason, event.exit_reason, "EXIT_REASON_")
         detail = f"{engine.model} engine {engine.engine_id}: {reason}"
         if event.detail:
             detail += f": {event.detail}"

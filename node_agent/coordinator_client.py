@@ -7,19 +7,22 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 
+from mlxfleet.engines import EngineState
 from mlxfleet.facts import NodeFacts
 from mlxfleet.join import COORDINATOR_TLS_NAME, JoinToken, new_key_pem
+from mlxfleet.kv import DEFAULT_KV_GROUP_SIZE, UNQUANTIZED_KV_BITS
 from mlxfleet.v1 import fleet_pb2 as pb
 from mlxfleet.v1 import fleet_pb2_grpc
 from mlxfleet.version import package_version
+from mlxfleet.wire import enum_value, facts_to_pb
 from node_agent.errors import CoordinatorUnreachable, EnrollRefused
 from node_agent.identity import NodeIdentity, make_csr
 from node_agent.probes.base import NodeReading
-from node_agent.supervisor import EngineEvent, EngineInfo, EngineState, LoadRequest
+from node_agent.supervisor import EngineEvent, EngineInfo, LoadRequest
 
 logger = logging.getLogger(__name__)
 
@@ -40,40 +43,28 @@ class NodeProfile:
     os_reserve_bytes: int = 0  # 0: the fleet's default reserve
 
 
-def facts_to_pb(f: NodeFacts, profile: NodeProfile | None = None) -> pb.NodeFacts:
+def facts_message(facts: NodeFacts, profile: NodeProfile | None = None) -> pb.NodeFacts:
+    """The probed facts, plus the agent's config and the versions it runs."""
     profile = profile or NodeProfile()
-    return pb.NodeFacts(
-        labels=dict(profile.labels),
-        serve_interactive=profile.serve_interactive,
-        os_reserve_bytes=profile.os_reserve_bytes,
-        hostname=f.hostname,
-        chip=f.chip,
-        os=f.os,
-        ram_bytes=f.ram_bytes,
-        performance_cores=f.performance_cores,
-        gpu_cores=f.gpu_cores,
-        memory_bandwidth_gbps=f.memory_bandwidth_gbps,
-        gpu_wired_limit_bytes=f.gpu_wired_limit_bytes,
-        mlx_version=package_version("mlx"),
-        mlx_lm_version=package_version("mlx-lm"),
-        agent_version=package_version("mlxfleet"),
-        role=pb.Role.Value(f"ROLE_{f.role.upper()}"),
+    return facts_to_pb(
+        replace(
+            facts,
+            labels=dict(profile.labels),
+            serve_interactive=profile.serve_interactive,
+            os_reserve_bytes=profile.os_reserve_bytes,
+            mlx_version=package_version("mlx"),
+            mlx_lm_version=package_version("mlx-lm"),
+            agent_version=package_version("mlxfleet"),
+        )
     )
-
-
-def _enum(enum: type, prefix: str, name: str) -> int:
-    try:
-        return int(enum.Value(f"{prefix}{name.upper()}"))  # type: ignore[attr-defined]
-    except ValueError:
-        return 0  # UNSPECIFIED: "unknown" has no member of its own
 
 
 def engine_to_pb(e: EngineInfo, with_secret: bool) -> pb.EngineInfo:
     return pb.EngineInfo(
         engine_id=e.engine_id,
         model=e.model,
-        tier=_enum(pb.Tier, "TIER_", e.tier),
-        state=_enum(pb.EngineState, "ENGINE_STATE_", e.state),
+        tier=enum_value(pb.Tier, "TIER_", e.tier),
+        state=enum_value(pb.EngineState, "ENGINE_STATE_", e.state),
         url=e.url,
         secret=e.secret if with_secret else "",
         context_length=e.context_length,
@@ -88,14 +79,14 @@ def status_to_pb(
         unix_time=time.time(),
         available_bytes=r.available_bytes,
         swap_used_bytes=r.swap_used_bytes,
-        memory_pressure=_enum(pb.MemoryPressure, "MEMORY_PRESSURE_", r.memory_pressure),
-        thermal_state=_enum(pb.ThermalState, "THERMAL_STATE_", r.thermal_state),
-        power_source=_enum(pb.PowerSource, "POWER_SOURCE_", r.power_source),
+        memory_pressure=enum_value(pb.MemoryPressure, "MEMORY_PRESSURE_", r.memory_pressure),
+        thermal_state=enum_value(pb.ThermalState, "THERMAL_STATE_", r.thermal_state),
+        power_source=enum_value(pb.PowerSource, "POWER_SOURCE_", r.power_source),
         low_power_mode=r.low_power_mode,
         engines=[
             pb.EngineStatus(
                 engine_id=eid,
-                state=_enum(pb.EngineState, "ENGINE_STATE_", state),
+                state=enum_value(pb.EngineState, "ENGINE_STATE_", state),
                 rss_bytes=rss,
                 pid=pid,
             )
@@ -107,9 +98,9 @@ def status_to_pb(
 def event_to_pb(e: EngineEvent) -> pb.AgentMessage:
     return pb.AgentMessage(
         event=pb.EngineEvent(
-            kind=_enum(pb.EngineEvent.Kind, "KIND_", e.kind),
+            kind=enum_value(pb.EngineEvent.Kind, "KIND_", e.kind),
             engine=engine_to_pb(e.engine, with_secret=e.kind == "ready"),
-            exit_reason=_enum(pb.ExitReason, "EXIT_REASON_", e.exit_reason or ""),
+            exit_reason=enum_value(pb.ExitReason, "EXIT_REASON_", e.exit_reason or ""),
             exit_code=e.exit_code,
             signal=e.signal,
             detail=e.detail,
@@ -149,7 +140,7 @@ async def enroll(
         request = pb.EnrollRequest(
             token=token.secret,
             node_id=previous_id,
-            facts=facts_to_pb(facts, profile),
+            facts=facts_message(facts, profile),
             csr_pem=make_csr(key_pem),
         )
         try:
@@ -203,7 +194,7 @@ class Session:
 
     async def _requests(self) -> AsyncIterator[pb.AgentMessage]:
         hello = pb.Hello(
-            facts=facts_to_pb(self._facts, self._profile),
+            facts=facts_message(self._facts, self._profile),
             engines=[engine_to_pb(e, with_secret=True) for e in self._engines()],
             metrics_port=self._metrics_port,
         )
@@ -268,6 +259,6 @@ def load_request(message: pb.LoadModel) -> LoadRequest:
         tier,
         message.context_length,
         knobs_from_pb(message.knobs),
-        kv_bits=message.kv_bits or 16,
-        kv_group_size=message.kv_group_size or 64,
+        kv_bits=message.kv_bits or UNQUANTIZED_KV_BITS,
+        kv_group_size=message.kv_group_size or DEFAULT_KV_GROUP_SIZE,
     )

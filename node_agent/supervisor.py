@@ -14,10 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
 
+from mlxfleet.engines import EngineState, EventKind, ExitReason
+from mlxfleet.kv import DEFAULT_KV_GROUP_SIZE, UNQUANTIZED_KV_BITS
 from node_agent.cgroup import MIB, EngineCgroup, MemoryLimiter
 from node_agent.probes.base import Probe
 
@@ -30,10 +32,6 @@ HEALTH_POLL_S = 0.1
 STOP_TIMEOUT_S = 15.0  # SIGTERM lets in-flight requests finish; SIGKILL after this
 ENGINE_CALL_TIMEOUT_S = 10.0  # one agent call to an engine's API (knobs, stats)
 LOG_TAIL_LINES = 5
-
-EngineState = Literal["starting", "ready", "stopping", "exited"]
-ExitReason = Literal["clean", "crash", "sigkill", "oom"]
-EventKind = Literal["started", "ready", "exited", "load_failed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +66,8 @@ class LoadRequest:
     tier: str
     context_length: int
     knobs: dict[str, int] = field(default_factory=dict)  # tier knobs; empty: engine defaults
-    kv_bits: int = 16  # 8 or 4: a quantized KV cache (the engine runs one request at a time)
-    kv_group_size: int = 64
+    kv_bits: int = UNQUANTIZED_KV_BITS  # 8 or 4: quantized (the engine runs one request at a time)
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +96,7 @@ class EngineEvent:
 
 def kv_args(request: LoadRequest) -> list[str]:
     """The engine flags for a quantized KV cache; none for the model's own dtype."""
-    if request.kv_bits in (0, 16):
+    if request.kv_bits in (0, UNQUANTIZED_KV_BITS):
         return []
     return ["--kv-bits", str(request.kv_bits), "--kv-group-size", str(request.kv_group_size)]
 

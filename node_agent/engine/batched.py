@@ -8,14 +8,14 @@ from typing import Any
 
 from mlx_lm.generate import BatchGenerator, StopSequences
 
-from node_agent.engine.decoder import Token
-from node_agent.engine.sampling import Sampler, make_request_sampler
+from node_agent.engine.decoder import Decoder, NewSequences, Token
+from node_agent.engine.sampling import make_request_sampler
 
 # Small prefill slices let a long prompt share the thread with running decodes.
 PREFILL_STEP_SIZE_TOKENS = 512
 
 
-class BatchDecoder:
+class BatchDecoder(Decoder):
     """The interactive tier's decoder (and the batch tier's unless it quantizes its KV)."""
 
     def __init__(self, model: Any, eos_ids: frozenset[int], slots: int) -> None:
@@ -38,21 +38,14 @@ class BatchDecoder:
         self._bg.completion_batch_size = self._bg.prefill_batch_size = max_concurrency
         return max_concurrency
 
-    def insert(
-        self,
-        prompts: list[list[int]],
-        max_tokens: list[int],
-        samplers: list[Sampler],
-        ignore_eos: list[bool] | None = None,
-    ) -> list[int]:
+    def _start(self, new: NewSequences) -> list[int]:
         # Inserted together, they prefill together.
-        ignore = ignore_eos or [False] * len(prompts)
         return list(
             self._bg.insert(
-                prompts,
-                max_tokens=max_tokens,
-                samplers=samplers,
-                stop_sequences=[self._no_stops if i else self._eos_stops for i in ignore],
+                new.prompts,
+                max_tokens=new.max_tokens,
+                samplers=new.samplers,
+                stop_sequences=[self._no_stops if i else self._eos_stops for i in new.ignore_eos],
             )
         )
 

@@ -7,14 +7,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from mlxfleet.errors import KnobError
+from mlxfleet.errors import KnobError, KvCacheError
+from mlxfleet.kv import DEFAULT_KV_GROUP_SIZE, KV_GROUP_SIZES, QUANTIZED_KV_BITS, check_kv
 from mlxfleet.tiers import DEFAULT_KNOBS, TIERS, Knobs, Tier
-from node_agent.engine.decoder import DEFAULT_KV_GROUP_SIZE, KV_BITS_CHOICES, KV_GROUP_SIZES
 from node_agent.errors import ConfigError
 
 SECRET_ENV = "MLXFLEET_ENGINE_SECRET"
 DEFAULT_HOST = "127.0.0.1"
 # The seeds' names (seed 001); honoured by the batch tier when the flags are not given.
+KV_FLAGS = ("--kv-bits", "--kv-group-size", "--max-concurrency")  # check_kv names them
 BATCH_ENV = {
     "batch_window_ms": "MLX_BATCH_BATCH_WINDOW_MS",
     "max_batch_size": "MLX_BATCH_MAX_BATCH_SIZE",
@@ -97,20 +98,15 @@ def _kv(args: argparse.Namespace, knobs: Knobs) -> tuple[int | None, int, Knobs]
         if args.kv_group_size is not None:
             raise ConfigError("--kv-group-size needs --kv-bits")
         return None, DEFAULT_KV_GROUP_SIZE, knobs
-    bits = _choice("--kv-bits", args.kv_bits, KV_BITS_CHOICES)
+    bits = _choice("--kv-bits", args.kv_bits, QUANTIZED_KV_BITS)
     group_size = DEFAULT_KV_GROUP_SIZE
     if args.kv_group_size is not None:
         group_size = _choice("--kv-group-size", args.kv_group_size, KV_GROUP_SIZES)
-    if args.tier != "batch":
-        raise ConfigError(
-            f"--kv-bits {bits} is for the batch tier only: a quantized KV cache cannot join "
-            f"a running batch in mlx-lm 0.32.2, and the {args.tier} tier must batch"
-        )
-    if args.max_concurrency is not None and knobs.max_concurrency != 1:
-        raise ConfigError(
-            f"--kv-bits {bits} decodes one sequence at a time: --max-concurrency must be 1, "
-            f"got {knobs.max_concurrency}"
-        )
+    sequences = knobs.max_concurrency if args.max_concurrency is not None else None
+    try:
+        check_kv(bits, group_size, tier=args.tier, sequences=sequences, names=KV_FLAGS)
+    except KvCacheError as exc:
+        raise ConfigError(str(exc)) from None
     return bits, group_size, replace(knobs, max_concurrency=1, max_batch_size=1)
 
 

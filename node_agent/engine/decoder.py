@@ -6,16 +6,12 @@ at a time, quantized KV). The model thread picks one at load time (generator.Mod
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from node_agent.engine.sampling import Sampler
-
-# mlx-lm's default (generate_step's kv_group_size): one scale and one bias per 64 values.
-DEFAULT_KV_GROUP_SIZE = 64
-KV_BITS_CHOICES = (8, 4)
-KV_GROUP_SIZES = (32, 64, 128)  # the group sizes mx.quantize accepts
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,15 +23,25 @@ class Token:
     finish_reason: str | None = None  # "stop": an EOS token; "length": max_tokens reached
 
 
-class Decoder(Protocol):
+@dataclass(frozen=True, slots=True)
+class NewSequences:
+    """Sequences to start together, as parallel lists: one entry per sequence."""
+
+    prompts: list[list[int]]
+    max_tokens: list[int]
+    samplers: list[Sampler]
+    ignore_eos: list[bool]  # run to max_tokens through end-of-sequence tokens
+
+
+class Decoder(ABC):
     """Runs admitted sequences on the model; used on the model thread only.
 
     A sequence is forgotten once a step reports its finish_reason or once it is removed.
     """
 
+    @abstractmethod
     def slots(self, max_concurrency: int) -> int:
         """How many sequences it decodes together under the knob (it may allow fewer)."""
-        ...
 
     def insert(
         self,
@@ -46,20 +52,25 @@ class Decoder(Protocol):
     ) -> list[int]:
         """Start sequences (no more than the free slots); returns their uids in order. A
         sequence with ignore_eos runs to its max_tokens through end-of-sequence tokens."""
-        ...
+        ignore = ignore_eos or [False] * len(prompts)
+        return self._start(NewSequences(prompts, max_tokens, samplers, ignore))
 
+    @abstractmethod
+    def _start(self, new: NewSequences) -> list[int]:
+        """insert's work, with ignore_eos given for every sequence."""
+
+    @abstractmethod
     def remove(self, uid: int) -> None:
         """Drop a sequence (a no-op for one already finished)."""
-        ...
 
+    @abstractmethod
     def step(self) -> list[Token]:
         """Advance every running sequence by one token (a new one's first step prefills it)."""
-        ...
 
+    @abstractmethod
     def reset(self) -> None:
         """Forget every sequence: after a failure, start afresh."""
-        ...
 
+    @abstractmethod
     def warm_up(self, prompt_ids: list[int], max_tokens: int) -> None:
         """Compile the kernels real requests will use, so the first one does not pay for it."""
-        ...

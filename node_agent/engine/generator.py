@@ -12,18 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlxfleet.errors import ApiError
+from mlxfleet.errors import ApiError, KvCacheError
+from mlxfleet.kv import DEFAULT_CONTEXT_LENGTH, DEFAULT_KV_GROUP_SIZE, check_kv
 from mlxfleet.openai.protocol import SamplingParams
 from mlxfleet.tiers import DEFAULT_KNOBS, Knobs
-from node_agent.engine.decoder import DEFAULT_KV_GROUP_SIZE, Decoder
+from node_agent.engine.decoder import Decoder
 from node_agent.engine.knobs import admit_now, window_remaining_ms
 from node_agent.engine.textstream import TextStream
 from node_agent.errors import ModelLoadFailed, QueueFull
 
 logger = logging.getLogger(__name__)
 
-# Seed 002: cap the context at 8192 tokens unless the engine is told otherwise.
-DEFAULT_CONTEXT_CAP_TOKENS = 8192
 WARMUP_PROMPT = "Hello, world."
 WARMUP_MAX_TOKENS = 4
 
@@ -116,7 +115,7 @@ class ModelThread:
         self._kv_bits = kv_bits  # None: the KV cache stays in the model's dtype
         self._kv_group_size = kv_group_size
         self._knobs = knobs  # replaced whole (frozen), read at each admission decision
-        self.context_length = context_length or DEFAULT_CONTEXT_CAP_TOKENS
+        self.context_length = context_length or DEFAULT_CONTEXT_LENGTH
         self._requested_context = context_length
         self.loaded: concurrent.futures.Future[None] = concurrent.futures.Future()
         self.tokenizer: Any = None
@@ -144,13 +143,13 @@ class ModelThread:
     def set_knobs(self, knobs: Knobs) -> None:
         """Use `knobs` from the next admission decision on; running requests are left alone.
         ApiError: max_concurrency above 1 with a quantized KV cache."""
-        if self._kv_bits is not None and knobs.max_concurrency != 1:
-            raise ApiError.invalid(
-                f"Invalid 'max_concurrency': a quantized KV cache (kv_bits {self._kv_bits}) "
-                f"decodes one sequence at a time, so it must be 1, got {knobs.max_concurrency}.",
-                "max_concurrency",
-                "invalid_value",
-            )
+        if self._kv_bits is not None:
+            try:
+                check_kv(self._kv_bits, self._kv_group_size, sequences=knobs.max_concurrency)
+            except KvCacheError as exc:
+                raise ApiError.invalid(
+                    f"Invalid 'max_concurrency': {exc}.", "max_concurrency", "invalid_value"
+                ) from None
         with self._lock:
             self._knobs = knobs
         self._inbox.put(_WAKE)
@@ -232,7 +231,7 @@ class ModelThread:
         self._eos_ids = frozenset(tokenizer.eos_token_ids)
         model_max = getattr(args, "max_position_embeddings", None)
         if self._requested_context is None and model_max:
-            self.context_length = min(int(model_max), DEFAULT_CONTEXT_CAP_TOKENS)
+            self.context_length = min(int(model_max), DEFAULT_CONTEXT_LENGTH)
         self._decoder = self._new_decoder(model)
         self._decoder.warm_up(list(tokenizer.encode(WARMUP_PROMPT)), WARMUP_MAX_TOKENS)
         logger.info(

@@ -20,8 +20,8 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
-from node_agent.engine.decoder import Token
-from node_agent.engine.sampling import Sampler, make_request_sampler
+from node_agent.engine.decoder import Decoder, NewSequences, Token
+from node_agent.engine.sampling import make_request_sampler
 
 # Quantize from the first token on: the point is the memory of long contexts (mlx-lm's default,
 # 5000, keeps the first 5000 tokens of every request in fp16).
@@ -39,7 +39,7 @@ class _Sequence:
     generated: int = 0
 
 
-class SequentialDecoder:
+class SequentialDecoder(Decoder):
     """Decodes at most one sequence; its prefill runs inside the first step() (mlx-lm's
     prefill_step_size slices, default 2048 tokens), so a cancel lands after the prefill."""
 
@@ -61,28 +61,22 @@ class SequentialDecoder:
     def slots(self, max_concurrency: int) -> int:
         return 1
 
-    def insert(
-        self,
-        prompts: list[list[int]],
-        max_tokens: list[int],
-        samplers: list[Sampler],
-        ignore_eos: list[bool] | None = None,
-    ) -> list[int]:
-        if self._current is not None or len(prompts) != 1:
-            raise ValueError(f"decodes one sequence at a time, asked to start {len(prompts)}")
+    def _start(self, new: NewSequences) -> list[int]:
+        if self._current is not None or len(new.prompts) != 1:
+            raise ValueError(f"decodes one sequence at a time, asked to start {len(new.prompts)}")
         cache = make_prompt_cache(self._model)
         steps = generate_step(
-            mx.array(prompts[0]),
+            mx.array(new.prompts[0]),
             self._model,
-            max_tokens=max_tokens[0],
-            sampler=samplers[0],
+            max_tokens=new.max_tokens[0],
+            sampler=new.samplers[0],
             prompt_cache=cache,
             kv_bits=self._kv_bits,
             kv_group_size=self._group_size,
             quantized_kv_start=QUANTIZED_KV_START_TOKENS,
         )
-        ignore = bool(ignore_eos and ignore_eos[0])
-        self._current = _Sequence(next(self._uids), steps, cache, max_tokens[0], ignore)
+        ignore = bool(new.ignore_eos[0])
+        self._current = _Sequence(next(self._uids), steps, cache, new.max_tokens[0], ignore)
         return [self._current.uid]
 
     def remove(self, uid: int) -> None:

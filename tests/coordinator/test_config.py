@@ -91,11 +91,11 @@ def test_cli_overrides_env_overrides_toml(tmp_path: Path, monkeypatch: pytest.Mo
         ('[[models]]\nname = "a"\nsource = "x"\nkv_bits = 3\n', "'kv_bits' must be 16, 8 or 4"),
         (
             '[[models]]\nname = "a"\nsource = "x"\nkv_bits = 8\n',
-            "model 'a': kv_bits 8 is refused in the interactive tier",
+            "model 'a': kv_bits 8 is for the batch tier only",
         ),
         (
             '[[models]]\nname = "a"\nsource = "x"\nkv_bits = 4\ntiers = ["batch", "interactive"]\n',
-            "model 'a': kv_bits 4 is refused in the interactive tier",
+            "model 'a': kv_bits 4 is for the batch tier only",
         ),
         (
             '[[models]]\nname = "a"\nsource = "x"\ntier = "batch"\nkv_bits = 8\n'

@@ -17,18 +17,7 @@ from node_agent.advertise import (
     publish_delay_s,
     txt_properties,
 )
-
-RECORD = NodeRecord(
-    node_id="mini-1",
-    version="0.1.0",
-    metrics_port=8402,
-    chip="Apple M2 Pro",
-    ram_gib=32,
-    role="server",
-    avail_gib=20.04,
-    thermal="nominal",
-    addresses=("10.231.0.1",),
-)
+from tests.node_agent.records import RECORD
 
 
 def test_txt_properties_follow_the_contract() -> None:

@@ -33,6 +33,7 @@ from node_agent.metrics import AgentMetrics, parse_stats
 from node_agent.probes.base import NodeReading
 from node_agent.probes.linux import LinuxProbe
 from node_agent.supervisor import EngineEvent, LoadRequest, Supervisor
+from tests.metrics_contract import ENGINE_STATS_METRICS
 
 GIB = 2**30
 PROMTOOL = "/usr/bin/promtool"
@@ -60,16 +61,6 @@ READING = NodeReading(
     oom_kills=3,
 )
 KNOBS = {"max_concurrency": 2, "batch_window_ms": 25, "max_batch_size": 3, "queue_limit": 8}
-ENGINE_STATS_METRICS = {
-    "mlxfleet_engine_queue_depth",
-    "mlxfleet_engine_batch_size",
-    "mlxfleet_engine_max_batch_size",
-    "mlxfleet_engine_batch_window_seconds",
-    "mlxfleet_engine_max_concurrency",
-    "mlxfleet_engine_kv_quantization",
-    "mlxfleet_engine_requests_total",
-    "mlxfleet_engine_generation_tokens_total",
-}
 
 
 class FixedReadings(LinuxProbe):

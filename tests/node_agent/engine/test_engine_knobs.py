@@ -19,6 +19,7 @@ from openai.types import Completion
 
 from mlxfleet.tiers import MAX_WINDOW_MS
 from node_agent.engine.server import BATCH_TIER_NICE
+from tests.node_agent.engine.clients import async_client, long_completion
 from tests.node_agent.engine.conftest import Engine, start_engine
 
 WINDOW_S = 0.3
@@ -36,12 +37,6 @@ def batch_engine(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     assert running.proc.stop() == 0, running.proc.output()[-3000:]
 
 
-def client(engine: Engine) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(
-        base_url=engine.base_url + "/v1", api_key=engine.secret, max_retries=0
-    )
-
-
 def post_knobs(engine: Engine, body: object, secret: str | None = None) -> httpx.Response:
     headers = {"Authorization": f"Bearer {secret or engine.secret}"}
     return httpx.post(engine.base_url + "/v1/engine/knobs", json=body, headers=headers, timeout=10)
@@ -57,7 +52,7 @@ async def until(check: Callable[[], object], what: str, timeout_s: float = 30.0)
 
 async def first_chunk_s(engine: Engine) -> float:
     """Seconds from sending a lone streamed completion to its first chunk."""
-    async with client(engine) as c:
+    async with async_client(engine) as c:
         started = time.monotonic()
         stream = await c.completions.create(
             model="demo", prompt="Hello", temperature=0, max_tokens=4, stream=True
@@ -71,14 +66,7 @@ async def first_chunk_s(engine: Engine) -> float:
 
 async def long_stream(c: openai.AsyncOpenAI) -> Stream:
     """A stream that runs until closed, and its chunks; returned once the first has come."""
-    stream = await c.completions.create(
-        model="demo",
-        prompt="Once upon a time",
-        temperature=1.0,
-        seed=5,
-        max_tokens=3000,
-        stream=True,
-    )
+    stream = await long_completion(c)
     chunks = aiter(stream)
     await anext(chunks)
     return stream, chunks
@@ -98,7 +86,7 @@ async def test_requests_arriving_together_are_admitted_as_one_group(batch_engine
     before = batch_engine.stats()
     try:
         started = time.monotonic()
-        async with client(batch_engine) as c:
+        async with async_client(batch_engine) as c:
             responses = await asyncio.gather(
                 *(
                     c.completions.create(
@@ -169,7 +157,7 @@ def test_bad_knobs_are_refused_naming_the_field(batch_engine: Engine) -> None:
 
 async def test_lowering_concurrency_keeps_running_requests(batch_engine: Engine) -> None:
     assert post_knobs(batch_engine, {"batch_window_ms": 0, "max_concurrency": 2}).is_success
-    c = client(batch_engine)
+    c = async_client(batch_engine)
     try:
         first, second = await long_stream(c), await long_stream(c)
         await until(lambda: batch_engine.stats()["active"] == 2, "two running")
@@ -199,7 +187,7 @@ async def test_full_queue_answers_429_with_retry_after(demo_model: Path, tmp_pat
     engine = start_engine(
         demo_model, tmp_path / "engine.log", "--queue-limit", "1", "--max-concurrency", "1"
     )
-    c = client(engine)
+    c = async_client(engine)
     try:
         running, _ = await long_stream(c)
         await until(lambda: engine.stats()["active"] == 1, "the long request to run")

@@ -15,9 +15,9 @@ import httpx
 import openai
 import pytest
 
+from mlxfleet.kv import DEFAULT_KV_GROUP_SIZE
 from mlxfleet.tiers import DEFAULT_KNOBS
 from node_agent.engine.config import load_config
-from node_agent.engine.decoder import DEFAULT_KV_GROUP_SIZE
 from node_agent.errors import ConfigError
 from tests.node_agent.engine.conftest import Engine, start_engine
 

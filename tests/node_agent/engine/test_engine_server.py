@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from tests.conftest import wait_for
+from tests.node_agent.engine.clients import async_client, long_completion
 from tests.node_agent.engine.conftest import Engine, start_engine
 
 CHAT = [{"role": "user", "content": "Tell me about the garden."}]
@@ -25,12 +26,6 @@ CHAT = [{"role": "user", "content": "Tell me about the garden."}]
 def client(engine: Engine, secret: str | None = None) -> openai.OpenAI:
     return openai.OpenAI(
         base_url=engine.base_url + "/v1", api_key=secret or engine.secret, max_retries=0
-    )
-
-
-def async_client(engine: Engine) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(
-        base_url=engine.base_url + "/v1", api_key=engine.secret, max_retries=0
     )
 
 
@@ -67,15 +62,7 @@ def test_chat_non_stream_reports_usage_and_token_ids(engine: Engine) -> None:
 
 def test_chat_stream_with_usage_matches_non_stream(engine: Engine) -> None:
     expected = greedy_chat(engine, max_tokens=24)
-    stream = client(engine).chat.completions.create(
-        model="demo",
-        messages=CHAT,
-        temperature=0,
-        max_tokens=24,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = list(stream)
+    chunks = stream_chunks(engine, max_tokens=24)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     ids = [t for c in chunks for t in token_ids(c)]
@@ -211,14 +198,7 @@ async def test_concurrent_streams_are_batched(engine: Engine) -> None:
 
 async def test_late_request_joins_a_running_batch_and_disconnect_frees_it(engine: Engine) -> None:
     c = async_client(engine)
-    long_stream = await c.completions.create(
-        model="demo",
-        prompt="Once upon a time",
-        temperature=1.0,
-        seed=5,
-        max_tokens=3000,
-        stream=True,
-    )
+    long_stream = await long_completion(c)
     received = 0
     async for ch in long_stream:
         received += len(ch.choices[0].text) if ch.choices else 0
@@ -285,12 +265,13 @@ def test_sigterm_drains_in_flight_requests(demo_model: Path, tmp_path: Path) -> 
         engine.proc.stop()
 
 
-def stream_chunks(engine: Engine, **extra: object) -> list:  # type: ignore[type-arg]
+def stream_chunks(engine: Engine, max_tokens: int = 48, **extra: object) -> list:  # type: ignore[type-arg]
+    """A greedy chat stream with usage, read to the end; `extra` goes in the request body."""
     stream = client(engine).chat.completions.create(
         model="demo",
         messages=CHAT,
         temperature=0,
-        max_tokens=48,
+        max_tokens=max_tokens,
         stream=True,
         stream_options={"include_usage": True},
         extra_body=extra or None,

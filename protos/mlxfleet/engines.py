@@ -1,0 +1,11 @@
+"""What an agent reports of its engines, in the words both sides use (the wire's enums:
+EngineState, EngineEvent.Kind and ExitReason in protos/mlxfleet/v1/fleet.proto)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+EngineState = Literal["starting", "ready", "stopping", "exited"]
+EventKind = Literal["started", "ready", "exited", "load_failed"]
+# clean exit, crash, SIGKILL (by someone), OOM (SIGKILL while the kernel's OOM-kill count rose)
+ExitReason = Literal["clean", "crash", "sigkill", "oom"]
