@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from coordinator.errors import CloudFailed
-from coordinator.relay import SSE_DONE
+from coordinator.gateway.relay import SSE_DONE
 from coordinator.routing import Routing, Target
 from mlxfleet.errors import ApiError
 from mlxfleet.openai.responses import sse

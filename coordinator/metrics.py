@@ -151,6 +151,16 @@ class Metrics:
             self.prompt_tokens.labels(model, tier).inc(usage[0])
             self.generation_tokens.labels(model, tier).inc(usage[1])
 
+    def in_flight_began(self, model: str, tier: str) -> None:
+        self.in_flight.labels(model, tier).inc()
+
+    def in_flight_ended(self, model: str, tier: str) -> None:
+        self.in_flight.labels(model, tier).dec()
+
+    def failover(self, model: str, tier: str, cause: str) -> None:
+        """A request moved off an engine (cause: one of FAILOVER_CAUSES)."""
+        self.failovers.labels(model, tier, cause).inc()
+
     def stream_timing(
         self, model: str, tier: str, ttft_s: float | None, decode_s: float, tokens: int
     ) -> None:

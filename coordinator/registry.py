@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Literal, NewType, Protocol
 
+from coordinator.policy import UnitKey
+from mlxfleet.engines import EngineState
 from mlxfleet.facts import NodeFacts
 from mlxfleet.tiers import Knobs
 
@@ -15,7 +17,6 @@ logger = logging.getLogger(__name__)
 
 NodeId = NewType("NodeId", str)
 EngineId = NewType("EngineId", str)
-EngineState = Literal["starting", "ready", "stopping", "exited"]
 Liveness = Literal["live", "suspect"]
 
 
@@ -45,6 +46,14 @@ class Engine:
     context_length: int = 0
     rss_bytes: int = 0
     ready_since: float = 0.0  # monotonic time this coordinator first saw it ready
+
+
+LIVE_STATES: tuple[EngineState, ...] = ("starting", "ready")  # running, or about to
+
+
+def unit_of(engine: Engine) -> UnitKey:
+    """The unit (model × tier) an engine serves."""
+    return (engine.model, engine.tier)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +193,13 @@ class Registry:
         self._routes.remove_engine(engine_id)
         self.changed.set()
         return engine
+
+    def set_cordoned(self, node_id: NodeId, cordoned: bool) -> None:
+        """An operator drained (True) or uncordoned a node; placement acts on it at once."""
+        node = self.nodes.get(node_id)
+        if node is not None:
+            node.cordoned = cordoned
+        self.changed.set()
 
     def unroute(self, engine_id: EngineId) -> None:
         """Route nothing new to a ready engine that is about to move; what it serves finishes."""

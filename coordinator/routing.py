@@ -149,6 +149,10 @@ class Routing:
         for listener in self.on_remove:
             listener(engine_id)
 
+    def on_engine_removed(self, listener: Callable[[EngineId], None]) -> None:
+        """Call `listener(engine_id)` whenever an engine leaves the router for good."""
+        self.on_remove.append(listener)
+
     def add_cloud(self, model: str, tier: str, cloud: CloudFallback) -> None:
         """The unit's last order before a pause: a provider model called through LiteLLM."""
         deployment_id = EngineId(f"cloud:{group(model, tier)}")

@@ -19,7 +19,7 @@ from coordinator import __version__
 from coordinator.config import Config
 from coordinator.discovery import CoordinatorAdvertiser, Discovery
 from coordinator.fleet_metrics import FleetCollector
-from coordinator.gateway import Gateway
+from coordinator.gateway.app import Gateway
 from coordinator.grpc_service import MAX_MESSAGE_BYTES, FleetService
 from coordinator.pki import FleetPki
 from coordinator.reconcile import Reconciler
@@ -223,4 +223,4 @@ class Server:
         except OSError as exc:  # no multicast-capable interface: the fleet still works by address
             logger.warning("mDNS unavailable: %s", exc)
             return
-        gateway.discovery = gateway.status_page.discovery = discovery
+        gateway.set_discovery(discovery)

@@ -166,6 +166,10 @@ class StatusPage:
         self._last: tuple[float, dict[str, Totals]] | None = None  # (monotonic, totals)
         self._html: bytes | None = None
 
+    def set_discovery(self, discovery: Discovery) -> None:
+        """mDNS started (after the gateway): node rows show what it found."""
+        self.discovery = discovery
+
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/ui", self.page)
         app.router.add_get("/ui/status", self.status_json)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.limits import (
+from coordinator.gateway.limits import (
     BYTES_PER_TOKEN,
     DEFAULT_COMPLETION_TOKENS,
     WINDOW_S,

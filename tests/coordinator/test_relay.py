@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from coordinator.relay import SSE_DONE, StreamRelay
+from coordinator.gateway.relay import SSE_DONE, StreamRelay
 from mlxfleet.openai.protocol import CONTINUATION_FIELD
 
 REQUEST = json.dumps(

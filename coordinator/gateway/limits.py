@@ -10,6 +10,8 @@ tpm. `max_tokens` caps the completion, so concurrent requests cannot overshoot t
 together; once the real usage is known, `settle` replaces the estimate with it, which gives
 back what was not used (or charges a longer prompt or an uncapped completion in full). A
 charge stays at its admission time; one never settled keeps its estimate.
+
+`KeyLimits` is what the gateway uses: it keeps a request's charge on the request itself.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from aiohttp import web
+
+from coordinator.store import ApiKey
 from mlxfleet.errors import ApiError
 
 WINDOW_S = 60.0
@@ -130,3 +135,38 @@ class Limiter:
         now = self._clock()
         window = [r for r in self._windows.get(key, ()) if r.at + WINDOW_S > now]
         return len(window), sum(r.tokens for r in window)
+
+
+# The request's tpm charge, when its key has rate limits (KeyLimits.settle reads it).
+RESERVATION_KEY = web.RequestKey("mlxfleet_reservation", Reservation)
+
+
+class KeyLimits:
+    """A key's rate limits applied to gateway requests: the charge travels on the request.
+    Use from the event loop thread only (like Limiter)."""
+
+    def __init__(self, limiter: Limiter | None = None) -> None:
+        self.limiter = limiter or Limiter()
+
+    def charge(
+        self, request: web.Request, record: ApiKey, max_tokens: int | None, body_bytes: int
+    ) -> None:
+        """Admit the request under its key's rpm and tpm, or raise RateLimited."""
+        estimate = estimate_tokens(max_tokens, body_bytes)
+        reservation = self.limiter.acquire(record.name, record.rpm, record.tpm, estimate)
+        if reservation is not None:
+            request[RESERVATION_KEY] = reservation
+
+    def settle(self, request: web.Request, usage: tuple[int, int] | None) -> None:
+        """Charge the request's real (prompt, completion) usage in place of its estimate;
+        nothing when its key has no rate limits or the usage is unknown."""
+        reservation = request.get(RESERVATION_KEY)
+        if reservation is not None and usage is not None:
+            self.settle_usage(reservation, *usage)
+
+    def settle_usage(
+        self, reservation: Reservation | None, prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        """Charge a reservation's real usage (None: the key has no rate limits)."""
+        if reservation is not None:
+            self.limiter.settle(reservation, prompt_tokens + completion_tokens)

@@ -3,7 +3,7 @@
 Only whole server-sent events go to the client, so a stream cut mid-event never leaves half an
 event behind. The events sent are kept: when the engine dies (or ends the stream with an error
 event) the gateway asks the next engine to continue from the token ids the client already has
-(`mlxfleet_continuation`, see node_agent/engine/protocol.py) and the new events are spliced
+(`mlxfleet_continuation`, see mlxfleet/openai/protocol.py) and the new events are spliced
 into the same response. With temperature 0 the client cannot tell.
 """
 

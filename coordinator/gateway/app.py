@@ -1,0 +1,145 @@
+"""The gateway's aiohttp application: middlewares, the route table and the `Gateway` facade.
+
+Every refusal is OpenAI-shaped JSON and happens before any engine work. The response body is
+the engine's own bytes, streamed as they arrive: the gateway never re-encodes a chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from coordinator.config import Config
+from coordinator.discovery import Discovery
+from coordinator.fleet_metrics import sd_targets
+from coordinator.gateway.admin import AdminRoutes
+from coordinator.gateway.admission import Admission
+from coordinator.gateway.auth import Auth
+from coordinator.gateway.flights import Flights
+from coordinator.gateway.forward import Forwarder
+from coordinator.gateway.limits import KeyLimits, Reservation
+from coordinator.gateway.openai import OpenAIRoutes
+from coordinator.gateway.record import Recorder
+from coordinator.metrics import CONTENT_TYPE_LATEST
+from coordinator.reconcile import Reconciler
+from coordinator.registry import EngineId, Registry
+from coordinator.routing import Routing
+from coordinator.status_page import StatusPage
+from coordinator.store import Store
+from mlxfleet.errors import ApiError
+
+MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(err: ApiError) -> web.Response:
+    return web.json_response(err.body(), status=err.status, headers=err.headers)
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure at this edge into an OpenAI-shaped error, never a traceback."""
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return error_response(err)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[MAX_BODY_KEY]
+        return error_response(
+            ApiError(413, f"request body over the {limit}-byte limit", code="request_too_large")
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(ApiError(exc.status, exc.reason, type="invalid_request_error"))
+
+
+class Gateway:
+    """The HTTP edge: builds the rooms (auth, admission, forward path, dialects, admin) and
+    the application serving them. Create and use from the event loop."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        routing: Routing,
+        registry: Registry,
+        reconciler: Reconciler,
+        admin_token: str,
+    ) -> None:
+        self._config = config
+        self._registry = registry
+        self._metrics = metrics = reconciler.metrics
+        auth = Auth(store, admin_token)
+        self.limits = KeyLimits()
+        self.limiter = self.limits.limiter
+        self._flights = Flights()
+        routing.on_engine_removed(self.abort_engine)
+        self._forwarder = Forwarder(
+            config, routing, reconciler, metrics, self.limits, self._flights
+        )
+        self.openai = OpenAIRoutes(
+            auth,
+            Admission(config, reconciler, self.limits),
+            self._forwarder,
+            Recorder(metrics),
+            routing,
+            reconciler,
+        )
+        self.admin = AdminRoutes(auth, store, registry, reconciler, routing)
+        self.status_page = StatusPage(metrics.registry, reconciler, registry, routing, store)
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[openai_errors], client_max_size=self._config.max_body_bytes
+        )
+        app[MAX_BODY_KEY] = self._config.max_body_bytes
+        self.openai.add_routes(app)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/prometheus/targets", self.prometheus_targets)
+        self.admin.add_routes(app)
+        self.status_page.add_routes(app)
+        app.on_startup.append(self._open)
+        app.on_cleanup.append(self._close)
+        return app
+
+    def set_discovery(self, discovery: Discovery) -> None:
+        """mDNS runs (it starts after the gateway): admin rows and the status page use it."""
+        self.admin.set_discovery(discovery)
+        self.status_page.set_discovery(discovery)
+
+    def settle_usage(
+        self, reservation: Reservation | None, prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        """Charge a request's real usage to its key's tpm window in place of the estimate
+        (`request.get(RESERVATION_KEY)`; None: the key has no rate limits). Call it once the
+        usage is known; with 0, 0 when no engine generated anything."""
+        self.limits.settle_usage(reservation, prompt_tokens, completion_tokens)
+
+    def abort_engine(self, engine_id: EngineId) -> None:
+        """The engine left the router: fail the requests in flight to it (see Flights.abort)."""
+        self._flights.abort(engine_id)
+
+    async def _open(self, _app: web.Application) -> None:
+        await self._forwarder.open()
+
+    async def _close(self, _app: web.Application) -> None:
+        await self._forwarder.close()
+
+    async def health(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        """Prometheus text format; unauthenticated, like any scrape target (no secrets in it)."""
+        fleet = self._metrics.render_fleet()  # reads loop-owned state: here, on the loop
+        counted = await asyncio.to_thread(self._metrics.render_counted)
+        return web.Response(body=counted + fleet, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def prometheus_targets(self, _request: web.Request) -> web.Response:
+        """Prometheus HTTP service discovery: every connected agent's metrics address, with
+        its node id and role as target labels. Unauthenticated, like /metrics."""
+        return web.json_response(sd_targets(self._registry))

@@ -1,0 +1,276 @@
+"""The one forward path under every dialect: pick a deployment, post, fail over, relay.
+
+The request's own bytes go to the engine and the engine's bytes come back unchanged. Before the
+client has a byte, a failing engine is simply replaced; after, a stream that breaks is
+continued on the next engine (relay.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp import web
+
+from coordinator.cloud import serve_cloud
+from coordinator.config import RETRY_AFTER_S, Config
+from coordinator.gateway.flights import Flights
+from coordinator.gateway.limits import BYTES_PER_TOKEN, KeyLimits
+from coordinator.gateway.record import CLIENT_GONE, Outcome
+from coordinator.gateway.relay import SSE_DONE, StreamRelay
+from coordinator.metrics import Metrics
+from coordinator.reconcile import Reconciler, UnitKey
+from coordinator.routing import Routing, Target
+from mlxfleet.errors import ApiError
+from mlxfleet.tiers import TIER_HEADER
+
+logger = logging.getLogger(__name__)
+
+STREAM_FAILED = 502  # a stream no engine could finish (it ends with an error event)
+ATTEMPTS = 3  # engines tried for one request before answering 503 (only before any byte is sent)
+ENGINE_CONNECT_TIMEOUT_S = 5.0
+WAKE_POLL_S = 0.05
+
+
+def unavailable(model: str, tier: str) -> ApiError:
+    return ApiError(
+        503,
+        f"model {model!r} has no engine ready in the {tier} tier; retry shortly",
+        type="service_unavailable",
+        code="model_unavailable",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+class Forwarder:
+    """Serves admitted requests from engines. Create and use from the event loop, between
+    `open` and `close` (they own the HTTP client session to the engines)."""
+
+    def __init__(
+        self,
+        config: Config,
+        routing: Routing,
+        reconciler: Reconciler,
+        metrics: Metrics,
+        limits: KeyLimits,
+        flights: Flights,
+    ) -> None:
+        self._config = config
+        self._routing = routing
+        self._reconciler = reconciler
+        self._metrics = metrics
+        self._limits = limits
+        self._flights = flights
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=ENGINE_CONNECT_TIMEOUT_S)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def serve(
+        self, request: web.Request, key: UnitKey, raw: bytes, stream: bool, outcome: Outcome
+    ) -> web.StreamResponse:
+        """Answer `raw` (the body to post to the engine at `request.path`) from unit `key`,
+        counted in flight for the unit while it runs."""
+        self._reconciler.begin_request(key)
+        self._metrics.in_flight_began(*key)
+        try:
+            await self._wake(key)
+            return await self._forward(request, key, raw, stream, outcome)
+        finally:
+            self._metrics.in_flight_ended(*key)
+            self._reconciler.end_request(key)
+
+    async def _wake(self, key: UnitKey) -> None:
+        """A unit unloaded for idleness is loaded again; the request waits for it, bounded."""
+        if not self._reconciler.is_asleep(key) or key in self._routing.units():
+            return
+        started = time.monotonic()
+        self._reconciler.wake(key)
+        deadline = started + self._config.reload_wait_s
+        while key not in self._routing.units() and time.monotonic() < deadline:
+            await asyncio.sleep(WAKE_POLL_S)
+        waited = time.monotonic() - started
+        self._reconciler.note_cold_start(key, waited)
+        logger.info("cold start of %s/%s: %.2f s", *key, waited)
+
+    async def _forward(
+        self, request: web.Request, key: UnitKey, raw: bytes, stream: bool, outcome: Outcome
+    ) -> web.StreamResponse:
+        """Try engines until one answers (at most ATTEMPTS)."""
+        relay: StreamRelay | None = None
+        body = raw
+        for _ in range(ATTEMPTS):
+            target = await self._routing.pick(*key, self._flights.count)
+            if target is None:
+                break
+            if target.cloud:
+                if relay is not None:  # a provider cannot continue our engine's tokens
+                    break
+                self._metrics.failover(*key, "cloud")
+                response, usage = await serve_cloud(request, self._routing, target, raw, key[1])
+                outcome.served, outcome.usage = True, usage
+                self._limits.settle(request, usage)
+                return response
+            with self._flights.track(target.engine_id) as flight:
+                try:
+                    upstream = await flight.run(self._post(target, request.path, body))
+                except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                    logger.warning(
+                        "engine %s unreachable (%s): unrouting it", target.engine_id, exc
+                    )
+                    self._unroute(target, key)
+                    continue
+                flight.reading(upstream)
+                async with upstream:
+                    first = b""
+                    if relay is None:
+                        try:
+                            if upstream.status != 200 or not stream:
+                                return await self._whole(request, upstream, key, outcome)
+                            # The client gets its headers with the first chunk, so an engine
+                            # that fails before that is retried elsewhere unnoticed.
+                            first = await upstream.content.readany()
+                            if not first:
+                                raise aiohttp.ClientPayloadError("stream ended before a chunk")
+                        except aiohttp.ClientError as exc:
+                            logger.warning(
+                                "engine %s failed before answering: %s", target.engine_id, exc
+                            )
+                            self._unroute(target, key)
+                            continue
+                        relay = outcome.relay = await self._open_stream(
+                            request, key[1], target, outcome.started
+                        )
+                        outcome.served = True
+                    elif upstream.status != 200:
+                        logger.warning(
+                            "engine %s refused a continuation (%d)",
+                            target.engine_id,
+                            upstream.status,
+                        )
+                        continue
+                    try:
+                        if await relay.pump(upstream, first):
+                            await relay.finish()
+                            self._settle_stream(request, relay, outcome)
+                            return relay.response
+                    except ConnectionResetError:
+                        # The client left: closing upstream (on return) frees the engine's slot.
+                        outcome.status = CLIENT_GONE
+                        self._settle_stream(request, relay, outcome)
+                        return relay.response
+            # The engine broke the stream midway (died, left the router, sent an error).
+            logger.warning("engine %s broke a stream: continuing elsewhere", target.engine_id)
+            if not relay.engine_error:  # an engine that answered with an error event is alive
+                self._routing.remove_engine(target.engine_id)
+            continued = relay.continuation(raw)
+            if continued is None:  # the client has everything but [DONE]
+                return await self._end_stream(request, relay, outcome)
+            self._metrics.failover(*key, "continued")
+            body = continued
+        if relay is None:
+            self._limits.settle(request, (0, 0))
+            raise unavailable(*key)
+        await relay.fail()
+        outcome.status = STREAM_FAILED
+        self._settle_stream(request, relay, outcome)
+        return relay.response
+
+    def _unroute(self, target: Target, key: UnitKey) -> None:
+        """An engine failed before the client had a byte: out of the router, try the next."""
+        self._routing.remove_engine(target.engine_id)
+        self._metrics.failover(*key, "retry")
+
+    async def _whole(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, key: UnitKey, outcome: Outcome
+    ) -> web.Response:
+        """A non-streamed answer (or an engine's refusal), passed on as it came."""
+        data = await upstream.read()
+        outcome.served, outcome.usage = True, _body_usage(data)
+        self._limits.settle(request, outcome.usage)
+        return web.Response(
+            body=data,
+            status=upstream.status,
+            content_type="application/json",
+            headers={**_passthrough_headers(upstream), TIER_HEADER: key[1]},
+        )
+
+    async def _open_stream(
+        self, request: web.Request, tier: str, target: Target, started: float
+    ) -> StreamRelay:
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                TIER_HEADER: tier,  # which tier served it
+            }
+        )
+        await response.prepare(request)
+        # Interactive TTFT feeds the tail trigger of the node that answered first.
+        on_first: Callable[[float], None] | None = None
+        if tier == "interactive":
+            node_id = target.node_id
+            on_first = lambda ttft_s: self._reconciler.observe_ttft(node_id, ttft_s)  # noqa: E731
+        return StreamRelay(response, on_first, started)
+
+    async def _end_stream(
+        self, request: web.Request, relay: StreamRelay, outcome: Outcome
+    ) -> web.StreamResponse:
+        """The client has every event but [DONE] (the engine broke right after its finish)."""
+        with contextlib.suppress(ConnectionResetError):
+            await relay.response.write(SSE_DONE)
+            await relay.finish()
+        self._settle_stream(request, relay, outcome)
+        return relay.response
+
+    def _settle_stream(self, request: web.Request, relay: StreamRelay, outcome: Outcome) -> None:
+        """A stream's usage: the engine's, else (a stream that did not finish) the tokens the
+        client got; the key's tpm is charged the prompt estimate, the metrics no prompt."""
+        usage = relay.usage()
+        if usage is None:
+            completion = relay.completion_tokens()
+            prompt_estimate = (request.content_length or 0) // BYTES_PER_TOKEN
+            outcome.usage = (0, completion)
+            self._limits.settle(request, (prompt_estimate, completion))
+        else:
+            outcome.usage = usage
+            self._limits.settle(request, usage)
+
+    async def _post(self, target: Target, path: str, raw: bytes) -> aiohttp.ClientResponse:
+        assert self._session is not None
+        return await self._session.post(
+            f"{target.url}{path}",
+            data=raw,
+            headers={
+                "Authorization": f"Bearer {target.secret}",
+                "Content-Type": "application/json",
+            },
+            # A remote engine must present its node's certificate (CN = node id).
+            ssl=self._routing.engine_tls if target.tls else True,
+            server_hostname=target.node_id if target.tls else None,
+        )
+
+
+def _passthrough_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
+    retry_after = upstream.headers.get("Retry-After")
+    return {"Retry-After": retry_after} if retry_after else {}
+
+
+def _body_usage(data: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of a non-streamed response body, if it has them."""
+    try:
+        usage = json.loads(data).get("usage") or {}
+        return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+    except (ValueError, AttributeError, KeyError, TypeError):
+        return None
