@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 
 from coordinator.errors import SizingError
 from coordinator.nodes import unit_state
-from coordinator.reconcile import Reconciler, unit_of
+from coordinator.reconcile import SIZING_PENDING, Reconciler, unit_of
 from coordinator.registry import Node, Registry
 from coordinator.routing import Routing
 from coordinator.store import Store
@@ -37,6 +37,8 @@ def pending_code(reason: str) -> str:
         return "insufficient_memory"
     if reason.startswith("waiting up to"):
         return "restoring"
+    if reason == SIZING_PENDING:
+        return "sizing"
     return "other"
 
 
@@ -111,7 +113,8 @@ class FleetCollector(Collector):
         pending = GaugeMetricFamily(
             "mlxfleet_unit_pending",
             "1 per unit not fully placed, with why: no_node, no_eligible_node, "
-            "insufficient_memory, restoring, sizing_error, load_failed, other.",
+            "insufficient_memory, restoring, sizing (files being read), sizing_error, "
+            "load_failed, other.",
             labels=["model", "tier", "reason"],
         )
         placements = GaugeMetricFamily(

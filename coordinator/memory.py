@@ -1,4 +1,5 @@
-"""Unified-memory math for placement. Pure functions over a model's config and files.
+"""Unified-memory math for placement. Pure functions over numbers and a model's config.json
+(reading files is coordinator/model_files.py's job).
 
 What a model needs = weights + KV cache + engine overhead. What a node offers =
 min(RAM − OS reserve, GPU wired limit) − what is already placed there (DESIGN.md).
@@ -6,15 +7,20 @@ min(RAM − OS reserve, GPU wired limit) − what is already placed there (DESIG
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from coordinator.errors import SizingError
+from mlxfleet.errors import KvCacheError
+from mlxfleet.kv import (
+    DEFAULT_CONTEXT_LENGTH,
+    DEFAULT_KV_GROUP_SIZE,
+    MODEL_DTYPE_BYTES,
+    UNQUANTIZED_KV_BITS,
+    check_kv,
+)
 
 GIB = 2**30
 OS_RESERVE_BYTES = 8 * GIB  # seed 000 §4: macOS and the user's apps before weights + KV
@@ -27,14 +33,6 @@ OS_RESERVE_BYTES = 8 * GIB  # seed 000 §4: macOS and the user's apps before wei
 ENGINE_RUNTIME_BYTES = 128 * 2**20
 PREFILL_STEP_TOKENS = 2048
 PREFILL_LIVE_BUFFERS = 4
-SAFETENSORS_HEADER_LIMIT = 100 * 2**20  # a header larger than this is not a safetensors file
-KV_BITS = (16, 8, 4)  # 16: the cache in the model's dtype; 8 or 4: mlx-lm's QuantizedKVCache
-KV_GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts
-DEFAULT_KV_GROUP_SIZE = 64  # mlx-lm's generate_step default
-MODEL_DTYPE_BYTES = 2  # fp16/bf16: the KV cache's dtype, and its quantization scales' and biases'
-# mlx-lm 0.32.2: a QuantizedKVCache cannot merge into a batch (no `merge`), so only an engine
-# that decodes one sequence at a time may quantize its KV cache (the batch tier's, see config).
-QUANTIZED_KV_MAX_SEQUENCES = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +76,7 @@ def kv_bytes_per_element(
     `group_size` values along head_dim, one scale and one bias in the model's dtype. So 8-bit
     in groups of 64 with fp16 scales costs 1 + 2 × 2/64 = 1.0625 bytes; 4-bit 0.5625.
     """
-    if kv_bits == 16:
+    if kv_bits == UNQUANTIZED_KV_BITS:
         return dtype_bytes
     return kv_bits / 8 + 2 * dtype_bytes / group_size
 
@@ -87,60 +85,19 @@ def kv_cache_bytes(
     shape: Attention,
     context: int,
     sequences: int,
-    kv_bits: int = 16,
+    kv_bits: int = UNQUANTIZED_KV_BITS,
     group_size: int = DEFAULT_KV_GROUP_SIZE,
     dtype_bytes: int = MODEL_DTYPE_BYTES,
 ) -> int:
-    """2 (K and V) × layers × kv_heads × head_dim × bytes/element × tokens × sequences."""
-    if kv_bits not in KV_BITS:
-        raise SizingError(f"kv_bits must be one of {sorted(KV_BITS)}, got {kv_bits}")
-    if kv_bits != 16:
-        if sequences > QUANTIZED_KV_MAX_SEQUENCES:
-            raise SizingError(
-                f"a quantized KV cache cannot join a batch in mlx-lm 0.32.2: kv_bits {kv_bits} "
-                f"needs max_concurrency 1, not {sequences}"
-            )
-        if group_size not in KV_GROUP_SIZES or shape.head_dim % group_size:
-            raise SizingError(
-                f"kv_group_size {group_size} cannot quantize head_dim {shape.head_dim} "
-                f"(it must be one of {', '.join(map(str, KV_GROUP_SIZES))} and divide it)"
-            )
+    """2 (K and V) × layers × kv_heads × head_dim × bytes/element × tokens × sequences.
+    SizingError when the KV settings break mlxfleet.kv's rule for this model."""
+    try:
+        check_kv(kv_bits, group_size, sequences=sequences, head_dim=shape.head_dim)
+    except KvCacheError as exc:
+        raise SizingError(str(exc)) from None
     tokens = min(context, shape.window) if shape.window else context
     elements = 2 * shape.layers * shape.kv_heads * shape.head_dim * tokens * sequences
     return math.ceil(elements * kv_bytes_per_element(kv_bits, group_size, dtype_bytes))
-
-
-def safetensors_bytes(path: Path) -> int:
-    """Tensor bytes in one safetensors file, from its header alone (no tensor is read)."""
-    with path.open("rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise SizingError(f"{path.name}: too short for a safetensors header")
-        (header_len,) = struct.unpack("<Q", raw)
-        if header_len > SAFETENSORS_HEADER_LIMIT:
-            raise SizingError(f"{path.name}: header length {header_len} is not plausible")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise SizingError(f"{path.name}: header is not JSON") from None
-    total = 0
-    for name, tensor in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = tensor["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise SizingError(f"{path.name}: tensor {name!r} has no data_offsets") from None
-        total += int(end) - int(start)
-    return total
-
-
-def weight_bytes(folder: Path) -> int:
-    """All tensor bytes of an MLX model folder: weights, quantization scales and biases."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise SizingError(f"{folder}: no .safetensors weights")
-    return sum(safetensors_bytes(f) for f in files)
 
 
 def parameter_count(config: Mapping[str, Any]) -> int:
@@ -174,18 +131,6 @@ def estimated_weight_bytes(config: Mapping[str, Any]) -> int:
     return math.ceil(parameter_count(config) * per_weight / 8)
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except FileNotFoundError:
-        raise SizingError(f"{folder}: no config.json") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise SizingError(f"{folder}: config.json is not JSON") from None
-    if not isinstance(config, dict):
-        raise SizingError(f"{folder}: config.json is not an object")
-    return config
-
-
 @dataclass(frozen=True, slots=True)
 class Footprint:
     """What one engine of a model needs, and why."""
@@ -211,11 +156,11 @@ def footprint(
     config: Mapping[str, Any],
     context: int,
     sequences: int,
-    kv_bits: int = 16,
+    kv_bits: int = UNQUANTIZED_KV_BITS,
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
 ) -> Footprint:
     """The memory one engine needs for `sequences` concurrent sequences of `context` tokens
-    (a quantized KV cache: one sequence, see QUANTIZED_KV_MAX_SEQUENCES)."""
+    (a quantized KV cache: one sequence, see mlxfleet.kv)."""
     shape = attention_shape(config)
     if shape.max_context and context > shape.max_context:
         raise SizingError(
@@ -240,34 +185,19 @@ def node_budget(
 
 
 def size_engine(
-    source: str,
+    weights: int,
+    config: Mapping[str, Any] | None,
     context: int | None,
     sequences: int,
-    kv_bits: int,
-    default_context: int,
+    kv_bits: int = UNQUANTIZED_KV_BITS,
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    default_context: int = DEFAULT_CONTEXT_LENGTH,
 ) -> tuple[int, int]:
-    """(bytes one engine of this model needs, the context in force) for a local folder or a
-    hub id. A hub model not in the local cache yet sizes as 0 (the agent downloads it)."""
-    folder = Path(source).expanduser()
-    if folder.is_dir():
-        weights, config = weight_bytes(folder), read_config(folder)
-    else:
-        cached = cached_hub_config(source)
-        if cached is None:
-            return 0, context or default_context
-        config, weights = cached, estimated_weight_bytes(cached)
+    """(bytes one engine of this model needs, the context in force). `config` None: a hub
+    model not in the local cache yet, which sizes as 0 (the agent downloads it). With no
+    `context` configured, the default capped at what the model supports."""
+    if config is None:
+        return 0, context or default_context
     if context is None:
         context = min(default_context, attention_shape(config).max_context or default_context)
     return footprint(weights, config, context, sequences, kv_bits, kv_group_size).total, context
-
-
-def cached_hub_config(repo: str) -> dict[str, Any] | None:
-    """config.json of a hub model already in the local Hugging Face cache (never downloads)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        path = try_to_load_from_cache(repo, "config.json")
-    except ValueError:  # huggingface_hub's HFValidationError: "/no/such/folder" is no repo id
-        raise SizingError(f"{repo!r} is neither a model folder nor a Hugging Face id") from None
-    return read_config(Path(path).parent) if isinstance(path, str) else None

@@ -4,23 +4,28 @@
   with the least room that still fits (best fit), so big gaps stay free for big models;
 - interactive replicas spread: the node with the most headroom first; laptops only when
   their agent opted in;
-- required labels filter, preferred labels rank; node id breaks every tie.
-A model that fits nowhere is pending with a reason that names the shortfall.
+- required labels filter, preferred labels rank; node id breaks every tie;
+- a heavy model avoids nodes whose triggers ask to offload it while the others can take it.
+A model that fits nowhere is pending with a reason that names the shortfall. `plan()` is what
+the reconciler calls for every step's new replicas (and what benchmarks/fleet_sim.py measures).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from mlxfleet.tiers import Tier
+
 GIB = 2**30
-from mlxfleet.tiers import Tier  # noqa: E402
+HEAVY_MODEL_BYTES = 8 * GIB  # replicas this big go to offload-preferred nodes last
+UnitKey = tuple[str, Tier]  # the unit of placement: a model in one tier
 
 
 @dataclass(frozen=True, slots=True)
 class Demand:
-    """One model's desired state, sized."""
+    """One unit's desired state, sized."""
 
     model: str
     tier: Tier
@@ -29,6 +34,12 @@ class Demand:
     required_labels: Mapping[str, str] = field(default_factory=dict)
     preferred_labels: Mapping[str, str] = field(default_factory=dict)
     pinned: bool = False
+    # Nodes already running a replica: they count towards `replicas` and take no second one.
+    hosted_on: frozenset[str] = frozenset()
+
+    @property
+    def key(self) -> UnitKey:
+        return (self.model, self.tier)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +53,7 @@ class Offer:
     interactive_on_laptop: bool = False  # the laptop's agent opted in
     cordoned: bool = False  # drained or halted by a trigger: no new placements
     batch_closed: bool = False  # a trigger moved the batch tier away from this node
+    offload_preferred: bool = False  # repeated OOM kills: heavy models go elsewhere first
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +84,18 @@ def _preference(demand: Demand, offer: Offer) -> int:
     return sum(offer.labels.get(k) == v for k, v in demand.preferred_labels.items())
 
 
-def place(demand: Demand, offers: Sequence[Offer], hosting: Iterable[str] = ()) -> Placement:
-    """Nodes for the replicas `demand` still lacks (`hosting` already run one each)."""
-    hosting = set(hosting)
+def place(demand: Demand, offers: Sequence[Offer]) -> Placement:
+    """Nodes for the replicas `demand` still lacks (`demand.hosted_on` run one each). A heavy
+    replica takes offload-preferred nodes only when the others cannot take them all."""
+    if demand.bytes_per_replica >= HEAVY_MODEL_BYTES:
+        placement = _place(demand, [o for o in offers if not o.offload_preferred])
+        if placement.pending_reason is None:
+            return placement
+    return _place(demand, offers)
+
+
+def _place(demand: Demand, offers: Sequence[Offer]) -> Placement:
+    hosting = set(demand.hosted_on)
     missing = demand.replicas - len(hosting)
     if missing <= 0:
         return Placement(())
@@ -124,17 +145,21 @@ def _shortfall(
     return lacking + f"{need}, best node {best.node_id} has {best.free_bytes / GIB:.1f} GiB free"
 
 
-def plan(demands: Sequence[Demand], offers: Sequence[Offer]) -> dict[str, Placement]:
-    """Place many models at once: pinned first, then larger replicas first (then by name),
-    each seeing the room the previous ones took. Deterministic for the same inputs."""
-    order = sorted(demands, key=lambda d: (not d.pinned, -d.bytes_per_replica, d.model))
+def plan_order(demand: Demand) -> tuple[bool, int, str, str]:
+    """Pinned first, then larger replicas first, then by model and tier."""
+    return (not demand.pinned, -demand.bytes_per_replica, demand.model, demand.tier)
+
+
+def plan(demands: Sequence[Demand], offers: Sequence[Offer]) -> dict[UnitKey, Placement]:
+    """Place many units at once in `plan_order`, each seeing the room the previous ones took.
+    Keyed by unit, in that order; deterministic for the same inputs."""
     room = {o.node_id: o for o in offers}
-    result: dict[str, Placement] = {}
-    for demand in order:
+    result: dict[UnitKey, Placement] = {}
+    for demand in sorted(demands, key=plan_order):
         placement = place(demand, sorted(room.values(), key=lambda o: o.node_id))
         for node_id in placement.nodes:
             room[node_id] = replace(
                 room[node_id], free_bytes=room[node_id].free_bytes - demand.bytes_per_replica
             )
-        result[demand.model] = placement
+        result[demand.key] = placement
     return result

@@ -100,8 +100,8 @@ class _Node:
     """Mutable per-node state behind Triggers."""
 
     active: dict[TriggerName, Change] = field(default_factory=dict)
-    swap_since_s: float | None = None  # first reading of the current run above the fire line
-    memory_since_s: float | None = None
+    # swap and memory: the first reading of the current run above the fire line
+    above_since_s: dict[TriggerName, float] = field(default_factory=dict)
     ttft: deque[tuple[float, float]] = field(default_factory=deque)  # (at_s, ttft_s)
     kills: deque[float] = field(default_factory=deque)  # at_s of each OOM kill
 
@@ -194,17 +194,12 @@ class Triggers:
         if used < 0:
             return None  # unknown
         if used < cfg.swap_clear_bytes:
-            node.swap_since_s = None
+            node.above_since_s.pop("swap", None)
             return _clear(
                 node, r.node_id, "swap", f"swap used {_mib(used)} < {_mib(cfg.swap_clear_bytes)}"
             )
-        if used <= cfg.swap_fire_bytes:
-            node.swap_since_s = None  # a dip below the fire line restarts the count
-            return None
-        if node.swap_since_s is None:
-            node.swap_since_s = r.at_s
-        held_s = r.at_s - node.swap_since_s
-        if held_s < cfg.swap_for_s:
+        held_s = _held_s(node, "swap", r.at_s, above=used > cfg.swap_fire_bytes)
+        if held_s is None or held_s < cfg.swap_for_s:
             return None
         text = f"swap used {_mib(used)} > {_mib(cfg.swap_fire_bytes)} for {held_s:.0f} s"
         return _fire(node, r.node_id, "swap", "", SWAP_ACTIONS, text)
@@ -216,15 +211,10 @@ class Triggers:
         fraction = (r.ram_bytes - r.available_bytes) / r.ram_bytes
         used = f"memory used {fraction:.1%} of {r.ram_bytes / GIB:.1f} GiB"
         if fraction < cfg.memory_clear_fraction:
-            node.memory_since_s = None
+            node.above_since_s.pop("memory", None)
             return _clear(node, r.node_id, "memory", f"{used} < {cfg.memory_clear_fraction:.0%}")
-        if fraction <= cfg.memory_fire_fraction:
-            node.memory_since_s = None
-            return None
-        if node.memory_since_s is None:
-            node.memory_since_s = r.at_s
-        held_s = r.at_s - node.memory_since_s
-        if held_s < cfg.memory_for_s:
+        held_s = _held_s(node, "memory", r.at_s, above=fraction > cfg.memory_fire_fraction)
+        if held_s is None or held_s < cfg.memory_for_s:
             return None
         text = f"{used} > {cfg.memory_fire_fraction:.0%} for {held_s:.0f} s"
         return _fire(node, r.node_id, "memory", "", MEMORY_ACTIONS, text)
@@ -283,6 +273,15 @@ def _fire(
     change = Change(node_id, trigger, True, level, actions, text)
     node.active[trigger] = change
     return change
+
+
+def _held_s(node: _Node, trigger: TriggerName, at_s: float, *, above: bool) -> float | None:
+    """How long the current run above the trigger's fire line has lasted; None for a reading
+    at or below the line, which restarts the count."""
+    if not above:
+        node.above_since_s.pop(trigger, None)
+        return None
+    return at_s - node.above_since_s.setdefault(trigger, at_s)
 
 
 def _clear(node: _Node, node_id: str, trigger: TriggerName, text: str) -> Change | None:

@@ -310,7 +310,7 @@ def fleet() -> dict[str, Any]:
         listing(
             "Pending units",
             "Units not (fully) placed and why: no_node, no_eligible_node, insufficient_memory, "
-            "restoring, sizing_error, load_failed or other.",
+            "restoring, sizing, sizing_error, load_failed or other.",
             "sum by (model, tier, reason) (mlxfleet_unit_pending) > 0",
         ),
         graph(

@@ -1,4 +1,5 @@
-"""The memory math against real models' config.json values and the seeds' numbers.
+"""The memory math against real models' config.json values and the seeds' numbers. Pure:
+no file is read here (reading them: tests/coordinator/test_model_files.py).
 
 Configs are the published config.json fields of each model on Hugging Face
 (Qwen/Qwen2.5-7B-Instruct, meta-llama/Meta-Llama-3-8B, meta-llama/Meta-Llama-3-70B,
@@ -8,12 +9,11 @@ conversions add (bits 4, group_size 64).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import QuantizedKVCache
 
+from benchmarks.simulator import LLAMA3_8B  # the catalogue of real config.json values
 from coordinator.errors import SizingError
 from coordinator.memory import (
     ENGINE_RUNTIME_BYTES,
@@ -25,8 +25,7 @@ from coordinator.memory import (
     kv_cache_bytes,
     node_budget,
     parameter_count,
-    safetensors_bytes,
-    weight_bytes,
+    size_engine,
 )
 
 QWEN25_7B = {
@@ -40,16 +39,6 @@ QWEN25_7B = {
     "tie_word_embeddings": False,
     "sliding_window": 131072,
     "use_sliding_window": False,
-}
-LLAMA3_8B = {
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "max_position_embeddings": 8192,
-    "tie_word_embeddings": False,
 }
 LLAMA3_70B = {
     "hidden_size": 8192,
@@ -168,39 +157,18 @@ def test_node_budget_is_the_smaller_of_ram_less_reserve_and_the_wired_limit() ->
     assert node_budget(32 * GIB, 0, 0) == 24 * GIB  # Linux: no GPU wired limit
 
 
-def test_weight_bytes_come_from_the_safetensors_header(tmp_path: Path) -> None:
-    """Quantized weights with their scales and biases, counted without reading tensors."""
-    w = mx.random.normal((256, 512))
-    q, scales, biases = mx.quantize(w, group_size=64, bits=4)
-    arrays = {
-        "layer.weight": q,
-        "layer.scales": scales,
-        "layer.biases": biases,
-        "norm.weight": mx.ones((512,), dtype=mx.bfloat16),
-    }
-    mx.save_safetensors(str(tmp_path / "model.safetensors"), arrays)
-    expected = sum(a.nbytes for a in arrays.values())
-    assert safetensors_bytes(tmp_path / "model.safetensors") == expected
-    assert weight_bytes(tmp_path) == expected
-    assert expected < (tmp_path / "model.safetensors").stat().st_size  # the header is extra
-
-
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (b"", "too short"),
-        (b"\xff" * 8, "not plausible"),
-        (b"\x04\x00\x00\x00\x00\x00\x00\x00nope", "not JSON"),
-    ],
-)
-def test_bad_safetensors_files_are_refused(tmp_path: Path, content: bytes, message: str) -> None:
-    (tmp_path / "model.safetensors").write_bytes(content)
-    with pytest.raises(SizingError, match=message):
-        weight_bytes(tmp_path)
-
-
-def test_a_folder_without_weights_or_shape_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(SizingError, match="no .safetensors weights"):
-        weight_bytes(tmp_path)
+def test_a_config_without_shape_is_refused() -> None:
     with pytest.raises(SizingError, match="lacks attention shape"):
         attention_shape({"hidden_size": 8})
+
+
+def test_size_engine_caps_the_default_context_and_sizes_an_uncached_hub_model_as_zero() -> None:
+    size, context = size_engine(4 * GIB, MIXTRAL_8X7B, None, sequences=4)
+    assert context == 8192  # the default: Mixtral supports 32K
+    assert size == footprint(4 * GIB, MIXTRAL_8X7B, 8192, 4).total
+    small = {**LLAMA3_8B, "max_position_embeddings": 2048}
+    assert size_engine(GIB, small, None, 1)[1] == 2048  # capped by what the model supports
+    assert size_engine(GIB, LLAMA3_8B, 4096, 1)[1] == 4096  # the configured one
+    assert size_engine(0, None, None, 4) == (0, 8192)  # the agent downloads it first
+    with pytest.raises(SizingError, match="decodes one request at a time"):
+        size_engine(GIB, LLAMA3_8B, None, sequences=2, kv_bits=8)

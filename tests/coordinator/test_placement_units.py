@@ -11,6 +11,7 @@ import struct
 import time
 from pathlib import Path
 
+from benchmarks.simulator import LLAMA3_8B
 from coordinator.config import Config, ModelSpec
 from coordinator.pki import FleetPki
 from coordinator.reconcile import Reconciler
@@ -29,15 +30,6 @@ from coordinator.store import Store
 from mlxfleet.facts import NodeFacts
 
 GIB = 2**30
-LLAMA3_8B = {
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "max_position_embeddings": 8192,
-}
 STATUS = NodeStatus(20 * GIB, 0, "normal", "nominal", "ac", False)
 
 
@@ -219,13 +211,18 @@ def test_least_recently_used_idle_unit_is_evicted_to_make_room(tmp_path: Path) -
     assert [c.model for c in fleet.loads()["a"]] == ["c-new"]
 
 
-def test_drain_moves_a_replica_only_once_its_replacement_is_ready(tmp_path: Path) -> None:
-    source = model_folder(tmp_path, "m", GIB)
-    fleet = Fleet(tmp_path, ModelSpec("m", source))
-    fleet.join("a", facts(64))
+def serving_on(tmp_path: Path, node: str, ram_gib: int) -> tuple[Fleet, LoadCommand]:
+    """A fleet of one node whose single 1 GiB replica of "m" is loaded and ready."""
+    fleet = Fleet(tmp_path, ModelSpec("m", model_folder(tmp_path, "m", GIB)))
+    fleet.join(node, facts(ram_gib))
     fleet.reconciler.step()
-    [first] = fleet.loads()["a"]
+    [first] = fleet.loads()[node]
     fleet.ready(first.engine_id)
+    return fleet, first
+
+
+def test_drain_moves_a_replica_only_once_its_replacement_is_ready(tmp_path: Path) -> None:
+    fleet, first = serving_on(tmp_path, "a", 64)
     fleet.join("b", facts(32))
     fleet.reconciler.step()
     assert fleet.loads() == {"a": [], "b": []}  # busy (just loaded): no rebalance
@@ -240,12 +237,7 @@ def test_drain_moves_a_replica_only_once_its_replacement_is_ready(tmp_path: Path
 
 
 def test_a_joining_node_takes_an_idle_unit_the_policy_now_prefers(tmp_path: Path) -> None:
-    source = model_folder(tmp_path, "m", GIB)
-    fleet = Fleet(tmp_path, ModelSpec("m", source))
-    fleet.join("small", facts(24))
-    fleet.reconciler.step()
-    [first] = fleet.loads()["small"]
-    fleet.ready(first.engine_id)
+    fleet, first = serving_on(tmp_path, "small", 24)
     fleet.reconciler.usage[("m", "interactive")].last_used = time.monotonic() - 60  # idle
     fleet.join("big", facts(128))  # more headroom: interactive spreads there
     fleet.reconciler.step()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
-from coordinator.policy import GIB, Demand, Offer, place, plan
+from coordinator.policy import GIB, HEAVY_MODEL_BYTES, Demand, Offer, place, plan
 
 STUDIO = Offer("studio-1", "server", 60 * GIB)
 MINI_A = Offer("mini-a", "server", 20 * GIB)
@@ -50,11 +51,11 @@ def test_pending_names_the_shortfall() -> None:
 
 def test_replicas_never_share_a_node_and_existing_ones_count() -> None:
     demand = Demand("m", "interactive", replicas=3, bytes_per_replica=GIB)
-    placement = place(demand, [MINI_A, MINI_B], hosting=["mini-a"])
+    placement = place(replace(demand, hosted_on=frozenset({"mini-a"})), [MINI_A, MINI_B])
     assert placement.nodes == ("mini-b",)
     assert placement.pending_reason is not None
     assert placement.pending_reason.startswith("1 of 3 replicas unplaced")
-    assert place(demand, [MINI_A], hosting=["x", "y", "z"]).nodes == ()
+    assert place(replace(demand, hosted_on=frozenset({"x", "y", "z"})), [MINI_A]).nodes == ()
 
 
 def test_cordoned_nodes_get_nothing() -> None:
@@ -88,7 +89,45 @@ def test_plan_is_deterministic_and_never_overcommits() -> None:
     assert plan(list(reversed(demands)), list(reversed(offers))) == first
     used = {o.node_id: 0 for o in offers}
     for demand in demands:
-        for node_id in first[demand.model].nodes:
+        for node_id in first[demand.key].nodes:
             used[node_id] += demand.bytes_per_replica
     assert all(used[o.node_id] <= o.free_bytes for o in offers)
     assert any(p.nodes for p in first.values())
+
+
+def test_plan_takes_pinned_then_larger_units_first_each_in_the_room_left() -> None:
+    """The order the reconciler relies on: pinned, then bytes, then model and tier."""
+    small_pinned = Demand("z-pinned", "interactive", 1, 8 * GIB, pinned=True)
+    big = Demand("a-big", "interactive", 1, 14 * GIB)
+    mid = Demand("m", "interactive", 1, 10 * GIB)
+    result = plan([mid, big, small_pinned], [MINI_A])  # 20 GiB: the pinned one, then big won't fit
+    assert list(result) == [
+        ("z-pinned", "interactive"),
+        ("a-big", "interactive"),
+        ("m", "interactive"),
+    ]
+    assert result["z-pinned", "interactive"].nodes == ("mini-a",)
+    assert result["a-big", "interactive"].nodes == ()
+    assert result["m", "interactive"].nodes == ("mini-a",)  # 12 GiB left after the pinned one
+    reason = result["a-big", "interactive"].pending_reason
+    assert reason == "1 of 1 replicas unplaced: needs 14.0 GiB, best node mini-a has 12.0 GiB free"
+
+
+def test_plan_keys_units_by_model_and_tier_and_counts_hosted_replicas() -> None:
+    chat = Demand("m", "interactive", 2, 4 * GIB, hosted_on=frozenset({"studio-1"}))
+    jobs = Demand("m", "batch", 1, 4 * GIB)
+    result = plan([chat, jobs], [STUDIO, MINI_A, MINI_B])
+    assert result["m", "interactive"].nodes == ("mini-a",)  # studio-1 already runs one
+    assert result["m", "batch"].nodes == ("mini-b",)
+    done = Demand("m", "interactive", 1, 4 * GIB, hosted_on=frozenset({"studio-1"}))
+    assert plan([done], [STUDIO])["m", "interactive"].nodes == ()
+
+
+def test_heavy_units_avoid_offload_preferred_nodes_while_others_fit() -> None:
+    oomed = Offer("studio-oom", "server", 100 * GIB, offload_preferred=True)
+    heavy = Demand("big", "interactive", 1, HEAVY_MODEL_BYTES)
+    assert place(heavy, [oomed, MINI_A]).nodes == ("mini-a",)
+    tiny = Offer("mini-c", "server", 6 * GIB)
+    assert place(heavy, [oomed, tiny]).nodes == ("studio-oom",)  # nowhere else fits
+    light = Demand("small", "interactive", 1, HEAVY_MODEL_BYTES - 1)
+    assert place(light, [oomed, MINI_A]).nodes == ("studio-oom",)  # the most headroom

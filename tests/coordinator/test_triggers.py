@@ -259,44 +259,16 @@ def test_oom_kills_a_week_apart_do_not_fire() -> None:
 
 def test_actions_are_the_union_of_active_triggers_per_node() -> None:
     t = Triggers(TriggerConfig(swap_for_s=0, memory_for_s=0))
-    changes = t.observe(
-        reading(
-            0,
-            swap_used_bytes=GIB,
-            memory_pressure="critical",
-            thermal_state="serious",
-            power_source="battery",
-            **used(0.9),
-        )
-    )
+    stressed = {"swap_used_bytes": GIB, "memory_pressure": "critical", **used(0.9)}
+    every_action = {"halt_ramp", "move_batch", "lower_concurrency", "relocate_heaviest", "drain"}
+    changes = t.observe(reading(0, thermal_state="serious", power_source="battery", **stressed))
     assert [c.trigger for c in changes] == ["swap", "memory", "pressure", "thermal", "power"]
-    assert t.actions("n1") == {
-        "halt_ramp",
-        "move_batch",
-        "lower_concurrency",
-        "relocate_heaviest",
-        "drain",
-    }
+    assert t.actions("n1") == every_action
     assert set(t.active("n1")) == {"swap", "memory", "pressure", "thermal", "power"}
     assert t.actions("n2") == frozenset()  # other nodes are untouched
     # clearing one trigger keeps the actions the others still need
-    t.observe(
-        reading(
-            1,
-            swap_used_bytes=GIB,
-            memory_pressure="critical",
-            thermal_state="nominal",
-            power_source="ac",
-            **used(0.9),
-        )
-    )
-    assert t.actions("n1") == {
-        "halt_ramp",
-        "move_batch",
-        "lower_concurrency",
-        "relocate_heaviest",
-        "drain",
-    }
+    t.observe(reading(1, thermal_state="nominal", power_source="ac", **stressed))
+    assert t.actions("n1") == every_action
     t.observe(reading(2, swap_used_bytes=0, memory_pressure="critical", **used(0.9)))
     assert t.actions("n1") == {"lower_concurrency", "relocate_heaviest", "drain"}
 

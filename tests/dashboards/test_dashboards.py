@@ -16,68 +16,13 @@ import yaml
 
 from dashboards import generate
 from tests.conftest import REPO
+from tests.metrics_contract import CONTRACT_HISTOGRAMS, CONTRACT_METRICS
 
 DEPLOY = REPO / "deploy"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Variables an expression may use: the e2e test substitutes exactly these.
 EXPR_VARIABLES = {"node", "model", "tier", "__rate_interval"}
 
-# Every metric name of the metrics contract (issue 6), copied from it: a dashboard may use no other.
-CONTRACT_METRICS = {
-    # coordinator
-    "mlxfleet_requests_total",
-    "mlxfleet_prompt_tokens_total",
-    "mlxfleet_generation_tokens_total",
-    "mlxfleet_failovers_total",
-    "mlxfleet_engine_exits_total",
-    "mlxfleet_trigger_events_total",
-    "mlxfleet_ttft_seconds",
-    "mlxfleet_time_per_output_token_seconds",
-    "mlxfleet_request_duration_seconds",
-    "mlxfleet_in_flight_requests",
-    "mlxfleet_nodes",
-    "mlxfleet_node_info",
-    "mlxfleet_agent_info",
-    "mlxfleet_units",
-    "mlxfleet_unit_replicas",
-    "mlxfleet_placements",
-    "mlxfleet_unit_pending",
-    "mlxfleet_trigger_active",
-    "mlxfleet_router_deployments",
-    "mlxfleet_router_cooldowns",
-    "mlxfleet_tier_max_concurrency",
-    "mlxfleet_tier_batch_window_seconds",
-    "mlxfleet_tier_max_batch_size",
-    "mlxfleet_tier_queue_limit",
-    # agent
-    "mlxfleet_node_memory_total_bytes",
-    "mlxfleet_node_memory_available_bytes",
-    "mlxfleet_node_memory_wired_bytes",
-    "mlxfleet_node_memory_compressed_bytes",
-    "mlxfleet_node_swap_used_bytes",
-    "mlxfleet_node_memory_pressure_level",
-    "mlxfleet_node_thermal_level",
-    "mlxfleet_node_power_source",
-    "mlxfleet_node_low_power_mode",
-    "mlxfleet_node_gpu_wired_limit_bytes",
-    "mlxfleet_node_oom_kills_total",
-    "mlxfleet_agent_connected",
-    "mlxfleet_engine_state",
-    "mlxfleet_engine_rss_bytes",
-    "mlxfleet_engine_queue_depth",
-    "mlxfleet_engine_batch_size",
-    "mlxfleet_engine_max_batch_size",
-    "mlxfleet_engine_batch_window_seconds",
-    "mlxfleet_engine_max_concurrency",
-    "mlxfleet_engine_kv_quantization",
-    "mlxfleet_engine_requests_total",
-    "mlxfleet_engine_generation_tokens_total",
-}
-CONTRACT_HISTOGRAMS = {
-    "mlxfleet_ttft_seconds",
-    "mlxfleet_time_per_output_token_seconds",
-    "mlxfleet_request_duration_seconds",
-}
 # Counters of rare events: their panels must show 0, not "no data", before the first one.
 RARE_COUNTERS = (
     "mlxfleet_failovers_total",

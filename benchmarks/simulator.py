@@ -1,8 +1,8 @@
 """A fleet simulator for the placement policy. Pure and deterministic per seed.
 
 Random fleets of real Mac models, random demands for real model shapes, and an exact solver
-that places as many replicas as the policy's own constraints allow, so `plan()` can be
-measured against the optimum (benchmarks/fleet_sim.py).
+that places as many replicas as the policy's own constraints allow, so `plan()` (the planner
+the reconciler calls) can be measured against the optimum (benchmarks/fleet_sim.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from coordinator.memory import GIB, estimated_weight_bytes, footprint, node_budget
-from coordinator.policy import Demand, Offer, Placement, eligible
+from coordinator.policy import Demand, Offer, Placement, UnitKey, eligible
 from mlxfleet.tiers import Tier
 
 
@@ -97,7 +97,7 @@ def _qwen2(hidden: int, inter: int, layers: int, heads: int, kv: int, tie: bool)
     }
 
 
-_LLAMA3_8B = {
+LLAMA3_8B = {
     "hidden_size": 4096,
     "intermediate_size": 14336,
     "num_hidden_layers": 32,
@@ -115,16 +115,16 @@ MODELS: Mapping[str, Mapping[str, Any]] = {
     "qwen2.5-7b": _qwen2(3584, 18944, 28, 28, 4, tie=False),
     "qwen2.5-14b": _qwen2(5120, 13824, 48, 40, 8, tie=False),
     "qwen2.5-32b": _qwen2(5120, 27648, 64, 40, 8, tie=False),
-    "llama-3-8b": _LLAMA3_8B,
+    "llama-3-8b": LLAMA3_8B,
     "llama-3-70b": {
-        **_LLAMA3_8B,
+        **LLAMA3_8B,
         "hidden_size": 8192,
         "intermediate_size": 28672,
         "num_hidden_layers": 80,
         "num_attention_heads": 64,
     },
     "mixtral-8x7b": {
-        **_LLAMA3_8B,
+        **LLAMA3_8B,
         "vocab_size": 32000,
         "max_position_embeddings": 32768,
         "num_local_experts": 8,
@@ -159,11 +159,11 @@ def random_demands(m: int, seed: int) -> list[Demand]:
     return demands
 
 
-def placed_replicas(plan_result: Mapping[str, Placement]) -> int:
+def placed_replicas(plan_result: Mapping[UnitKey, Placement]) -> int:
     return sum(len(p.nodes) for p in plan_result.values())
 
 
-def placed_fraction(plan_result: Mapping[str, Placement], demands: Sequence[Demand]) -> float:
+def placed_fraction(plan_result: Mapping[UnitKey, Placement], demands: Sequence[Demand]) -> float:
     """Placed replicas / requested replicas (1.0 when nothing is requested)."""
     requested = sum(d.replicas for d in demands)
     return placed_replicas(plan_result) / requested if requested else 1.0

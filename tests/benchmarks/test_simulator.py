@@ -8,9 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
-from coordinator.memory import GIB, node_budget
-from coordinator.policy import Demand, Offer, eligible, plan
-from coordinator.simulator import (
+from benchmarks.simulator import (
     MACS,
     SEQUENCES,
     default_wired_limit,
@@ -22,6 +20,8 @@ from coordinator.simulator import (
     random_fleet,
     replica_bytes,
 )
+from coordinator.memory import GIB, node_budget
+from coordinator.policy import Demand, Offer, eligible, plan
 
 
 def server(node_id: str, free_gib: float, **labels: str) -> Offer:
