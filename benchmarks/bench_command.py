@@ -9,51 +9,27 @@ stay in a temporary folder; the section summarises them.
 
 Every process it starts is stopped at the end, also on error or Ctrl-C.
 
-    python benchmarks/bench_command.py [--duration 20] [--write-docs]
+    python -m benchmarks.bench_command [--duration 20] [--write-docs]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
-import shlex
-import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import (
-    CLI_TIMEOUT_S,
-    DOCS,
-    REPO,
-    Proc,
-    agent_cli,
-    cli,
-    cli_out,
-    coordinator_cli,
-    machine,
-    publish,
-    read_json,
-    run_script,
-    versions,
-    wait_for,
-)
-
-sys.path.insert(0, str(REPO))  # coordinator.bench.results
-
-from coordinator.bench.results import Cell, Quantiles, Report, Run, from_json  # noqa: E402
+from benchmarks import harness
+from benchmarks.fleet import MLX_LM_MODEL, MODEL, Fleet, MlxLm, demo_model, model_toml, start_mlx_lm
+from coordinator.bench.results import Cell, Quantiles, Report, Run, from_json
 
 SECTION = "## mlxfleet bench: the demo fleet against mlx_lm.server (issue 7)"
-MODEL = "demo"
-THEIR_MODEL = "default_model"  # mlx_lm.server: any other name makes it try to load that model
 CONTEXT_LENGTH = 2048  # the longest prompt (1024) + max_tokens, with room to spare
 CONCURRENCY = "1,4"
 PROMPT_TOKENS = "128,1024"
@@ -62,8 +38,6 @@ SWEEP = "batch-window=20,80"
 SWEEP_CONCURRENCY = "4,12"  # 12 = the batch tier's slots; at 4 a new arrival waits the window
 SWEEP_PROMPT_TOKENS = "64"
 SWEEP_MAX_TOKENS = 32
-START_TIMEOUT_S = 60.0
-READY_TIMEOUT_S = 180.0  # cold engine starts on 2 cores
 BENCH_TIMEOUT_S = 400.0
 NONE = "—"
 DOCS_WIDTH = 100
@@ -72,102 +46,25 @@ DOCS_WIDTH = 100
 # Processes
 
 
-def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except OSError:
-        return 0, b""
-
-
-@dataclass
-class Fleet:
-    home: Path
-    base: str  # http://127.0.0.1:PORT
-    key: str
-    coordinator: Proc
-    agent: Proc
-
-    def tiers_ready(self) -> bool:
-        """Both of the demo model's tiers routable with the key (what /v1/models says)."""
-        status, raw = _get(f"{self.base}/v1/models", self.key)
-        if status != 200:
-            return False
-        for model in json.loads(raw)["data"]:
-            if model["id"] == MODEL:
-                tiers = model["mlxfleet"]["tiers"]
-                return tiers.get("interactive") == "ready" and tiers.get("batch") == "ready"
-        return False
-
-
 @contextlib.contextmanager
 def running_fleet(workdir: Path, model: Path) -> Iterator[Fleet]:
     """Coordinator + one agent, the demo model pinned in both tiers."""
-    home = workdir / "coord"
-    home.mkdir(parents=True)
-    config = home / "fleet.toml"
-    config.write_text(
-        f'[[models]]\nname = "{MODEL}"\nsource = "{model}"\n'
-        f'tiers = ["interactive", "batch"]\npinned = true\ncontext_length = {CONTEXT_LENGTH}\n'
-    )
-    procs = [Proc(coordinator_cli(home, config), workdir / "coordinator.log")]
-    try:
-        runtime = wait_for(
-            lambda: read_json(home / "coordinator.json"), START_TIMEOUT_S, "the coordinator"
-        )
-        key = cli_out("keys", "create", "--name", "bench", "--home", str(home))
-        procs.append(Proc(agent_cli(home, runtime, workdir / "agent"), workdir / "agent.log"))
-        fleet = Fleet(home, f"http://127.0.0.1:{runtime['gateway_port']}", key, *procs)
-        wait_for(fleet.tiers_ready, READY_TIMEOUT_S, "demo/interactive and demo/batch", 0.5)
+    tiers = ["interactive", "batch"]
+    config = model_toml(model, tiers=tiers, pinned=True, context_length=CONTEXT_LENGTH)
+    with Fleet(workdir, config) as fleet:
+        fleet.start_agent("agent")
+        ready = harness.READY_TIMEOUT_S
+        harness.wait_for(lambda: fleet.routable(*tiers), ready, "demo in both tiers", 0.5)
         yield fleet
-    except BaseException:
-        for p in procs:
-            print(f"--- {p.log.name} ---\n{p.tail()}", file=sys.stderr)
-        raise
-    finally:
-        for p in reversed(procs):
-            p.stop()
 
 
 @contextlib.contextmanager
-def running_mlx_lm(workdir: Path, model: Path) -> Iterator[tuple[str, Proc]]:
-    """mlx_lm.server on the demo model; ready once it answers a real completion (its /health
-    answers before the model is loaded)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    argv = [sys.executable, "-m", "mlx_lm.server", "--model", str(model), "--port", str(port)]
-    proc = Proc(argv, workdir / "mlx_lm_server.log")
-    base = f"http://127.0.0.1:{port}/v1"
-    body = {"model": THEIR_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-
-    def answers() -> bool:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"mlx_lm.server exited:\n{proc.tail()}")
-        req = urllib.request.Request(
-            f"{base}/chat/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    try:
-        wait_for(answers, READY_TIMEOUT_S, "mlx_lm.server to answer", 0.5)
-        yield base, proc
-    except BaseException:
-        print(f"--- mlx_lm_server.log ---\n{proc.tail()}", file=sys.stderr)
-        raise
-    finally:
-        proc.stop()
+def running_mlx_lm(workdir: Path, model: Path) -> Iterator[MlxLm]:
+    """mlx_lm.server on the demo model, once it answers a real completion."""
+    server = start_mlx_lm(model, workdir / "mlx_lm_server.log")
+    with harness.stopping([server.proc]):
+        harness.wait_for(server.answers, harness.READY_TIMEOUT_S, "mlx_lm.server to answer", 0.5)
+        yield server
 
 
 # The CLI
@@ -186,9 +83,7 @@ class Invocation:
 def bench(args: list[str], shown: list[str], log: Path) -> Invocation:
     """Run `python -m coordinator.cli bench ARGS`; exit 0 or 1 (a gate tripped) is a result."""
     started = time.monotonic()
-    done = subprocess.run(
-        cli("bench", *args), capture_output=True, text=True, cwd=REPO, timeout=BENCH_TIMEOUT_S
-    )
+    done = harness.cli_run("bench", *args, timeout_s=BENCH_TIMEOUT_S)
     log.write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
     if done.returncode not in (0, 1):
         raise RuntimeError(
@@ -227,9 +122,7 @@ class Results:
 
 
 def measure(workdir: Path, args: argparse.Namespace) -> Results:
-    from node_agent.engine.demo_model import write_demo_model
-
-    model = write_demo_model(workdir / "models" / MODEL)
+    model = demo_model(workdir)
     out = workdir / "out"
     runs: dict[str, Invocation] = {}
     seconds: dict[str, float] = {}
@@ -255,25 +148,25 @@ def measure(workdir: Path, args: argparse.Namespace) -> Results:
             workdir / "bench-fleet.log",
         )
         events = json.loads(
-            cli_out("events", "--json", "--limit", "200", "--home", str(fleet.home))
+            harness.cli_out("events", "--json", "--limit", "200", "--home", str(fleet.home))
         )
     seconds["fleet"] = time.monotonic() - started
     print("mlx_lm.server: interactive ...", file=sys.stderr)
     started = time.monotonic()
-    with running_mlx_lm(workdir, model) as (base, proc):
+    with running_mlx_lm(workdir, model) as server:
         seconds["mlx_lm.server start"] = time.monotonic() - started
-        theirs = ["--endpoint", base, "--model", THEIR_MODEL, *workload(args.duration)]
-        shown = ["--endpoint", "http://127.0.0.1:<port>/v1", "--model", THEIR_MODEL]
+        theirs = ["--endpoint", f"{server.url}/v1", "--model", MLX_LM_MODEL]
+        theirs += workload(args.duration)
+        shown = ["--endpoint", "http://127.0.0.1:<port>/v1", "--model", MLX_LM_MODEL]
         shown += [*workload(args.duration), "--server-pid", "<its pid>", "--out", "<tmp>/mlx_lm"]
-        pid = ["--server-pid", str(proc.popen.pid)]
+        pid = ["--server-pid", str(server.proc.popen.pid)]
         runs["mlx_lm"] = bench(
             [*theirs, *pid, "--out", str(out / "mlx_lm")], shown, workdir / "bench-mlx_lm.log"
         )
     seconds["mlx_lm.server"] = time.monotonic() - started
-    compared = subprocess.run(
-        cli("bench", "compare", str(out / "fleet/report.json"), str(out / "mlx_lm/report.json")),
-        capture_output=True, text=True, cwd=REPO, timeout=CLI_TIMEOUT_S,
-    )  # fmt: skip
+    compared = harness.cli_run(
+        "bench", "compare", str(out / "fleet/report.json"), str(out / "mlx_lm/report.json")
+    )
     if compared.returncode not in (0, 1):
         raise RuntimeError(f"bench compare: exit {compared.returncode}: {compared.stderr}")
     compare = Invocation(
@@ -559,8 +452,8 @@ def report(res: Results, args: argparse.Namespace, command: str, when: str, tota
 
 Measured {when} with `{command}` ({total_s / 60:.1f} min).
 
-- Machine: {machine()}
-- Versions: {versions("mlx", "mlx-lm", "aiohttp")}
+- Machine: {harness.machine()}
+- Versions: {harness.versions("mlx", "mlx-lm", "aiohttp")}
 - Model: the offline demo model (a tiny random-weight Qwen2, 2 layers, hidden 128, vocab 1536),
   so these are engine and scheduling numbers on **CPU MLX on a 2-core Linux box, not a Mac**.
 - Ours: the real coordinator and one agent on 127.0.0.1, fleet.toml `tiers = ["interactive",
@@ -569,7 +462,7 @@ Measured {when} with `{command}` ({total_s / 60:.1f} min).
   is idle during the interactive run. Requests go client → gateway → engine.
 - Theirs: `python -m mlx_lm.server --model <demo> --port <p>` with its defaults, started after
   the fleet was stopped: the two are never up, let alone busy, at once. Requests name
-  `model: "{THEIR_MODEL}"`.
+  `model: "{MLX_LM_MODEL}"`.
 - Client: the real CLI as a subprocess, on the same cores as the servers; the same workload
   against both{reduced}. Every request is a greedy streaming chat whose prompt has exactly the
   wanted length through the endpoint's own tokenizer and chat template; c closed loops keep c
@@ -647,24 +540,20 @@ def wrap(markdown: str) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per cell")
     parser.add_argument("--sweep-duration", type=float, default=15.0, help="seconds per cell")
-    parser.add_argument("--write-docs", action="store_true", help=f"update {DOCS}")
     args = parser.parse_args()
     if not 1 <= args.duration <= 120 or not 1 <= args.sweep_duration <= 120:
         parser.error("--duration and --sweep-duration must be in 1..120")
-    command = "python " + " ".join(
-        shlex.quote(a) for a in [str(Path(sys.argv[0]).resolve().relative_to(REPO)), *sys.argv[1:]]
-    )
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command, when = harness.command_line(), harness.now_utc()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mlxfleet-bench-") as tmp:
         res = measure(Path(tmp), args)
     section = wrap(report(res, args, command, when, time.monotonic() - started))
-    publish(SECTION, section, args.write_docs)
+    harness.publish(SECTION, section, args.write_docs)
     return 0
 
 
 if __name__ == "__main__":
-    run_script(main)
+    harness.run_script(main)

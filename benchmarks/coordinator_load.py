@@ -7,7 +7,7 @@ agent's mutual-TLS control stream (Hello, then a NodeStatus every second). Once 
 live, the coordinator's CPU is measured over a steady window. Every process it starts is
 stopped at the end, also on error or Ctrl-C.
 
-    python benchmarks/coordinator_load.py [--agents 500 --procs 4 --window 30] [--write-docs]
+    python -m benchmarks.coordinator_load [--agents 500 --procs 4 --window 30] [--write-docs]
 """
 
 from __future__ import annotations
@@ -15,50 +15,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import json
 import os
 import queue
-import shlex
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import (
-    DOCS,
-    REPO,
-    Proc,
-    cli,
-    coordinator_cli,
-    machine,
-    publish,
-    read_json,
-    run_script,
-    versions,
-    wait_for,
-)
+from benchmarks import harness
+from benchmarks.fleet import Fleet
 
 SECTION = "## Coordinator under 500 agents (issue 3)"
 TARGET_CORES = 0.5  # issue 3: the coordinator holds 500 agents on at most half a core
-START_TIMEOUT_S = 60.0
+GIB = 2**30
 RECONNECT_S = 1.0  # a worker's agent whose stream broke dials again after this (counted)
 
 
-# Processes (the same shape as gateway_overhead.py)
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+# Processes
 
 
 def rss_mib(pid: int) -> tuple[float, float]:
@@ -89,17 +68,8 @@ def established(port: int) -> int:
 
 def node_states(home: Path) -> dict[str, int]:
     """State -> count, from the admin API via `mlxfleet nodes --json` (what an operator sees)."""
-    done = subprocess.run(
-        cli("nodes", "--home", str(home), "--json"),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"`mlxfleet nodes --json` failed: {done.stderr.strip()}")
     counts: dict[str, int] = {}
-    for node in json.loads(done.stdout):
+    for node in json.loads(harness.cli_out("nodes", "--home", str(home), "--json")):
         counts[node["state"]] = counts.get(node["state"], 0) + 1
     return counts
 
@@ -137,17 +107,8 @@ async def _worker(args: argparse.Namespace) -> None:
 
     threading.Thread(target=read_stdin, daemon=True).start()
     token = JoinToken.parse(args.token)
-    reading = NodeReading(
-        available_bytes=24 * 2**30,
-        swap_used_bytes=0,
-        wired_bytes=2 * 2**30,
-        compressed_bytes=0,
-        memory_pressure="normal",
-        thermal_state="nominal",
-        power_source="ac",
-        low_power_mode=False,
-        oom_kills=0,
-    )
+    # 24 GiB available, 2 GiB wired, no swap or compression, normal, nominal, on AC, no OOM.
+    reading = NodeReading(24 * GIB, 0, 2 * GIB, 0, "normal", "nominal", "ac", False, 0)
     heartbeats = 0
     breaks = 0
 
@@ -156,18 +117,9 @@ async def _worker(args: argparse.Namespace) -> None:
         heartbeats += 1
         return reading
 
-    def facts(i: int) -> NodeFacts:
-        return NodeFacts(
-            hostname=f"sim-{args.index}-{i}",
-            chip="Apple M2 Pro",
-            os="macOS 15.1",
-            ram_bytes=32 * 2**30,
-            performance_cores=8,
-            gpu_cores=19,
-            memory_bandwidth_gbps=200.0,
-            gpu_wired_limit_bytes=24 * 2**30,
-            role="server",
-        )
+    def facts(i: int) -> NodeFacts:  # 32 GiB, 8 P-cores, 19 GPU cores, 200 GB/s, 24 GiB wired
+        chip = ("Apple M2 Pro", "macOS 15.1", 32 * GIB, 8, 19, 200.0, 24 * GIB, "server")
+        return NodeFacts(f"sim-{args.index}-{i}", *chip)
 
     async def hold(session: Session) -> None:
         nonlocal breaks
@@ -230,7 +182,7 @@ async def _worker(args: argparse.Namespace) -> None:
 
 @dataclass
 class Worker:
-    proc: Proc
+    proc: harness.Proc
     count: int
     lines: queue.Queue[dict[str, Any]] = field(default_factory=queue.Queue)
 
@@ -294,141 +246,86 @@ class Results:
     idle_cores: float = 0.0
 
 
-@contextlib.contextmanager
-def coordinator(home: Path, logs: Path) -> Iterator[tuple[Proc, dict[str, Any]]]:
-    proc = Proc(
-        coordinator_cli(home),
-        logs / "coordinator.log",
-    )
-    try:
-        runtime = wait_for(
-            lambda: read_json(home / "coordinator.json"), START_TIMEOUT_S, "the coordinator"
-        )
-        yield proc, runtime
-    except BaseException:
-        print(f"--- coordinator.log ---\n{proc.tail()}", file=sys.stderr)
-        raise
-    finally:
-        proc.stop()
-
-
 def run(args: argparse.Namespace, workdir: Path) -> Results:
-    home, logs = workdir / "coord", workdir / "logs"
-    home.mkdir()
+    logs = workdir / "logs"
     logs.mkdir()
     res = Results(args.agents, args.procs, args.enroll_concurrency)
     workers: list[Worker] = []
-    with coordinator(home, logs) as (coord, runtime):
-        pid = coord.popen.pid
-        token = subprocess.run(
-            cli("token", "create", "--home", str(home), "--uses", str(args.agents), "--ttl", "1h"),
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=REPO,
-        ).stdout.strip()
+    with Fleet(workdir, api_key=False) as f, harness.stopping([]) as worker_procs:
+        home, runtime, pid = f.home, f.runtime, f.coordinator.popen.pid
+        token = f.new_token("--uses", str(args.agents), "--ttl", "1h")
         # Idle baseline: the coordinator with no agents (its reconcile loop ticks regardless).
-        before, t0 = cpu_s(pid), time.monotonic()
+        before, t0 = harness.cpu_s(pid), time.monotonic()
         time.sleep(args.idle)
-        res.idle_cores = (cpu_s(pid) - before) / (time.monotonic() - t0)
+        res.idle_cores = (harness.cpu_s(pid) - before) / (time.monotonic() - t0)
         res.rss_idle = rss_mib(pid)[0]
-        try:
-            shares = [
-                args.agents // args.procs + (i < args.agents % args.procs)
-                for i in range(args.procs)
-            ]
-            for i, count in enumerate(shares):
-                w = Worker(
-                    Proc(
-                        [
-                            sys.executable,
-                            str(Path(__file__).resolve()),
-                            "--worker",
-                            "--index",
-                            str(i),
-                            "--count",
-                            str(count),
-                            "--host",
-                            "127.0.0.1",
-                            "--grpc-port",
-                            str(runtime["grpc_port"]),
-                            "--enroll-port",
-                            str(runtime["enroll_port"]),
-                            "--token",
-                            token,
-                            "--enroll-concurrency",
-                            str(args.enroll_concurrency),
-                        ],
-                        logs / f"worker-{i}.log",
-                        stdout_pipe=True,
-                        stdin_pipe=True,
-                    ),
-                    count,
-                )
-                w.start_reader()
-                workers.append(w)
-            for w in workers:
-                w.expect("ready", START_TIMEOUT_S)  # imports done: only enrollment is timed
-            print(
-                f"enrolling {args.agents} agents from {args.procs} processes ...", file=sys.stderr
-            )
-            cpu0, go = cpu_s(pid), time.monotonic()
-            for w in workers:
-                w.send("go")
-            done = [w.expect("enrolled", args.timeout) for w in workers]
-            res.enroll_cpu_s = cpu_s(pid) - cpu0
-            res.enroll_total_s = max(d["end"] for d in done) - min(d["start"] for d in done)
-            res.enroll_latencies = [x for d in done for x in d["enrolled"]]
-            res.enroll_failed = sum(d["failed"] for d in done)
-            for d in done:
-                for reason in d["failures"]:
-                    print(f"  enrollment failed: {reason}", file=sys.stderr)
-            enrolled = len(res.enroll_latencies)
-            print(
-                f"enrolled {enrolled} in {res.enroll_total_s:.2f} s "
-                f"({res.enroll_failed} failed); waiting for their streams ...",
-                file=sys.stderr,
-            )
-            wait_for(
-                lambda: sum(w.report()["connected"] for w in workers) >= enrolled or None,
-                args.timeout,
-                f"{enrolled} control streams",
-            )
-            res.connect_all_s = time.monotonic() - go
-            time.sleep(args.settle)  # past the connection burst: heartbeats only from here
-            res.states_before = node_states(home)
-            res.streams_before = established(runtime["grpc_port"])
-            print(
-                f"nodes before the window: {res.states_before}; "
-                f"{res.streams_before} established TCP connections on the gRPC port; "
-                f"measuring {args.window:.0f} s ...",
-                file=sys.stderr,
-            )
-            reports0 = [w.report() for w in workers]
-            w_cpu0 = sum(cpu_s(w.proc.popen.pid) for w in workers)
-            c_cpu0, t0 = cpu_s(pid), time.monotonic()
-            time.sleep(args.window)
-            c_cpu1, t1 = cpu_s(pid), time.monotonic()
-            w_cpu1 = sum(cpu_s(w.proc.popen.pid) for w in workers)
-            reports1 = [w.report() for w in workers]
-            res.rss = rss_mib(pid)
-            res.coord_threads = threads(pid)
-            res.window_s = t1 - t0
-            res.coord_cpu_s = c_cpu1 - c_cpu0
-            res.workers_cpu_s = w_cpu1 - w_cpu0
-            res.heartbeats = sum(
-                b["heartbeats"] - a["heartbeats"] for a, b in zip(reports0, reports1, strict=True)
-            )
-            res.breaks = sum(b["breaks"] for b in reports1)
-            res.streams_after = established(runtime["grpc_port"])
-            res.states_after = node_states(home)
-        except BaseException:
-            for w in workers:
-                print(f"--- {w.proc.log.name} ---\n{w.proc.tail()}", file=sys.stderr)
-            raise
-        finally:
-            for w in workers:
-                w.proc.stop()
+        shares = [
+            args.agents // args.procs + (i < args.agents % args.procs) for i in range(args.procs)
+        ]
+        for i, count in enumerate(shares):
+            argv = [sys.executable, "-m", "benchmarks.coordinator_load", "--worker"]
+            argv += ["--index", str(i), "--count", str(count), "--host", f.host]
+            argv += ["--grpc-port", str(runtime["grpc_port"])]
+            argv += ["--enroll-port", str(runtime["enroll_port"]), "--token", token]
+            argv += ["--enroll-concurrency", str(args.enroll_concurrency)]
+            proc = harness.Proc(argv, logs / f"worker-{i}.log", stdout_pipe=True, stdin_pipe=True)
+            worker_procs.append(proc)
+            w = Worker(proc, count)
+            w.start_reader()
+            workers.append(w)
+        for w in workers:
+            w.expect("ready", harness.START_TIMEOUT_S)  # imports done: only enrollment is timed
+        print(f"enrolling {args.agents} agents from {args.procs} processes ...", file=sys.stderr)
+        cpu0, go = harness.cpu_s(pid), time.monotonic()
+        for w in workers:
+            w.send("go")
+        done = [w.expect("enrolled", args.timeout) for w in workers]
+        res.enroll_cpu_s = harness.cpu_s(pid) - cpu0
+        res.enroll_total_s = max(d["end"] for d in done) - min(d["start"] for d in done)
+        res.enroll_latencies = [x for d in done for x in d["enrolled"]]
+        res.enroll_failed = sum(d["failed"] for d in done)
+        for d in done:
+            for reason in d["failures"]:
+                print(f"  enrollment failed: {reason}", file=sys.stderr)
+        enrolled = len(res.enroll_latencies)
+        print(
+            f"enrolled {enrolled} in {res.enroll_total_s:.2f} s "
+            f"({res.enroll_failed} failed); waiting for their streams ...",
+            file=sys.stderr,
+        )
+        harness.wait_for(
+            lambda: sum(w.report()["connected"] for w in workers) >= enrolled or None,
+            args.timeout,
+            f"{enrolled} control streams",
+        )
+        res.connect_all_s = time.monotonic() - go
+        time.sleep(args.settle)  # past the connection burst: heartbeats only from here
+        res.states_before = node_states(home)
+        res.streams_before = established(runtime["grpc_port"])
+        print(
+            f"nodes before the window: {res.states_before}; "
+            f"{res.streams_before} established TCP connections on the gRPC port; "
+            f"measuring {args.window:.0f} s ...",
+            file=sys.stderr,
+        )
+        reports0 = [w.report() for w in workers]
+        w_cpu0 = sum(harness.cpu_s(w.proc.popen.pid) for w in workers)
+        c_cpu0, t0 = harness.cpu_s(pid), time.monotonic()
+        time.sleep(args.window)
+        c_cpu1, t1 = harness.cpu_s(pid), time.monotonic()
+        w_cpu1 = sum(harness.cpu_s(w.proc.popen.pid) for w in workers)
+        reports1 = [w.report() for w in workers]
+        res.rss = rss_mib(pid)
+        res.coord_threads = threads(pid)
+        res.window_s = t1 - t0
+        res.coord_cpu_s = c_cpu1 - c_cpu0
+        res.workers_cpu_s = w_cpu1 - w_cpu0
+        res.heartbeats = sum(
+            b["heartbeats"] - a["heartbeats"] for a, b in zip(reports0, reports1, strict=True)
+        )
+        res.breaks = sum(b["breaks"] for b in reports1)
+        res.streams_after = established(runtime["grpc_port"])
+        res.states_after = node_states(home)
     return res
 
 
@@ -492,8 +389,8 @@ def report(res: Results, args: argparse.Namespace, command: str, when: str) -> s
 
 Measured {when} with `{command}`.
 
-- Machine: {machine()}
-- Versions: {versions("grpcio", "protobuf", "cryptography", "uvloop")}
+- Machine: {harness.machine()}
+- Versions: {harness.versions("grpcio", "protobuf", "cryptography", "uvloop")}
 - Event loop: `{os.environ.get("MLXFLEET_LOOP", "uvloop")}` in the coordinator and the workers.
 
 Method: the real coordinator (`mlxfleet coordinator --port 0 --grpc-port 0 --enroll-port 0`,
@@ -524,7 +421,7 @@ Mac.
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--agents", type=int, default=500)
     parser.add_argument("--procs", type=int, default=4, help="worker processes for the agents")
     parser.add_argument("--window", type=float, default=30.0, help="measured steady window, s")
@@ -534,7 +431,6 @@ def main() -> int:
         "--enroll-concurrency", type=int, default=4, help="enrollments in flight per worker"
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="bound on each phase, s")
-    parser.add_argument("--write-docs", action="store_true", help=f"update {DOCS}")
     # Worker mode (started by the parent).
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
@@ -550,16 +446,13 @@ def main() -> int:
         return 0
     if not 1 <= args.procs <= args.agents:
         parser.error("--procs must be 1..--agents")
-    command = "python " + " ".join(
-        shlex.quote(a) for a in [str(Path(sys.argv[0]).resolve().relative_to(REPO)), *sys.argv[1:]]
-    )
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command, when = harness.command_line(), harness.now_utc()
     with tempfile.TemporaryDirectory(prefix="mlxfleet-load-") as tmp:
         res = run(args, Path(tmp))
     section = report(res, args, command, when)
-    publish(SECTION, section, args.write_docs)
+    harness.publish(SECTION, section, args.write_docs)
     return 0
 
 
 if __name__ == "__main__":
-    run_script(main)
+    harness.run_script(main)

@@ -1,6 +1,6 @@
 """Measure an engine's memory beyond weights and KV: RSS after load and warm-up, demo model.
 
-Usage: python benchmarks/engine_overhead.py
+Usage: python -m benchmarks.engine_overhead [--runs 3]
 The demo model's weights are ~1 MB and its warm-up KV a few KB, so the RSS is the engine's own
 overhead (Python, MLX, mlx-lm, tokenizer, HTTP server, activation buffers). It feeds
 ENGINE_OVERHEAD_BYTES in coordinator/memory.py.
@@ -8,19 +8,18 @@ ENGINE_OVERHEAD_BYTES in coordinator/memory.py.
 
 from __future__ import annotations
 
+import argparse
 import os
-import secrets
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
+
+from benchmarks import harness
+from benchmarks.fleet import MODEL, demo_model, start_engine
 
 RUNS = 3
 READY_TIMEOUT_S = 120.0
+REQUEST_TIMEOUT_S = 30.0
 
 
 def rss_bytes(pid: int) -> int:
@@ -28,57 +27,31 @@ def rss_bytes(pid: int) -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def one_run(model: Path) -> tuple[int, int]:
+def one_run(model: Path, log: Path) -> tuple[int, int]:
     """(RSS after ready, RSS after 8 concurrent-ish requests of 64 tokens)."""
-    secret = secrets.token_urlsafe(16)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "node_agent.engine",
-            "--model-path",
-            str(model),
-            "--model-name",
-            "demo",
-            "--port",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "MLXFLEET_ENGINE_SECRET": secret},
-    )
-    try:
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline().decode().strip().rsplit("=", 1)[1])
-        headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/health", headers=headers)
-                if urllib.request.urlopen(req, timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
-        ready = rss_bytes(proc.pid)
-        body = b'{"model": "demo", "prompt": "hello world", "max_tokens": 64}'
+    engine = start_engine(model, log)
+    with harness.stopping([engine.proc]):
+        engine.listening()
+        harness.wait_for(engine.healthy, READY_TIMEOUT_S, "the engine to be healthy")
+        ready = rss_bytes(engine.proc.popen.pid)
+        body = {"model": MODEL, "prompt": "hello world", "max_tokens": 64}
         for _ in range(8):
-            req = urllib.request.Request(
-                f"http://127.0.0.1:{port}/v1/completions", data=body, headers=headers
+            status, _ = harness.http(
+                f"{engine.url}/v1/completions", engine.secret, body, REQUEST_TIMEOUT_S
             )
-            urllib.request.urlopen(req, timeout=30).read()
-        return ready, rss_bytes(proc.pid)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+            if status != 200:
+                raise RuntimeError(f"completion: HTTP {status}")
+        return ready, rss_bytes(engine.proc.popen.pid)
 
 
 def main() -> None:
-    from node_agent.engine.demo_model import write_demo_model
-
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=RUNS, choices=range(1, 11), metavar="1..10")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model = write_demo_model(Path(tmp) / "demo")
+        model = demo_model(Path(tmp))
         weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-        runs = [one_run(model) for _ in range(RUNS)]
+        runs = [one_run(model, Path(tmp) / f"engine-{i}.log") for i in range(args.runs)]
     mib = 2**20
     print(f"demo weights on disk: {weights / mib:.1f} MiB")
     for i, (ready, served) in enumerate(runs, 1):

@@ -10,97 +10,39 @@
 
 Needs root (namespaces). Every process it starts is stopped at the end, also on error or Ctrl-C.
 
-    sudo python benchmarks/enrollment_timing.py [--runs 3 --partitions 3] [--write-docs]
+    sudo python -m benchmarks.enrollment_timing [--runs 3 --partitions 3] [--write-docs]
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import datetime
 import json
 import os
 import re
-import shlex
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness import (
-    DOCS,
-    REPO,
-    STOP_TIMEOUT_S,
-    cli_out,
-    descendants,
-    machine,
-    mlx_cache_state,
-    publish,
-    read_json,
-    run_script,
-    versions,
-    wait_for,
-)
-
-sys.path.insert(0, str(REPO))  # tests.netns
-
-
-from tests.netns import Host, Network, unavailable_reason  # noqa: E402
+from benchmarks import harness
+from benchmarks.fleet import MODEL, Fleet, demo_model, model_toml
+from tests.netns import Network, unavailable_reason
 
 SECTION = "## Enrollment and liveness on a LAN (issue 3)"
-MODEL = "demo"
 CONTEXT_LENGTH = 2048
 POLL_S = 0.1
-START_TIMEOUT_S = 60.0
-READY_TIMEOUT_S = 180.0  # cold start on 2 cores: imports, enrollment, model load, kernels
+START_TIMEOUT_S = harness.START_TIMEOUT_S
+READY_TIMEOUT_S = harness.READY_TIMEOUT_S
 PARTITION_TIMEOUT_S = 120.0
-REQUEST_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = harness.HTTP_TIMEOUT_S
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 
-# Processes
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process's session and its children's (engines have their own), then KILL."""
-    groups = [proc.pid, *descendants(proc.pid)]
-    for pid in groups:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(STOP_TIMEOUT_S)
-    for pid in [*groups, *descendants(proc.pid)]:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-    proc.wait()
-
-
-def http(
-    method: str, url: str, token: str, body: dict | None = None, timeout: float = REQUEST_TIMEOUT_S
-) -> tuple[int, bytes]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(
-        url,
-        data=data,
-        method=method,
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, b""
-    except OSError:
-        return 0, b""
+# The fleet: the coordinator on the first host; agents on the others
 
 
 COMPLETION = {
@@ -111,110 +53,30 @@ COMPLETION = {
 }
 
 
-@dataclass
-class Fleet:
-    net: Network
-    workdir: Path
-    home: Path
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    gateway: str = ""
-    runtime: dict[str, Any] = field(default_factory=dict)
-    api_key: str = ""
-    admin_token: str = ""
-    join_token: str = ""
-
-    def completion_ok(self) -> bool:
-        status, body = http("POST", f"{self.gateway}/v1/chat/completions", self.api_key, COMPLETION)
-        return status == 200 and b'"choices"' in body
-
-    def models(self) -> list[str] | None:
-        status, body = http("GET", f"{self.gateway}/v1/models", self.api_key)
-        return [m["id"] for m in json.loads(body)["data"]] if status == 200 else None
-
-    def nodes(self) -> dict[str, dict[str, Any]]:
-        """The admin API's rows by node id (what `mlxfleet nodes --json` prints)."""
-        status, body = http("GET", f"{self.gateway}/admin/v1/nodes", self.admin_token)
-        if status != 200:
-            return {}
-        return {n["id"]: n for n in json.loads(body)["nodes"]}
-
-    def agent(self, host: Host, name: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
-        home = self.workdir / name
-        log = self.workdir / f"{name}.log"
-        proc = self.net.python(
-            host,
-            [
-                "-m",
-                "coordinator.cli",
-                "agent",
-                "--coordinator",
-                f"{self.runtime['host']}:{self.runtime['grpc_port']}",
-                "--enroll-port",
-                str(self.runtime["enroll_port"]),
-                "--token",
-                self.join_token,
-                "--no-mdns",
-                "--home",
-                str(home),
-            ],
-            log,
-        )
-        self.procs.append(proc)
-        return proc, home, log
+def completion_ok(f: Fleet) -> bool:
+    status, body = f.call("/v1/chat/completions", COMPLETION, timeout_s=REQUEST_TIMEOUT_S)
+    return status == 200 and b'"choices"' in body
 
 
-@contextlib.contextmanager
-def fleet(net: Network, workdir: Path, model: Path, uses: int) -> Iterator[Fleet]:
-    """A fresh coordinator on the first host, with a fresh home; everything stopped on exit."""
-    workdir.mkdir(parents=True)
-    home = workdir / "coord"
-    home.mkdir()
-    config = home / "fleet.toml"
-    config.write_text(
-        f'[[models]]\nname = "{MODEL}"\nsource = "{model}"\ncontext_length = {CONTEXT_LENGTH}\n'
-    )
-    f = Fleet(net, workdir, home)
-    coord_host = net.hosts[0]
-    try:
-        f.procs.append(
-            net.python(
-                coord_host,
-                [
-                    "-m",
-                    "coordinator.cli",
-                    "coordinator",
-                    "--config",
-                    str(config),
-                    "--home",
-                    str(home),
-                    "--host",
-                    coord_host.ip,
-                    "--port",
-                    "0",
-                    "--grpc-port",
-                    "0",
-                    "--enroll-port",
-                    "0",
-                ],
-                workdir / "coordinator.log",
-            )
-        )
-        f.runtime = wait_for(
-            lambda: read_json(home / "coordinator.json"), START_TIMEOUT_S, "the coordinator"
-        )
-        f.gateway = f"http://{coord_host.ip}:{f.runtime['gateway_port']}"
-        f.api_key = cli_out("keys", "create", "--name", "bench", "--home", str(home))
-        f.join_token = cli_out("token", "create", "--home", str(home), "--uses", str(uses))
-        f.admin_token = (home / "admin_token").read_text().strip()
-        yield f
-    except BaseException:
-        for log in sorted(workdir.glob("*.log")):
-            text = log.read_text(errors="replace")[-2500:]
-            print(f"--- {log.name} ---\n{text}", file=sys.stderr)
-        raise
-    finally:
-        for proc in reversed(f.procs):
-            stop(proc)
+def model_ids(f: Fleet) -> list[str] | None:
+    rows = f.models()
+    return None if rows is None else [m["id"] for m in rows]
+
+
+def nodes(f: Fleet) -> dict[str, dict[str, Any]]:
+    """The admin API's rows by node id (what `mlxfleet nodes --json` prints)."""
+    status, body = f.call("/admin/v1/nodes", admin=True, timeout_s=REQUEST_TIMEOUT_S)
+    if status != 200:
+        return {}
+    return {n["id"]: n for n in json.loads(body)["nodes"]}
+
+
+def fleet(net: Network, workdir: Path, model: Path, uses: int) -> Fleet:
+    """A fresh coordinator on the first host, with a fresh home, and one join token for `uses`
+    agents (made before any agent starts, so no timing includes it)."""
+    config = model_toml(model, context_length=CONTEXT_LENGTH)
+    host = net.hosts[0]
+    return Fleet(workdir, config, host=host.ip, netns=host.name, join_uses=uses)
 
 
 def log_times(log: Path) -> dict[str, float]:
@@ -252,12 +114,12 @@ def time_first_request(net: Network, workdir: Path, model: Path) -> FirstRequest
     with fleet(net, workdir, model, uses=1) as f:
         load = os.getloadavg()[0]
         start_wall, start = time.time(), time.monotonic()
-        _proc, _home, log = f.agent(net.hosts[1], "agent")
+        log = f.start_agent("agent", netns=net.hosts[1].name).proc.log
         polls = 0
         deadline = start + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             polls += 1
-            if f.completion_ok():
+            if completion_ok(f):
                 total = time.monotonic() - start
                 break
             time.sleep(POLL_S)
@@ -285,20 +147,20 @@ def time_partition(net: Network, workdir: Path, model: Path) -> Partition:
     with fleet(net, workdir, model, uses=2) as f:
         hosts = {}
         for i in (1, 2):
-            _p, home, _log = f.agent(net.hosts[i], f"agent{i}")
-            identity = wait_for(
-                lambda home=home: read_json(home / "agent" / "identity.json"),
+            home = f.start_agent(f"agent{i}", netns=net.hosts[i].name).home
+            identity = harness.wait_for(
+                lambda home=home: harness.read_json(home / "agent" / "identity.json"),
                 START_TIMEOUT_S,
                 f"agent{i} to enroll",
             )
             hosts[identity["node_id"]] = net.hosts[i]
-        wait_for(f.completion_ok, READY_TIMEOUT_S, "a routed completion")
-        wait_for(
-            lambda: all(n.get("state") == "live" for n in f.nodes().values()) and len(hosts) == 2,
+        harness.wait_for(lambda: completion_ok(f), READY_TIMEOUT_S, "a routed completion")
+        harness.wait_for(
+            lambda: all(n.get("state") == "live" for n in nodes(f).values()) and len(hosts) == 2,
             START_TIMEOUT_S,
             "both nodes live",
         )
-        rows = f.nodes()
+        rows = nodes(f)
         victim = next(nid for nid, n in rows.items() if any("ready" in m for m in n["models"]))
         other = next(nid for nid in hosts if nid != victim)
         print(f"  engine on {victim}; cutting {hosts[victim].name}", file=sys.stderr)
@@ -310,8 +172,8 @@ def time_partition(net: Network, workdir: Path, model: Path) -> Partition:
         def poll_completions(t0: float) -> None:
             while not stop_polling.is_set():
                 sent = time.monotonic() - t0
-                status, _body = http(
-                    "POST", f"{f.gateway}/v1/chat/completions", f.api_key, COMPLETION
+                status, _body = f.call(
+                    "/v1/chat/completions", COMPLETION, timeout_s=REQUEST_TIMEOUT_S
                 )
                 outcomes.append((time.monotonic() - t0, status))
                 if status == 0:
@@ -326,7 +188,7 @@ def time_partition(net: Network, workdir: Path, model: Path) -> Partition:
             suspect = unrouted = dead = served = other_ready = None
             while time.monotonic() - t0 < PARTITION_TIMEOUT_S:
                 now = time.monotonic() - t0
-                rows = f.nodes()
+                rows = nodes(f)
                 if not rows:  # the admin API did not answer in time: poll again
                     time.sleep(POLL_S)
                     continue
@@ -335,7 +197,7 @@ def time_partition(net: Network, workdir: Path, model: Path) -> Partition:
                     suspect = now
                 if dead is None and state in (None, "offline"):
                     dead = now
-                listed = f.models()
+                listed = model_ids(f)
                 if unrouted is None and listed is not None and MODEL not in listed:
                     unrouted = now
                 if other_ready is None and any(
@@ -409,16 +271,17 @@ def report(
         hung_note = (
             f"Polls with no answer in {REQUEST_TIMEOUT_S:.0f} s were all sent before the node\n"
             "was suspect, so the gateway had routed them to the cut node's engine. Its requests\n"
-            "to engines have a connect timeout but no read timeout (`coordinator/gateway.py`,\n"
-            "`ClientTimeout(total=None, sock_connect=5)`): nothing in the gateway bounds such a\n"
-            f"request or fails it over; this client gave up after {REQUEST_TIMEOUT_S:.0f} s.\n"
+            "to engines have a connect timeout but no read timeout\n"
+            "(`coordinator/gateway/forward.py`, `ClientTimeout(total=None, sock_connect=5)`):\n"
+            "nothing in the gateway bounds such a request or fails it over; this client gave\n"
+            f"up after {REQUEST_TIMEOUT_S:.0f} s.\n"
         )
     return f"""{SECTION}
 
 Measured {when} with `{command}`.
 
-- Machine: {machine()}
-- Versions: {versions("grpcio", "protobuf", "cryptography", "mlx", "mlx-lm", "litellm")}
+- Machine: {harness.machine()}
+- Versions: {harness.versions("grpcio", "protobuf", "cryptography", "mlx", "mlx-lm", "litellm")}
 - Network: `tests/netns.py`: one network namespace per host on a Linux bridge (veth links,
   10.231.N.0/24); the coordinator on host 1 (`--host <its IP>`), agents on hosts 2 and 3
   (`--coordinator <IP>:<grpc port> --enroll-port <port> --token T --no-mdns`, a fresh
@@ -462,27 +325,22 @@ Median: suspect after **{median_suspect:.2f} s**, dead after **{median_dead:.2f}
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--runs", type=int, default=3, choices=range(1, 11), metavar="1..10")
     parser.add_argument("--partitions", type=int, default=3, choices=range(1, 11), metavar="1..10")
-    parser.add_argument("--write-docs", action="store_true", help=f"update {DOCS}")
     args = parser.parse_args()
     reason = unavailable_reason()
     if reason is not None:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
-    command = "python " + " ".join(
-        shlex.quote(a) for a in [str(Path(sys.argv[0]).resolve().relative_to(REPO)), *sys.argv[1:]]
-    )
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    from node_agent.engine.demo_model import write_demo_model
+    command, when = harness.command_line(), harness.now_utc()
 
     firsts: list[FirstRequest] = []
     parts: list[Partition] = []
     with tempfile.TemporaryDirectory(prefix="mlxfleet-lan-") as tmp:
         workdir = Path(tmp)
-        model = write_demo_model(workdir / "models" / MODEL)
-        cache = mlx_cache_state()
+        model = demo_model(workdir)
+        cache = harness.mlx_cache_state()
         with Network(3) as net:
             for i in range(args.runs):
                 firsts.append(time_first_request(net, workdir / f"first-{i}", model))
@@ -492,9 +350,9 @@ def main() -> int:
                 parts.append(time_partition(net, workdir / f"partition-{i}", model))
                 print(f"(b) run {i + 1}: {parts[-1]}", file=sys.stderr)
     section = report(firsts, parts, cache, command, when)
-    publish(SECTION, section, args.write_docs)
+    harness.publish(SECTION, section, args.write_docs)
     return 0
 
 
 if __name__ == "__main__":
-    run_script(main)
+    harness.run_script(main)

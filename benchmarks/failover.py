@@ -15,53 +15,31 @@ replicas are ready again (a killed agent is restarted with its home, so it keeps
 
 Every process it starts is stopped at the end, also on error or Ctrl-C.
 
-    python benchmarks/failover.py [--runs 5] [--write-docs]
+    python -m benchmarks.failover [--runs 5] [--write-docs]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime
-import json
 import os
-import shlex
 import signal
 import statistics
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import httpx
-from harness import (
-    DOCS,
-    REPO,
-    Proc,
-    agent_cli,
-    cli_out,
-    coordinator_cli,
-    descendants,
-    machine,
-    publish,
-    read_json,
-    run_script,
-    versions,
-    wait_for,
-)
 
-sys.path.insert(0, str(REPO))  # tests.stream_load
-
-from tests.stream_load import Stream, StreamLoad, serving, stream_completion  # noqa: E402
+from benchmarks import fleet, harness
+from benchmarks.fleet import Agent, demo_model, is_engine, model_toml
+from tests.stream_load import Stream, StreamLoad, serving, stream_completion
 
 SECTION = "## Failover (issue 5)"
-MODEL = "demo"
 # 3 loops: with 4 slots per interactive engine, one engine alone still has a slot for a probe,
 # so the probes time the failover, not a queue.
 LOAD_PROMPTS = ["failover one", "failover two", "failover three"]
@@ -74,13 +52,12 @@ PROBE_PROMPT = "probe"
 PROBE_MAX_TOKENS = 8
 PROBE_S = 3.0  # probes run this long after a kill
 AFTER_FAULT = 4  # load streams started after the kill that must complete
-START_TIMEOUT_S = 60.0
-READY_TIMEOUT_S = 180.0  # cold engine starts on 2 cores
+READY_TIMEOUT_S = harness.READY_TIMEOUT_S
 FAULT_TIMEOUT_S = 60.0
 POLL_S = 0.05
 ORPHAN_TIMEOUT_S = 15.0
 TARGET_S = 2.0
-BROKE = "broke a stream: continuing elsewhere"  # coordinator/gateway.py, per continuation
+BROKE = "broke a stream: continuing elsewhere"  # coordinator/gateway/forward.py, per continuation
 
 Fault = Literal["engine", "agent"]
 FAULTS: tuple[Fault, ...] = ("engine", "agent")
@@ -89,69 +66,25 @@ FAULTS: tuple[Fault, ...] = ("engine", "agent")
 # The fleet
 
 
-def is_engine(pid: int) -> bool:
-    try:
-        return b"node_agent.engine" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
 def exited(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return harness.stat_fields(pid)[0] in ("Z", "X")  # a zombie orphan waits for init
     except OSError:
         return True
-    return state in ("Z", "X")  # an orphan's zombie waits for init to reap it
 
 
-@dataclass
-class Agent:
-    home: Path
-    proc: Proc
+class Fleet(fleet.Fleet):
+    """The shared fleet, plus: waiting for both replicas, counting continuations, and the
+    engine pids seen (to reap orphans of killed agents at the very end)."""
 
-    def engine_pids(self) -> list[int]:
-        return [p for p in descendants(self.proc.popen.pid) if is_engine(p)]
-
-
-@dataclass
-class Fleet:
-    workdir: Path
-    home: Path
-    coordinator: Proc
-    runtime: dict[str, Any]
-    key: str = ""
-    agents: list[Agent] = field(default_factory=list)
-    engines_seen: set[int] = field(default_factory=set)  # to reap orphans at the very end
-    starts: int = 0
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.runtime['gateway_port']}"
-
-    def start_agent(self, home: Path) -> Agent:
-        self.starts += 1
-        proc = Proc(
-            agent_cli(self.home, self.runtime, home, "--role", "server"),
-            self.workdir / f"agent-{self.starts}.log",
-        )
-        return Agent(home, proc)
-
-    def ready_engines(self) -> int:
-        """Ready demo engines, from the admin API (what `mlxfleet models --json` prints)."""
-        admin = (self.home / "admin_token").read_text().strip()
-        req = urllib.request.Request(
-            f"{self.base}/admin/v1/models", headers={"Authorization": f"Bearer {admin}"}
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=5) as r:
-                [row] = json.loads(r.read())["models"]
-        except (OSError, ValueError, urllib.error.HTTPError):
-            return 0
-        return sum(1 for e in row["engines"] if e.endswith(": ready"))
+    def __init__(self, workdir: Path) -> None:
+        config = model_toml(demo_model(workdir), tiers=["interactive"], replicas=2, pinned=True)
+        super().__init__(workdir, config)
+        self.engines_seen: set[int] = set()
 
     def wait_both_ready(self) -> float:
         started = time.monotonic()
-        wait_for(lambda: self.ready_engines() == 2, READY_TIMEOUT_S, "two ready engines")
+        harness.wait_for(lambda: self.ready_engines() == 2, READY_TIMEOUT_S, "two ready engines")
         for a in self.agents:
             self.engines_seen.update(a.engine_pids())
         return time.monotonic() - started
@@ -162,38 +95,16 @@ class Fleet:
 
 @contextlib.contextmanager
 def running_fleet(workdir: Path) -> Iterator[Fleet]:
-    from node_agent.engine.demo_model import write_demo_model
-
-    model = write_demo_model(workdir / "models" / MODEL)
-    home = workdir / "coord"
-    home.mkdir(parents=True)
-    config = home / "fleet.toml"
-    config.write_text(
-        f'[[models]]\nname = "{MODEL}"\nsource = "{model}"\n'
-        'tiers = ["interactive"]\nreplicas = 2\npinned = true\n'
-    )
-    coordinator = Proc(
-        coordinator_cli(home, config),
-        workdir / "coordinator.log",
-    )
-    f = Fleet(workdir, home, coordinator, {})
+    """The demo model in the interactive tier, 2 replicas, pinned, on two agents `--role
+    server` (so one engine each)."""
+    f = Fleet(workdir)
     try:
-        f.runtime = wait_for(
-            lambda: read_json(home / "coordinator.json"), START_TIMEOUT_S, "the coordinator"
-        )
-        f.key = cli_out("keys", "create", "--name", "bench", "--home", str(home))
-        for name in ("a", "b"):
-            f.agents.append(f.start_agent(workdir / f"home-{name}"))
-        f.wait_both_ready()
-        yield f
-    except BaseException:
-        for log in sorted(workdir.glob("*.log")):
-            print(f"--- {log.name} ---\n{log.read_text(errors='replace')[-2500:]}", file=sys.stderr)
-        raise
+        with f:
+            for name in ("home-a", "home-b"):
+                f.start_agent(name, "--role", "server")
+            f.wait_both_ready()
+            yield f
     finally:
-        for a in f.agents:
-            a.proc.stop()
-        coordinator.stop()
         for pid in f.engines_seen:  # orphans of killed agents, should any have lingered
             if not exited(pid) and is_engine(pid):
                 with contextlib.suppress(ProcessLookupError):
@@ -254,11 +165,12 @@ def recover(f: Fleet, k: Kill) -> None:
     """Wait until both replicas are ready again; a killed agent is restarted with its home
     once its orphaned engines have exited."""
     if k.agent is None:
-        wait_for(lambda: k.ready_again_s is not None, READY_TIMEOUT_S, "the engine replaced")
+        harness.wait_for(
+            lambda: k.ready_again_s is not None, READY_TIMEOUT_S, "the engine replaced"
+        )
     else:
-        wait_for(lambda: k.orphans_exit_s is not None, ORPHAN_TIMEOUT_S, "orphans to exit")
-        k.agent.proc.stop()
-        f.agents[f.agents.index(k.agent)] = f.start_agent(k.agent.home)
+        harness.wait_for(lambda: k.orphans_exit_s is not None, ORPHAN_TIMEOUT_S, "orphans to exit")
+        f.restart_agent(k.agent)
         k.ready_again_s = f.wait_both_ready()
     k.stop_watching()
     f.wait_both_ready()
@@ -303,11 +215,11 @@ def under_load(f: Fleet, fault: Fault) -> LoadRun:
     load_avg = os.getloadavg()[0]
     probes: list[Stream] = []
     with StreamLoad(f.base, f.key, LOAD_PROMPTS, LOAD_MAX_TOKENS) as load:
-        wait_for(lambda: len(load.done()) >= 4, FAULT_TIMEOUT_S, "load to flow")
+        harness.wait_for(lambda: len(load.done()) >= 4, FAULT_TIMEOUT_S, "load to flow")
         k = kill(f, fault)
         prober = threading.Thread(target=probe_loop, args=(f, k.t + PROBE_S, probes))
         prober.start()
-        wait_for(
+        harness.wait_for(
             lambda: len(load.ok_started_after(k.t)) >= AFTER_FAULT or load.failures(),
             FAULT_TIMEOUT_S,
             "streams started after the kill",
@@ -434,8 +346,8 @@ def report(loads: list[LoadRun], alones: list[AloneRun], runs: int, command: str
 
 Measured {when} with `{command}`.
 
-- Machine: {machine()}
-- Versions: {versions("mlx", "mlx-lm", "litellm", "aiohttp", "grpcio", "httpx")}
+- Machine: {harness.machine()}
+- Versions: {harness.versions("mlx", "mlx-lm", "litellm", "aiohttp", "grpcio", "httpx")}
 - Fleet: the real coordinator and two real agents (`--role server`) on 127.0.0.1, the offline
   demo model in fleet.toml with `tiers = ["interactive"]`, `replicas = 2`, `pinned = true`,
   so each agent runs one engine. Client, coordinator, both agents and both engines share the
@@ -486,14 +398,10 @@ replicas its streams are continued on the other node at that moment;
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--runs", type=int, default=5, choices=range(1, 21), metavar="1..20")
-    parser.add_argument("--write-docs", action="store_true", help=f"update {DOCS}")
     args = parser.parse_args()
-    command = "python " + " ".join(
-        shlex.quote(a) for a in [str(Path(sys.argv[0]).resolve().relative_to(REPO)), *sys.argv[1:]]
-    )
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command, when = harness.command_line(), harness.now_utc()
     loads: list[LoadRun] = []
     alones: list[AloneRun] = []
     with (
@@ -506,9 +414,9 @@ def main() -> int:
                 print(f"run {i + 1} load: {loads[-1]}", file=sys.stderr)
                 alones.append(alone(f, fault))
                 print(f"run {i + 1} alone: {alones[-1]}", file=sys.stderr)
-    publish(SECTION, report(loads, alones, args.runs, command, when), args.write_docs)
+    harness.publish(SECTION, report(loads, alones, args.runs, command, when), args.write_docs)
     return 0
 
 
 if __name__ == "__main__":
-    run_script(main)
+    harness.run_script(main)

@@ -5,7 +5,7 @@ engine with the same model and flags), then measures both paths in alternating r
 16 concurrent streams. Also times `mlxfleet up` to its endpoint line. Every process it starts is
 stopped at the end, also on error or Ctrl-C.
 
-    python benchmarks/gateway_overhead.py [--write-docs]
+    python -m benchmarks.gateway_overhead [--write-docs]
 """
 
 from __future__ import annotations
@@ -13,13 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import json
 import os
 import random
-import re
-import secrets
-import shlex
 import statistics
 import sys
 import tempfile
@@ -29,29 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from harness import (
-    DOCS,
-    REPO,
-    Proc,
-    agent_cli,
-    cli,
-    cli_out,
-    coordinator_cli,
-    machine,
-    mlx_cache_state,
-    publish,
-    read_json,
-    run_script,
-    versions,
-    wait_for,
-)
+
+from benchmarks import harness
+from benchmarks.fleet import MODEL, Engine, Fleet, demo_model, model_toml, start_engine
 
 SECTION = "## Gateway overhead (issue 2)"
 
-MODEL = "demo"
 MAX_CONCURRENCY = 16  # engine slots: every stream of a 16-wave decodes at once
 CONTEXT_LENGTH = 2048
-READY_TIMEOUT_S = 180.0  # cold start on 2 cores: imports, model load, kernel compile
 UP_TIMEOUT_S = 120.0
 REQUEST_TIMEOUT_S = 120.0
 TARGET_OVERHEAD_MS = 2.0  # issue 2: gateway adds <= 2 ms to p50 TTFT at 16 streams
@@ -67,111 +48,23 @@ PROMPTS = (
 # Processes
 
 
-def _get(url: str, token: str) -> tuple[int, bytes]:
-    """A tiny blocking GET for readiness polls (urllib: no event loop needed yet)."""
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, b""
-    except OSError:
-        return 0, b""
-
-
-@dataclass
-class Endpoints:
-    gateway: str  # http://127.0.0.1:PORT
-    api_key: str
-    engine: str
-    engine_secret: str
-    coordinator_pid: int
-
-
 @contextlib.contextmanager
-def running_system(workdir: Path) -> Iterator[Endpoints]:
+def running_system(workdir: Path) -> Iterator[tuple[Fleet, Engine]]:
     """Coordinator + agent (+ its engine) + a standalone engine with the same model and flags."""
-    from node_agent.engine.demo_model import write_demo_model
-
-    model = write_demo_model(workdir / "models" / MODEL)
-    home, agent_home, logs = workdir / "coord", workdir / "agent", workdir / "logs"
-    for d in (home, agent_home, logs):
-        d.mkdir(parents=True)
-    config = home / "fleet.toml"
-    config.write_text(
-        f'[[models]]\nname = "{MODEL}"\nsource = "{model}"\ncontext_length = {CONTEXT_LENGTH}\n'
-        f"max_concurrency = {MAX_CONCURRENCY}\n"
-    )
-    procs: list[Proc] = []
-    try:
-        coordinator = Proc(
-            coordinator_cli(home, config),
-            logs / "coordinator.log",
-        )
-        procs.append(coordinator)
-        runtime = wait_for(
-            lambda: read_json(home / "coordinator.json"), 60, "the coordinator to listen"
-        )
-        key = cli_out("keys", "create", "--name", "bench", "--home", str(home))
-        procs.append(Proc(agent_cli(home, runtime, agent_home), logs / "agent.log"))
+    model = demo_model(workdir)
+    knobs = {"context_length": CONTEXT_LENGTH, "max_concurrency": MAX_CONCURRENCY}
+    with Fleet(workdir, model_toml(model, **knobs)) as f, harness.stopping([]) as procs:
+        f.start_agent("agent")
         # The same argv the agent's supervisor uses for its engine (node_agent/supervisor.py).
-        secret = secrets.token_urlsafe(32)
-        engine = Proc(
-            [
-                sys.executable,
-                "-m",
-                "node_agent.engine",
-                "--model-path",
-                str(model),
-                "--model-name",
-                MODEL,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--context-length",
-                str(CONTEXT_LENGTH),
-                "--max-concurrency",
-                str(MAX_CONCURRENCY),
-            ],
-            logs / "engine.log",
-            env={"MLXFLEET_ENGINE_SECRET": secret},
-            stdout_pipe=True,
-        )
-        procs.append(engine)
-        assert engine.popen.stdout is not None
-        line = engine.popen.stdout.readline().decode()  # blocks until listening or exit
-        match = re.search(r"MLXFLEET_ENGINE_LISTENING port=(\d+)", line)
-        if match is None:
-            raise RuntimeError(f"standalone engine did not start: {line!r}\n{engine.tail()}")
-        ep = Endpoints(
-            f"http://127.0.0.1:{runtime['gateway_port']}",
-            key,
-            f"http://127.0.0.1:{match.group(1)}",
-            secret,
-            coordinator.popen.pid,
-        )
-        wait_for(
-            lambda: _get(f"{ep.engine}/health", secret)[0] == 200,
-            READY_TIMEOUT_S,
-            "the standalone engine to be healthy",
-        )
-        wait_for(
-            lambda: MODEL.encode() in _get(f"{ep.gateway}/v1/models", key)[1],
-            READY_TIMEOUT_S,
-            "the demo model to be routable through the gateway",
-        )
-        yield ep
-    except BaseException:
-        for p in procs:
-            print(f"--- {p.log.name} ---\n{p.tail()}", file=sys.stderr)
-        raise
-    finally:
-        for p in reversed(procs):
-            p.stop()
+        flags = ["--host", "127.0.0.1", "--context-length", str(CONTEXT_LENGTH)]
+        flags += ["--max-concurrency", str(MAX_CONCURRENCY)]
+        engine = start_engine(model, workdir / "engine.log", *flags)
+        procs.append(engine.proc)
+        engine.listening()
+        ready = harness.READY_TIMEOUT_S
+        harness.wait_for(engine.healthy, ready, "the standalone engine to be healthy")
+        harness.wait_for(f.routable, ready, "the demo model to be routable through the gateway")
+        yield f, engine
 
 
 # Measurement
@@ -221,17 +114,12 @@ async def one_stream(
     raise RuntimeError(f"{url}: stream closed without [DONE]")
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def measure(
-    ep: Endpoints, args: argparse.Namespace
+    f: Fleet, engine: Engine, args: argparse.Namespace
 ) -> tuple[dict[tuple[str, int], list[Sample]], dict[int, float]]:
     """Alternate gateway and direct rounds at each concurrency; the idle path gets no load."""
-    paths = {"gateway": (ep.gateway, ep.api_key), "direct": (ep.engine, ep.engine_secret)}
+    paths = {"gateway": (f.base, f.key), "direct": (engine.url, engine.secret)}
+    coordinator_pid = f.coordinator.popen.pid
     results: dict[tuple[str, int], list[Sample]] = {(p, c): [] for p in paths for c in (1, 16)}
     gateway_cpu_s = {1: 0.0, 16: 0.0}  # coordinator CPU during the gateway rounds
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
@@ -263,11 +151,11 @@ async def measure(
             for r in range(rounds):
                 order = ["gateway", "direct"] if r % 2 == 0 else ["direct", "gateway"]
                 for path in order:
-                    before = cpu_s(ep.coordinator_pid)
+                    before = harness.cpu_s(coordinator_pid)
                     for _ in range(per_round):
                         results[(path, concurrency)] += await batch(path, concurrency)
                     if path == "gateway":
-                        gateway_cpu_s[concurrency] += cpu_s(ep.coordinator_pid) - before
+                        gateway_cpu_s[concurrency] += harness.cpu_s(coordinator_pid) - before
                 print(f"  concurrency {concurrency}: round {r + 1}/{rounds} done", file=sys.stderr)
     return results, gateway_cpu_s
 
@@ -340,8 +228,8 @@ def time_up(workdir: Path, tmpdir: str | None = None) -> float:
     env = {"MLXFLEET_HOME": str(home)}
     if tmpdir is not None:
         env["TMPDIR"] = tmpdir
-    proc = Proc(
-        cli("up", "--port", "0", "--grpc-port", "0", "--enroll-port", "0"),
+    proc = harness.Proc(
+        harness.cli("up", "--port", "0", "--grpc-port", "0", "--enroll-port", "0"),
         home.parent / f"{home.name}.log",
         env=env,
         stdout_pipe=True,
@@ -366,7 +254,7 @@ def time_up(workdir: Path, tmpdir: str | None = None) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2, help="warm-up rounds per path")
     parser.add_argument("--rounds-1", type=int, default=10, help="alternating rounds, 1 stream")
@@ -374,18 +262,15 @@ def main() -> int:
     parser.add_argument("--rounds-16", type=int, default=24, help="alternating rounds, 16 streams")
     parser.add_argument("--waves-16", type=int, default=1, help="waves of 16 per path per round")
     parser.add_argument("--up-runs", type=int, default=3, choices=range(1, 11), metavar="1..10")
-    parser.add_argument("--write-docs", action="store_true", help=f"update {DOCS}")
     args = parser.parse_args()
-    command = "python " + " ".join(
-        shlex.quote(a) for a in [str(Path(sys.argv[0]).resolve().relative_to(REPO)), *sys.argv[1:]]
-    )
+    command = harness.command_line()
 
     # Ctrl-C and SIGTERM unwind through the context managers, which stop every process.
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    when = harness.now_utc()
     with tempfile.TemporaryDirectory(prefix="mlxfleet-bench-") as tmp:
         workdir = Path(tmp)
-        with running_system(workdir / "fleet") as ep:
-            results, gateway_cpu = asyncio.run(measure(ep, args))
+        with running_system(workdir / "fleet") as (fleet, engine):
+            results, gateway_cpu = asyncio.run(measure(fleet, engine, args))
         md, overhead, ci = table(results)
         print(md)
         print(ci)
@@ -402,7 +287,7 @@ def main() -> int:
         print("gateway CPU: " + gateway_cpu_line)
 
         tmpdir = os.environ.get("TMPDIR") or tempfile.gettempdir()
-        cache_before = mlx_cache_state(tmpdir)
+        cache_before = harness.mlx_cache_state(tmpdir)
         up_times = []
         for i in range(args.up_runs):
             up_times.append(time_up(workdir))
@@ -425,8 +310,8 @@ def main() -> int:
 
 Measured {when} with `{command}`.
 
-- Machine: {machine()}
-- Versions: {versions("mlx", "mlx-lm", "litellm", "aiohttp")}
+- Machine: {harness.machine()}
+- Versions: {harness.versions("mlx", "mlx-lm", "litellm", "aiohttp")}
 - Engine flags (both engines): `--model-name {MODEL} --context-length {CONTEXT_LENGTH}
   --max-concurrency {MAX_CONCURRENCY}`, the offline demo model (`write_demo_model`).
 - Event loop: `{os.environ.get("MLXFLEET_LOOP", "uvloop")}` in the coordinator and both engines
@@ -467,9 +352,9 @@ MLX's kernel cache ({tmpdir}/mlx) was {cache_before} before these runs (the benc
 had just run). One more start with `TMPDIR` pointing at an empty folder, so MLX compiles its CPU
 kernels from scratch: {cold:.2f} s.
 """
-    publish(SECTION, section, args.write_docs)
+    harness.publish(SECTION, section, args.write_docs)
     return 0
 
 
 if __name__ == "__main__":
-    run_script(main)
+    harness.run_script(main)

@@ -1,25 +1,33 @@
 """What every benchmark script shares: real processes, polling, machine facts, the docs file.
 
-Scripts run as `python benchmarks/<name>.py`, so this module is imported as `harness`.
+Scripts run from the repository root as `python -m benchmarks.<name>`; the fleet they start
+is in `benchmarks.fleet`.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import datetime
 import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
+from tests.polling import wait_for
+
+__all__ = ["wait_for"]  # benchmarks call harness.wait_for
+
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
 DOCS_INTRO = (
@@ -27,6 +35,9 @@ DOCS_INTRO = (
     "beside each table.\n"
 )
 STOP_TIMEOUT_S = 15.0
+START_TIMEOUT_S = 60.0  # a coordinator or an agent process to come up
+READY_TIMEOUT_S = 180.0  # cold engine starts on 2 cores: imports, model load, kernels
+HTTP_TIMEOUT_S = 5.0
 
 
 class Proc:
@@ -56,6 +67,8 @@ class Proc:
         )
 
     def stop(self) -> None:
+        if self._fh.closed:
+            return  # stopped before (an agent restarted, then the whole fleet)
         if self.popen.stdin is not None:
             with contextlib.suppress(OSError):
                 self.popen.stdin.close()  # workers that read stdin exit on EOF
@@ -76,12 +89,43 @@ class Proc:
         return self.log.read_text(errors="replace")[-3000:]
 
 
+def show_logs(procs: list[Proc]) -> None:
+    """Each process's log tail on stderr, after a failure."""
+    for p in procs:
+        print(f"--- {p.log.name} ---\n{p.tail()}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def stopping(procs: list[Proc]) -> Iterator[list[Proc]]:
+    """Stop every process put into `procs`, the last started first, when the block ends; when
+    it raised, show each one's log tail first."""
+    try:
+        yield procs
+    except BaseException:
+        show_logs(procs)
+        raise
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: [0] state, [1] parent, [11] utime, [12] stime."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used, from /proc."""
+    fields = stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def descendants(pid: int) -> list[int]:
     """All live descendants of a process, from /proc."""
     parent: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            parent[int(stat.parent.name)] = int(stat_fields(int(stat.parent.name))[1])
         except (OSError, ValueError, IndexError):
             continue
     found, frontier = [], [pid]
@@ -100,43 +144,36 @@ def cli(*args: str) -> list[str]:
 CLI_TIMEOUT_S = 60.0
 
 
+def cli_run(*args: str, timeout_s: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    """`mlxfleet ARGS` run to its end, its output captured."""
+    return subprocess.run(cli(*args), capture_output=True, text=True, cwd=REPO, timeout=timeout_s)
+
+
 def cli_out(*args: str) -> str:
     """What `mlxfleet ARGS` prints (a key, a token); CalledProcessError when it fails."""
-    return subprocess.run(
-        cli(*args), capture_output=True, text=True, check=True, cwd=REPO, timeout=CLI_TIMEOUT_S
-    ).stdout.strip()
+    done = cli_run(*args)
+    done.check_returncode()
+    return done.stdout.strip()
 
 
-def agent_cli(
-    coordinator_home: Path, runtime: dict[str, Any], home: Path, *extra: str
-) -> list[str]:
-    """argv for `mlxfleet agent` enrolling with a fresh join token with the coordinator whose
-    real ports are `runtime` (its coordinator.json): no mDNS, metrics on a free port (several
-    agents may share this machine)."""
-    token = cli_out("token", "create", "--home", str(coordinator_home))
-    return cli(
-        "agent", "--coordinator", f"127.0.0.1:{runtime['grpc_port']}",
-        "--enroll-port", str(runtime["enroll_port"]), "--token", token, "--no-mdns",
-        "--home", str(home), "--metrics-port", "0", *extra,
-    )  # fmt: skip
-
-
-def coordinator_cli(home: Path, config: Path | None = None) -> list[str]:
-    """argv for `mlxfleet coordinator` on free ports; it writes the real ones to
-    HOME/coordinator.json."""
-    with_config = ["--config", str(config)] if config is not None else []
-    ports = ["--port", "0", "--grpc-port", "0", "--enroll-port", "0"]
-    return cli("coordinator", *with_config, "--home", str(home), *ports)
-
-
-def wait_for(check: Callable[[], T | None], timeout_s: float, what: str, poll_s: float = 0.1) -> T:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+def http(
+    url: str, token: str | None = None, body: dict | None = None, timeout_s: float = HTTP_TIMEOUT_S
+) -> tuple[int, bytes]:
+    """A tiny blocking GET (POST with a JSON `body`) for polls: (status, body); status 0 when
+    nothing answered in time."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None if body is None else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, data=data, headers=headers), timeout=timeout_s
+        ) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError:
+        return 0, b""
 
 
 def read_json(path: Path) -> Any:
@@ -172,6 +209,24 @@ def versions(*packages: str) -> str:
         except importlib.metadata.PackageNotFoundError:
             parts.append(f"{pkg} (not installed)")
     return ", ".join(parts)
+
+
+def now_utc() -> str:
+    """When a measurement started, as the docs show it."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def command_line() -> str:
+    """How this script was started, as the docs show it: `python -m benchmarks.NAME ARGS`."""
+    module = ".".join(Path(sys.argv[0]).resolve().relative_to(REPO).with_suffix("").parts)
+    return shlex.join(["python", "-m", module, *sys.argv[1:]])
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A script's argument parser: its docstring's first line and `--write-docs`."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--write-docs", action="store_true", help=f"update {DOCS}")
+    return p
 
 
 def write_docs(title: str, section: str) -> None:

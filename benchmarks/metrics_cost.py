@@ -7,21 +7,18 @@ its metrics) with no network. Part 4 starts the real coordinator and one agent
 (`--metrics-port 0`) serving the offline demo model on 127.0.0.1, and stops them at the end,
 also on error or Ctrl-C. Every comparison is made within one run.
 
-    python benchmarks/metrics_cost.py [--write-docs]
+    python -m benchmarks.metrics_cost [--write-docs]
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import datetime
 import gc
 import json
 import math
 import os
 import random
-import shlex
 import statistics
 import struct
 import sys
@@ -32,37 +29,24 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import NamedTuple, cast
 
 import aiohttp
 import httpx
 from aiohttp import web
-from harness import (
-    DOCS,
-    REPO,
-    Proc,
-    agent_cli,
-    cli_out,
-    coordinator_cli,
-    machine,
-    publish,
-    read_json,
-    run_script,
-    versions,
-    wait_for,
-)
 
-sys.path.insert(0, str(REPO))
-
-from coordinator.config import Config, ModelSpec  # noqa: E402
-from coordinator.fleet_metrics import FleetCollector  # noqa: E402
-from coordinator.metrics import Metrics  # noqa: E402
-from coordinator.pki import FleetPki  # noqa: E402
-from coordinator.reconcile import Reconciler  # noqa: E402
+from benchmarks import harness
+from benchmarks.fleet import MODEL, Fleet, demo_model, model_toml
+from benchmarks.simulator import MODELS as MODEL_CONFIGS
+from coordinator.config import Config, ModelSpec
+from coordinator.fleet_metrics import FleetCollector
+from coordinator.gateway.relay import SSE_DONE, StreamRelay
+from coordinator.metrics import Metrics
+from coordinator.pki import FleetPki
+from coordinator.reconcile import Reconciler
 from coordinator.registry import Engine, EngineId, NodeId, NodeStatus, Registry
-from coordinator.relay import SSE_DONE, StreamRelay  # noqa: E402
 from coordinator.routing import Routing
-from coordinator.store import Store  # noqa: E402
+from coordinator.store import Store
 from mlxfleet.facts import NodeFacts
 from mlxfleet.openai.responses import ResponseHeader, Usage, chunk, sse
 
@@ -96,20 +80,18 @@ USAGE_CALLS = 100  # calls per batch of the cheap usage(); completion_tokens() o
 PUMPS = 30  # whole streams relayed, for scale
 
 # Part 4: real processes
-MODEL = "demo"
 SCRAPES = 200  # sequential GETs of each target per condition, alternating agent and coordinator
 SCRAPE_WARMUP = 3
 CHAT_STREAMS = 4  # concurrent streaming chats: the interactive tier's max_concurrency
 CHAT_MAX_TOKENS = 256
 IDLE = "idle"
 BUSY = f"{CHAT_STREAMS} streaming chats"
-START_TIMEOUT_S = 60.0
-READY_TIMEOUT_S = 180.0  # cold engine start on 2 cores
 HTTP_TIMEOUT_S = 30.0
 
 
-@dataclass(frozen=True, slots=True)
-class Spread:
+class Spread(NamedTuple):
+    """Median and 95th percentile of n timings."""
+
     p50: float
     p95: float
     n: int
@@ -128,20 +110,11 @@ def load_avg() -> float:
 
 
 def model_folder(root: Path, name: str, weight_bytes: int) -> str:
-    """A Llama-3-8B-shaped config and a safetensors header claiming the weights' size: sizing
-    reads headers only (as tests/coordinator/test_placement_units.py does)."""
+    """A Llama-3-8B config and a safetensors header claiming the weights' size: sizing reads
+    headers only (as tests/coordinator/test_placement_units.py does)."""
     folder = root / name
     folder.mkdir()
-    config = {
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
-        "max_position_embeddings": 8192,
-    }
-    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(MODEL_CONFIGS["llama-3-8b"]))
     header = json.dumps(
         {"w": {"dtype": "U8", "shape": [weight_bytes], "data_offsets": [0, weight_bytes]}}
     ).encode()
@@ -304,7 +277,7 @@ def per_call_us(fns: dict[str, tuple[Callable[[], object], int]]) -> dict[str, S
 
 
 def request_path(metrics: Metrics, model: str, tier: str) -> None:
-    """What coordinator/gateway.py records for one finished stream."""
+    """What coordinator/gateway/record.py records for one finished stream."""
     in_flight = metrics.in_flight.labels(model, tier)
     in_flight.inc()
     metrics.request_done(model, tier, 200, 2.0, (PROMPT_TOKENS, 256))
@@ -436,46 +409,16 @@ def agent_target(base: str) -> str | None:
     return None
 
 
-def routable(base: str, key: str) -> bool:
-    with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-        r = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5)
-        return MODEL in [m["id"] for m in r.json()["data"]]
-    return False
-
-
 @contextlib.contextmanager
 def live_fleet(workdir: Path) -> Iterator[Live]:
     """The real coordinator (the demo model, interactive, pinned) and one agent."""
-    from node_agent.engine.demo_model import write_demo_model
-
-    model = write_demo_model(workdir / "models" / MODEL)
-    home = workdir / "coord"
-    home.mkdir(parents=True)
-    config = home / "fleet.toml"
-    config.write_text(
-        f'[[models]]\nname = "{MODEL}"\nsource = "{model}"\ntiers = ["interactive"]\n'
-        "pinned = true\n"
-    )
-    procs: list[Proc] = []
-    try:
-        procs.append(Proc(coordinator_cli(home, config), workdir / "coordinator.log"))
-        runtime = wait_for(
-            lambda: read_json(home / "coordinator.json"), START_TIMEOUT_S, "the coordinator"
-        )
-        base = f"http://127.0.0.1:{runtime['gateway_port']}"
-        key = cli_out("keys", "create", "--name", "bench", "--home", str(home))
-        agent = agent_cli(home, runtime, workdir / "agent", "--role", "server")
-        procs.append(Proc(agent, workdir / "agent.log"))
-        target = wait_for(lambda: agent_target(base), START_TIMEOUT_S, "/prometheus/targets")
-        wait_for(lambda: routable(base, key), READY_TIMEOUT_S, "the demo model to be ready")
-        yield Live(base, key, f"http://{target}/metrics")
-    except BaseException:
-        for log in sorted(workdir.glob("*.log")):
-            print(f"--- {log.name} ---\n{log.read_text(errors='replace')[-2500:]}", file=sys.stderr)
-        raise
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
+    config = model_toml(demo_model(workdir), tiers=["interactive"], pinned=True)
+    with Fleet(workdir, config) as f:
+        f.start_agent("agent", "--role", "server")
+        started, ready = harness.START_TIMEOUT_S, harness.READY_TIMEOUT_S
+        target = harness.wait_for(lambda: agent_target(f.base), started, "/prometheus/targets")
+        harness.wait_for(f.routable, ready, "the demo model to be ready")
+        yield Live(f.base, f.key, f"http://{target}/metrics")
 
 
 class ChatLoad:
@@ -579,7 +522,9 @@ def live_scrapes(workdir: Path) -> tuple[list[ScrapeRow], tuple[int, int]]:
     with live_fleet(workdir) as live:
         rows = scrape_both(live, IDLE)
         with ChatLoad(live) as load:
-            wait_for(lambda: len(load.flowing) == CHAT_STREAMS, HTTP_TIMEOUT_S, "chats to flow")
+            harness.wait_for(
+                lambda: len(load.flowing) == CHAT_STREAMS, HTTP_TIMEOUT_S, "chats to flow"
+            )
             before = load.counts()
             rows += scrape_both(live, BUSY)
             after = load.counts()
@@ -700,8 +645,8 @@ def report(
 
 Measured {when} with `{command}`.
 
-- Machine: {machine()}
-- Versions: {versions("prometheus-client", "aiohttp", "litellm", "httpx", "mlx", "mlx-lm")}
+- Machine: {harness.machine()}
+- Versions: {harness.versions("prometheus-client", "aiohttp", "litellm", "httpx", "mlx", "mlx-lm")}
 - Every comparison is between numbers of this one run. The {os.cpu_count()} cores were shared
   with other work: the load avg column is the 1-minute load average as each group started.
 
@@ -774,13 +719,8 @@ Reading:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write-docs", action="store_true", help=f"update {DOCS}")
-    args = parser.parse_args()
-    command = "python " + " ".join(
-        shlex.quote(a) for a in [str(Path(sys.argv[0]).resolve().relative_to(REPO)), *sys.argv[1:]]
-    )
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    args = harness.parser(__doc__).parse_args()
+    command, when = harness.command_line(), harness.now_utc()
     with tempfile.TemporaryDirectory(prefix="mlxfleet-metrics-") as tmp:
         renders = coordinator_scrapes(Path(tmp) / "sim")
         requests = request_costs()
@@ -788,9 +728,9 @@ def main() -> int:
         counts = token_counting()
         scrapes, chats = live_scrapes(Path(tmp) / "live")
     section = report(renders, requests, counts, scrapes, chats, command, when)
-    publish(SECTION, section, args.write_docs)
+    harness.publish(SECTION, section, args.write_docs)
     return 0
 
 
 if __name__ == "__main__":
-    run_script(main)
+    harness.run_script(main)

@@ -11,7 +11,7 @@ worker. Measures, in alternating rounds so drift hits both sides:
 
 Every process it starts is stopped at the end, also on error or Ctrl-C.
 
-    python benchmarks/tiers.py [--quick] [--write-docs]
+    python -m benchmarks.tiers [--quick] [--write-docs]
 """
 
 from __future__ import annotations
@@ -19,42 +19,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import json
 import os
 import random
-import re
-import secrets
-import shlex
-import socket
 import statistics
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from harness import (
-    DOCS,
-    REPO,
-    Proc,
-    descendants,
-    machine,
-    publish,
-    run_script,
-    versions,
-    wait_for,
-)
+
+from benchmarks import harness
+from benchmarks.fleet import MLX_LM_MODEL, MODEL, demo_model, start_engine, start_mlx_lm
 
 SECTION = "## Tiers: interactive vs batch, against mlx_lm.server (issue 4)"
 
-MODEL = "demo"
-THEIR_MODEL = "default_model"  # mlx_lm.server: any other name makes it try to load that model
 BATCH_SLOTS = 16
 BATCH_STREAMS = 16
 BATCH_MAX_TOKENS = 256
@@ -69,6 +52,7 @@ BURST_SLOTS = 32  # part 4: room for 16 streams + a burst, so the window decides
 WINDOWS_MS = (50, 200)
 READY_TIMEOUT_S = 240.0  # three cold starts at once on 2 cores
 REQUEST_TIMEOUT_S = 180.0
+HTTP_TIMEOUT_S = 30.0  # readiness polls and knob changes
 SETTLE_TIMEOUT_S = 15.0
 TTFT_RATIO_TARGET = 0.25  # ours p50 <= 1/4 of mlx_lm.server's
 TAIL_TARGET = 2.8  # seed 001: interactive TTFT p95/p50
@@ -87,28 +71,15 @@ PROMPTS = (
 
 
 def _http(url: str, token: str | None, body: dict | None = None) -> tuple[int, bytes]:
-    """A tiny blocking GET/POST for readiness polls and knob changes."""
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except OSError:
-        return 0, b""
+    return harness.http(url, token, body, HTTP_TIMEOUT_S)
 
 
 def cpu_s(pids: list[int]) -> float:
     """User + system CPU seconds used by processes (and their live descendants), from /proc."""
     total = 0.0
-    for pid in {p for root in pids for p in (root, *descendants(root))}:
+    for pid in {p for root in pids for p in (root, *harness.descendants(root))}:
         with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            total += harness.cpu_s(pid)
     return total
 
 
@@ -118,7 +89,7 @@ class Server:
     url: str
     token: str | None
     model: str
-    proc: Proc
+    proc: harness.Proc
 
 
 @dataclass
@@ -130,75 +101,28 @@ class Systems:
     logs: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_engine(model: Path, tier: str, extra: list[str], log: Path) -> Server:
-    secret = secrets.token_urlsafe(32)
-    argv = [sys.executable, "-m", "node_agent.engine", "--model-path", str(model)]
-    argv += ["--model-name", MODEL, "--port", "0", "--tier", tier, *extra]
-    proc = Proc(argv, log, env={"MLXFLEET_ENGINE_SECRET": secret}, stdout_pipe=True)
-    return Server(f"ours-{tier}", "", secret, MODEL, proc)
-
-
-def _engine_listening(server: Server) -> None:
-    assert server.proc.popen.stdout is not None
-    line = server.proc.popen.stdout.readline().decode()  # blocks until listening or exit
-    match = re.search(r"MLXFLEET_ENGINE_LISTENING port=(\d+)", line)
-    if match is None:
-        raise RuntimeError(f"{server.name} did not start: {line!r}\n{server.proc.tail()}")
-    server.url = f"http://127.0.0.1:{match.group(1)}"
-
-
-def _their_ready(server: Server) -> bool:
-    # mlx_lm.server answers /health before its model is loaded: ask for a real token instead.
-    body = {"model": THEIR_MODEL, "messages": [{"role": "user", "content": "hi"}]}
-    status, _ = _http(f"{server.url}/v1/chat/completions", None, {**body, "max_tokens": 1})
-    if server.proc.popen.poll() is not None:
-        raise RuntimeError(f"mlx_lm.server exited:\n{server.proc.tail()}")
-    return status == 200
-
-
 @contextlib.contextmanager
 def running_systems(workdir: Path) -> Iterator[Systems]:
     """Our two engines (interactive, batch) and mlx_lm.server, all on the same demo model."""
-    from node_agent.engine.demo_model import write_demo_model
-
-    model = write_demo_model(workdir / "models" / MODEL)
+    model = demo_model(workdir)
     logs = workdir / "logs"
     logs.mkdir(parents=True)
-    procs: list[Proc] = []
-    try:
-        interactive = _start_engine(model, "interactive", [], logs / "interactive.log")
-        procs.append(interactive.proc)
-        batch_flags = ["--max-concurrency", str(BATCH_SLOTS), "--max-batch-size", str(BATCH_SLOTS)]
-        batch = _start_engine(model, "batch", batch_flags, logs / "batch.log")
-        procs.append(batch.proc)
-        port = _free_port()
-        their_argv = [sys.executable, "-m", "mlx_lm.server", "--model", str(model)]
-        their_proc = Proc([*their_argv, "--port", str(port)], logs / "mlx_lm_server.log")
-        procs.append(their_proc)
-        theirs = Server("mlx_lm.server", f"http://127.0.0.1:{port}", None, THEIR_MODEL, their_proc)
-        for engine in (interactive, batch):
-            _engine_listening(engine)
-        for engine in (interactive, batch):
-            wait_for(
-                lambda e=engine: _http(f"{e.url}/health", e.token)[0] == 200,
-                READY_TIMEOUT_S,
-                f"{engine.name} to be healthy",
-            )
-        wait_for(lambda: _their_ready(theirs), READY_TIMEOUT_S, "mlx_lm.server to answer")
-        yield Systems(interactive, batch, theirs, model, logs)
-    except BaseException:
-        for p in procs:
-            print(f"--- {p.log.name} ---\n{p.tail()}", file=sys.stderr)
-        raise
-    finally:
-        for p in reversed(procs):
-            p.stop()
+    batch_flags = ["--max-concurrency", str(BATCH_SLOTS), "--max-batch-size", str(BATCH_SLOTS)]
+    with harness.stopping([]) as procs:
+        engines = {}
+        for tier, flags in (("interactive", []), ("batch", batch_flags)):
+            engines[tier] = start_engine(model, logs / f"{tier}.log", "--tier", tier, *flags)
+            procs.append(engines[tier].proc)
+        theirs = start_mlx_lm(model, logs / "mlx_lm_server.log")
+        procs.append(theirs.proc)
+        for engine in engines.values():
+            engine.listening()
+        for tier, engine in engines.items():
+            harness.wait_for(engine.healthy, READY_TIMEOUT_S, f"ours-{tier} to be healthy")
+        harness.wait_for(theirs.answers, READY_TIMEOUT_S, "mlx_lm.server to answer")
+        ours = {t: Server(f"ours-{t}", e.url, e.secret, MODEL, e.proc) for t, e in engines.items()}
+        their = Server("mlx_lm.server", theirs.url, None, MLX_LM_MODEL, theirs.proc)
+        yield Systems(ours["interactive"], ours["batch"], their, model, logs)
 
 
 # Streaming client
@@ -396,8 +320,8 @@ def baseline_worker(model_path: str) -> int:
 
 class Baseline:
     def __init__(self, model: Path, log: Path) -> None:
-        argv = [sys.executable, str(Path(__file__).resolve()), "--baseline-worker", str(model)]
-        self.proc = Proc(argv, log, stdout_pipe=True, stdin_pipe=True)
+        argv = [sys.executable, "-m", "benchmarks.tiers", "--baseline-worker", str(model)]
+        self.proc = harness.Proc(argv, log, stdout_pipe=True, stdin_pipe=True)
         if not json.loads(self._line()).get("ready"):
             raise RuntimeError("baseline worker did not start")
 
@@ -735,7 +659,7 @@ def report(res: Results, args: argparse.Namespace) -> tuple[str, str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds, parts 1+2")
     parser.add_argument("--probes", type=int, default=14, help="interactive probes per round")
@@ -745,7 +669,6 @@ def main() -> int:
     parser.add_argument("--window-rounds", type=int, default=4, help="alternating rounds, part 4")
     parser.add_argument("--bursts", type=int, default=6, help="bursts per part-4 round")
     parser.add_argument("--burst-every-s", type=float, default=1.5)
-    parser.add_argument("--write-docs", action="store_true", help=f"update {DOCS}")
     parser.add_argument("--baseline-worker", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_worker:
@@ -758,12 +681,10 @@ def main() -> int:
             parser.error(f"--{name.replace('_', '-')} must be in 1..100")
     if not 0.5 <= args.window_s <= 120 or not 0 <= args.ramp_s <= 30:
         parser.error("--window-s must be in 0.5..120 and --ramp-s in 0..30")
-    command = "python " + " ".join(
-        shlex.quote(a) for a in [str(Path(sys.argv[0]).resolve().relative_to(REPO)), *sys.argv[1:]]
-    )
+    command = harness.command_line()
 
     # Ctrl-C and SIGTERM unwind through the context managers, which stop every process.
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    when = harness.now_utc()
     started = time.monotonic()
     with (
         tempfile.TemporaryDirectory(prefix="mlxfleet-tiers-") as tmp,
@@ -776,8 +697,8 @@ def main() -> int:
 
 Measured {when} with `{command}` ({elapsed / 60:.1f} min).
 
-- Machine: {machine()}
-- Versions: {versions("mlx", "mlx-lm", "aiohttp")}
+- Machine: {harness.machine()}
+- Versions: {harness.versions("mlx", "mlx-lm", "aiohttp")}
 - Model: the offline demo model (`write_demo_model`: a tiny random-weight Qwen2, 2 layers, hidden
   128, vocab 1536; its output is gibberish), so these are engine and scheduling numbers on
   **CPU MLX on a 2-core Linux box, not a Mac**: a real model on Metal spends far more of each
@@ -788,7 +709,7 @@ Measured {when} with `{command}` ({elapsed / 60:.1f} min).
   `{os.environ.get("MLXFLEET_LOOP", "uvloop")}`.
 - Theirs: one `python -m mlx_lm.server --model <demo> --port <p>` with its defaults
   (decode concurrency 32, prompt concurrency 8, prefill step 2048, prompt cache on); requests
-  name `model: "{THEIR_MODEL}"` and carry no `seed` (a seed makes mlx_lm.server serve a
+  name `model: "{MLX_LM_MODEL}"` and carry no `seed` (a seed makes mlx_lm.server serve a
   request alone, unbatched).
 
 Method: one run starts all three servers at once and warms each up (greedy and sampled, 1 and
@@ -832,9 +753,9 @@ Verdicts:
 
 {verdicts}
 """
-    publish(SECTION, section, args.write_docs)
+    harness.publish(SECTION, section, args.write_docs)
     return 0
 
 
 if __name__ == "__main__":
-    run_script(main)
+    harness.run_script(main)

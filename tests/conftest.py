@@ -8,26 +8,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
-T = TypeVar("T")
+from tests.polling import wait_for
+
+__all__ = ["wait_for"]  # tests import it from here
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def wait_for(check: Callable[[], T | None], timeout_s: float, what: str, poll_s: float = 0.05) -> T:
-    """Poll `check` until it returns something truthy; fail the test naming `what`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+# The coordinator's three listeners on ports the kernel picks (`coordinator.json` says which).
+FREE_PORTS = ("--port", "0", "--grpc-port", "0", "--enroll-port", "0")
 
 
 class Proc:
@@ -110,12 +102,7 @@ def start_coordinator(
             str(config),
             "--home",
             str(home),
-            "--port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--enroll-port",
-            "0",
+            *FREE_PORTS,
         ),
         log,
         env=env,
@@ -174,3 +161,16 @@ def procs() -> Iterator[list[Proc]]:
     yield started
     for p in reversed(started):
         p.stop()
+
+
+@pytest.fixture(autouse=True)
+def fleet_logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a failed test that used a fleet (tests/e2e, tests/multihost), print the tail of
+    every process log: teardown output is otherwise hidden."""
+    failed_before = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed_before and "fleet" in request.fixturenames:
+        fleet = request.getfixturevalue("fleet")
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None and hasattr(fleet, "log_tails"):
+            reporter.write_line(fleet.log_tails())

@@ -58,10 +58,16 @@ class Stream:
 
 
 def stream_completion(
-    http: httpx.Client, base: str, key: str, prompt: str, max_tokens: int
+    http: httpx.Client,
+    base: str,
+    key: str,
+    prompt: str,
+    max_tokens: int,
+    s: Stream | None = None,
 ) -> Stream:
-    """POST one streamed /v1/completions (temperature 0, usage requested) and read it all."""
-    s = Stream(prompt, time.monotonic())
+    """POST one streamed /v1/completions (temperature 0, usage requested) and read it all,
+    into `s` when given (so another thread can watch it fill)."""
+    s = s or Stream(prompt, time.monotonic())
     body = {
         "model": MODEL,
         "prompt": prompt,
@@ -185,6 +191,7 @@ class StreamLoad(ClientLoops):
     ) -> None:
         super().__init__([(p,) for p in prompts], max_s)
         self.streams: list[Stream] = []
+        self._current: dict[str, Stream] = {}  # each loop's stream in progress, by prompt
         self._base, self._key, self._max_tokens = base, key, max_tokens
 
     def done(self) -> list[Stream]:
@@ -197,11 +204,27 @@ class StreamLoad(ClientLoops):
     def failures(self) -> list[Stream]:
         return [s for s in self.done() if not s.ok]
 
+    def all_decoding(self) -> bool:
+        """Every loop is mid-stream: its current request has had text and has not ended.
+
+        Wait for this before a fault, not just for some streams to be done: the loops run in
+        step, so right after a wave ends every new stream is still in prefill, and a fault then
+        cuts no stream midway.
+        """
+        with self._lock:
+            current = list(self._current.values())
+        return len(current) == len(self._threads) and all(
+            s.arrivals and not s.ended for s in current
+        )
+
     def _loop(self, prompt: str) -> None:
         timeout = httpx.Timeout(READ_TIMEOUT_S, connect=5.0)
         with httpx.Client(timeout=timeout) as http:
             while self.running():
-                s = stream_completion(http, self._base, self._key, prompt, self._max_tokens)
+                s = Stream(prompt, time.monotonic())
+                with self._lock:
+                    self._current[prompt] = s
+                stream_completion(http, self._base, self._key, prompt, self._max_tokens, s)
                 with self._lock:
                     self.streams.append(s)
 

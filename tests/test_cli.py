@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import mlxfleet
+from tests.conftest import FREE_PORTS, mlxfleet
 
 
 def run(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
@@ -98,12 +98,7 @@ def test_up_with_an_unreachable_hub_model_stops_with_the_reason(tmp_path: Path) 
         "up",
         "--model",
         "mlxfleet-test/no-such-model",
-        "--port",
-        "0",
-        "--grpc-port",
-        "0",
-        "--enroll-port",
-        "0",
+        *FREE_PORTS,
         home=tmp_path,
     )
     assert done.returncode == 2

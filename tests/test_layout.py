@@ -1,4 +1,4 @@
-"""The package boundaries of docs/architecture.md ("The shared contract").
+"""The package boundaries and size limits of docs/architecture.md ("Where things live").
 
 node_agent and coordinator each import only the shared contract (`mlxfleet`, in protos/) and
 themselves; only the CLI (coordinator/cli/), which starts both sides in `mlxfleet up`, imports
@@ -8,6 +8,7 @@ both. The shared contract imports neither side.
 from __future__ import annotations
 
 import ast
+import statistics
 from pathlib import Path
 
 from tests.conftest import REPO
@@ -15,6 +16,13 @@ from tests.conftest import REPO
 PACKAGES = {"coordinator": REPO / "coordinator", "node_agent": REPO / "node_agent"}
 SHARED = REPO / "protos" / "mlxfleet"
 CLI = REPO / "coordinator" / "cli"
+MAX_MODULE_LINES = 500
+MAX_MEDIAN_LINES = 250
+
+
+def shipped_modules() -> list[Path]:
+    files = [*SHARED.rglob("*.py"), *(f for p in PACKAGES.values() for f in p.rglob("*.py"))]
+    return sorted(f for f in files if "_pb2" not in f.name)
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -47,3 +55,10 @@ def test_coordinator_imports_nothing_from_node_agent_except_the_cli() -> None:
 
 def test_the_shared_contract_imports_neither_side_nor_mlx() -> None:
     assert crossings(SHARED, {"coordinator", "node_agent", "mlx", "mlx_lm"}) == []
+
+
+def test_module_sizes() -> None:
+    sizes = {path: len(path.read_text().splitlines()) for path in shipped_modules()}
+    too_long = {str(p.relative_to(REPO)): n for p, n in sizes.items() if n > MAX_MODULE_LINES}
+    assert too_long == {}
+    assert statistics.median(sizes.values()) <= MAX_MEDIAN_LINES

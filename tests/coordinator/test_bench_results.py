@@ -4,20 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.bench.results import (
-    SCHEMA,
-    Cell,
-    Gate,
-    ProcessMemory,
-    Quantiles,
-    Report,
-    Resources,
-    Run,
-    Sample,
-    Snapshot,
-    from_json,
-    to_json,
-)
+from coordinator.bench.results import SCHEMA, Quantiles, Sample, from_json, to_json
+from tests.coordinator.test_bench_report import two_run_report
 
 
 def test_quantiles_are_nearest_rank() -> None:
@@ -37,22 +25,8 @@ def test_a_sample_splits_prefill_from_decode() -> None:
     assert failed.prefill_tokens_per_s is None
 
 
-def report() -> Report:
-    sample = Sample(1, 64, 0.5, 0.01, 0.02, 0.5, 64, 16, 16, "length")
-    q = Quantiles(0.02, 0.02, 0.02, 1)
-    cell = Cell(1, 64, 16, 1.0, 1, 0, q, q, 1.0, q, q, 32.0, 16, 1)
-    snapshot = Snapshot(
-        1.0, "h", "Linux", "AMD EPYC", 2**34, True, ["AMD EPYC"], ["Linux 6"], ["0.32.4"],
-        ["0.32.2"], 2**34, 0, 4, 4, {"queue_limit": 64}, [ProcessMemory(1, "python", 2**20)],
-    )  # fmt: skip
-    resources = Resources("fleet", 3, 2**30, 6.25, 0, 0.0, [(0.0, 2**30, 0)])
-    gate = Gate("tail_ratio", 2.8, 1.0, False, "worst cell p95/p50 1.00")
-    run = Run("interactive", {}, 1.0, 2.0, False, [cell], [sample], snapshot, resources, [gate])
-    return Report(SCHEMA, "http://x/v1", "demo", "interactive", ["bench"], [run])
-
-
 def test_a_report_survives_json_and_a_foreign_file_is_refused() -> None:
-    original = report()
+    original = two_run_report()  # every field of every record, gates and resources too
     assert from_json(to_json(original)) == original
     with pytest.raises(ValueError, match="not an mlxfleet bench report"):
         from_json('{"schema": "other"}')

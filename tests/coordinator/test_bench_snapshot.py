@@ -38,7 +38,7 @@ from coordinator.bench.results import ProcessMemory
 from coordinator.bench.sampler import ResourceSampler
 from coordinator.bench.snapshot import parse_agent_metrics, take_snapshot
 from coordinator.config import Config, ModelSpec
-from coordinator.gateway import Gateway
+from coordinator.gateway.app import Gateway
 from coordinator.pki import FleetPki
 from coordinator.reconcile import Reconciler
 from coordinator.registry import NodeId, Registry

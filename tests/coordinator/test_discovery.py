@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
 
 from coordinator.discovery import DiscoveredNode, Discovery, coordinator_txt, parse_node
 from mlxfleet.errors import MalformedRecordError
-from node_agent.advertise import NodeRecord, txt_properties
+from node_agent.advertise import txt_properties
 from node_agent.discover import CoordinatorAddress, parse_coordinator
+from tests.node_agent.records import RECORD as NODE_RECORD
 
-RECORD = NodeRecord(
-    node_id="mini-1",
-    version="0.1.0",
-    metrics_port=8402,
-    chip="Apple M2 Pro",
-    ram_gib=32,
-    role="server",
-    avail_gib=20.04,
-    thermal="fair",
-)
+# A thermal state other than the default, to show it survives the round trip.
+RECORD = dataclasses.replace(NODE_RECORD, thermal="fair")
 
 
 def wire(txt: dict[str, str]) -> dict[bytes, bytes | None]:

@@ -7,6 +7,7 @@ keys, start agents, wait until the models are routable, and show the logs when a
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,9 +106,21 @@ class Fleet:
     def engine_pids(self) -> list[int]:
         return [pid for agent in self.agents for pid in children_of(agent.popen.pid)]
 
-    def dump_logs(self) -> None:
-        for proc in (self.coordinator, *self.agents):
-            print(f"--- {proc.log.name} ---\n" + proc.output()[-4000:])
+    def log_tails(self, chars: int = 4000) -> str:
+        """The end of every process log (tests/conftest.py prints it after a failed test)."""
+        return "\n".join(
+            f"--- {proc.log.name} ---\n" + proc.output()[-chars:]
+            for proc in (self.coordinator, *self.agents)
+        )
+
+
+def model_toml(source: Path, name: str = "demo", **fields: object) -> str:
+    """One `[[models]]` table of fleet.toml: model_toml(demo, tiers=["batch"], pinned=True)."""
+    lines = ["[[models]]", f"name = {json.dumps(name)}", f"source = {json.dumps(str(source))}"]
+    for key, value in fields.items():
+        text = str(value).lower() if isinstance(value, bool) else json.dumps(value)
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
 
 
 @contextlib.contextmanager
@@ -145,7 +158,7 @@ def running_fleet(
         fleet.wait_ready(ready)
         yield fleet
     except BaseException:
-        fleet.dump_logs()
+        print(fleet.log_tails())
         raise
     finally:
         for agent in fleet.agents:

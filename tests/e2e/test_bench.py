@@ -24,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO, Proc, mlxfleet, wait_for
-from tests.e2e.fleet import Fleet, running_fleet
+from tests.e2e.fleet import Fleet, model_toml, running_fleet
 
 pytestmark = pytest.mark.e2e
 
@@ -37,9 +37,8 @@ BENCH_TIMEOUT_S = 300.0
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Fleet]:
-    config = (
-        f'[[models]]\nname = "demo"\nsource = "{demo_model}"\n'
-        'tiers = ["interactive", "batch"]\npinned = true\ncontext_length = 2048\n'
+    config = model_toml(
+        demo_model, tiers=["interactive", "batch"], pinned=True, context_length=2048
     )
     with running_fleet(
         tmp_path_factory, config, ready=[("demo", "interactive"), ("demo", "batch")]

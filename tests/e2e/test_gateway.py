@@ -16,14 +16,14 @@ import httpx
 import pytest
 
 from tests.conftest import Proc, wait_for
-from tests.e2e.fleet import READY_TIMEOUT_S, Fleet, running_fleet
+from tests.e2e.fleet import READY_TIMEOUT_S, Fleet, model_toml, running_fleet
 
 MODEL = "demo"
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Fleet]:
-    config = f'[[models]]\nname = "{MODEL}"\nsource = "{demo_model}"\ncontext_length = 2048\n'
+    config = model_toml(demo_model, MODEL, context_length=2048)
     with running_fleet(tmp_path_factory, config) as f:
         yield f
 

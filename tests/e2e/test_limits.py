@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.fleet import running_fleet
+from tests.e2e.fleet import model_toml, running_fleet
 
 KEYS = {"slow": ("--rpm", "2"), "elsewhere": ("--models", "big,small"), "tiny": ("--tpm", "100")}
 
@@ -20,7 +20,7 @@ KEYS = {"slow": ("--rpm", "2"), "elsewhere": ("--models", "big,small"), "tiny": 
 def test_key_limits_answer_429_and_403(
     tmp_path_factory: pytest.TempPathFactory, demo_model: Path
 ) -> None:
-    config = f'[[models]]\nname = "demo"\nsource = "{demo_model}"\n'
+    config = model_toml(demo_model)
     with running_fleet(tmp_path_factory, config, keys=KEYS) as fleet:
         two_a_minute = fleet.keys["slow"]
         other_models = fleet.keys["elsewhere"]

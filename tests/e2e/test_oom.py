@@ -20,7 +20,7 @@ import pytest
 
 from node_agent.cgroup import CGROUP_PREFIX, MIB, MemoryLimiter, memory_cgroup_dir
 from tests.conftest import children_of, wait_for
-from tests.e2e.fleet import READY_TIMEOUT_S, Fleet, running_fleet
+from tests.e2e.fleet import READY_TIMEOUT_S, Fleet, model_toml, running_fleet
 
 # Measured on the demo engine: ~70 MiB resident when idle; g++ compiling MLX kernels on first
 # use (a cold $TMPDIR/mlx) runs inside its cgroup and adds ~60 MiB: a cold start was killed at
@@ -116,10 +116,7 @@ def test_an_engine_over_its_memory_limit_is_oom_killed_and_the_model_served_agai
 ) -> None:
     if MemoryLimiter.for_this_process(LIMIT_MIB * MIB) is None:
         pytest.skip("needs a writable cgroup v1 memory controller (Linux, root)")
-    config = (
-        f'[[models]]\nname = "demo"\nsource = "{demo_model}"\n'
-        f"context_length = 4096\nmax_concurrency = {CONCURRENCY}\npinned = true\n"
-    )
+    config = model_toml(demo_model, context_length=4096, max_concurrency=CONCURRENCY, pinned=True)
     with running_fleet(tmp_path_factory, config, agents=0, ready=()) as fleet:
         # A alone first, so the model lands on it; its larger reserve leaves B more headroom.
         limit = ("--engine-memory-limit-mib", str(LIMIT_MIB))

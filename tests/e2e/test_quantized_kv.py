@@ -14,15 +14,12 @@ import httpx
 import pytest
 
 from tests.conftest import Proc, children_of
-from tests.e2e.fleet import Fleet, running_fleet
+from tests.e2e.fleet import Fleet, model_toml, running_fleet
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Fleet]:
-    config = (
-        f'[[models]]\nname = "long"\nsource = "{demo_model}"\ntier = "batch"\n'
-        "kv_bits = 8\nkv_group_size = 32\npinned = true\n"
-    )
+    config = model_toml(demo_model, "long", tier="batch", kv_bits=8, kv_group_size=32, pinned=True)
     with running_fleet(
         tmp_path_factory, config, key_args=("--tiers", "batch"), ready=[("long", "batch")]
     ) as f:

@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, start_coordinator, wait_for
-from tests.e2e.fleet import Fleet, running_fleet
+from tests.e2e.fleet import Fleet, model_toml, running_fleet
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +45,7 @@ needs_chromium = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Fleet]:
-    config = f'[[models]]\nname = "{MODEL}"\nsource = "{demo_model}"\ncontext_length = 2048\n'
+    config = model_toml(demo_model, MODEL, context_length=2048)
     with running_fleet(tmp_path_factory, config) as fleet:
         yield fleet
 

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import wait_for
-from tests.e2e.fleet import Fleet, running_fleet
+from tests.e2e.fleet import Fleet, model_toml, running_fleet
 
 MOVE_TIMEOUT_S = 60.0
 
@@ -37,9 +37,19 @@ def placed(fleet: Fleet, tier: str) -> list[str]:
     return sorted(e.split(":")[0] for e in rows[tier]["engines"] if e.endswith(": ready"))
 
 
-def node_events(fleet: Fleet, node: Node) -> list[tuple[str, str]]:
+def node_events(fleet: Fleet, node: Node, kind: str) -> list[str]:
+    """The details of the node's events of one kind (trigger_fired, trigger_cleared)."""
     rows = json.loads(fleet.cli("events", "--json", "--node", node.node_id))
-    return [(r["kind"], r["detail"]) for r in rows]
+    return [r["detail"] for r in rows if r["kind"] == kind]
+
+
+def wait_cleared(fleet: Fleet, node: Node, trigger: str) -> None:
+    """Wait until the node's events show `trigger` (thermal, pressure, swap) cleared."""
+    wait_for(
+        lambda: any(d.startswith(trigger) for d in node_events(fleet, node, "trigger_cleared")),
+        30,
+        f"the {trigger} trigger to clear",
+    )
 
 
 def chat(fleet: Fleet, tier: str) -> int:
@@ -69,9 +79,8 @@ def metric(fleet: Fleet, name: str, **labels: str) -> float | None:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Fleet]:
     config = (
-        f'[[models]]\nname = "demo"\nsource = "{demo_model}"\n'
-        'tiers = ["interactive", "batch"]\npinned = true\n'
-        "\n[triggers]\nswap_for_s = 2\n"  # the seeds' 90 s, shortened for the test
+        model_toml(demo_model, tiers=["interactive", "batch"], pinned=True)
+        + "\n[triggers]\nswap_for_s = 2\n"  # the seeds' 90 s, shortened for the test
     )
     with running_fleet(tmp_path_factory, config, agents=0, ready=()) as f:
         for reserve in ("12", "8"):  # A, then B
@@ -101,19 +110,13 @@ def test_thermal_serious_moves_the_batch_tier_away_then_clears(fleet: Fleet) -> 
         MOVE_TIMEOUT_S,
         "the batch tier to move off the hot node",
     )
-    fired = [d for k, d in node_events(fleet, hot) if k == "trigger_fired"]
+    fired = node_events(fleet, hot, "trigger_fired")
     assert any(d.startswith("thermal serious:") and d.endswith("-> move_batch") for d in fired)
     assert placed(fleet, "interactive") == interactive_before  # only the batch tier moves
     assert metric(fleet, "mlxfleet_trigger_active", node=hot.node_id, trigger="thermal") == 1
     assert chat(fleet, "batch") == 200 and chat(fleet, "interactive") == 200
     hot.report(thermal_state="nominal")
-    wait_for(
-        lambda: any(
-            k == "trigger_cleared" and d.startswith("thermal") for k, d in node_events(fleet, hot)
-        ),
-        30,
-        "the thermal trigger to clear",
-    )
+    wait_cleared(fleet, hot, "thermal")
     assert metric(fleet, "mlxfleet_trigger_active", node=hot.node_id, trigger="thermal") == 0
     events = "mlxfleet_trigger_events_total"
     assert metric(fleet, events, node=hot.node_id, trigger="thermal", event="fired") == 1
@@ -133,17 +136,11 @@ def test_critical_pressure_drains_a_node_then_clears(fleet: Fleet) -> None:
         MOVE_TIMEOUT_S,
         "both tiers to move off the node under critical pressure",
     )
-    fired = [d for k, d in node_events(fleet, busy) if k == "trigger_fired"]
+    fired = node_events(fleet, busy, "trigger_fired")
     assert any(d.startswith("pressure critical:") and d.endswith("-> drain") for d in fired)
     assert chat(fleet, "interactive") == 200 and chat(fleet, "batch") == 200
     busy.report(memory_pressure="normal")
-    wait_for(
-        lambda: any(
-            k == "trigger_cleared" and d.startswith("pressure") for k, d in node_events(fleet, busy)
-        ),
-        30,
-        "the pressure trigger to clear",
-    )
+    wait_cleared(fleet, busy, "pressure")
     nodes = {n["id"]: n for n in json.loads(fleet.cli("nodes", "--json"))}
     assert nodes[busy.node_id]["state"] == "live"
 
@@ -201,14 +198,8 @@ def test_sustained_swap_halts_the_ramp_and_moves_the_batch_tier_then_clears(
         MOVE_TIMEOUT_S,
         "the batch tier to move off the swapping node",
     )
-    fired = [d for k, d in node_events(fleet, swapping) if k == "trigger_fired"]
+    fired = node_events(fleet, swapping, "trigger_fired")
     assert any(d.startswith("swap") and "halt_ramp" in d and "move_batch" in d for d in fired)
     assert chat(fleet, "batch") == 200
     swapping.report(swap_used_bytes=0)
-    wait_for(
-        lambda: any(
-            k == "trigger_cleared" and d.startswith("swap") for k, d in node_events(fleet, swapping)
-        ),
-        30,
-        "the swap trigger to clear",
-    )
+    wait_cleared(fleet, swapping, "swap")

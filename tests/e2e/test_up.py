@@ -9,7 +9,7 @@ import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Proc, mlxfleet, wait_for
+from tests.conftest import FREE_PORTS, Proc, mlxfleet, wait_for
 
 PRESET_KEY = "mlxf-preset-key-for-the-test-0123456789"
 UP_TIMEOUT_S = 120.0
@@ -19,7 +19,7 @@ def test_up_serves_the_demo_model_with_the_preset_key(tmp_path: Path, procs: lis
     """Starts the real `mlxfleet up` (coordinator, agent, engine) with MLXFLEET_HOME relocated."""
     home = tmp_path / "home"
     up = Proc(
-        mlxfleet("up", "--port", "0", "--grpc-port", "0", "--enroll-port", "0"),
+        mlxfleet("up", *FREE_PORTS),
         tmp_path / "up.log",
         env={"MLXFLEET_HOME": str(home), "MLXFLEET_API_KEY": PRESET_KEY},
     )

@@ -1,6 +1,6 @@
 """A real fleet across network namespaces: the coordinator on one host, agents on others.
 
-Helpers for tests/multihost/test_fleet.py: start the real processes with `Network.run`, ask the
+Helpers for the tests in tests/multihost/: start the real processes with `Network.run`, ask the
 coordinator what it knows (admin API and `mlxfleet nodes --json`), and drive bounded client load
 through the gateway.
 """
@@ -12,16 +12,19 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
+import pytest
 
 from node_agent.identity import NodeIdentity
 from tests.conftest import children_of, read_runtime, run_ok, wait_for
-from tests.netns import Host, Network
+from tests.netns import Host, Network, unavailable_reason
 from tests.stream_load import ClientLoops
 
 MODEL = "demo"
@@ -150,32 +153,27 @@ class Fleet:
         return run_ok(cli("token", "create", "--home", str(self.home), *extra))
 
     # What the coordinator knows
-    def nodes(self) -> list[dict[str, Any]]:
-        """`mlxfleet nodes --json`'s data, from the admin API (cheap enough to poll)."""
-        admin = (self.home / "admin_token").read_text().strip()
+    def _get(self, path: str, token: str) -> Any:
+        """The JSON body of a GET on the gateway, or None if it is unreachable or not 200."""
         try:
             r = httpx.get(
-                f"{self.base}/admin/v1/nodes",
-                headers={"Authorization": f"Bearer {admin}"},
-                timeout=5,
+                f"{self.base}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=5
             )
         except httpx.TransportError:
-            return []
-        return list(r.json()["nodes"]) if r.status_code == 200 else []
+            return None
+        return r.json() if r.status_code == 200 else None
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """`mlxfleet nodes --json`'s data, from the admin API (cheap enough to poll)."""
+        body = self._get("/admin/v1/nodes", (self.home / "admin_token").read_text().strip())
+        return list(body["nodes"]) if body is not None else []
 
     def node(self, node_id: str | None) -> dict[str, Any] | None:
         return next((n for n in self.nodes() if n["id"] == node_id), None)
 
     def models(self) -> list[str]:
-        try:
-            r = httpx.get(
-                f"{self.base}/v1/models",
-                headers={"Authorization": f"Bearer {self.key}"},
-                timeout=5,
-            )
-        except httpx.TransportError:
-            return []
-        return [m["id"] for m in r.json()["data"]] if r.status_code == 200 else []
+        body = self._get("/v1/models", self.key)
+        return [m["id"] for m in body["data"]] if body is not None else []
 
     def demo_engines(self) -> list[tuple[str, str]]:
         """(node id, "demo (state)") for every engine of the demo model the coordinator lists."""
@@ -200,6 +198,32 @@ class Fleet:
         for log in sorted(self.logs.glob("*.log")):
             parts.append(f"--- {log.name} ---\n{log.read_text(errors='replace')[-chars:]}")
         return "\n".join(parts)
+
+
+@contextmanager
+def coordinator_fleet(
+    root: Path, demo_model: Path, hosts: int, key_name: str, models_toml: str = ""
+) -> Iterator[Fleet]:
+    """A `hosts`-host network with the coordinator on host 0 serving the demo model (plus
+    `models_toml` in its entry) and an API key made; the caller starts the agents. Skips where
+    namespaces are unavailable; prints every process log if anything inside fails."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    config = root / "fleet.toml"
+    config.write_text(
+        f'[[models]]\nname = "{MODEL}"\nsource = "{demo_model}"\ncontext_length = 2048\n'
+        + models_toml
+    )
+    with Network(hosts) as net:
+        f = Fleet(net, root / "coordinator", root, config)
+        try:
+            f.start_coordinator()
+            f.key = run_ok(cli("keys", "create", "--name", key_name, "--home", str(f.home)))
+            yield f
+        except BaseException:
+            print(f.log_tails())
+            raise
 
 
 def _runtime_of(home: Path, proc: subprocess.Popen[bytes]) -> dict[str, Any] | None:

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_ok, wait_for
-from tests.multihost.fleet import MODEL, Fleet, cli
-from tests.netns import Network, unavailable_reason
+from tests.conftest import wait_for
+from tests.multihost.fleet import MODEL, Fleet, coordinator_fleet
 from tests.stream_load import (
     StreamLoad,
     assert_all_completed,
@@ -30,34 +29,18 @@ MAX_TOKENS = 300
 SUSPECT_AFTER_S = 3.0  # coordinator/config.py
 AFTER_CUT = 4  # streams started after the cut that must complete before the load stops
 CUT_TIMEOUT_S = 60.0
-BROKE = "broke a stream: continuing elsewhere"  # coordinator/gateway.py, per continuation
+BROKE = "broke a stream: continuing elsewhere"  # coordinator/gateway/forward.py, per continuation
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Fleet]:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
     root = tmp_path_factory.mktemp("failover")
-    config = root / "fleet.toml"
-    config.write_text(
-        f'[[models]]\nname = "{MODEL}"\nsource = "{demo_model}"\ncontext_length = 2048\n'
-        'tiers = ["interactive"]\nreplicas = 2\npinned = true\n'
-    )
-    with Network(3) as net:
-        f = Fleet(net, root / "coordinator", root, config)
-        try:
-            f.start_coordinator()
-            f.key = run_ok(cli("keys", "create", "--name", "failover", "--home", str(f.home)))
-            for i, name in ((1, "a1"), (2, "a2")):
-                f.start_agent(
-                    name, net.hosts[i], f.token(), extra=("--role", "server", "--no-mdns")
-                )
-            wait_for(lambda: two_ready(f), READY_TIMEOUT_S, "a ready demo engine on each node")
-            yield f
-        except BaseException:
-            print(f.log_tails())
-            raise
+    pinned = 'tiers = ["interactive"]\nreplicas = 2\npinned = true\n'
+    with coordinator_fleet(root, demo_model, 3, "failover", pinned) as f:
+        for i, name in ((1, "a1"), (2, "a2")):
+            f.start_agent(name, f.net.hosts[i], f.token(), extra=("--role", "server", "--no-mdns"))
+        wait_for(lambda: two_ready(f), READY_TIMEOUT_S, "a ready demo engine on each node")
+        yield f
 
 
 def two_ready(fleet: Fleet) -> bool:
@@ -79,6 +62,7 @@ def test_link_down_under_load_loses_no_request(fleet: Fleet, reference: dict[str
     before = fleet.coordinator_output().count(BROKE)
     with StreamLoad(fleet.base, fleet.key, PROMPTS, MAX_TOKENS) as load:
         wait_for(lambda: len(load.done()) >= 4, CUT_TIMEOUT_S, "load to flow before the cut")
+        wait_for(load.all_decoding, CUT_TIMEOUT_S, "every stream to be mid-decode")
         owner = {p: a for a in fleet.agents.values() for p in a.engine_pids()}
         cut = owner[serving({p: a.host.ip for p, a in owner.items()})]
         fleet.net.link_down(cut.host)

@@ -20,8 +20,7 @@ import pytest
 
 from node_agent.probes import local_probe
 from tests.conftest import run_ok, wait_for
-from tests.multihost.fleet import MODEL, Fleet, Load, cli
-from tests.netns import Network, unavailable_reason
+from tests.multihost.fleet import MODEL, Fleet, Load, cli, coordinator_fleet
 
 PEER = Path(__file__).with_name("mdns_peer.py")
 READY_TIMEOUT_S = 120.0  # cold engine start on 2 cores: imports, model load, warm-up
@@ -40,43 +39,18 @@ SETTLE_TIMEOUT_S = 60.0
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Fleet]:
     """One 4-host fleet for the module; the demo model is placed on one of the two agents."""
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
     root = tmp_path_factory.mktemp("fleet")
-    config = root / "fleet.toml"
-    config.write_text(
-        f'[[models]]\nname = "{MODEL}"\nsource = "{demo_model}"\ncontext_length = 2048\n'
-    )
-    with Network(4) as net:
-        f = Fleet(net, root / "coordinator", root, config)
-        try:
-            f.start_coordinator()
-            f.key = run_ok(cli("keys", "create", "--name", "multihost", "--home", str(f.home)))
-            f.start_agent("a1", net.hosts[1], f.token(), extra=("--role", "server"))
-            f.start_agent(
-                "a2",
-                net.hosts[2],
-                f.token(),
-                by_address=False,
-                extra=("--role", "laptop", "--serve-interactive"),
-            )
-            wait_for(lambda: MODEL in f.models(), READY_TIMEOUT_S, "the demo model to be routable")
-            yield f
-        except BaseException:
-            print(f.log_tails())
-            raise
-
-
-@pytest.fixture(autouse=True)
-def logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Print every process log after a failed test (teardown output is otherwise hidden)."""
-    failed_before = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed_before and "fleet" in request.fixturenames:
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(request.getfixturevalue("fleet").log_tails())
+    with coordinator_fleet(root, demo_model, 4, "multihost") as f:
+        f.start_agent("a1", f.net.hosts[1], f.token(), extra=("--role", "server"))
+        f.start_agent(
+            "a2",
+            f.net.hosts[2],
+            f.token(),
+            by_address=False,
+            extra=("--role", "laptop", "--serve-interactive"),
+        )
+        wait_for(lambda: MODEL in f.models(), READY_TIMEOUT_S, "the demo model to be routable")
+        yield f
 
 
 def live_agents(fleet: Fleet, *names: str) -> list[dict] | None:

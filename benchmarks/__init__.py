@@ -1,0 +1,2 @@
+"""The scripts behind docs/benchmarks.md; run each from the repository root as
+`python -m benchmarks.<name>`."""
