@@ -23,15 +23,28 @@ from mlxfleet.tiers import TIER_HEADER
 logger = logging.getLogger(__name__)
 
 ROUTE_HEADER = "X-Mlxfleet-Route"  # "cloud" on answers that came from the cloud fallback
-# Passed to the provider as the client sent them; anything else (our own fields) is dropped.
+# Passed to the provider as the client sent them (LiteLLM translates them for the provider).
+# The rest is dropped: our own fields (mlxfleet_continuation) and the vLLM-style extensions
+# OpenAI's API has no place for (top_k, min_p, repetition_penalty, ignore_eos); the field table
+# in docs/operations.md says so.
 FORWARDED = (
     "messages",
     "prompt",
     "max_tokens",
+    "max_completion_tokens",
     "temperature",
     "top_p",
     "seed",
     "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
     "stream",
     "stream_options",
 )

@@ -154,6 +154,14 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_demo_model(tmp_path_factory.mktemp("models") / "demo")
 
 
+@pytest.fixture(scope="session")
+def agent_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo shape trained to call a tool, think and answer JSON (tests/agent_model.py)."""
+    from tests.agent_model import write_agent_model
+
+    return write_agent_model(tmp_path_factory.mktemp("models") / "agent")
+
+
 @pytest.fixture
 def procs() -> Iterator[list[Proc]]:
     """Processes a test starts; all stopped at the end, their logs printed on failure."""

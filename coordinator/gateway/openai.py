@@ -1,4 +1,4 @@
-"""The OpenAI dialect: /v1/chat/completions, /v1/completions and /v1/models.
+"""The OpenAI dialect: /v1/chat/completions, /v1/completions, /v1/models and /v1/models/{id}.
 
 Each completion route parses and validates the body with the shared OpenAI wire code (the
 same the engine runs), so every refusal happens before engine work, then hands the original
@@ -67,6 +67,7 @@ class OpenAIRoutes:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model}", self.model)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "chat")
@@ -74,7 +75,7 @@ class OpenAIRoutes:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "completion")
 
-    async def models(self, request: web.Request) -> web.Response:
+    def _model_objects(self, request: web.Request) -> list[dict[str, Any]]:
         """Models this key may use, with their state per tier. A unit is listed when it has a
         ready engine or sleeps (idle-unloaded: a request wakes it); a unit whose engine died
         or that cannot be placed is not."""
@@ -90,7 +91,7 @@ class OpenAIRoutes:
             elif self._reconciler.is_asleep(spec.key):
                 tiers.setdefault(spec.name, {})[spec.tier] = "asleep"
         created = int(time.time())
-        data = [
+        return [
             {
                 "id": name,
                 "object": "model",
@@ -100,7 +101,22 @@ class OpenAIRoutes:
             }
             for name, states in sorted(tiers.items())
         ]
-        return web.json_response({"object": "list", "data": data})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": self._model_objects(request)})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """One model of the list (OpenAI's retrieve); 404 in OpenAI's shape for any other."""
+        name = request.match_info["model"]
+        for model in self._model_objects(request):
+            if model["id"] == name:
+                return web.json_response(model)
+        raise ApiError(
+            404,
+            f"The model '{name}' does not exist or is not available to this key.",
+            param="model",
+            code="model_not_found",
+        )
 
     async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
         """Serve one completion request and record it in the metrics, however it ends."""

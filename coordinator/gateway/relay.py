@@ -24,11 +24,14 @@ from mlxfleet.openai.responses import sse
 
 SSE_DONE = b"data: [DONE]\n\n"
 EVENT_END = b"\n\n"
-CONTENT_MARKERS = (b'"content":"', b'"text":"')  # an event carrying generated text
+# An event carrying generated output: text, thinking, or a tool call's name (its first token
+# counts for the time to first token as much as a word would).
+CONTENT_MARKERS = (b'"content":"', b'"text":"', b'"reasoning_content":"', b'"name":"')
 
 
 def is_content(event: bytes) -> bool:
-    """Does this event carry generated text (a non-empty content or text field)?"""
+    """Does this event carry generated output (a non-empty content, text, reasoning_content or
+    tool-call name field)?"""
     for marker in CONTENT_MARKERS:
         i = event.find(marker)
         if i != -1 and event[i + len(marker) : i + len(marker) + 1] not in (b'"', b""):

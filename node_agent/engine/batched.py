@@ -45,6 +45,7 @@ class BatchDecoder(Decoder):
                 new.prompts,
                 max_tokens=new.max_tokens,
                 samplers=new.samplers,
+                logits_processors=new.processors,
                 stop_sequences=[self._no_stops if i else self._eos_stops for i in new.ignore_eos],
             )
         )
@@ -54,7 +55,7 @@ class BatchDecoder(Decoder):
 
     def step(self) -> list[Token]:
         _, responses = self._bg.next()
-        return [Token(r.uid, r.token, r.finish_reason) for r in responses]
+        return [Token(r.uid, r.token, r.finish_reason, r.logprobs) for r in responses]
 
     def reset(self) -> None:
         self._bg = self._new_generator(self._bg.completion_batch_size)

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from node_agent.engine.sampling import Sampler
+    import mlx.core as mx
+
+    from node_agent.engine.sampling import LogitsProcessor, Sampler
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +23,9 @@ class Token:
     uid: int
     token: int
     finish_reason: str | None = None  # "stop": an EOS token; "length": max_tokens reached
+    # The log probabilities this token was drawn from (over the vocabulary, after the logits
+    # processors); read only for requests that asked for logprobs.
+    logprobs: mx.array | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +36,7 @@ class NewSequences:
     max_tokens: list[int]
     samplers: list[Sampler]
     ignore_eos: list[bool]  # run to max_tokens through end-of-sequence tokens
+    processors: list[list[LogitsProcessor]]  # logit_bias and penalties; mostly empty
 
 
 class Decoder(ABC):
@@ -49,15 +55,18 @@ class Decoder(ABC):
         max_tokens: list[int],
         samplers: list[Sampler],
         ignore_eos: list[bool] | None = None,
+        processors: list[list[LogitsProcessor]] | None = None,
     ) -> list[int]:
         """Start sequences (no more than the free slots); returns their uids in order. A
-        sequence with ignore_eos runs to its max_tokens through end-of-sequence tokens."""
+        sequence with ignore_eos runs to its max_tokens through end-of-sequence tokens; its
+        processors change its logits before its sampler draws."""
         ignore = ignore_eos or [False] * len(prompts)
-        return self._start(NewSequences(prompts, max_tokens, samplers, ignore))
+        procs = processors or [[] for _ in prompts]
+        return self._start(NewSequences(prompts, max_tokens, samplers, ignore, procs))
 
     @abstractmethod
     def _start(self, new: NewSequences) -> list[int]:
-        """insert's work, with ignore_eos given for every sequence."""
+        """insert's work, with ignore_eos and processors given for every sequence."""
 
     @abstractmethod
     def remove(self, uid: int) -> None:

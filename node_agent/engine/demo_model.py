@@ -25,14 +25,36 @@ MAX_POSITION_EMBEDDINGS = 4096
 EMBED_STD = 0.1
 OUT_PROJ_GAIN = 4.0
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# The tool-call markers are single special tokens, as in Qwen2.5's and Hermes' vocabularies.
+TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", TOOL_CALL_START, TOOL_CALL_END)
 EOS_TOKEN = "<|im_end|>"
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+# ChatML with tools in the Hermes / Qwen2.5 format: the tools listed in a system turn (by name
+# and argument names: short prompts), calls as <tool_call> JSON </tool_call>, tool results as
+# <tool_response> user turns. Naming <tool_call.name> is how mlx-lm recognises the format and
+# picks its json_tools parser, as it does for Qwen2.5.
+TOOLS_PROMPT = (
+    "{% if tools %}<|im_start|>system\n<tools>"
+    "{% for tool in tools %}\n{{ tool.function.name }}("
+    "{{ tool.function.parameters.properties | list | join(', ') }})"
+    "{% endfor %}\n</tools>\n<tool_call>{name: <tool_call.name>}</tool_call><|im_end|>\n"
+    "{% endif %}"
 )
+MESSAGES = (
+    "{% for message in messages %}"
+    "{% if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
+    "{% if message.content %}{{ message.content }}{% endif %}"
+    "{% for tool_call in message.tool_calls %}"
+    "{% if tool_call.function is defined %}{% set tool_call = tool_call.function %}{% endif %}"
+    '<tool_call>\n{"name": "{{ tool_call.name }}", "arguments": {{ tool_call.arguments | tojson }}}'
+    "\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}"
+    "\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+)
+GENERATION_PROMPT = "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+CHAT_TEMPLATE = TOOLS_PROMPT + MESSAGES + GENERATION_PROMPT
 
 # Training text for the tokenizer: plain English, enough for ~1,500 byte-level merges.
 _CORPUS = """\
@@ -172,7 +194,7 @@ def _tokenizer_config() -> dict:
         "eos_token": EOS_TOKEN,
         "pad_token": "<|endoftext|>",
         "unk_token": None,
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>", TOOL_CALL_START, TOOL_CALL_END],
         "model_max_length": MAX_POSITION_EMBEDDINGS,
         "clean_up_tokenization_spaces": False,
         "chat_template": CHAT_TEMPLATE,

@@ -16,7 +16,7 @@ from mlxfleet.errors import ApiError, KvCacheError
 from mlxfleet.kv import DEFAULT_CONTEXT_LENGTH, DEFAULT_KV_GROUP_SIZE, check_kv
 from mlxfleet.openai.protocol import SamplingParams
 from mlxfleet.tiers import DEFAULT_KNOBS, Knobs
-from node_agent.engine.decoder import Decoder
+from node_agent.engine.decoder import Decoder, Token
 from node_agent.engine.knobs import admit_now, window_remaining_ms
 from node_agent.engine.textstream import TextStream
 from node_agent.errors import ModelLoadFailed, QueueFull
@@ -28,6 +28,16 @@ WARMUP_MAX_TOKENS = 4
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's log probability, and the most likely alternatives at its place
+    (most likely first) when the request asked for top_logprobs."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     """What the model thread reports for a request; finish_reason set means the last one."""
 
@@ -36,6 +46,7 @@ class Event:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked
 
 
 Sink = Callable[[Event], None]
@@ -51,6 +62,7 @@ class Job:
     params: SamplingParams
     sink: Sink
     sent_ids: tuple[int, ...] = ()  # generated elsewhere, text already sent (a continuation)
+    grammar: Any = None  # grammar.GrammarProcessor: constrained decoding, around the sampler
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +98,15 @@ class _Running:
     text: TextStream
     uid: int
     pending_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     completion_tokens: int = 0
+
+    def logprobs(self) -> list[TokenLogprob] | None:
+        """The pending tokens' logprobs, handed over with their ids (None: not asked for)."""
+        if not self.job.params.logprobs:
+            return None
+        taken, self.pending_logprobs = self.pending_logprobs, []
+        return taken
 
 
 _STOP = object()
@@ -308,13 +328,15 @@ class ModelThread:
 
     def _start(self, jobs: list[Job]) -> None:
         """Insert jobs into the decoder together (a batch prefills them together)."""
-        from node_agent.engine.sampling import make_request_sampler
+        from node_agent.engine.sampling import processors_for, sampler_for
 
-        ready: list[tuple[Job, Any]] = []
+        ready: list[tuple[Job, Any, list[Any]]] = []
         for job in jobs:
-            p = job.params
             try:
-                ready.append((job, make_request_sampler(p.temperature, p.top_p, p.seed)))
+                sampler = sampler_for(job.params)
+                if job.grammar is not None:
+                    sampler = job.grammar.constrain(sampler)
+                ready.append((job, sampler, processors_for(job.params)))
             except Exception as exc:
                 logger.exception("could not start request %d", job.request_id)
                 self._final(job, "error", str(exc))
@@ -322,17 +344,18 @@ class ModelThread:
             return
         try:
             uids = self._decoder.insert(
-                [job.prompt_ids for job, _ in ready],
-                [job.max_tokens for job, _ in ready],
-                [sampler for _, sampler in ready],
-                [job.params.ignore_eos for job, _ in ready],
+                [job.prompt_ids for job, _, _ in ready],
+                [job.max_tokens for job, _, _ in ready],
+                [sampler for _, sampler, _ in ready],
+                [job.params.ignore_eos for job, _, _ in ready],
+                [processors for _, _, processors in ready],
             )
         except Exception as exc:
             logger.exception("could not start %d requests", len(ready))
-            for job, _ in ready:
+            for job, _, _ in ready:
                 self._final(job, "error", str(exc))
             return
-        for (job, _), uid in zip(ready, uids, strict=True):
+        for (job, _, _), uid in zip(ready, uids, strict=True):
             text = TextStream(self.tokenizer.detokenizer, job.params.stop)
             text.resume(job.sent_ids)
             running = _Running(job, text, uid)
@@ -360,14 +383,20 @@ class ModelThread:
         for token in tokens:
             running = self._by_uid.get(token.uid)
             if running is not None:
-                self._on_token(running, token.token, token.finish_reason)
+                self._on_token(running, token)
 
-    def _on_token(self, running: _Running, token: int, finish_reason: str | None) -> None:
+    def _on_token(self, running: _Running, generated: Token) -> None:
+        token, finish_reason = generated.token, generated.finish_reason
         text = ""
         # A decoder's "stop" is an EOS token, which is not content.
         if not (finish_reason == "stop" and token in self._eos_ids):
             running.pending_ids.append(token)
             running.completion_tokens += 1
+            params = running.job.params
+            if params.logprobs and generated.logprobs is not None:
+                running.pending_logprobs.append(
+                    token_logprob(token, generated.logprobs, params.top_logprobs)
+                )
             text = running.text.add(token)
         if running.text.stopped:
             if finish_reason is None:
@@ -377,13 +406,15 @@ class ModelThread:
             text += running.text.finish()
             self._finish(running, text, "stop" if running.text.stopped else finish_reason)
         elif text:
-            self._emit(running.job, Event(text, running.pending_ids))
+            self._emit(running.job, Event(text, running.pending_ids, logprobs=running.logprobs()))
             running.pending_ids = []
 
     def _finish(self, running: _Running, text: str, reason: str, error: str | None = None) -> None:
         self._running.pop(running.job.request_id, None)
         self._by_uid.pop(running.uid, None)
-        event = Event(text, running.pending_ids, reason, running.completion_tokens, error)
+        event = Event(
+            text, running.pending_ids, reason, running.completion_tokens, error, running.logprobs()
+        )
         self._final(running.job, event)
 
     def _final(self, job: Job, event: Event | str, error: str | None = None) -> None:
@@ -402,3 +433,18 @@ class ModelThread:
         except Exception:
             # A sink that fails (the loop closed) must not take the model thread down.
             logger.exception("delivering an event for request %d failed", job.request_id)
+
+
+def token_logprob(token: int, logprobs: Any, top: int) -> TokenLogprob:
+    """The chosen token's log probability and the `top` most likely ids (mlx arrays in, floats
+    out); run on the model thread for requests that asked for logprobs only."""
+    import mlx.core as mx
+
+    chosen = float(logprobs[token].item())
+    if top == 0:
+        return TokenLogprob(token, chosen)
+    ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+    top_ids: list[int] = ids.tolist()  # type: ignore[assignment]
+    values: list[float] = logprobs[ids].tolist()  # type: ignore[assignment]
+    pairs = sorted(zip(top_ids, values, strict=True), key=lambda p: (-p[1], p[0]))
+    return TokenLogprob(token, chosen, tuple(pairs))

@@ -1,4 +1,9 @@
-"""Per-request samplers: each owns its random key, so one request's seed never moves another's."""
+"""Per-request samplers and logits processors, for one sequence inside a running batch.
+
+Each sampler owns its random key, so one request's seed never moves another's. Filters (top_p,
+min_p, top_k) and processors (logit_bias, the penalties) are mlx-lm's own, as mlx_lm.server
+applies them; BatchGenerator runs each sequence's list on that sequence's row only.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,25 @@ import secrets
 from collections.abc import Callable
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_top_p, greedy_sampler
+from mlx_lm.sample_utils import (
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    greedy_sampler,
+    make_logits_processors,
+)
+
+from mlxfleet.openai.sampling import PENALTY_CONTEXT_TOKENS, SamplingParams
 
 Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 _SEED_MODULUS = 2**64
 
 
-def make_request_sampler(temperature: float, top_p: float, seed: int | None) -> Sampler:
+def make_request_sampler(
+    temperature: float, top_p: float, seed: int | None, top_k: int = 0, min_p: float = 0.0
+) -> Sampler:
     """A sampler for one request; temperature 0 gives the shared greedy sampler."""
     if temperature == 0.0:
         # The same object for every greedy request: BatchGenerator then samples the whole batch
@@ -29,6 +45,31 @@ def make_request_sampler(temperature: float, top_p: float, seed: int | None) -> 
         key, subkey = mx.random.split(key)
         if top_p < 1.0:
             logprobs = apply_top_p(logprobs, top_p)
+        if min_p > 0.0:
+            logprobs = apply_min_p(logprobs, min_p)
+        if top_k > 0:
+            logprobs = apply_top_k(logprobs, top_k)
         return mx.random.categorical(logprobs * inverse_temperature, key=subkey)
 
     return sample
+
+
+def sampler_for(params: SamplingParams) -> Sampler:
+    return make_request_sampler(
+        params.temperature, params.top_p, params.seed, params.top_k, params.min_p
+    )
+
+
+def processors_for(params: SamplingParams) -> list[LogitsProcessor]:
+    """The request's logits processors (none for most requests: they then cost nothing)."""
+    if not params.needs_processors:
+        return []
+    return make_logits_processors(
+        logit_bias=dict(params.logit_bias) or None,
+        repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
+        repetition_context_size=PENALTY_CONTEXT_TOKENS,
+        presence_penalty=params.presence_penalty or None,
+        presence_context_size=PENALTY_CONTEXT_TOKENS,
+        frequency_penalty=params.frequency_penalty or None,
+        frequency_context_size=PENALTY_CONTEXT_TOKENS,
+    )

@@ -70,6 +70,7 @@ class SequentialDecoder(Decoder):
             self._model,
             max_tokens=new.max_tokens[0],
             sampler=new.samplers[0],
+            logits_processors=new.processors[0] or None,
             prompt_cache=cache,
             kv_bits=self._kv_bits,
             kv_group_size=self._group_size,
@@ -87,7 +88,8 @@ class SequentialDecoder(Decoder):
         seq = self._current
         if seq is None:
             return []
-        token = int(next(seq.steps)[0])
+        token_id, logprobs = next(seq.steps)
+        token = int(token_id)
         seq.generated += 1
         finish = None
         if token in self._eos_ids and not seq.ignore_eos:
@@ -96,7 +98,7 @@ class SequentialDecoder(Decoder):
             finish = "length"
         if finish is not None:
             self.reset()
-        return [Token(seq.uid, token, finish)]
+        return [Token(seq.uid, token, finish, logprobs)]
 
     def reset(self) -> None:
         if self._current is not None:

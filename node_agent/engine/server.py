@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import dataclasses
 import hmac
 import itertools
@@ -13,7 +12,6 @@ import os
 import signal
 import ssl
 import sys
-import threading
 import time
 from typing import Any, Literal, TextIO
 
@@ -28,20 +26,13 @@ from mlxfleet.openai.protocol import (
     parse_json_body,
     resolve_max_tokens,
 )
-from mlxfleet.openai.responses import (
-    SSE_DONE,
-    Kind,
-    ResponseHeader,
-    Usage,
-    chunk,
-    error_body,
-    full_response,
-    sse,
-    usage_chunk,
-)
+from mlxfleet.openai.responses import Kind, ResponseHeader, Usage, error_body
+from node_agent.engine.channels import Channels, machine, starts_in_reasoning
 from node_agent.engine.config import EngineConfig
 from node_agent.engine.generator import Event, Job, ModelThread
+from node_agent.engine.grammar import GrammarProcessor, Grammars
 from node_agent.engine.knobs import updated_knobs
+from node_agent.engine.respond import Answer, Handle, collect, json_error, stream
 from node_agent.errors import QueueFull
 
 logger = logging.getLogger(__name__)
@@ -54,63 +45,6 @@ PARENT_PID_ENV = "MLXFLEET_PARENT_PID"
 RETRY_AFTER_S = 1
 BATCH_TIER_NICE = 10  # batch engines yield the CPU to interactive ones under contention
 LISTENING_LINE = "MLXFLEET_ENGINE_LISTENING port={port}"
-# OpenAI's "developer" role is its newer name for "system"; chat templates only know the latter.
-_TEMPLATE_ROLE = {"developer": "system"}
-
-
-def _json_error(status: int, message: str, type: str, code: str | None, **headers: str):
-    return web.json_response(
-        error_body(message, type, None, code), status=status, headers=headers or None
-    )
-
-
-def merge_events(events: list[Event]) -> Event:
-    """Consecutive events of one request as one: texts and ids joined, the last one's end."""
-    last = events[-1]
-    return Event(
-        "".join(e.text for e in events),
-        [t for e in events for t in e.token_ids],
-        last.finish_reason,
-        last.completion_tokens,
-        last.error,
-    )
-
-
-class _Handle:
-    """One request's view of the model thread.
-
-    `push` runs on the model thread; everything else on the event loop. Events that pile up
-    while the loop is busy are taken together (and sent as one chunk), and the loop is woken
-    once per pile rather than once per token: per-token wake-ups cost the decode loop CPU.
-    """
-
-    def __init__(self, request_id: int, loop: asyncio.AbstractEventLoop) -> None:
-        self.request_id = request_id
-        self.done = False
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._pending: list[Event] = []  # guarded by _lock
-        self._wake_scheduled = False  # guarded by _lock: a _ready.set is on its way
-        self._ready = asyncio.Event()
-
-    def push(self, event: Event) -> None:
-        with self._lock:
-            self._pending.append(event)
-            if self._wake_scheduled:
-                return
-            self._wake_scheduled = True
-        self._loop.call_soon_threadsafe(self._ready.set)
-
-    async def next(self) -> Event:
-        """The events that arrived since the last call, merged into one."""
-        await self._ready.wait()
-        with self._lock:
-            events, self._pending = self._pending, []
-            self._wake_scheduled = False
-            self._ready.clear()
-        event = events[0] if len(events) == 1 else merge_events(events)
-        self.done = event.finish_reason is not None
-        return event
 
 
 class EngineServer:
@@ -130,6 +64,8 @@ class EngineServer:
         # One worker: HF fast tokenizers are not safe to call from several threads at once.
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, "mlxfleet-tokenize")
         self._ids = itertools.count(1)
+        self._machines: dict[bool, Any] = {}  # channels.machine(tokenizer, with_tools), built once
+        self._grammars: Grammars | None = None  # built on the first constrained request
         self._ready = False
         self._started = int(time.time())
         self._stop = asyncio.Event()
@@ -141,6 +77,7 @@ class EngineServer:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/v1/models/{model}", self._one_model)
         app.router.add_get("/v1/engine/stats", self._stats)
         app.router.add_get("/v1/engine/knobs", self._get_knobs)
         app.router.add_post("/v1/engine/knobs", self._set_knobs)
@@ -225,20 +162,20 @@ class EngineServer:
         except web.HTTPException as exc:
             if exc.status == 413:
                 message = f"Request body is larger than {MAX_BODY_BYTES} bytes."
-                return _json_error(413, message, "invalid_request_error", "request_too_large")
+                return json_error(413, message, "invalid_request_error", "request_too_large")
             code = "not_found" if exc.status == 404 else None
-            return _json_error(exc.status, exc.reason, "invalid_request_error", code)
+            return json_error(exc.status, exc.reason, "invalid_request_error", code)
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception:
             logger.exception("internal error on %s %s", request.method, request.path)
-            return _json_error(500, "Internal server error.", "server_error", None)
+            return json_error(500, "Internal server error.", "server_error", None)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
         given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, self._expected_auth):
-            return _json_error(
+            return json_error(
                 401,
                 "Incorrect or missing API key: send 'Authorization: Bearer <engine secret>'.",
                 "invalid_request_error",
@@ -253,14 +190,24 @@ class EngineServer:
             return web.json_response({"status": "ready"})
         return web.json_response({"status": "loading"}, status=503)
 
-    async def _models(self, request: web.Request) -> web.Response:
-        model = {
+    def _model_object(self) -> dict[str, Any]:
+        return {
             "id": self._config.model_name,
             "object": "model",
             "created": self._started,
             "owned_by": "mlxfleet",
         }
-        return web.json_response({"object": "list", "data": [model]})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._model_object()]})
+
+    async def _one_model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name != self._config.model_name:
+            raise ApiError.invalid(
+                f"The model '{name}' does not exist.", "model", "model_not_found", 404
+            )
+        return web.json_response(self._model_object())
 
     async def _stats(self, request: web.Request) -> web.Response:
         stats = dataclasses.asdict(self._model.stats())
@@ -296,6 +243,10 @@ class EngineServer:
             )
         loop = asyncio.get_running_loop()
         prompt_ids = await loop.run_in_executor(self._tokenize_pool, self._tokenize, parsed)
+        sent_ids = list(parsed.continuation.token_ids) if parsed.continuation else []
+        grammar = await loop.run_in_executor(
+            self._tokenize_pool, self._grammar, parsed, prompt_ids, sent_ids
+        )
         param: Literal["messages", "prompt"] = "messages" if kind == "chat" else "prompt"
         header = ResponseHeader.new(kind, self._config.model_name)
         usage_base = Usage(len(prompt_ids), 0)
@@ -307,7 +258,7 @@ class EngineServer:
             sent = cont.token_ids
             usage_base = Usage(len(prompt_ids), len(sent))
             wanted = None if wanted is None else wanted - len(sent)
-        handle = _Handle(next(self._ids), loop)
+        handle = Handle(next(self._ids), loop)
         if wanted is not None and wanted <= 0:  # the stream had all its tokens but not its end
             handle.push(Event("", [], "length", 0))
         else:
@@ -321,6 +272,7 @@ class EngineServer:
                 parsed.params,
                 handle.push,
                 sent,
+                grammar,
             )
             try:
                 self._model.submit(job)
@@ -332,31 +284,95 @@ class EngineServer:
                     429,
                     "rate_limit_error",
                 ) from None
+        request_id = handle.request_id
+        answer = Answer(
+            handle,
+            header,
+            usage_base,
+            self._token_text,
+            self._channels(parsed, prompt_ids),
+            one_call=isinstance(parsed, ChatRequest) and not parsed.parallel_tool_calls,
+            stop=lambda: self._model.cancel(request_id),
+        )
+        if sent:  # what the client has already: the channels' state (an open call) resumes
+            answer.channels.resume(self._model.tokenizer.decode(list(sent)))
+            answer.calls_taken = answer.calls_sent = answer.channels.calls_made
         try:
             if parsed.stream:
-                return await self._stream(
-                    request,
-                    handle,
-                    header,
-                    usage_base,
-                    parsed.include_usage,
-                    first=parsed.continuation is None,
+                return await stream(
+                    request, answer, parsed.include_usage, first=parsed.continuation is None
                 )
-            return await self._collect(handle, header, usage_base)
+            return await collect(answer)
         finally:
             if not handle.done:
                 # The client went away (or we failed): the model thread frees the slot.
                 self._model.cancel(handle.request_id)
 
+    def _channels(self, parsed: ChatRequest | CompletionRequest, prompt_ids: list[int]) -> Channels:
+        """How this answer's text splits into content, reasoning and tool calls (completions:
+        all content)."""
+        tokenizer = self._model.tokenizer
+        if not isinstance(parsed, ChatRequest):
+            return Channels(None, tokenizer, None, reasoning=False)
+        tools_on = parsed.tools_on and tokenizer.has_tool_calling
+        if tools_on not in self._machines:
+            self._machines[tools_on] = machine(tokenizer, tools_on)
+        tools = [t.as_template() for t in parsed.tools] if tools_on else None
+        reasoning = starts_in_reasoning(tokenizer, prompt_ids)
+        return Channels(self._machines[tools_on], tokenizer, tools, reasoning)
+
+    def _grammar(
+        self, parsed: ChatRequest | CompletionRequest, prompt_ids: list[int], sent: list[int]
+    ) -> GrammarProcessor | None:
+        """The request's constrained decoding (grammar.py): its response_format, or the forced
+        call of tool_choice required or named. Compiles the grammar (cached) off the loop."""
+        if not isinstance(parsed, ChatRequest):
+            return None
+        if self._grammars is None:
+            self._grammars = Grammars(self._model.tokenizer, self._model.vocab_size)
+        opened = starts_in_reasoning(self._model.tokenizer, prompt_ids)
+        if parsed.response_format.constrained:
+            return self._grammars.for_format(parsed.response_format, sent, opened)
+        if parsed.tools_on and parsed.tool_choice.mode == "required":
+            return self._grammars.for_tool_choice(
+                parsed.tools, parsed.tool_choice, parsed.parallel_tool_calls, sent, opened
+            )
+        return None
+
+    def _token_text(self, token_id: int) -> str:
+        """One token as text, for logprobs (a piece of a multi-byte character decodes to U+FFFD;
+        its `bytes` then say so, as OpenAI's do)."""
+        return str(self._model.tokenizer.decode([token_id]))
+
+    def _check_vocabulary(self, param: str, ids: list[int] | tuple[int, ...]) -> None:
+        bad = [t for t in ids if t >= self._model.vocab_size]
+        if bad:
+            raise ApiError.invalid(
+                f"Invalid '{param}': token id {bad[0]} is outside the vocabulary "
+                f"(size {self._model.vocab_size}).",
+                param,
+                "invalid_value",
+            )
+
     def _tokenize(self, parsed: ChatRequest | CompletionRequest) -> list[int]:
+        self._check_vocabulary("logit_bias", [t for t, _ in parsed.params.logit_bias])
         tokenizer = self._model.tokenizer
         if isinstance(parsed, ChatRequest):
-            messages = [
-                {"role": _TEMPLATE_ROLE.get(m.role, m.role), "content": m.content}
-                for m in parsed.messages
-            ]
+            messages = [m.as_template() for m in parsed.messages]
+            extra: dict[str, Any] = dict(parsed.template_kwargs)
+            if parsed.tools_on:
+                if not tokenizer.has_tool_calling:
+                    raise ApiError.invalid(
+                        f"The model '{self._config.model_name}' has no tool calling in its "
+                        "chat template; send tool_choice 'none' or no tools.",
+                        "tools",
+                        "unsupported_parameter",
+                    )
+                extra["tools"] = [t.as_template() for t in parsed.tools]
             try:
-                ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+                ids = list(
+                    tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra)
+                )
             except Exception as exc:
                 raise ApiError.invalid(
                     f"The model's chat template rejected the messages: {exc}",
@@ -367,78 +383,7 @@ class EngineServer:
             ids = list(tokenizer.encode(parsed.prompt))
         else:
             ids = list(parsed.prompt)
-            bad = [t for t in ids if t >= self._model.vocab_size]
-            if bad:
-                raise ApiError.invalid(
-                    f"Invalid 'prompt': token id {bad[0]} is outside the vocabulary "
-                    f"(size {self._model.vocab_size}).",
-                    "prompt",
-                    "invalid_value",
-                )
+            self._check_vocabulary("prompt", ids)
         if not ids:
             raise ApiError.invalid("The prompt tokenizes to nothing.", "prompt", "invalid_value")
         return ids
-
-    async def _collect(self, handle: _Handle, header: ResponseHeader, usage: Usage) -> web.Response:
-        texts: list[str] = []
-        token_ids: list[int] = []
-        while True:
-            event = await handle.next()
-            texts.append(event.text)
-            token_ids.extend(event.token_ids)
-            if event.finish_reason is not None:
-                break
-        if event.finish_reason in ("error", "cancelled"):
-            message = f"Generation failed: {event.error or event.finish_reason}."
-            return _json_error(500, message, "server_error", None)
-        usage = Usage(usage.prompt_tokens, usage.completion_tokens + event.completion_tokens)
-        body = full_response(header, "".join(texts), event.finish_reason, usage, token_ids)
-        return web.json_response(body)
-
-    async def _stream(
-        self,
-        request: web.Request,
-        handle: _Handle,
-        header: ResponseHeader,
-        usage: Usage,
-        include_usage: bool,
-        *,
-        first: bool = True,  # False when continuing a stream: the role chunk was sent already
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        await response.prepare(request)
-        try:
-            if header.kind == "chat" and first:
-                await response.write(sse(chunk(header, "", first=True)))
-            while True:
-                event = await handle.next()
-                if event.text:  # may come merged with the end, even a failed one
-                    await response.write(sse(chunk(header, event.text, None, event.token_ids)))
-                if event.finish_reason in ("error", "cancelled"):
-                    message = f"Generation failed: {event.error or event.finish_reason}."
-                    await response.write(sse(error_body(message, "server_error")))
-                    break
-                if event.finish_reason is not None:
-                    # Ids not yet sent (their text was held back, then cut) ride on the last chunk.
-                    ids = event.token_ids if event.token_ids and not event.text else None
-                    final = Usage(
-                        usage.prompt_tokens, usage.completion_tokens + event.completion_tokens
-                    )
-                    end = chunk(header, "", event.finish_reason, ids, usage=final)
-                    await response.write(sse(end))
-                    if include_usage:
-                        await response.write(sse(usage_chunk(header, final)))
-                    break
-            await response.write(SSE_DONE)
-            await response.write_eof()
-        except ConnectionResetError:
-            logger.info("client went away during request %d", handle.request_id)
-        except Exception:
-            # Headers are sent: the only honest ending left is an error event, never a silent close.
-            logger.exception("stream of request %d failed", handle.request_id)
-            error = error_body("Internal error while streaming.", "server_error")
-            with contextlib.suppress(ConnectionResetError):
-                await response.write(sse(error) + SSE_DONE)
-        return response

@@ -13,8 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jsonschema
 import pytest
 
+from tests.agent_model import CARD_FORMAT, CARD_SCHEMA
 from tests.e2e.fleet import running_fleet
 from tests.node_agent.engine.conftest import Engine, start_engine
 
@@ -97,3 +99,38 @@ def test_a_cloud_stream_is_relayed_as_server_sent_events(
     assert not [c for c in chunks if "error" in c]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == direct(provider)
+
+
+def test_tools_response_format_and_max_completion_tokens_reach_the_cloud(
+    gateway: tuple[str, str],
+) -> None:
+    """LiteLLM passes them to the provider (here one of our engines, which honours them): a
+    forced call comes back as tool_calls, a schema's JSON validates, the token cap holds."""
+    base, key = gateway
+    headers = {"Authorization": f"Bearer {key}"}
+    messages = BODY["messages"]
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "parameters": {
+                "type": "object",
+                "properties": {"days": {"type": "integer", "minimum": 1, "maximum": 9}},
+                "required": ["days"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    forced = {"type": "function", "function": {"name": "lookup"}}
+    body = {"model": "demo", "messages": messages, "tools": [tool], "tool_choice": forced}
+    r = httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code == 200 and r.headers["X-Mlxfleet-Route"] == "cloud", r.text
+    [call] = r.json()["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "lookup"
+    assert 1 <= json.loads(call["function"]["arguments"])["days"] <= 9
+    body = {"model": "demo", "messages": messages, "response_format": CARD_FORMAT}
+    r = httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), CARD_SCHEMA)
+    body = {"model": "demo", "messages": messages, "max_completion_tokens": 3, "temperature": 0}
+    r = httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert r.json()["usage"]["completion_tokens"] == 3

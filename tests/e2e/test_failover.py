@@ -8,6 +8,7 @@ cut by the kill are continued on the other engine by the gateway (coordinator/ga
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import jsonschema
 import pytest
 
 from tests.conftest import Proc, children_of, wait_for
@@ -196,3 +198,58 @@ def _gateway_marks(fleet: Fleet) -> tuple[int, int, int]:
     """Continuations, engines unrouted and tracebacks so far, from the coordinator's log."""
     log = fleet.coordinator.output()
     return log.count(BROKE), log.count("left the router"), log.count("Traceback")
+
+
+WORDS = {
+    "type": "object",
+    "properties": {
+        "words": {
+            "type": "array",
+            "items": {"type": "string", "maxLength": 10},
+            "minItems": 40,
+            "maxItems": 40,
+        }
+    },
+    "required": ["words"],
+    "additionalProperties": False,
+}
+
+
+def test_kill_9_mid_json_answer_continues_under_the_same_grammar(fleet: Fleet) -> None:
+    """Needs processes: a json_schema stream whose engine is SIGKILLed midway is continued on the
+    other engine, which resumes the grammar from the tokens already sent: the client's text is
+    the uninterrupted answer, valid against the schema."""
+    wait_for(lambda: both_ready(fleet), READY_TIMEOUT_S, "two ready engines")
+    body = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "forty words"}],
+        "max_tokens": 400,
+        "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": WORDS}},
+    }
+    headers = {"Authorization": f"Bearer {fleet.key}"}
+    whole = httpx.post(f"{fleet.base}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    reference = whole.json()["choices"][0]["message"]["content"]
+    assert len(json.loads(reference)["words"]) == 40
+    before = continuations(fleet)
+    texts: list[str] = []
+    with httpx.stream(
+        "POST",
+        f"{fleet.base}/v1/chat/completions",
+        json=body | {"stream": True},
+        headers=headers,
+        timeout=60,
+    ) as r:
+        events = (json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {"))
+        killed = False
+        for event in events:
+            assert "error" not in event, event
+            texts += [c["delta"].get("content") or "" for c in event["choices"]]
+            if not killed and sum(bool(t) for t in texts) >= 5:  # under way: kill its engine
+                owner = {p: a for a in fleet.agents for p in engine_pids(a)}
+                os.kill(serving(dict.fromkeys(owner, "127.0.0.1")), signal.SIGKILL)
+                killed = True
+    assert continuations(fleet) > before, "the stream was not continued"
+    assert "".join(texts) == reference
+    jsonschema.validate(json.loads(reference), WORDS)
+    wait_for(lambda: both_ready(fleet), READY_TIMEOUT_S, "the lost replica to be placed again")

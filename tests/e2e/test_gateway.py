@@ -5,6 +5,7 @@ Clients are the official `openai` client and httpx, through the gateway only.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,8 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jsonschema
+import openai
 import pytest
 
+from tests.agent_model import CARD_FORMAT, CARD_SCHEMA
 from tests.conftest import Proc, wait_for
 from tests.e2e.fleet import READY_TIMEOUT_S, Fleet, model_toml, running_fleet
 
@@ -82,6 +86,34 @@ def test_completions_stream_and_not(fleet: Fleet) -> None:
 def test_models_lists_the_ready_model(fleet: Fleet) -> None:
     listed = fleet.client().models.list()
     assert [m.id for m in listed.data] == [MODEL]
+    one = fleet.client().models.retrieve(MODEL)
+    assert (one.id, one.object) == (MODEL, "model")
+    assert (one.model_extra or {})["mlxfleet"]["tiers"] == {"interactive": "ready"}
+    with pytest.raises(openai.NotFoundError) as info:
+        fleet.client().models.retrieve("no-such-model")
+    assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+
+def test_sampling_controls_and_logprobs_pass_through_the_gateway(fleet: Fleet) -> None:
+    """logit_bias -100 on the greedy first token changes it; top_logprobs 3 gives three
+    alternatives per token, streamed and not (the official client parses both)."""
+    client = fleet.client()
+
+    def ask(**extra: object):  # type: ignore[no-untyped-def]
+        messages = [{"role": "user", "content": "Tell me about Macs"}]
+        return client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=8, temperature=0, **extra
+        )
+
+    greedy = ask(logprobs=True, top_logprobs=3)
+    entries = greedy.choices[0].logprobs.content
+    assert len(entries) == 8 and all(len(e.top_logprobs) == 3 for e in entries)
+    first = (greedy.model_extra or {})["mlxfleet"]["token_ids"][0]  # the engine's ids
+    biased = ask(logit_bias={str(first): -100})
+    assert (biased.model_extra or {})["mlxfleet"]["token_ids"][0] != first
+    chunks = list(ask(logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks for ch in c.choices if ch.logprobs for e in ch.logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in entries]
 
 
 def _post(fleet: Fleet, path: str, body: bytes | dict, key: str | None = "default"):
@@ -338,3 +370,73 @@ def test_a_request_to_a_node_that_goes_silent_is_released_not_left_hanging(fleet
     ok = _post(fleet, "/v1/chat/completions", _chat(max_tokens=2))
     assert ok.status_code == 200, ok.text
     assert fleet.engine_pids() == [engine_pid]
+
+
+async def test_json_schema_validates_in_100_of_100_requests_at_temperature_1(fleet: Fleet) -> None:
+    client = openai.AsyncOpenAI(base_url=fleet.base + "/v1", api_key=fleet.key, max_retries=0)
+
+    in_flight = asyncio.Semaphore(8)  # twice the tier's max_concurrency, well inside its queue
+
+    async def one(i: int) -> str:
+        async with in_flight:
+            r = await client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": f"Card {i}"}],
+                temperature=1.0,
+                max_tokens=120,
+                response_format=CARD_FORMAT,  # type: ignore[arg-type]
+            )
+        assert r.choices[0].finish_reason == "stop"
+        return r.choices[0].message.content or ""
+
+    answers = await asyncio.gather(*(one(i) for i in range(100)))
+    await client.close()
+    for answer in answers:
+        jsonschema.validate(json.loads(answer), CARD_SCHEMA)
+    assert len(set(answers)) > 10
+
+
+LOOKUP = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 16},
+                "days": {"type": "integer", "minimum": 1, "maximum": 14},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_named_tool_choice_on_the_demo_model_returns_a_valid_call(
+    fleet: Fleet, stream: bool
+) -> None:
+    """The random demo model, forced by the grammar: a call of that function whose arguments
+    validate against its schema (the official client assembles the streamed one)."""
+    other = {"type": "function", "function": {"name": "other", "parameters": {"type": "object"}}}
+    reply = fleet.client().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=[other, LOOKUP],
+        tool_choice={"type": "function", "function": {"name": "lookup"}},
+        max_tokens=64,
+        stream=stream,
+    )
+    if stream:
+        pieces = [p for chunk in reply for ch in chunk.choices for p in ch.delta.tool_calls or []]
+        name, arguments = (
+            pieces[0].function.name,
+            "".join(p.function.arguments or "" for p in pieces),
+        )
+    else:
+        assert reply.choices[0].finish_reason == "tool_calls"
+        [call] = reply.choices[0].message.tool_calls
+        name, arguments = call.function.name, call.function.arguments
+    assert name == "lookup"
+    jsonschema.validate(json.loads(arguments), LOOKUP["function"]["parameters"])

@@ -7,18 +7,27 @@ Every refusal raises `ApiError` carrying the OpenAI error fields (status, type, 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mlxfleet.errors import ApiError
+from mlxfleet.openai.sampling import SamplingParams, is_int, parse_sampling, type_error
+from mlxfleet.openai.structured import ResponseFormat, parse_response_format
+from mlxfleet.openai.tools import (
+    Tool,
+    ToolCall,
+    ToolChoice,
+    parse_parallel_tool_calls,
+    parse_template_kwargs,
+    parse_tool_calls,
+    parse_tool_choice,
+    parse_tools,
+)
 
 ALLOWED_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
-MAX_STOP_SEQUENCES = 4
 CONTINUATION_FIELD = "mlxfleet_continuation"  # see Continuation
-MIN_TEMPERATURE = 0.0
-MAX_TEMPERATURE = 2.0
-DEFAULT_TEMPERATURE = 1.0
-DEFAULT_TOP_P = 1.0
+# OpenAI's "developer" role is its newer name for "system"; chat templates only know the latter.
+TEMPLATE_ROLE = {"developer": "system"}
 
 __all__ = [
     "Message",
@@ -34,23 +43,25 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One chat message with its content flattened to text."""
+    """One chat message with its content flattened to text, and its tool-calling fields."""
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    name: str | None = None
 
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """How to sample and when to stop; max_tokens None means "the rest of the context"."""
-
-    max_tokens: int | None
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: tuple[str, ...]
-    # vLLM's extension, for benchmarks: generate to max_tokens through end-of-sequence tokens.
-    ignore_eos: bool = False
+    def as_template(self) -> dict[str, Any]:
+        """The message as chat templates take it (OpenAI's developer role is their system)."""
+        out: dict[str, Any] = {"role": TEMPLATE_ROLE.get(self.role, self.role)}
+        out["content"] = self.content
+        if self.tool_calls:
+            out["tool_calls"] = [c.as_template() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +87,16 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     continuation: Continuation | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = ToolChoice("none")
+    parallel_tool_calls: bool = True
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
+    response_format: ResponseFormat = ResponseFormat()
+
+    @property
+    def tools_on(self) -> bool:
+        """Whether the model sees the tools and its calls are parsed (tool_choice not none)."""
+        return bool(self.tools) and self.tool_choice.mode != "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,135 +124,57 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _is_int(value: Any) -> bool:
-    # bool is a subclass of int, but `"max_tokens": true` is a client bug, not 1.
-    return isinstance(value, int) and not isinstance(value, bool)
+# Fields that would change the answer and that we cannot honour: refused, never ignored
+# (docs/operations.md, "Request fields", lists every field and what happens to it).
+UNSUPPORTED: dict[str, str] = {
+    "audio": "audio output is not supported",
+    "web_search_options": "web search is not supported",
+    "functions": "the deprecated 'functions' is not supported; send 'tools'",
+    "function_call": "the deprecated 'function_call' is not supported; send 'tool_choice'",
+    "suffix": "insertion with a 'suffix' is not supported",
+}
 
 
-def _is_number(value: Any) -> bool:
-    return _is_int(value) or isinstance(value, float)
-
-
-def _type_error(param: str, expected: str, value: Any) -> ApiError:
-    return ApiError.invalid(
-        f"Invalid type for '{param}': expected {expected}, got {type(value).__name__} ({value!r}).",
-        param,
-        "invalid_type",
-    )
-
-
-def _parse_max_tokens(body: dict[str, Any]) -> int | None:
-    # max_completion_tokens is OpenAI's newer name; when both are sent it wins.
-    chosen: int | None = None
-    for param in ("max_tokens", "max_completion_tokens"):
-        value = body.get(param)
-        if value is None:
-            continue
-        if not _is_int(value):
-            raise _type_error(param, "an integer", value)
-        # 0 is refused like OpenAI does: a request that may generate nothing is a client bug.
-        if value < 1:
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    for param, why in UNSUPPORTED.items():
+        if body.get(param) is not None:
             raise ApiError.invalid(
-                f"Invalid '{param}': integer below minimum value. "
-                f"Expected a value >= 1, but got {value} instead.",
-                param,
-                "integer_below_min_value",
+                f"Unsupported parameter '{param}': {why}.", param, "unsupported_parameter"
             )
-        chosen = value
-    return chosen
-
-
-def _parse_stop(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        stops = [value]
-    elif isinstance(value, list) and all(isinstance(s, str) for s in value):
-        stops = value
-    else:
-        raise _type_error("stop", "a string or a list of strings", value)
-    if len(stops) > MAX_STOP_SEQUENCES:
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
         raise ApiError.invalid(
-            f"Invalid 'stop': at most {MAX_STOP_SEQUENCES} sequences, got {len(stops)}.",
-            "stop",
-            "array_above_max_length",
+            f"Unsupported value for 'modalities': {modalities!r}; only [\"text\"] is served.",
+            "modalities",
+            "unsupported_parameter",
         )
-    # An empty stop string would match before the first token; ignore it, as OpenAI does.
-    return tuple(s for s in stops if s)
-
-
-def _parse_sampling(body: dict[str, Any]) -> SamplingParams:
-    temperature = body.get("temperature")
-    if temperature is None:
-        temperature = DEFAULT_TEMPERATURE
-    elif not _is_number(temperature):
-        raise _type_error("temperature", "a number", temperature)
-    elif not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != 1:
         raise ApiError.invalid(
-            f"Invalid 'temperature': {temperature} is not in "
-            f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}].",
-            "temperature",
-            "invalid_value",
+            f"Unsupported value for 'best_of': {best_of!r}; this server returns one choice.",
+            "best_of",
+            "unsupported_parameter",
         )
-    top_p = body.get("top_p")
-    if top_p is None:
-        top_p = DEFAULT_TOP_P
-    elif not _is_number(top_p):
-        raise _type_error("top_p", "a number", top_p)
-    elif not 0.0 < top_p <= 1.0:
-        raise ApiError.invalid(
-            f"Invalid 'top_p': {top_p} is not in (0, 1].", "top_p", "invalid_value"
-        )
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise _type_error("seed", "an integer", seed)
-    n = body.get("n")
-    if n is not None:
-        if not _is_int(n):
-            raise _type_error("n", "an integer", n)
-        if n < 1:
-            raise ApiError.invalid(f"Invalid 'n': {n} is below 1.", "n", "integer_below_min_value")
-        if n > 1:
-            raise ApiError.invalid(
-                f"Unsupported value for 'n': {n}; this server returns one choice.",
-                "n",
-                "unsupported_parameter",
-            )
-    for param in ("logprobs", "echo"):
-        if body.get(param) not in (None, False):
-            raise ApiError.invalid(
-                f"Unsupported parameter '{param}'.", param, "unsupported_parameter"
-            )
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise _type_error("ignore_eos", "a boolean", ignore_eos)
-    return SamplingParams(
-        max_tokens=_parse_max_tokens(body),
-        temperature=float(temperature),
-        top_p=float(top_p),
-        seed=seed,
-        stop=_parse_stop(body.get("stop")),
-        ignore_eos=ignore_eos,
-    )
 
 
 def _parse_common(body: dict[str, Any]) -> tuple[str | None, bool, bool]:
+    _refuse_unsupported(body)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise _type_error("model", "a string", model)
+        raise type_error("model", "a string", model)
     stream = body.get("stream")
     if stream is None:
         stream = False
     elif not isinstance(stream, bool):
-        raise _type_error("stream", "a boolean", stream)
+        raise type_error("stream", "a boolean", stream)
     options = body.get("stream_options")
     include_usage = False
     if options is not None:
         if not isinstance(options, dict):
-            raise _type_error("stream_options", "an object", options)
+            raise type_error("stream_options", "an object", options)
         include_usage = options.get("include_usage", False)
         if not isinstance(include_usage, bool):
-            raise _type_error("stream_options.include_usage", "a boolean", include_usage)
+            raise type_error("stream_options.include_usage", "a boolean", include_usage)
     return model, stream, include_usage
 
 
@@ -240,14 +183,14 @@ def _parse_continuation(value: Any) -> Continuation | None:
         return None
     name = CONTINUATION_FIELD
     if not isinstance(value, dict):
-        raise _type_error(name, "an object", value)
+        raise type_error(name, "an object", value)
     ids, id_, created = value.get("token_ids"), value.get("id"), value.get("created")
-    if not isinstance(ids, list) or not all(_is_int(t) and t >= 0 for t in ids):
-        raise _type_error(f"{name}.token_ids", "an array of token ids", ids)
+    if not isinstance(ids, list) or not all(is_int(t) and t >= 0 for t in ids):
+        raise type_error(f"{name}.token_ids", "an array of token ids", ids)
     if not isinstance(id_, str) or not id_:
-        raise _type_error(f"{name}.id", "a non-empty string", id_)
+        raise type_error(f"{name}.id", "a non-empty string", id_)
     if not isinstance(created, int) or isinstance(created, bool):
-        raise _type_error(f"{name}.created", "an integer", created)
+        raise type_error(f"{name}.created", "an integer", created)
     return Continuation(tuple(ids), id_, created)
 
 
@@ -269,10 +212,10 @@ def _parse_content(index: int, role: str, content: Any) -> str:
                 )
             text = part.get("text")
             if not isinstance(text, str):
-                raise _type_error(f"{param}[{j}].text", "a string", text)
+                raise type_error(f"{param}[{j}].text", "a string", text)
             texts.append(text)
         return "".join(texts)
-    raise _type_error(param, "a string or a list of text parts", content)
+    raise type_error(param, "a string or a list of text parts", content)
 
 
 def _parse_messages(value: Any) -> tuple[Message, ...]:
@@ -285,7 +228,7 @@ def _parse_messages(value: Any) -> tuple[Message, ...]:
     messages = []
     for i, item in enumerate(value):
         if not isinstance(item, dict):
-            raise _type_error(f"messages[{i}]", "an object", item)
+            raise type_error(f"messages[{i}]", "an object", item)
         role = item.get("role")
         if role not in ALLOWED_ROLES:
             raise ApiError.invalid(
@@ -294,8 +237,36 @@ def _parse_messages(value: Any) -> tuple[Message, ...]:
                 f"messages[{i}].role",
                 "invalid_value",
             )
-        messages.append(Message(role, _parse_content(i, role, item.get("content"))))
+        content = _parse_content(i, role, item.get("content"))
+        calls = parse_tool_calls(i, item.get("tool_calls")) if role == "assistant" else ()
+        call_id = item.get("tool_call_id")
+        if role == "tool" and (not isinstance(call_id, str) or not call_id):
+            raise ApiError.invalid(
+                f"Invalid 'messages[{i}]': a tool message needs 'tool_call_id', the id of the "
+                "call it answers.",
+                f"messages[{i}].tool_call_id",
+                "invalid_value",
+            )
+        name = item.get("name")
+        if name is not None and not isinstance(name, str):
+            raise type_error(f"messages[{i}].name", "a string", name)
+        tool_call_id = call_id if role == "tool" else None
+        messages.append(Message(role, content, calls, tool_call_id, name))
     return tuple(messages)
+
+
+def _parse_format(value: Any, tools: tuple[Tool, ...]) -> ResponseFormat:
+    """response_format, which constrains the whole answer: not with tools the model may call
+    (a call is not the JSON asked for)."""
+    fmt = parse_response_format(value)
+    if fmt.constrained and tools:
+        raise ApiError.invalid(
+            "Unsupported combination: 'response_format' with 'tools' the model may call; send "
+            "one of them, or tool_choice 'none'.",
+            "response_format",
+            "unsupported_parameter",
+        )
+    return fmt
 
 
 def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
@@ -303,7 +274,22 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
     model, stream, include_usage = _parse_common(body)
     messages = _parse_messages(body.get("messages"))
     continuation = _parse_continuation(body.get(CONTINUATION_FIELD))
-    return ChatRequest(model, messages, _parse_sampling(body), stream, include_usage, continuation)
+    tools = parse_tools(body.get("tools"))
+    choice = parse_tool_choice(body.get("tool_choice"), tools)
+    callable_tools = tools if choice.mode != "none" else ()
+    return ChatRequest(
+        model,
+        messages,
+        parse_sampling(body, "chat"),
+        stream,
+        include_usage,
+        continuation,
+        tools,
+        choice,
+        parse_parallel_tool_calls(body.get("parallel_tool_calls")),
+        parse_template_kwargs(body.get("chat_template_kwargs")),
+        _parse_format(body.get("response_format"), callable_tools),
+    )
 
 
 def _parse_prompt(value: Any) -> str | tuple[int, ...]:
@@ -311,10 +297,10 @@ def _parse_prompt(value: Any) -> str | tuple[int, ...]:
         prompt: str | tuple[int, ...] = value
     elif isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
         prompt = value[0]
-    elif isinstance(value, list) and value and all(_is_int(t) and t >= 0 for t in value):
+    elif isinstance(value, list) and value and all(is_int(t) and t >= 0 for t in value):
         prompt = tuple(value)
     else:
-        raise _type_error("prompt", "a string, a list of one string or a list of token ids", value)
+        raise type_error("prompt", "a string, a list of one string or a list of token ids", value)
     if not prompt:
         raise ApiError.invalid("Invalid 'prompt': it must not be empty.", "prompt", "invalid_value")
     return prompt
@@ -322,11 +308,17 @@ def _parse_prompt(value: Any) -> str | tuple[int, ...]:
 
 def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
     """Validate a (legacy) completions body."""
+    if body.get("response_format") is not None:
+        raise ApiError.invalid(
+            "Unsupported parameter 'response_format' for completions: it is a chat field.",
+            "response_format",
+            "unsupported_parameter",
+        )
     model, stream, include_usage = _parse_common(body)
     prompt = _parse_prompt(body.get("prompt"))
     continuation = _parse_continuation(body.get(CONTINUATION_FIELD))
     return CompletionRequest(
-        model, prompt, _parse_sampling(body), stream, include_usage, continuation
+        model, prompt, parse_sampling(body, "completion"), stream, include_usage, continuation
     )
 
 

@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from mlxfleet.openai.tools import ToolCall
+
 Kind = Literal["chat", "completion"]
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -58,23 +60,75 @@ class ResponseHeader:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Logprob:
+    """One generated token's log probability as text: the token, its value, and the most likely
+    alternatives at its place (most likely first)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+def _token(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
+def logprobs_field(kind: Kind, entries: list[Logprob] | None, offset: int = 0) -> Any:
+    """A choice's `logprobs`: chat's `{"content": [...]}` (each token with `bytes` and
+    `top_logprobs`), or the completions API's parallel lists, `text_offset` counted from
+    `offset` (the characters of the completion before these tokens). None when not asked."""
+    if entries is None:
+        return None
+    if kind == "chat":
+        content = [
+            _token(e.token, e.logprob) | {"top_logprobs": [_token(t, lp) for t, lp in e.top]}
+            for e in entries
+        ]
+        return {"content": content}
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [dict(e.top) for e in entries] if any(e.top for e in entries) else None,
+        "text_offset": offsets,
+    }
+
+
 def full_response(
     header: ResponseHeader,
     text: str,
     finish_reason: str | None,
     usage: Usage,
     token_ids: list[int] | None = None,
+    logprobs: list[Logprob] | None = None,
+    reasoning: str = "",
+    calls: list[ToolCall] | None = None,
 ) -> dict[str, Any]:
-    """A non-streamed response body."""
+    """A non-streamed response body. A chat answer's thinking goes to `reasoning_content`
+    (vLLM's and DeepSeek's field), its calls to `tool_calls` (content null when it said
+    nothing else, as OpenAI's)."""
+    lp = logprobs_field(header.kind, logprobs)
     if header.kind == "chat":
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": (text or None) if calls else text,
+        }
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        if calls:
+            message["tool_calls"] = [c.whole() for c in calls]
         choice: dict[str, Any] = {
             "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
+            "message": message,
+            "logprobs": lp,
             "finish_reason": finish_reason,
         }
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}
     body = header.fields(chunk=False) | {"choices": [choice], "usage": usage.as_dict()}
     if token_ids is not None:
         body["mlxfleet"] = {"token_ids": token_ids}
@@ -89,17 +143,27 @@ def chunk(
     *,
     first: bool = False,
     usage: Usage | None = None,
+    logprobs: Any = None,
+    reasoning: str = "",
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One streamed chunk; the first chat chunk also carries the assistant role, and the
-    finishing one the whole answer's usage as `mlxfleet.usage` (the gateway's token counts)."""
+    finishing one the whole answer's usage as `mlxfleet.usage` (the gateway's token counts).
+    `logprobs` is the chunk's tokens' `logprobs_field`; `reasoning` goes to
+    `delta.reasoning_content`, `tool_calls` (Call.stream_head / stream_arguments pieces) to
+    `delta.tool_calls`."""
     if header.kind == "chat":
         delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {}
         if text and not first:
             delta["content"] = text
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        if tool_calls:
+            delta["tool_calls"] = tool_calls
         choice: dict[str, Any] = {"index": 0, "delta": delta}
     else:
         choice = {"index": 0, "text": text}
-    choice["logprobs"] = None
+    choice["logprobs"] = logprobs
     choice["finish_reason"] = finish_reason
     body = header.fields(chunk=True) | {"choices": [choice]}
     if token_ids is not None:

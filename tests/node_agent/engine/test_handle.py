@@ -6,7 +6,7 @@ import asyncio
 import threading
 
 from node_agent.engine.generator import Event
-from node_agent.engine.server import _Handle, merge_events
+from node_agent.engine.respond import Handle, merge_events
 
 
 def test_merge_events_joins_text_and_ids_and_keeps_the_last_end() -> None:
@@ -16,7 +16,7 @@ def test_merge_events_joins_text_and_ids_and_keeps_the_last_end() -> None:
 
 async def test_events_pushed_while_the_loop_is_busy_arrive_merged_with_one_wakeup() -> None:
     loop = asyncio.get_running_loop()
-    handle = _Handle(7, loop)
+    handle = Handle(7, loop)
     wakeups = 0
     real = loop.call_soon_threadsafe
 

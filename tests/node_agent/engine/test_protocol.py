@@ -19,6 +19,7 @@ from mlxfleet.openai.responses import ResponseHeader, Usage, chunk, full_respons
 USER = [{"role": "user", "content": "hi"}]
 
 # (body, status, code, param)
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 BAD_CHAT = [
     ({}, 400, "invalid_type", "messages"),
     ({"messages": []}, 400, "invalid_value", "messages"),
@@ -61,7 +62,145 @@ BAD_CHAT = [
     ({"messages": USER, "stream": 1}, 400, "invalid_type", "stream"),
     ({"messages": USER, "stream_options": []}, 400, "invalid_type", "stream_options"),
     ({"messages": USER, "model": 3}, 400, "invalid_type", "model"),
-    ({"messages": USER, "logprobs": True}, 400, "unsupported_parameter", "logprobs"),
+    ({"messages": USER, "logprobs": 1}, 400, "invalid_type", "logprobs"),
+    (
+        {"messages": USER, "logprobs": True, "top_logprobs": 21},
+        400,
+        "invalid_value",
+        "top_logprobs",
+    ),
+    (
+        {"messages": USER, "logprobs": True, "top_logprobs": -1},
+        400,
+        "invalid_value",
+        "top_logprobs",
+    ),
+    ({"messages": USER, "top_logprobs": 3}, 400, "invalid_value", "top_logprobs"),
+    (
+        {"messages": USER, "logprobs": True, "top_logprobs": 2.0},
+        400,
+        "invalid_type",
+        "top_logprobs",
+    ),
+    ({"messages": USER, "logit_bias": {"5": 101}}, 400, "invalid_value", "logit_bias"),
+    ({"messages": USER, "logit_bias": {"5": -100.5}}, 400, "invalid_value", "logit_bias"),
+    ({"messages": USER, "logit_bias": {"five": 1}}, 400, "invalid_value", "logit_bias"),
+    ({"messages": USER, "logit_bias": {"-5": 1}}, 400, "invalid_value", "logit_bias"),
+    ({"messages": USER, "logit_bias": [5, 1]}, 400, "invalid_type", "logit_bias"),
+    ({"messages": USER, "logit_bias": {"5": "1"}}, 400, "invalid_value", "logit_bias"),
+    ({"messages": USER, "top_k": -2}, 400, "invalid_value", "top_k"),
+    ({"messages": USER, "response_format": "json"}, 400, "invalid_type", "response_format"),
+    (
+        {"messages": USER, "response_format": {"type": "json_schema"}},
+        400,
+        "invalid_type",
+        "response_format.json_schema",
+    ),
+    (
+        {
+            "messages": USER,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": [1]}},
+        },
+        400,
+        "invalid_type",
+        "response_format.json_schema.schema",
+    ),
+    (
+        {"messages": USER, "response_format": {"type": "json_object"}, "tools": [TOOL]},
+        400,
+        "unsupported_parameter",
+        "response_format",
+    ),
+    ({"messages": USER, "tools": {"a": 1}}, 400, "invalid_type", "tools"),
+    ({"messages": USER, "tools": [{"type": "retrieval"}]}, 400, "invalid_value", "tools[0]"),
+    (
+        {"messages": USER, "tools": [TOOL | {"function": {"name": "a b"}}]},
+        400,
+        "invalid_value",
+        "tools[0].function.name",
+    ),
+    (
+        {"messages": USER, "tools": [TOOL], "tool_choice": "always"},
+        400,
+        "invalid_value",
+        "tool_choice",
+    ),
+    ({"messages": USER, "tool_choice": "required"}, 400, "invalid_value", "tool_choice"),
+    (
+        {"messages": USER, "tools": [TOOL], "parallel_tool_calls": "no"},
+        400,
+        "invalid_type",
+        "parallel_tool_calls",
+    ),
+    (
+        {"messages": USER, "chat_template_kwargs": {"tools": []}},
+        400,
+        "invalid_value",
+        "chat_template_kwargs",
+    ),
+    ({"messages": USER, "chat_template_kwargs": "x"}, 400, "invalid_type", "chat_template_kwargs"),
+    (
+        {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "[1]"},
+                        }
+                    ],
+                }
+            ]
+        },
+        400,
+        "invalid_value",
+        "messages[0].tool_calls[0].function.arguments",
+    ),
+    (
+        {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+                    ],
+                }
+            ]
+        },
+        400,
+        "invalid_type",
+        "messages[0].tool_calls[0].id",
+    ),
+    (
+        {"messages": [{"role": "tool", "content": "x"}]},
+        400,
+        "invalid_value",
+        "messages[0].tool_call_id",
+    ),
+    ({"messages": USER, "audio": {"voice": "alloy"}}, 400, "unsupported_parameter", "audio"),
+    (
+        {"messages": USER, "modalities": ["text", "audio"]},
+        400,
+        "unsupported_parameter",
+        "modalities",
+    ),
+    ({"messages": USER, "functions": [{"name": "f"}]}, 400, "unsupported_parameter", "functions"),
+    (
+        {"messages": USER, "web_search_options": {}},
+        400,
+        "unsupported_parameter",
+        "web_search_options",
+    ),
+    ({"messages": USER, "top_k": 1.5}, 400, "invalid_type", "top_k"),
+    ({"messages": USER, "min_p": 1.5}, 400, "invalid_value", "min_p"),
+    ({"messages": USER, "repetition_penalty": 0}, 400, "invalid_value", "repetition_penalty"),
+    ({"messages": USER, "presence_penalty": 2.5}, 400, "invalid_value", "presence_penalty"),
+    ({"messages": USER, "frequency_penalty": -3}, 400, "invalid_value", "frequency_penalty"),
+    ({"messages": USER, "frequency_penalty": "x"}, 400, "invalid_type", "frequency_penalty"),
     ({"messages": USER, "ignore_eos": "yes"}, 400, "invalid_type", "ignore_eos"),
 ]
 
@@ -74,8 +213,83 @@ def test_bad_chat_requests_are_refused(body: dict, status: int, code: str, param
     assert info.value.type == "invalid_request_error"
 
 
+def test_tools_and_their_history_are_parsed_whole() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    request = parse_chat_request(
+        {
+            "messages": [
+                *USER,
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "name": "f", "content": "2"},
+            ],
+            "tools": [TOOL],
+            "parallel_tool_calls": False,
+            "chat_template_kwargs": {"enable_thinking": False},
+        }
+    )
+    assert request.tools_on and request.tool_choice.mode == "auto"
+    assert (request.parallel_tool_calls, request.template_kwargs) == (
+        False,
+        {"enable_thinking": False},
+    )
+    assistant, tool = (m.as_template() for m in request.messages[1:])
+    assert assistant == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+        ],
+    }
+    assert tool == {"role": "tool", "content": "2", "tool_call_id": "c1", "name": "f"}
+    assert request.tools[0].as_template() == TOOL
+    named = {"type": "function", "function": {"name": "f"}}
+    forced = parse_chat_request({"messages": USER, "tools": [TOOL], "tool_choice": named})
+    assert (forced.tool_choice.mode, forced.tool_choice.name) == ("required", "f")
+    required = parse_chat_request({"messages": USER, "tools": [TOOL], "tool_choice": "required"})
+    assert (required.tool_choice.mode, required.tool_choice.name) == ("required", None)
+    off = parse_chat_request({"messages": USER, "tools": [TOOL], "tool_choice": "none"})
+    assert not off.tools_on and not parse_chat_request({"messages": USER}).tools_on
+
+
+def test_every_sampling_control_is_parsed_and_the_defaults_are_off() -> None:
+    params = parse_chat_request(
+        {
+            "messages": USER,
+            "top_k": 40,
+            "min_p": 0.05,
+            "repetition_penalty": 1.1,
+            "presence_penalty": 0.5,
+            "frequency_penalty": -0.5,
+            "logit_bias": {"17": -100, "3": 2.5},
+            "logprobs": True,
+            "top_logprobs": 20,
+        }
+    ).params
+    assert (params.top_k, params.min_p, params.repetition_penalty) == (40, 0.05, 1.1)
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -0.5)
+    assert params.logit_bias == ((3, 2.5), (17, -100.0))
+    assert (params.logprobs, params.top_logprobs, params.needs_processors) == (True, 20, True)
+    plain = parse_chat_request({"messages": USER}).params
+    assert (plain.top_k, plain.min_p, plain.repetition_penalty, plain.logit_bias) == (0, 0, 1, ())
+    assert (plain.logprobs, plain.top_logprobs, plain.needs_processors) == (False, 0, False)
+    assert parse_chat_request({"messages": USER, "top_k": -1}).params.top_k == 0  # vLLM's "off"
+    legacy = parse_completion_request({"prompt": "x", "logprobs": 3}).params
+    assert (legacy.logprobs, legacy.top_logprobs) == (True, 3)
+    assert parse_completion_request({"prompt": "x", "logprobs": 0}).params.logprobs is True
+
+
 BAD_COMPLETION = [
     ({}, "invalid_type", "prompt"),
+    ({"prompt": "x", "logprobs": 6}, "invalid_value", "logprobs"),
+    ({"prompt": "x", "logprobs": True}, "invalid_type", "logprobs"),
+    ({"prompt": "x", "top_logprobs": 2}, "unsupported_parameter", "top_logprobs"),
+    ({"prompt": "x", "suffix": "end"}, "unsupported_parameter", "suffix"),
+    (
+        {"prompt": "x", "response_format": {"type": "json_object"}},
+        "unsupported_parameter",
+        "response_format",
+    ),
+    ({"prompt": "x", "best_of": 3}, "unsupported_parameter", "best_of"),
     ({"prompt": ""}, "invalid_value", "prompt"),
     ({"prompt": ["a", "b"]}, "invalid_type", "prompt"),
     ({"prompt": [1, -2]}, "invalid_type", "prompt"),

@@ -20,6 +20,13 @@ BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 
 
 class FakeTokenizer:
+    """What the server asks of mlx-lm's tokenizer wrapper, for a model with no think or tool
+    markers."""
+
+    has_thinking = False
+    has_tool_calling = False
+    tool_parser = tool_call_start = tool_call_end = None
+
     def apply_chat_template(self, messages: list, add_generation_prompt: bool) -> list[int]:
         return [1, 2, 3]
 
@@ -95,5 +102,26 @@ async def test_full_queue_is_429_with_retry_after() -> None:
         assert response.status_code == 429
         assert response.headers["Retry-After"] == "1"
         assert response.json()["error"]["code"] == "rate_limit_exceeded"
+    finally:
+        await server.close()
+
+
+async def test_tools_for_a_model_without_tool_calling_are_refused() -> None:
+    """The fake tokenizer is a model whose template has no tool calling."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    server = await serve(FakeModelThread())
+    try:
+        async with httpx.AsyncClient(base_url=str(server.make_url(""))) as client:
+            refused = await client.post(
+                "/v1/chat/completions", json=BODY | {"tools": [tool]}, headers=HEADERS
+            )
+            unused = await client.post(
+                "/v1/chat/completions",
+                json=BODY | {"tools": [tool], "tool_choice": "none"},
+                headers=HEADERS,
+            )
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == "tools"
+        assert unused.status_code == 500  # served (this fake model then fails every request)
     finally:
         await server.close()
