@@ -84,14 +84,14 @@ class Channels:
         if self._sm is None or self._state is None:
             return Delta(content=text)
         self._state, segments = self._sm.split(self._state, text)
-        return self._segments(segments, final=False)
+        return self._segments(segments)
 
     def finish(self) -> Delta:
         """The end of the answer: what the machine held back, and a call left open."""
         if self._sm is None or self._state is None:
             return Delta()
         self._state, held, current = self._sm.flush(self._state)
-        delta = self._segments([(current, held)], final=True)
+        delta = self._segments([(current, held)])
         if self._tool_text:  # an unfinished call: its text, as it was generated
             delta.content += self._start + self._tool_text
             self._tool_text = ""
@@ -102,7 +102,7 @@ class Channels:
         call count as they were, nothing emitted again."""
         self.add(text)
 
-    def _segments(self, segments: list[tuple[str | None, str]], final: bool) -> Delta:
+    def _segments(self, segments: list[tuple[str | None, str]]) -> Delta:
         delta = Delta()
         for i, (state, text) in enumerate(segments):
             closed = i < len(segments) - 1  # a later segment follows: this state was left
@@ -120,11 +120,14 @@ class Channels:
         text, self._tool_text = self._tool_text, ""
         try:
             parsed = self._parser(text, self._tools)
-        except (ValueError, KeyError, TypeError) as exc:
+            calls = parsed if isinstance(parsed, list) else [parsed]
+            if not all(isinstance(c, dict) for c in calls):
+                raise TypeError("the parser gave something other than calls")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             logger.warning("a tool call did not parse (%s): kept as content", type(exc).__name__)
             delta.content += self._start + text + (self._end or "")
             return
-        for call in parsed if isinstance(parsed, list) else [parsed]:
+        for call in calls:
             arguments = call.get("arguments", {})
             if not isinstance(arguments, str):
                 arguments = json.dumps(arguments, ensure_ascii=False)
