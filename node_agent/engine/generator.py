@@ -62,7 +62,7 @@ class Job:
     params: SamplingParams
     sink: Sink
     sent_ids: tuple[int, ...] = ()  # generated elsewhere, text already sent (a continuation)
-    grammar: Any = None  # grammar.GrammarProcessor: constrained decoding, around the sampler
+    grammar: Any = None  # grammar.RequestGrammar: constrained decoding, wraps the sampler
 
 
 @dataclass(frozen=True, slots=True)

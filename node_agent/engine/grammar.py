@@ -35,7 +35,7 @@ JSON_STYLE: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_se
 HERMES_CALL_START = "<tool_call>"  # the json_tools format (Hermes, Qwen2.5) is the one we force
 
 
-class GrammarProcessor:
+class RequestGrammar:
     """One sequence's grammar. It wraps the request's sampler (`constrain`): each draw masks
     the tokens the grammar forbids, then the token drawn is consumed at the next draw. In the
     sampler rather than as a logits processor: BatchGenerator samples rows with distinct
@@ -82,12 +82,12 @@ class Grammars:
 
     def for_format(
         self, fmt: ResponseFormat, sent: list[int], opened_thinking: bool
-    ) -> GrammarProcessor:
+    ) -> RequestGrammar:
         """response_format: the answer is JSON valid against the schema (json_object: any
         object), after the model's think section when it has one."""
         schema = dict(fmt.schema or {}) if fmt.type == "json_schema" else {"type": "object"}
         body = f"body: %json {json.dumps(schema | {'x-guidance': JSON_STYLE})}"
-        return GrammarProcessor(
+        return RequestGrammar(
             self._matcher(self._lark(body, opened_thinking), "response_format"), sent
         )
 
@@ -98,7 +98,7 @@ class Grammars:
         parallel: bool,
         sent: list[int],
         opened_thinking: bool,
-    ) -> GrammarProcessor:
+    ) -> RequestGrammar:
         """tool_choice required or a named function: the answer is one call (or several, with
         parallel_tool_calls) of an allowed function, arguments valid against its schema."""
         start, end = self._wrapper.tool_call_start, self._wrapper.tool_call_end
@@ -130,7 +130,7 @@ class Grammars:
                 *rules,
             ]
         )
-        return GrammarProcessor(self._matcher(self._lark(body, opened_thinking), "tools"), sent)
+        return RequestGrammar(self._matcher(self._lark(body, opened_thinking), "tools"), sent)
 
     def _lark(self, body: str, opened_thinking: bool) -> str:
         """`body` (Lark rules defining `body`) as the whole answer, after a think section when

@@ -142,14 +142,19 @@ class Answer:
         entries, self._logprobs = self._logprobs, ([] if self._logprobs is not None else None)
         return ids, self.logprobs(entries)
 
-    def wants_stop(self) -> bool:
-        """parallel_tool_calls false and the one call made: stop generating."""
-        return self.one_call and self.calls_taken > 0
-
-    def stopped(self, event: Event) -> Event:
-        """End the generation now (the one call is made); the event as a last one."""
-        self.stop()
-        return dataclasses.replace(event, finish_reason="stop", completion_tokens=self.generated)
+    async def next(self) -> tuple[Event, Delta]:
+        """The next pile of events and what its text adds. A failed event's text is taken too
+        (it may come merged with the end). Once the one call parallel_tool_calls false allows
+        is made, the generation is stopped and this event becomes the last."""
+        event = await self.handle.next()
+        failed = event.finish_reason in ("error", "cancelled")
+        delta = self.take(event, final=event.finish_reason is not None and not failed)
+        if self.one_call and self.calls_taken > 0 and event.finish_reason is None:
+            self.stop()
+            event = dataclasses.replace(
+                event, finish_reason="stop", completion_tokens=self.generated
+            )
+        return event, delta
 
     def finish_reason(self, reason: str | None) -> str | None:
         # The model ended its turn after calling tools (OpenAI's finish reason for that).
@@ -174,13 +179,9 @@ async def collect(answer: Answer) -> web.Response:
     """Wait for the whole generation and answer it as one body."""
     content, reasoning, calls = "", "", []
     while True:
-        event = await answer.handle.next()
-        final = event.finish_reason is not None or answer.wants_stop()
-        delta = answer.take(event, final)
+        event, delta = await answer.next()
         content, reasoning = content + delta.content, reasoning + delta.reasoning
         calls += delta.calls
-        if answer.wants_stop() and event.finish_reason is None:
-            event = answer.stopped(event)
         if event.finish_reason is not None:
             break
     if event.finish_reason in ("error", "cancelled"):
@@ -218,10 +219,8 @@ async def stream(
         if header.kind == "chat" and first:
             await response.write(sse(chunk(header, "", first=True)))
         while True:
-            event = await handle.next()
+            event, delta = await answer.next()
             failed = event.finish_reason in ("error", "cancelled")
-            # Text may come merged with the end, even a failed one: it is sent first.
-            delta = answer.take(event, final=event.finish_reason is not None and not failed)
             if delta.content or delta.reasoning:
                 ids, logprobs = answer.pending()
                 lp = logprobs_field(header.kind, logprobs, offset)
@@ -237,12 +236,10 @@ async def stream(
                 head = chunk(header, "", None, ids or None, tool_calls=[call.stream_head(index)])
                 rest = chunk(header, "", None, tool_calls=[call.stream_arguments(index)])
                 await response.write(sse(head) + sse(rest))
-            if failed:
+            if failed:  # its text is sent first, then the error
                 message = f"Generation failed: {event.error or event.finish_reason}."
                 await response.write(sse(error_body(message, "server_error")))
                 break
-            if answer.wants_stop() and event.finish_reason is None:
-                event = answer.stopped(event)  # parallel_tool_calls false: the call is made
             if event.finish_reason is not None:
                 # Ids not yet sent (their text was held back, then cut) ride on the last chunk.
                 ids, logprobs = answer.pending()

@@ -30,7 +30,7 @@ from mlxfleet.openai.responses import Kind, ResponseHeader, Usage, error_body
 from node_agent.engine.channels import Channels, machine, starts_in_reasoning
 from node_agent.engine.config import EngineConfig
 from node_agent.engine.generator import Event, Job, ModelThread
-from node_agent.engine.grammar import GrammarProcessor, Grammars
+from node_agent.engine.grammar import Grammars, RequestGrammar
 from node_agent.engine.knobs import updated_knobs
 from node_agent.engine.respond import Answer, Handle, collect, json_error, stream
 from node_agent.errors import QueueFull
@@ -242,11 +242,7 @@ class EngineServer:
                 "The model is still loading.", None, "model_loading", 503, "server_error"
             )
         loop = asyncio.get_running_loop()
-        prompt_ids = await loop.run_in_executor(self._tokenize_pool, self._tokenize, parsed)
-        sent_ids = list(parsed.continuation.token_ids) if parsed.continuation else []
-        grammar = await loop.run_in_executor(
-            self._tokenize_pool, self._grammar, parsed, prompt_ids, sent_ids
-        )
+        prompt_ids, grammar = await loop.run_in_executor(self._tokenize_pool, self._prepare, parsed)
         param: Literal["messages", "prompt"] = "messages" if kind == "chat" else "prompt"
         header = ResponseHeader.new(kind, self._config.model_name)
         usage_base = Usage(len(prompt_ids), 0)
@@ -321,9 +317,17 @@ class EngineServer:
         reasoning = starts_in_reasoning(tokenizer, prompt_ids)
         return Channels(self._machines[tools_on], tokenizer, tools, reasoning)
 
+    def _prepare(
+        self, parsed: ChatRequest | CompletionRequest
+    ) -> tuple[list[int], RequestGrammar | None]:
+        """Off the event loop, in one hop: the prompt's ids and the request's grammar."""
+        prompt_ids = self._tokenize(parsed)
+        sent = list(parsed.continuation.token_ids) if parsed.continuation else []
+        return prompt_ids, self._grammar(parsed, prompt_ids, sent)
+
     def _grammar(
         self, parsed: ChatRequest | CompletionRequest, prompt_ids: list[int], sent: list[int]
-    ) -> GrammarProcessor | None:
+    ) -> RequestGrammar | None:
         """The request's constrained decoding (grammar.py): its response_format, or the forced
         call of tool_choice required or named. Compiles the grammar (cached) off the loop."""
         if not isinstance(parsed, ChatRequest):
