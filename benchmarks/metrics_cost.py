@@ -182,17 +182,17 @@ def record_traffic(metrics: Metrics, units: list[tuple[str, str]]) -> None:
         model, tier = units[i % len(units)]
         roll = rng.random()
         if roll < 0.01:
-            metrics.request_done("", "", 401, None, None)
+            metrics.request_done("", "", 401, None, None, "chat")
             continue
         status = 429 if roll < 0.03 else 499 if roll < 0.04 else 502 if roll < 0.045 else 200
         if status == 429:
-            metrics.request_done(model, tier, status, None, None)
+            metrics.request_done(model, tier, status, None, None, "chat")
             continue
         tokens = rng.randint(1, 1500)
         ttft_s = rng.lognormvariate(math.log(0.1), 0.6)
         decode_s = rng.lognormvariate(math.log(0.02), 0.5) * (tokens - 1)
         usage = (PROMPT_TOKENS, tokens) if status == 200 else None
-        metrics.request_done(model, tier, status, ttft_s + decode_s, usage)
+        metrics.request_done(model, tier, status, ttft_s + decode_s, usage, "chat")
         metrics.stream_timing(model, tier, ttft_s, decode_s, tokens)
 
 
@@ -280,7 +280,7 @@ def request_path(metrics: Metrics, model: str, tier: str) -> None:
     """What coordinator/gateway/record.py records for one finished stream."""
     in_flight = metrics.in_flight.labels(model, tier)
     in_flight.inc()
-    metrics.request_done(model, tier, 200, 2.0, (PROMPT_TOKENS, 256))
+    metrics.request_done(model, tier, 200, 2.0, (PROMPT_TOKENS, 256), "chat")
     metrics.stream_timing(model, tier, 0.1, 1.9, 256)
     in_flight.dec()
 
@@ -310,7 +310,7 @@ def request_costs() -> dict[str, Spread]:
             ),
             "in_flight inc + dec (labels looked up once)": (gauge, REQUEST_CALLS),
             "request_done": (
-                lambda: metrics.request_done(model, tier, 200, 2.0, (PROMPT_TOKENS, 256)),
+                lambda: metrics.request_done(model, tier, 200, 2.0, (PROMPT_TOKENS, 256), "chat"),
                 REQUEST_CALLS,
             ),
             "stream_timing": (

@@ -1,7 +1,8 @@
 """Serve one request from the [cloud] fallback: LiteLLM calls the provider, we answer OpenAI-shaped.
 
 Our engines' bytes are passed through unchanged; a provider's response comes back as LiteLLM
-objects, so here each chunk is encoded again as a server-sent event.
+objects, so here each chunk is encoded again as a server-sent event (and, for a client of
+another dialect, mapped to it by the same adapter as an engine's answer).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -19,6 +20,9 @@ from coordinator.routing import Routing, Target
 from mlxfleet.errors import ApiError
 from mlxfleet.openai.responses import sse
 from mlxfleet.tiers import TIER_HEADER
+
+if TYPE_CHECKING:
+    from coordinator.gateway.forward import Reply
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +59,11 @@ def cloud_params(body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def serve_cloud(
-    request: web.Request, routing: Routing, target: Target, raw: bytes, tier: str
+    request: web.Request, routing: Routing, target: Target, raw: bytes, tier: str, reply: Reply
 ) -> tuple[web.StreamResponse, tuple[int, int] | None]:
     """The response, and (prompt, completion) tokens when the provider said."""
     body = json.loads(raw)
-    kind = "chat" if request.path.endswith("/chat/completions") else "completion"
+    kind = "chat" if reply.path.endswith("/chat/completions") else "completion"
     params = cloud_params(body)
     headers = {TIER_HEADER: tier, ROUTE_HEADER: "cloud"}
     try:
@@ -76,11 +80,14 @@ async def serve_cloud(
         answer = result.model_dump(exclude_none=True)
         usage = answer.get("usage") or {}
         counted = (usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+        if reply.whole is not None:
+            answer = reply.whole(answer)
         return web.json_response(answer, headers=headers), counted
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
     )
     await response.prepare(request)
+    translator = reply.translator() if reply.translator is not None else None
     tokens: tuple[int, int] | None = None
     with contextlib.suppress(ConnectionResetError):
         try:
@@ -88,11 +95,12 @@ async def serve_cloud(
                 payload = chunk.model_dump(exclude_none=True)
                 if usage := payload.get("usage"):
                     tokens = (usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
-                await response.write(sse(payload))
+                event = sse(payload)
+                await response.write(translator.feed(event) if translator else event)
         except Exception as exc:  # the provider broke the stream: say so, never a silent close
             logger.warning("cloud fallback stream for %s broke: %s", target.model, exc)
             err = ApiError(502, "the cloud fallback stopped before finishing", type="server_error")
-            await response.write(sse(err.body()))
-        await response.write(SSE_DONE)
+            await response.write(translator.failed(err) if translator else sse(err.body()))
+        await response.write(translator.feed(SSE_DONE) if translator else SSE_DONE)
         await response.write_eof()
     return response, tokens

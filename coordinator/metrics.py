@@ -47,10 +47,10 @@ class Metrics:
         unit = ["model", "tier"]
         self.requests = Counter(
             "mlxfleet_requests",
-            "Completion requests by model, tier and HTTP status (499: the client left; 502: a "
-            "stream no engine could finish). Model and tier are empty when refused before "
-            "they were known.",
-            [*unit, "status"],
+            "Completion requests by model, tier, HTTP status (499: the client left; 502: a "
+            "stream no engine could finish) and API (chat, completions, messages, "
+            "responses). Model and tier are empty when refused before they were known.",
+            [*unit, "status", "api"],
             registry=r,
         )
         self.prompt_tokens = Counter(
@@ -142,9 +142,11 @@ class Metrics:
         status: int,
         duration_s: float | None,
         usage: tuple[int, int] | None,
+        api: str,
     ) -> None:
-        """One finished request: its status, and for those an engine served, time and tokens."""
-        self.requests.labels(model, tier, str(status)).inc()
+        """One finished request: its status, and for those an engine served, time and tokens.
+        `api` is the route's dialect: chat, completions, messages or responses."""
+        self.requests.labels(model, tier, str(status), api).inc()
         if duration_s is not None:
             self.duration.labels(model, tier).observe(duration_s)
         if usage is not None:

@@ -256,6 +256,7 @@ def fleet() -> dict[str, Any]:
     active = "sum by (node, trigger) (mlxfleet_trigger_active) or on() vector(0)"
     exits = f"sum by (node, reason) (increase(mlxfleet_engine_exits_total[{RATE}])) {OR_ZERO}"
     reqs = f"sum by (tier) (rate(mlxfleet_requests_total[{RATE}]))"
+    by_api = f"sum by (api) (rate(mlxfleet_requests_total[{RATE}]))"
     failed = f'mlxfleet_requests_total{{status!~"2.."}}[{RATE}]'
     errors = f"sum by (tier) (rate({failed}))"
     by_status = f"sum by (tier, status) (rate({failed})) {OR_ZERO}"
@@ -327,6 +328,13 @@ def fleet() -> dict[str, Any]:
             "Requests per second through the gateway, any status. An empty tier: the request "
             "failed before its tier was known.",
             targets((reqs, "{{tier}}")),
+            "reqps",
+        ),
+        graph(
+            "Request rate by API",
+            "Requests per second by dialect: chat, completions (OpenAI), messages (Anthropic: "
+            "Claude Code), responses (OpenAI Responses: Codex, the Agents SDK).",
+            targets((by_api, "{{api}}")),
             "reqps",
         ),
         graph(

@@ -1,7 +1,8 @@
 """The gateway's aiohttp application: middlewares, the route table and the `Gateway` facade.
 
-Every refusal is OpenAI-shaped JSON and happens before any engine work. The response body is
-the engine's own bytes, streamed as they arrive: the gateway never re-encodes a chunk.
+Every refusal happens before any engine work, as JSON in the route's dialect (Anthropic's
+shape on /v1/messages, OpenAI's everywhere else). An OpenAI client's response body is the
+engine's own bytes, streamed as they arrive; another dialect's is its adapter's mapping.
 """
 
 from __future__ import annotations
@@ -14,20 +15,25 @@ from aiohttp import web
 from coordinator.config import Config
 from coordinator.discovery import Discovery
 from coordinator.fleet_metrics import sd_targets
+from coordinator.gateway import anthropic
 from coordinator.gateway.admin import AdminRoutes
 from coordinator.gateway.admission import Admission
+from coordinator.gateway.anthropic import AnthropicRoutes
 from coordinator.gateway.auth import Auth
 from coordinator.gateway.flights import Flights
 from coordinator.gateway.forward import Forwarder
+from coordinator.gateway.front import Front
 from coordinator.gateway.limits import KeyLimits, Reservation
 from coordinator.gateway.openai import OpenAIRoutes
 from coordinator.gateway.record import Recorder
+from coordinator.gateway.responses import ResponsesRoutes
 from coordinator.metrics import CONTENT_TYPE_LATEST
 from coordinator.reconcile import Reconciler
 from coordinator.registry import EngineId, Registry
 from coordinator.routing import Routing
 from coordinator.status_page import StatusPage
 from coordinator.store import Store
+from mlxfleet.dialects.anthropic_request import error_body as anthropic_error
 from mlxfleet.errors import ApiError
 
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
@@ -35,26 +41,31 @@ MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_response(err: ApiError) -> web.Response:
+def error_response(err: ApiError, path: str = "") -> web.Response:
+    """The error in the dialect of the route it happened on."""
+    if path in anthropic.PATHS:
+        status, body = anthropic_error(err)
+        return web.json_response(body, status=status, headers=err.headers)
     return web.json_response(err.body(), status=err.status, headers=err.headers)
 
 
 @web.middleware
-async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every failure at this edge into an OpenAI-shaped error, never a traceback."""
+async def api_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure at this edge into an error in the route's dialect, never a
+    traceback."""
     try:
         return await handler(request)
     except ApiError as err:
-        return error_response(err)
+        return error_response(err, request.path)
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[MAX_BODY_KEY]
-        return error_response(
-            ApiError(413, f"request body over the {limit}-byte limit", code="request_too_large")
-        )
+        too_large = f"request body over the {limit}-byte limit"
+        return error_response(ApiError(413, too_large, code="request_too_large"), request.path)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(ApiError(exc.status, exc.reason, type="invalid_request_error"))
+        refused = ApiError(exc.status, exc.reason, type="invalid_request_error")
+        return error_response(refused, request.path)
 
 
 class Gateway:
@@ -81,23 +92,21 @@ class Gateway:
         self._forwarder = Forwarder(
             config, routing, reconciler, metrics, self.limits, self._flights
         )
-        self.openai = OpenAIRoutes(
-            auth,
-            Admission(config, reconciler, self.limits),
-            self._forwarder,
-            Recorder(metrics),
-            routing,
-            reconciler,
+        front = Front(
+            auth, Admission(config, reconciler, self.limits), self._forwarder, Recorder(metrics)
         )
+        self.openai = OpenAIRoutes(front, routing, reconciler)
+        self.anthropic = AnthropicRoutes(front)
+        self.responses = ResponsesRoutes(front)
         self.admin = AdminRoutes(auth, store, registry, reconciler, routing)
         self.status_page = StatusPage(metrics.registry, reconciler, registry, routing, store)
 
     def app(self) -> web.Application:
-        app = web.Application(
-            middlewares=[openai_errors], client_max_size=self._config.max_body_bytes
-        )
+        app = web.Application(middlewares=[api_errors], client_max_size=self._config.max_body_bytes)
         app[MAX_BODY_KEY] = self._config.max_body_bytes
         self.openai.add_routes(app)
+        self.anthropic.add_routes(app)
+        self.responses.add_routes(app)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/prometheus/targets", self.prometheus_targets)

@@ -26,13 +26,15 @@ class Auth:
         self._admin_token = admin_token
 
     def team_key(self, request: web.Request) -> tuple[ApiKey, KeyTiers]:
-        """The request's team key (401 without a valid one) and the tiers it may use."""
-        key = bearer(request) or ""
+        """The request's team key (401 without a valid one) and the tiers it may use. It comes
+        as `Authorization: Bearer` or, as Anthropic's clients send it, `x-api-key`."""
+        key = bearer(request) or request.headers.get("x-api-key", "").strip()
         record = self._store.api_key(key) if key else None
         if record is None:
             raise ApiError(
                 401,
-                "missing or invalid API key (send Authorization: Bearer <team key>)",
+                "missing or invalid API key (send Authorization: Bearer <team key>, or "
+                "x-api-key: <team key>)",
                 code="invalid_api_key",
             )
         return record, key_tiers(record.tiers, record.default_tier)

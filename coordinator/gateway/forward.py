@@ -1,8 +1,9 @@
 """The one forward path under every dialect: pick a deployment, post, fail over, relay.
 
-The request's own bytes go to the engine and the engine's bytes come back unchanged. Before the
-client has a byte, a failing engine is simply replaced; after, a stream that breaks is
-continued on the next engine (relay.py).
+The request's own bytes go to the engine and the engine's bytes come back unchanged (for a
+client of another dialect, its adapter's mapping of them: `Reply`). Before the client has a
+byte, a failing engine is simply replaced; after, a stream that breaks is continued on the next
+engine (relay.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -26,6 +29,7 @@ from coordinator.gateway.relay import SSE_DONE, StreamRelay
 from coordinator.metrics import Metrics
 from coordinator.reconcile import Reconciler, UnitKey
 from coordinator.routing import Routing, Target
+from mlxfleet.dialects.chat_answer import Translator
 from mlxfleet.errors import ApiError
 from mlxfleet.tiers import TIER_HEADER
 
@@ -35,6 +39,38 @@ STREAM_FAILED = 502  # a stream no engine could finish (it ends with an error ev
 ATTEMPTS = 3  # engines tried for one request before answering 503 (only before any byte is sent)
 ENGINE_CONNECT_TIMEOUT_S = 5.0
 WAKE_POLL_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """How an admitted request is answered: the engine route it is posted to and, for a client
+    of another dialect, how the engines' chat answer becomes that dialect's."""
+
+    api: str  # the metrics' api label: chat, completions, messages or responses
+    path: str  # the engine route
+    whole: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # None: the body as it came
+    translator: Callable[[], Translator] | None = None  # None: the chat events as they came
+    cloud: bool = True  # whether the cloud fallback may answer it (not a token count)
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A dialect's validated request: what admission checks and what the engines get."""
+
+    max_tokens: int | None
+    stream: bool
+    body: bytes  # posted to the engine at reply.path
+    reply: Reply
+
+
+def engine_refusal(status: int, data: bytes, headers: dict[str, str]) -> ApiError:
+    """An engine's OpenAI-shaped error body as an ApiError, for a client of another dialect."""
+    try:
+        error = json.loads(data)["error"]
+        message, kind = str(error["message"]), str(error.get("type") or "invalid_request_error")
+    except (ValueError, KeyError, TypeError):
+        message, kind = data.decode(errors="replace")[:200], "server_error"
+    return ApiError(status, message, type=kind, headers=headers)
 
 
 def unavailable(model: str, tier: str) -> ApiError:
@@ -78,15 +114,15 @@ class Forwarder:
             await self._session.close()
 
     async def serve(
-        self, request: web.Request, key: UnitKey, raw: bytes, stream: bool, outcome: Outcome
+        self, request: web.Request, key: UnitKey, admitted: Admitted, outcome: Outcome
     ) -> web.StreamResponse:
-        """Answer `raw` (the body to post to the engine at `request.path`) from unit `key`,
-        counted in flight for the unit while it runs."""
+        """Answer an admitted request from unit `key`, counted in flight for the unit while
+        it runs."""
         self._reconciler.begin_request(key)
         self._metrics.in_flight_began(*key)
         try:
             await self._wake(key)
-            return await self._forward(request, key, raw, stream, outcome)
+            return await self._forward(request, key, admitted, outcome)
         finally:
             self._metrics.in_flight_ended(*key)
             self._reconciler.end_request(key)
@@ -105,26 +141,29 @@ class Forwarder:
         logger.info("cold start of %s/%s: %.2f s", *key, waited)
 
     async def _forward(
-        self, request: web.Request, key: UnitKey, raw: bytes, stream: bool, outcome: Outcome
+        self, request: web.Request, key: UnitKey, admitted: Admitted, outcome: Outcome
     ) -> web.StreamResponse:
         """Try engines until one answers (at most ATTEMPTS)."""
         relay: StreamRelay | None = None
+        raw, stream, reply = admitted.body, admitted.stream, admitted.reply
         body = raw
         for _ in range(ATTEMPTS):
             target = await self._routing.pick(*key, self._flights.count)
             if target is None:
                 break
             if target.cloud:
-                if relay is not None:  # a provider cannot continue our engine's tokens
-                    break
+                if relay is not None or not reply.cloud:  # a provider cannot continue our
+                    break  # engine's tokens, nor count them with our tokenizer
                 self._metrics.failover(*key, "cloud")
-                response, usage = await serve_cloud(request, self._routing, target, raw, key[1])
+                response, usage = await serve_cloud(
+                    request, self._routing, target, raw, key[1], reply
+                )
                 outcome.served, outcome.usage = True, usage
                 self._limits.settle(request, usage)
                 return response
             with self._flights.track(target.engine_id) as flight:
                 try:
-                    upstream = await flight.run(self._post(target, request.path, body))
+                    upstream = await flight.run(self._post(target, reply.path, body))
                 except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                     logger.warning(
                         "engine %s unreachable (%s): unrouting it", target.engine_id, exc
@@ -137,7 +176,7 @@ class Forwarder:
                     if relay is None:
                         try:
                             if upstream.status != 200 or not stream:
-                                return await self._whole(request, upstream, key, outcome)
+                                return await self._whole(request, upstream, key, outcome, reply)
                             # The client gets its headers with the first chunk, so an engine
                             # that fails before that is retried elsewhere unnoticed.
                             first = await upstream.content.readany()
@@ -150,7 +189,7 @@ class Forwarder:
                             self._unroute(target, key)
                             continue
                         relay = outcome.relay = await self._open_stream(
-                            request, key[1], target, outcome.started
+                            request, key[1], target, outcome.started, reply
                         )
                         outcome.served = True
                     elif upstream.status != 200:
@@ -193,12 +232,22 @@ class Forwarder:
         self._metrics.failover(*key, "retry")
 
     async def _whole(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, key: UnitKey, outcome: Outcome
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        key: UnitKey,
+        outcome: Outcome,
+        reply: Reply,
     ) -> web.Response:
-        """A non-streamed answer (or an engine's refusal), passed on as it came."""
+        """A non-streamed answer (or an engine's refusal), passed on as it came or mapped to
+        the client's dialect."""
         data = await upstream.read()
         outcome.served, outcome.usage = True, _body_usage(data)
         self._limits.settle(request, outcome.usage)
+        if reply.whole is not None:
+            if upstream.status != 200:
+                raise engine_refusal(upstream.status, data, _passthrough_headers(upstream))
+            data = json.dumps(reply.whole(json.loads(data))).encode()
         return web.Response(
             body=data,
             status=upstream.status,
@@ -207,7 +256,7 @@ class Forwarder:
         )
 
     async def _open_stream(
-        self, request: web.Request, tier: str, target: Target, started: float
+        self, request: web.Request, tier: str, target: Target, started: float, reply: Reply
     ) -> StreamRelay:
         response = web.StreamResponse(
             headers={
@@ -222,14 +271,15 @@ class Forwarder:
         if tier == "interactive":
             node_id = target.node_id
             on_first = lambda ttft_s: self._reconciler.observe_ttft(node_id, ttft_s)  # noqa: E731
-        return StreamRelay(response, on_first, started)
+        translator = reply.translator() if reply.translator is not None else None
+        return StreamRelay(response, on_first, started, translator)
 
     async def _end_stream(
         self, request: web.Request, relay: StreamRelay, outcome: Outcome
     ) -> web.StreamResponse:
         """The client has every event but [DONE] (the engine broke right after its finish)."""
         with contextlib.suppress(ConnectionResetError):
-            await relay.response.write(SSE_DONE)
+            await relay.write(SSE_DONE)
             await relay.finish()
         self._settle_stream(request, relay, outcome)
         return relay.response

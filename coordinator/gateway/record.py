@@ -22,6 +22,7 @@ class Outcome:
     """One request's record: what the metrics count once it ends."""
 
     started: float  # time.monotonic() at arrival
+    api: str = ""  # the dialect's route: chat, completions, messages or responses
     model: str = ""  # set once the request names a configured unit
     tier: str = ""
     status: int = 0  # 0: the response's own status
@@ -62,7 +63,7 @@ class Recorder:
         metrics = self._metrics
         model, tier = outcome.model, outcome.tier
         duration = time.monotonic() - outcome.started if outcome.served else None
-        metrics.request_done(model, tier, outcome.status, duration, outcome.usage)
+        metrics.request_done(model, tier, outcome.status, duration, outcome.usage, outcome.api)
         relay = outcome.relay
         if relay is not None and relay.first_content_at is not None:
             tokens = outcome.usage[1] if outcome.usage else 0

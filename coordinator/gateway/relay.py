@@ -5,6 +5,10 @@ event behind. The events sent are kept: when the engine dies (or ends the stream
 event) the gateway asks the next engine to continue from the token ids the client already has
 (`mlxfleet_continuation`, see mlxfleet/openai/protocol.py) and the new events are spliced
 into the same response. With temperature 0 the client cannot tell.
+
+A client of another dialect (Anthropic Messages, Responses) gets the same events through its
+`Translator`, one per stream, kept across continuations: the relay keeps and continues the
+engines' chat events, the client reads its own dialect's.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from mlxfleet.dialects.chat_answer import Translator
 from mlxfleet.errors import ApiError
 from mlxfleet.openai.protocol import CONTINUATION_FIELD
 from mlxfleet.openai.responses import sse
@@ -47,8 +52,10 @@ class StreamRelay:
         response: web.StreamResponse,
         on_first_content: Callable[[float], None] | None,
         started: float,  # time.monotonic() when the request arrived: TTFT counts from there
+        translator: Translator | None = None,  # None: the client reads the chat events as sent
     ) -> None:
         self.response = response
+        self._translator = translator
         self.done = False  # [DONE] was sent
         self.continuations = 0
         self.engine_error = False  # the last engine ended with an error event (it is alive)
@@ -92,9 +99,14 @@ class StreamRelay:
         await self._send(events)
         return not self.done
 
+    async def write(self, events: bytes) -> None:
+        """Whole chat events to the client, in its dialect."""
+        translator = self._translator
+        await self.response.write(translator.feed(events) if translator else events)
+
     async def _send(self, events: bytes) -> None:
         try:
-            await self.response.write(events)
+            await self.write(events)
         except ConnectionResetError as exc:
             # aiohttp raises ClientConnectionResetError, an aiohttp.ClientError: re-raised plain,
             # so pump cannot mistake the client leaving for the engine failing.
@@ -163,6 +175,8 @@ class StreamRelay:
             code="engine_failed",
         )
         with contextlib.suppress(ConnectionResetError):  # a client that left needs no error
-            await self.response.write(sse(err.body()))
-            await self.response.write(SSE_DONE)
+            if self._translator is not None:
+                await self.response.write(self._translator.failed(err))
+            else:
+                await self.response.write(sse(err.body()) + SSE_DONE)
             await self.response.write_eof()

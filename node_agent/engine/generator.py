@@ -47,6 +47,7 @@ class Event:
     completion_tokens: int = 0
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked
+    stop_sequence: str | None = None  # the request's stop string that ended the answer
 
 
 Sink = Callable[[Event], None]
@@ -413,7 +414,13 @@ class ModelThread:
         self._running.pop(running.job.request_id, None)
         self._by_uid.pop(running.uid, None)
         event = Event(
-            text, running.pending_ids, reason, running.completion_tokens, error, running.logprobs()
+            text,
+            running.pending_ids,
+            reason,
+            running.completion_tokens,
+            error,
+            running.logprobs(),
+            running.text.stop_sequence,
         )
         self._final(running.job, event)
 

@@ -57,6 +57,7 @@ def merge_events(events: list[Event]) -> Event:
         last.completion_tokens,
         last.error,
         logprobs,
+        last.stop_sequence,
     )
 
 
@@ -197,6 +198,7 @@ async def collect(answer: Answer) -> web.Response:
         logprobs,
         reasoning,
         calls,
+        event.stop_sequence,
     )
     return web.json_response(body)
 
@@ -217,7 +219,8 @@ async def stream(
     offset = 0  # characters of the completion so far (the completions API's text_offset)
     try:
         if header.kind == "chat" and first:
-            await response.write(sse(chunk(header, "", first=True)))
+            opening = chunk(header, "", first=True, prompt_tokens=answer.usage.prompt_tokens)
+            await response.write(sse(opening))
         while True:
             event, delta = await answer.next()
             failed = event.finish_reason in ("error", "cancelled")
@@ -246,7 +249,15 @@ async def stream(
                 lp = logprobs_field(header.kind, logprobs, offset) if ids else None
                 final = answer.final_usage(event)
                 reason = answer.finish_reason(event.finish_reason)
-                end = chunk(header, "", reason, ids or None, usage=final, logprobs=lp)
+                end = chunk(
+                    header,
+                    "",
+                    reason,
+                    ids or None,
+                    usage=final,
+                    logprobs=lp,
+                    stop_reason=event.stop_sequence,
+                )
                 await response.write(sse(end))
                 if include_usage:
                     await response.write(sse(usage_chunk(header, final)))

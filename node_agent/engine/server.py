@@ -78,6 +78,7 @@ class EngineServer:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model}", self._one_model)
+        app.router.add_post("/v1/engine/count_tokens", self._count_tokens)
         app.router.add_get("/v1/engine/stats", self._stats)
         app.router.add_get("/v1/engine/knobs", self._get_knobs)
         app.router.add_post("/v1/engine/knobs", self._set_knobs)
@@ -230,6 +231,15 @@ class EngineServer:
         parsed = parse_chat_request(parse_json_body(await request.read()))
         return await self._generate(request, "chat", parsed)
 
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        """The prompt size of a chat body, through the model's own template and tokenizer
+        (what Anthropic's count_tokens answers); nothing is generated."""
+        parsed = parse_chat_request(parse_json_body(await request.read()))
+        self._check_ready()
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(self._tokenize_pool, self._tokenize, parsed)
+        return web.json_response({"prompt_tokens": len(ids)})
+
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         parsed = parse_completion_request(parse_json_body(await request.read()))
         return await self._generate(request, "completion", parsed)
@@ -237,10 +247,7 @@ class EngineServer:
     async def _generate(
         self, request: web.Request, kind: Kind, parsed: ChatRequest | CompletionRequest
     ) -> web.StreamResponse:
-        if not self._ready:
-            raise ApiError.invalid(
-                "The model is still loading.", None, "model_loading", 503, "server_error"
-            )
+        self._check_ready()
         loop = asyncio.get_running_loop()
         prompt_ids, grammar = await loop.run_in_executor(self._tokenize_pool, self._prepare, parsed)
         param: Literal["messages", "prompt"] = "messages" if kind == "chat" else "prompt"
@@ -303,6 +310,12 @@ class EngineServer:
             if not handle.done:
                 # The client went away (or we failed): the model thread frees the slot.
                 self._model.cancel(handle.request_id)
+
+    def _check_ready(self) -> None:
+        if not self._ready:
+            raise ApiError.invalid(
+                "The model is still loading.", None, "model_loading", 503, "server_error"
+            )
 
     def _channels(self, parsed: ChatRequest | CompletionRequest, prompt_ids: list[int]) -> Channels:
         """How this answer's text splits into content, reasoning and tool calls (completions:

@@ -50,6 +50,7 @@ class TextStream:
         self._max_stop = max((len(s) for s in stops), default=0)
         self._sent = 0  # characters of detokenizer.text already returned as deltas
         self.stopped = False
+        self.stop_sequence: str | None = None  # the stop string that ended the text
 
     def resume(self, token_ids: tuple[int, ...]) -> None:
         """Take in tokens whose text was already sent (a continued stream): later deltas
@@ -79,6 +80,7 @@ class TextStream:
             cut = find_stop(text, self._stops, start)
             if cut != -1:
                 self.stopped = True
+                self.stop_sequence = next(s for s in self._stops if text.startswith(s, cut))
                 delta = text[self._sent : max(cut, self._sent)]
                 self._sent = max(cut, self._sent)
                 return delta

@@ -121,12 +121,13 @@ def test_tier_knobs_and_zeroed_unit_series_exist_before_any_traffic(tmp_path: Pa
 def test_request_metrics_count_tokens_and_split_ttft_from_decode(tmp_path: Path) -> None:
     fleet = Fleet(tmp_path)
     metrics = fleet.reconciler.metrics
-    metrics.request_done("m", "interactive", 200, 1.5, (12, 30))
-    metrics.request_done("", "", 401, None, None)
+    metrics.request_done("m", "interactive", 200, 1.5, (12, 30), "messages")
+    metrics.request_done("", "", 401, None, None, "chat")
     metrics.stream_timing("m", "interactive", 0.2, 1.16, 30)  # 29 gaps of 40 ms
     found = samples(fleet)
-    assert value(found, "mlxfleet_requests_total", model="m", tier="interactive", status="200") == 1
-    assert value(found, "mlxfleet_requests_total", model="", tier="", status="401") == 1
+    ok = {"model": "m", "tier": "interactive", "status": "200", "api": "messages"}
+    assert value(found, "mlxfleet_requests_total", **ok) == 1
+    assert value(found, "mlxfleet_requests_total", model="", tier="", status="401", api="chat") == 1
     assert value(found, "mlxfleet_prompt_tokens_total", model="m", tier="interactive") == 12
     assert value(found, "mlxfleet_generation_tokens_total", model="m", tier="interactive") == 30
     assert (

@@ -1,6 +1,6 @@
 """An agent's traffic through the one endpoint: real coordinator, agent and engine serving the
 trained fixture model (tests/agent_model.py), driven by the official `openai` client and by the
-OpenAI Agents SDK with its Chat Completions model."""
+OpenAI Agents SDK with its Chat Completions model and its default, Responses, model."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from agents import (
     Agent,
     ModelSettings,
     OpenAIChatCompletionsModel,
+    OpenAIResponsesModel,
     Runner,
     function_tool,
     set_tracing_disabled,
@@ -104,7 +105,10 @@ def test_bad_tool_requests_are_refused_before_any_engine_work(fleet: Fleet) -> N
     assert info.value.body["param"] == "messages[2].tool_call_id"  # type: ignore[index]
 
 
-async def test_an_openai_agents_sdk_turn_uses_the_tool(fleet: Fleet) -> None:
+@pytest.mark.parametrize("model_class", [OpenAIChatCompletionsModel, OpenAIResponsesModel])
+async def test_an_openai_agents_sdk_turn_uses_the_tool(fleet: Fleet, model_class: type) -> None:
+    """Both of the SDK's models: Chat Completions, and Responses (its default), which goes
+    through the gateway's Responses adapter."""
     set_tracing_disabled(True)  # no export to OpenAI's tracing service from here
     calls: list[str] = []
 
@@ -117,7 +121,7 @@ async def test_an_openai_agents_sdk_turn_uses_the_tool(fleet: Fleet) -> None:
     client = openai.AsyncOpenAI(base_url=fleet.base + "/v1", api_key=fleet.key, max_retries=0)
     agent = Agent(
         name="weather",
-        model=OpenAIChatCompletionsModel(model=MODEL, openai_client=client),
+        model=model_class(model=MODEL, openai_client=client),
         model_settings=ModelSettings(temperature=0),
         tools=[get_weather],
     )

@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import anthropic
 import httpx
 import jsonschema
+import openai
 import pytest
 
 from tests.agent_model import CARD_FORMAT, CARD_SCHEMA
@@ -134,3 +137,38 @@ def test_tools_response_format_and_max_completion_tokens_reach_the_cloud(
     body = {"model": "demo", "messages": messages, "max_completion_tokens": 3, "temperature": 0}
     r = httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=60)
     assert r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_the_cloud_serves_the_anthropic_and_responses_dialects(
+    gateway: tuple[str, str], provider: Engine
+) -> None:
+    """The adapters map the provider's chat answer (LiteLLM's objects) as they map an
+    engine's: a Messages body and stream, a Responses stream, each the provider's text."""
+    base, key = gateway
+    expected = direct(provider)
+    claude = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0)
+    request: dict[str, Any] = {
+        "model": "demo",
+        "max_tokens": 24,
+        "messages": BODY["messages"],
+        "extra_body": {"temperature": 0},
+    }
+    message = claude.messages.create(**request)
+    assert [(b.type, b.text) for b in message.content] == [("text", expected)]  # type: ignore[union-attr]
+    assert (message.stop_reason, message.usage.output_tokens) == ("max_tokens", 24)
+    with claude.messages.stream(**request) as stream:
+        assert "".join(stream.text_stream) == expected
+        assert stream.get_final_message().stop_reason == "max_tokens"
+    client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+    with client.responses.stream(
+        model="demo", input=BODY["messages"], max_output_tokens=24, temperature=0
+    ) as responses:
+        events = list(responses)
+    assert events[-1].type == "response.incomplete"  # it ran to max_output_tokens
+    assert events[-1].response.output_text == expected  # type: ignore[union-attr]
+    # A token count needs our tokenizer: the cloud cannot answer it, and says so in Anthropic's
+    # words (529 overloaded, as for any request no engine can serve).
+    with pytest.raises(anthropic.APIStatusError) as info:
+        claude.messages.count_tokens(model="demo", messages=BODY["messages"])
+    assert info.value.status_code == 529
+    assert info.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]

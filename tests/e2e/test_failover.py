@@ -15,9 +15,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import anthropic
 import httpx
 import jsonschema
+import openai
 import pytest
 
 from tests.conftest import Proc, children_of, wait_for
@@ -252,4 +255,90 @@ def test_kill_9_mid_json_answer_continues_under_the_same_grammar(fleet: Fleet) -
     assert continuations(fleet) > before, "the stream was not continued"
     assert "".join(texts) == reference
     jsonschema.validate(json.loads(reference), WORDS)
+    wait_for(lambda: both_ready(fleet), READY_TIMEOUT_S, "the lost replica to be placed again")
+
+
+def kill_the_serving_engine(fleet: Fleet) -> None:
+    owner = {p: a for a in fleet.agents for p in engine_pids(a)}
+    os.kill(serving(dict.fromkeys(owner, "127.0.0.1")), signal.SIGKILL)
+
+
+KILL_AFTER = 5  # text events the client has before its engine is killed
+
+
+def test_kill_9_mid_anthropic_stream_is_one_well_formed_message(fleet: Fleet) -> None:
+    """Needs processes: a Messages stream (the official anthropic SDK) whose engine is
+    SIGKILLed midway is continued on the other engine; the SDK assembles one message equal to
+    the uninterrupted answer."""
+    wait_for(lambda: both_ready(fleet), READY_TIMEOUT_S, "two ready engines")
+    claude = anthropic.Anthropic(base_url=fleet.base, api_key=fleet.key, max_retries=0)
+    request: dict[str, Any] = {
+        "model": "demo",
+        "max_tokens": MAX_TOKENS,
+        "messages": [{"role": "user", "content": "failover in Anthropic's dialect"}],
+        "extra_body": {"temperature": 0},
+    }
+    whole = claude.messages.create(**request)
+    [reference] = whole.content
+    before = continuations(fleet)
+    kinds: list[str] = []
+    texts: list[str] = []
+    with claude.messages.stream(**request) as stream:
+        for event in stream:
+            kinds.append(event.type)
+            if event.type == "text":
+                texts.append(event.text)
+                if len(texts) == KILL_AFTER:
+                    kill_the_serving_engine(fleet)
+        final = stream.get_final_message()
+    assert continuations(fleet) > before, "the stream was not continued"
+    assert "".join(texts) == reference.text == final.content[0].text  # type: ignore[union-attr]
+    assert (final.stop_reason, final.usage.output_tokens) == (
+        whole.stop_reason,
+        whole.usage.output_tokens,
+    )
+    assert (kinds[0], kinds.count("message_start"), kinds[-1]) == (
+        "message_start",
+        1,
+        "message_stop",
+    )
+    assert kinds.count("content_block_start") == kinds.count("content_block_stop") == 1
+    wait_for(lambda: both_ready(fleet), READY_TIMEOUT_S, "the lost replica to be placed again")
+
+
+def test_kill_9_mid_responses_stream_is_one_well_formed_response(fleet: Fleet) -> None:
+    """Needs processes: the same for a Responses stream (the official openai SDK): one
+    response, every event numbered in order, its text the uninterrupted answer's."""
+    wait_for(lambda: both_ready(fleet), READY_TIMEOUT_S, "two ready engines")
+    client = openai.OpenAI(base_url=fleet.base + "/v1", api_key=fleet.key, max_retries=0)
+    request: dict[str, Any] = {
+        "model": "demo",
+        "max_output_tokens": MAX_TOKENS,
+        "input": "failover in the Responses dialect",
+        "temperature": 0,
+    }
+    whole = client.responses.create(**request)
+    before = continuations(fleet)
+    events = []
+    texts: list[str] = []
+    with client.responses.stream(**request) as stream:
+        for event in stream:
+            events.append(event)
+            if event.type == "response.output_text.delta":
+                texts.append(event.delta)
+                if len(texts) == KILL_AFTER:
+                    kill_the_serving_engine(fleet)
+    # The last event carries the whole response: response.completed, or response.incomplete
+    # when it ran to max_output_tokens (the SDK's get_final_response knows only the former).
+    final = events[-1].response
+    assert continuations(fleet) > before, "the stream was not continued"
+    assert "".join(texts) == whole.output_text == final.output_text
+    assert final.usage is not None and whole.usage is not None
+    assert (final.status, final.usage.output_tokens) == (whole.status, whole.usage.output_tokens)
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert (
+        kinds[-1] == f"response.{whole.status}" and kinds.count("response.output_item.added") == 1
+    )
+    assert [e.sequence_number for e in events] == list(range(len(events)))
     wait_for(lambda: both_ready(fleet), READY_TIMEOUT_S, "the lost replica to be placed again")

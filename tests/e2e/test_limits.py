@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -61,3 +62,17 @@ def test_key_limits_answer_429_and_403(
         assert too_big.status_code == 429 and "Retry-After" not in too_big.headers
         assert too_big.json()["error"]["param"] == "max_tokens"
         assert post(small_tpm, max_tokens=2).status_code == 200
+
+        # The other dialects share the key's window and answer in their own shape.
+        hi = [{"role": "user", "content": "hi"}]
+        claude = anthropic.Anthropic(base_url=fleet.base, api_key=two_a_minute, max_retries=0)
+        with pytest.raises(anthropic.RateLimitError) as limited:
+            claude.messages.create(model="demo", max_tokens=2, messages=hi)
+        assert limited.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+        assert 1 <= int(limited.value.response.headers["Retry-After"]) <= 60
+        with pytest.raises(openai.RateLimitError):
+            fleet.client(two_a_minute).responses.create(model="demo", input="hi")
+        elsewhere = anthropic.Anthropic(base_url=fleet.base, api_key=other_models, max_retries=0)
+        with pytest.raises(anthropic.PermissionDeniedError) as refused_model:
+            elsewhere.messages.create(model="demo", max_tokens=2, messages=hi)
+        assert refused_model.value.body["error"]["type"] == "permission_error"  # type: ignore[index]

@@ -1,7 +1,9 @@
 """OpenAI-shaped response bodies, stream chunks and errors; pure, no engine state.
 
 Bodies and chunks may carry `"mlxfleet": {"token_ids": [...]}`, the generated ids they hold, so
-the gateway can continue a stream elsewhere from ids rather than re-tokenized text.
+the gateway can continue a stream elsewhere from ids rather than re-tokenized text. An answer cut
+by one of the request's stop strings names it in its choice's `stop_reason` (vLLM's field), which
+Anthropic's `stop_sequence` needs.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ def full_response(
     logprobs: list[Logprob] | None = None,
     reasoning: str = "",
     calls: list[ToolCall] | None = None,
+    stop_reason: str | None = None,
 ) -> dict[str, Any]:
     """A non-streamed response body. A chat answer's thinking goes to `reasoning_content`
     (vLLM's and DeepSeek's field), its calls to `tool_calls` (content null when it said
@@ -129,6 +132,8 @@ def full_response(
         }
     else:
         choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}
+    if stop_reason is not None:
+        choice["stop_reason"] = stop_reason
     body = header.fields(chunk=False) | {"choices": [choice], "usage": usage.as_dict()}
     if token_ids is not None:
         body["mlxfleet"] = {"token_ids": token_ids}
@@ -146,8 +151,11 @@ def chunk(
     logprobs: Any = None,
     reasoning: str = "",
     tool_calls: list[dict[str, Any]] | None = None,
+    stop_reason: str | None = None,
+    prompt_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """One streamed chunk; the first chat chunk also carries the assistant role, and the
+    """One streamed chunk; the first chat chunk also carries the assistant role (and the
+    prompt's size as `mlxfleet.prompt_tokens`, which Anthropic's message_start tells), and the
     finishing one the whole answer's usage as `mlxfleet.usage` (the gateway's token counts).
     `logprobs` is the chunk's tokens' `logprobs_field`; `reasoning` goes to
     `delta.reasoning_content`, `tool_calls` (Call.stream_head / stream_arguments pieces) to
@@ -165,9 +173,13 @@ def chunk(
         choice = {"index": 0, "text": text}
     choice["logprobs"] = logprobs
     choice["finish_reason"] = finish_reason
+    if stop_reason is not None:
+        choice["stop_reason"] = stop_reason
     body = header.fields(chunk=True) | {"choices": [choice]}
     if token_ids is not None:
         body["mlxfleet"] = {"token_ids": token_ids}
+    if prompt_tokens is not None:
+        body.setdefault("mlxfleet", {})["prompt_tokens"] = prompt_tokens
     if usage is not None:
         body.setdefault("mlxfleet", {})["usage"] = usage.as_dict()
     return body

@@ -57,3 +57,13 @@ def test_without_stops_every_character_flows_through() -> None:
     stream = TextStream(CharDetokenizer(), ())
     assert feed(stream, "ab") == ["a", "b"]
     assert stream.finish() == ""
+
+
+def test_the_stop_string_that_matched_is_named() -> None:
+    """Anthropic's `stop_sequence` says which one ended the answer (the engine's stop_reason)."""
+    stream = TextStream(CharDetokenizer(), ("END", "HALT"))
+    assert "".join(feed(stream, "go HALT then END")) == "go "
+    assert (stream.stopped, stream.stop_sequence) == (True, "HALT")
+    unstopped = TextStream(CharDetokenizer(), ("END",))
+    feed(unstopped, "no stop here")
+    assert (unstopped.stopped, unstopped.stop_sequence) == (False, None)

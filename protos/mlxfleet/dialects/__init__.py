@@ -1,0 +1,1 @@
+"""The API dialects served over the engines' one (OpenAI chat): Anthropic Messages, Responses."""
