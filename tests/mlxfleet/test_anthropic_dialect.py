@@ -3,14 +3,17 @@ run, and a chat stream (as our engines and LiteLLM write it) turned into Anthrop
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 
+from mlxfleet.dialects import chat_answer
 from mlxfleet.dialects.anthropic_answer import MessagesStream, whole_message
 from mlxfleet.dialects.anthropic_request import error_body, in_anthropic_terms
 from mlxfleet.dialects.anthropic_request import parse_messages_request as parse
 from mlxfleet.dialects.chat_answer import read_answer
+from mlxfleet.dialects.responses_answer import ResponsesStream
 from mlxfleet.errors import ApiError
 from mlxfleet.openai.protocol import parse_chat_request
 from mlxfleet.openai.responses import SSE_DONE, Usage, chunk, sse
@@ -240,3 +243,25 @@ def test_a_whole_answer_becomes_a_message() -> None:
     assert message["usage"] == {"input_tokens": 7, "output_tokens": 9}
     shown = whole_message(read_answer(whole_answer()), "m")
     assert shown["content"][0]["thinking"] == "Let me see."
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: MessagesStream("m"), lambda: ResponsesStream("m", {}, False)]
+)
+def test_text_spliced_as_its_json_literal_equals_the_parsed_path(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path (our engine's plain text chunks, spliced without decoding: all but the
+    first, which opens the block) writes what parsing each chunk would, escapes included."""
+    texts = ['say "hi"', "\n", " ü \\ ", "\u2028 end"]
+    stream = [sse(chunk(HEADER, "", first=True)), sse(chunk(HEADER, "a"))]
+    stream += [sse(chunk(HEADER, t, token_ids=[i])) for i, t in enumerate(texts)]
+    stream += [sse(chunk(HEADER, "", "stop", usage=Usage(1, 5))), SSE_DONE]
+    assert sum(bool(chat_answer.PLAIN_TEXT.search(e[:-2])) for e in stream) == 1 + len(texts)
+    fast = make()
+    spliced = b"".join(fast.feed(e) for e in stream)
+    monkeypatch.setattr(chat_answer, "PLAIN_TEXT", re.compile(b"(?!)"))  # never matches
+    slow = make()
+    parsed = b"".join(slow.feed(e) for e in stream)
+    assert spliced == parsed  # byte for byte
+    assert [n for n, _ in named_events(spliced)].count("error") == 0

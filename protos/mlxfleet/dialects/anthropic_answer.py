@@ -129,6 +129,14 @@ class MessagesStream(Translator):
         self._open, self._open_call = None, None
         return named_sse("content_block_stop", event)
 
+    def text_literal(self, literal: bytes) -> bytes | None:
+        if self._open != "text":
+            return None  # a text block opens first: the slow path does that
+        return (
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+            b'"delta":{"type":"text_delta","text":%s}}\n\n' % (self._blocks, literal)
+        )
+
     def piece(self, piece: Text | CallHead | CallArguments) -> bytes:
         out = b""
         if isinstance(piece, Text) and piece.reasoning:

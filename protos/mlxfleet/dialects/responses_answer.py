@@ -18,6 +18,7 @@ from mlxfleet.dialects.chat_answer import (
     ChatAnswer,
     Text,
     Translator,
+    decode_json,
     named_sse,
 )
 from mlxfleet.errors import ApiError
@@ -209,6 +210,18 @@ class ResponsesStream(Translator):
 
     def _item_id(self, prefix: str) -> str:
         return f"{prefix}_{self.state.id.split('-', 1)[-1]}_{len(self._items)}"
+
+    def text_literal(self, literal: bytes) -> bytes | None:
+        if self._open is None or self._open["type"] != "message":
+            return None  # a message item opens first: the slow path does that
+        self._text += decode_json(literal.decode())
+        item_id = self._open["id"].encode()  # ids are [a-z0-9_]: no escaping needed
+        seq, self._seq = self._seq, self._seq + 1
+        return (
+            b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+            b'"sequence_number":%d,"item_id":"%s","output_index":%d,"content_index":0,'
+            b'"delta":%s,"logprobs":[]}\n\n' % (seq, item_id, len(self._items), literal)
+        )
 
     def piece(self, piece: Text | CallHead | CallArguments) -> bytes:
         out = b""

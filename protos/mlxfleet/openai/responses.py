@@ -200,6 +200,9 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per call
+
+
 def sse(payload: dict[str, Any]) -> bytes:
     """One server-sent event carrying `payload` as JSON."""
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + _encode(payload).encode() + b"\n\n"
