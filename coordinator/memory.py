@@ -1,7 +1,8 @@
 """Unified-memory math for placement. Pure functions over numbers and a model's config.json
 (reading files is coordinator/model_files.py's job).
 
-What a model needs = weights + KV cache + engine overhead. What a node offers =
+What a model needs = weights + KV cache + prefix cache budget + engine overhead. What a node
+offers =
 min(RAM − OS reserve, GPU wired limit) − what is already placed there (DESIGN.md).
 """
 
@@ -17,6 +18,7 @@ from mlxfleet.errors import KvCacheError
 from mlxfleet.kv import (
     DEFAULT_CONTEXT_LENGTH,
     DEFAULT_KV_GROUP_SIZE,
+    DEFAULT_PREFIX_CACHE_BYTES,
     MODEL_DTYPE_BYTES,
     UNQUANTIZED_KV_BITS,
     check_kv,
@@ -138,10 +140,11 @@ class Footprint:
     weights: int
     kv_cache: int
     overhead: int
+    prefix_cache: int = DEFAULT_PREFIX_CACHE_BYTES  # the engine's budget for reused prefixes
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.overhead
+        return self.weights + self.kv_cache + self.overhead + self.prefix_cache
 
 
 def engine_overhead(config: Mapping[str, Any]) -> int:
@@ -167,7 +170,9 @@ def footprint(
             f"context_length {context} is larger than the model supports ({shape.max_context})"
         )
     kv = kv_cache_bytes(shape, context, sequences, kv_bits, kv_group_size)
-    return Footprint(weights, kv, engine_overhead(config))
+    # The one-at-a-time engine of a quantized KV cache keeps no prefix cache (yet).
+    prefix = DEFAULT_PREFIX_CACHE_BYTES if kv_bits == UNQUANTIZED_KV_BITS else 0
+    return Footprint(weights, kv, engine_overhead(config), prefix)
 
 
 def node_budget(

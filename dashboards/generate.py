@@ -481,6 +481,12 @@ def node() -> dict[str, Any]:
 
     used = f"100 * (1 - {gauge('memory_available_bytes')} / {gauge('memory_total_bytes')})"
     rss = f"sum by (model, tier) (mlxfleet_engine_rss_bytes{{{NODE}}})"
+    cached = f"sum by (model, tier) (mlxfleet_engine_prefix_cache_bytes{{{NODE}}})"
+    budget = f"max by (model, tier) (mlxfleet_engine_prefix_cache_budget_bytes{{{NODE}}})"
+    hits = f"sum by (model, tier) (rate(mlxfleet_engine_prefix_cache_hits_total{{{NODE}}}[{RATE}]))"
+    misses = (
+        f"sum by (model, tier) (rate(mlxfleet_engine_prefix_cache_misses_total{{{NODE}}}[{RATE}]))"
+    )
     ooms = f"sum(increase(mlxfleet_node_oom_kills_total{{{NODE}}}[{RATE}])) {OR_ZERO}"
     source = f"{gauge('power_source', 'source')} == 1"
     engines = f"sum by (model, tier, state) (mlxfleet_engine_state{{{NODE}}}) > 0"
@@ -525,6 +531,19 @@ def node() -> dict[str, Any]:
             "Resident memory of each engine process on this node.",
             targets((rss, "{{model}} {{tier}}")),
             "bytes",
+        ),
+        graph(
+            "Prefix cache",
+            "KV of finished requests each engine keeps for the next one that starts the same "
+            "way, and its budget (part of the engine's size in placement).",
+            targets((cached, "{{model}} {{tier}}"), (budget, "{{model}} {{tier}} budget")),
+            "bytes",
+        ),
+        graph(
+            "Prefix cache hit ratio",
+            "Share of requests that started from a cached prefix.",
+            targets((f"{hits} / ({hits} + {misses})", "{{model}} {{tier}}")),
+            "percentunit",
         ),
         current(
             "GPU wired limit",

@@ -52,6 +52,13 @@ class EngineStatsView:
     kv_bits: int
     requests_total: int
     generated_tokens_total: int
+    # The prefix cache (an engine with none reports zeros).
+    cache_bytes: int = 0
+    cache_budget_bytes: int = 0
+    cache_entries: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_tokens_saved: int = 0
 
 
 def parse_stats(text: str) -> EngineStatsView | None:
@@ -59,6 +66,7 @@ def parse_stats(text: str) -> EngineStatsView | None:
     try:
         body = json.loads(text)
         knobs = body["knobs"]
+        cache = body.get("prefix_cache") or {}
         return EngineStatsView(
             queued=int(body["queued"]),
             active=int(body["active"]),
@@ -68,6 +76,12 @@ def parse_stats(text: str) -> EngineStatsView | None:
             kv_bits=int(body["kv_bits"]),
             requests_total=int(body["requests_total"]),
             generated_tokens_total=int(body["generated_tokens_total"]),
+            cache_bytes=int(cache.get("bytes", 0)),
+            cache_budget_bytes=int(cache.get("budget_bytes", 0)),
+            cache_entries=int(cache.get("entries", 0)),
+            cache_hits=int(cache.get("hits", 0)),
+            cache_misses=int(cache.get("misses", 0)),
+            cache_tokens_saved=int(cache.get("tokens_saved", 0)),
         )
     except (ValueError, KeyError, TypeError) as exc:
         logger.warning("unexpected engine stats %r: %s", text[:200], exc)
@@ -86,11 +100,33 @@ ENGINE_GAUGES = (
         "Width of KV cache values in bits: 16 unquantized, 8 or 4 quantized.",
         "kv_bits",
     ),
+    ("mlxfleet_engine_prefix_cache_bytes", "KV bytes the prefix cache holds.", "cache_bytes"),
+    (
+        "mlxfleet_engine_prefix_cache_budget_bytes",
+        "The prefix cache's byte budget (counted by placement).",
+        "cache_budget_bytes",
+    ),
+    ("mlxfleet_engine_prefix_cache_entries", "Sequences the prefix cache holds.", "cache_entries"),
 )
-SUMMED = {"queued", "active"}
+SUMMED = {"queued", "active", "cache_bytes", "cache_entries"}
 ENGINE_COUNTERS = (
     ("mlxfleet_engine_requests", "Requests the engine accepted.", "requests_total"),
     ("mlxfleet_engine_generation_tokens", "Tokens the engine generated.", "generated_tokens_total"),
+    (
+        "mlxfleet_engine_prefix_cache_hits",
+        "Requests that started from a cached prefix.",
+        "cache_hits",
+    ),
+    (
+        "mlxfleet_engine_prefix_cache_misses",
+        "Requests that found no cached prefix.",
+        "cache_misses",
+    ),
+    (
+        "mlxfleet_engine_prefix_cache_saved_tokens",
+        "Prompt tokens not prefilled thanks to the prefix cache.",
+        "cache_tokens_saved",
+    ),
 )
 
 

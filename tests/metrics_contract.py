@@ -12,6 +12,12 @@ ENGINE_STATS_METRICS = {
     "mlxfleet_engine_kv_quantization",
     "mlxfleet_engine_requests_total",
     "mlxfleet_engine_generation_tokens_total",
+    "mlxfleet_engine_prefix_cache_bytes",
+    "mlxfleet_engine_prefix_cache_budget_bytes",
+    "mlxfleet_engine_prefix_cache_entries",
+    "mlxfleet_engine_prefix_cache_hits_total",
+    "mlxfleet_engine_prefix_cache_misses_total",
+    "mlxfleet_engine_prefix_cache_saved_tokens_total",
 }
 # Every metric name of the contract: a dashboard may use no other.
 CONTRACT_METRICS = {

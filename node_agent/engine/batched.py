@@ -1,6 +1,10 @@
 """Continuous batching over mlx-lm's BatchGenerator: a new sequence joins the running batch at
 the next decode step. The KV cache stays in the model's dtype: in mlx-lm 0.32.2 BatchGenerator
-takes no kv_bits, and a QuantizedKVCache has no `merge`, so it could not join a batch anyway."""
+takes no kv_bits, and a QuantizedKVCache has no `merge`, so it could not join a batch anyway.
+
+A new sequence starts from the longest prefix the prefix cache holds (prefix_cache.py): its KV
+goes in as the sequence's cache, and only the rest of the prompt is prefilled. A finished
+sequence's KV (prompt and answer), which BatchGenerator hands back, goes into the cache."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any
 from mlx_lm.generate import BatchGenerator, StopSequences
 
 from node_agent.engine.decoder import Decoder, NewSequences, Token
+from node_agent.engine.prefix_cache import CacheStats, PrefixCache
 from node_agent.engine.sampling import make_request_sampler
 
 # Small prefill slices let a long prompt share the thread with running decodes.
@@ -18,8 +23,13 @@ PREFILL_STEP_SIZE_TOKENS = 512
 class BatchDecoder(Decoder):
     """The interactive tier's decoder (and the batch tier's unless it quantizes its KV)."""
 
-    def __init__(self, model: Any, eos_ids: frozenset[int], slots: int) -> None:
+    def __init__(
+        self, model: Any, eos_ids: frozenset[int], slots: int, cache_budget_bytes: int = 0
+    ) -> None:
         self._model = model
+        self._cache_budget = cache_budget_bytes
+        self.prefix = PrefixCache(cache_budget_bytes)
+        self._cached: dict[int, int] = {}  # uid -> prompt tokens taken from the cache
         # The only stop sequences BatchGenerator sees are EOS tokens; stop strings are ours.
         self._eos_stops = StopSequences([(t,) for t in sorted(eos_ids)])
         self._no_stops = StopSequences([])
@@ -39,22 +49,42 @@ class BatchDecoder(Decoder):
         return max_concurrency
 
     def _start(self, new: NewSequences) -> list[int]:
-        # Inserted together, they prefill together.
-        return list(
+        found = [self.prefix.lookup(prompt) for prompt in new.prompts]
+        # Inserted together, they prefill together (each from where its cached prefix ends).
+        uids = list(
             self._bg.insert(
-                new.prompts,
+                [prompt[n:] for prompt, (_, n) in zip(new.prompts, found, strict=True)],
                 max_tokens=new.max_tokens,
+                caches=[cache for cache, _ in found],
+                all_tokens=[prompt[:n] for prompt, (_, n) in zip(new.prompts, found, strict=True)],
                 samplers=new.samplers,
                 logits_processors=new.processors,
                 stop_sequences=[self._no_stops if i else self._eos_stops for i in new.ignore_eos],
             )
         )
+        for uid, (_, n) in zip(uids, found, strict=True):
+            self._cached[uid] = n
+        return uids
+
+    def cached(self, uid: int) -> int:
+        return self._cached.pop(uid, 0)
+
+    def cache_stats(self) -> CacheStats:
+        return self.prefix.stats()
+
+    def drop_cache(self) -> int:
+        return self.prefix.clear()
 
     def remove(self, uid: int) -> None:
         self._bg.remove([uid])
 
     def step(self) -> list[Token]:
         _, responses = self._bg.next()
+        for r in responses:
+            if r.finish_reason is not None and r.prompt_cache:
+                # The KV of every token the model has run: the last one drawn is not among them.
+                held = r.prompt_cache[0].offset
+                self.prefix.insert(list(r.all_tokens[:held]), r.prompt_cache)
         return [Token(r.uid, r.token, r.finish_reason, r.logprobs) for r in responses]
 
     def reset(self) -> None:
@@ -71,3 +101,5 @@ class BatchDecoder(Decoder):
                 for response in self._bg.next_generated():
                     if response.finish_reason is not None:
                         uids.discard(response.uid)
+        self.prefix = PrefixCache(self._cache_budget)  # the warm-up's sequences are no prefix
+        self._cached.clear()

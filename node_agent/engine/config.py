@@ -8,12 +8,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mlxfleet.errors import KnobError, KvCacheError
-from mlxfleet.kv import DEFAULT_KV_GROUP_SIZE, KV_GROUP_SIZES, QUANTIZED_KV_BITS, check_kv
+from mlxfleet.kv import (
+    DEFAULT_KV_GROUP_SIZE,
+    DEFAULT_PREFIX_CACHE_BYTES,
+    KV_GROUP_SIZES,
+    QUANTIZED_KV_BITS,
+    check_kv,
+)
 from mlxfleet.tiers import DEFAULT_KNOBS, TIERS, Knobs, Tier
 from node_agent.errors import ConfigError
 
 SECRET_ENV = "MLXFLEET_ENGINE_SECRET"
 DEFAULT_HOST = "127.0.0.1"
+# The prefix cache's byte budget (prefix_cache.py): the one placement counts. 0 turns it off.
+DEFAULT_PREFIX_CACHE_MIB = DEFAULT_PREFIX_CACHE_BYTES // 2**20
 # The seeds' names (seed 001); honoured by the batch tier when the flags are not given.
 KV_FLAGS = ("--kv-bits", "--kv-group-size", "--max-concurrency")  # check_kv names them
 BATCH_ENV = {
@@ -38,6 +46,7 @@ class EngineConfig:
     # requests run one at a time (mlx-lm 0.32.2 cannot batch a quantized cache; sequential.py).
     kv_bits: int | None = None
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE
+    prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_MIB
     # Serve HTTPS with the node's certificate (an engine reached from another host).
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -47,6 +56,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -137,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"values per KV quantization scale and bias (default {DEFAULT_KV_GROUP_SIZE}); "
         "must divide the model's head_dim",
     )
+    parser.add_argument(
+        "--prefix-cache-mib",
+        type=_non_negative,
+        default=DEFAULT_PREFIX_CACHE_MIB,
+        metavar="MIB",
+        help=f"MiB of finished requests' KV kept for reuse (default {DEFAULT_PREFIX_CACHE_MIB}; "
+        "0: off)",
+    )
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate (HTTPS)")
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key (HTTPS)")
     return parser
@@ -167,6 +191,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> EngineConfig
         knobs=knobs,
         kv_bits=kv_bits,
         kv_group_size=kv_group_size,
+        prefix_cache_mib=args.prefix_cache_mib,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
     )

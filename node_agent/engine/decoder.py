@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import mlx.core as mx
 
+    from node_agent.engine.prefix_cache import CacheStats
     from node_agent.engine.sampling import LogitsProcessor, Sampler
 
 
@@ -75,6 +76,19 @@ class Decoder(ABC):
     @abstractmethod
     def step(self) -> list[Token]:
         """Advance every running sequence by one token (a new one's first step prefills it)."""
+
+    def cached(self, uid: int) -> int:
+        """Prompt tokens of a just-started sequence that came from the prefix cache (asked
+        once, right after insert)."""
+        return 0
+
+    def cache_stats(self) -> CacheStats | None:
+        """The prefix cache's counters (None: this decoder keeps none)."""
+        return None
+
+    def drop_cache(self) -> int:
+        """Empty the prefix cache (memory pressure); returns the bytes freed."""
+        return 0
 
     @abstractmethod
     def reset(self) -> None:

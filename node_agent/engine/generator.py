@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlxfleet.errors import ApiError, KvCacheError
 from mlxfleet.kv import DEFAULT_CONTEXT_LENGTH, DEFAULT_KV_GROUP_SIZE, check_kv
@@ -20,6 +20,9 @@ from node_agent.engine.decoder import Decoder, Token
 from node_agent.engine.knobs import admit_now, window_remaining_ms
 from node_agent.engine.textstream import TextStream
 from node_agent.errors import ModelLoadFailed, QueueFull
+
+if TYPE_CHECKING:
+    from node_agent.engine.prefix_cache import CacheStats
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ class Event:
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked
     stop_sequence: str | None = None  # the request's stop string that ended the answer
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (on the last)
 
 
 Sink = Callable[[Event], None]
@@ -80,6 +84,7 @@ class EngineStats:
     knobs: Knobs
     kv_bits: int = 16  # the KV cache in force: 16, the model's dtype; 8 or 4, quantized
     kv_group_size: int | None = None  # values per quantized scale and bias; None: unquantized
+    prefix_cache: CacheStats | None = None  # None: the decoder keeps no prefix cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +106,7 @@ class _Running:
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of its prompt, from the prefix cache
 
     def logprobs(self) -> list[TokenLogprob] | None:
         """The pending tokens' logprobs, handed over with their ids (None: not asked for)."""
@@ -131,8 +137,10 @@ class ModelThread:
         context_length: int | None = None,
         kv_bits: int | None = None,
         kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         self._model_path = Path(model_path)
+        self._prefix_cache_bytes = prefix_cache_bytes  # 0: no prefix cache
         self._kv_bits = kv_bits  # None: the KV cache stays in the model's dtype
         self._kv_group_size = kv_group_size
         self._knobs = knobs  # replaced whole (frozen), read at each admission decision
@@ -197,6 +205,7 @@ class ModelThread:
     def stats(self) -> EngineStats:
         with self._lock:
             queued, requests_total, knobs = self._queued, self._requests_total, self._knobs
+        decoder = getattr(self, "_decoder", None)  # set once the model is loaded
         return EngineStats(
             active=len(self._running),
             queued=queued,
@@ -208,6 +217,7 @@ class ModelThread:
             knobs=knobs,
             kv_bits=self._kv_bits or 16,
             kv_group_size=self._kv_group_size if self._kv_bits else None,
+            prefix_cache=decoder.cache_stats() if decoder is not None else None,
         )
 
     # --- on the model thread -------------------------------------------------------------
@@ -268,7 +278,9 @@ class ModelThread:
         if self._kv_bits is None:
             from node_agent.engine.batched import BatchDecoder
 
-            return BatchDecoder(model, self._eos_ids, self._knobs.max_concurrency)
+            return BatchDecoder(
+                model, self._eos_ids, self._knobs.max_concurrency, self._prefix_cache_bytes
+            )
         from node_agent.engine.sequential import SequentialDecoder
 
         return SequentialDecoder(model, self._eos_ids, self._kv_bits, self._kv_group_size)
@@ -359,7 +371,7 @@ class ModelThread:
         for (job, _, _), uid in zip(ready, uids, strict=True):
             text = TextStream(self.tokenizer.detokenizer, job.params.stop)
             text.resume(job.sent_ids)
-            running = _Running(job, text, uid)
+            running = _Running(job, text, uid, cached_tokens=self._decoder.cached(uid))
             self._running[job.request_id] = running
             self._by_uid[uid] = running
 
@@ -421,6 +433,7 @@ class ModelThread:
             error,
             running.logprobs(),
             running.text.stop_sequence,
+            running.cached_tokens,
         )
         self._final(running.job, event)
 

@@ -58,6 +58,7 @@ def merge_events(events: list[Event]) -> Event:
         last.error,
         logprobs,
         last.stop_sequence,
+        last.cached_tokens,
     )
 
 
@@ -172,7 +173,9 @@ class Answer:
 
     def final_usage(self, event: Event) -> Usage:
         return Usage(
-            self.usage.prompt_tokens, self.usage.completion_tokens + event.completion_tokens
+            self.usage.prompt_tokens,
+            self.usage.completion_tokens + event.completion_tokens,
+            min(event.cached_tokens, self.usage.prompt_tokens),
         )
 
 

@@ -60,6 +60,7 @@ class EngineServer:
             context_length=config.context_length,
             kv_bits=config.kv_bits,
             kv_group_size=config.kv_group_size,
+            prefix_cache_bytes=config.prefix_cache_mib * 2**20,
         )
         # One worker: HF fast tokenizers are not safe to call from several threads at once.
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, "mlxfleet-tokenize")

@@ -20,6 +20,9 @@ MODEL_DTYPE_BYTES = 2  # fp16/bf16: the KV cache's dtype, and its quantization s
 QUANTIZED_KV_MAX_SEQUENCES = 1  # see the module docstring
 QUANTIZED_KV_TIER = "batch"
 DEFAULT_CONTEXT_LENGTH = 8192  # tokens (seed 002): the cap unless a model is told otherwise
+# What an engine's prefix cache may hold (the KV of finished requests, reused by the next one
+# that starts the same way); placement counts it in every engine's footprint.
+DEFAULT_PREFIX_CACHE_BYTES = 512 * 2**20
 
 
 def check_kv(

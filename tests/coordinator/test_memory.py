@@ -27,6 +27,7 @@ from coordinator.memory import (
     parameter_count,
     size_engine,
 )
+from mlxfleet.kv import DEFAULT_PREFIX_CACHE_BYTES
 
 QWEN25_7B = {
     "hidden_size": 3584,
@@ -136,15 +137,17 @@ def test_the_formula_is_what_mlx_lm_quantized_kv_cache_holds(bits: int, group_si
     assert cache.nbytes < kv_cache_bytes(one_layer, 256, 1)  # less than fp16
 
 
-def test_footprint_adds_weights_kv_and_overhead() -> None:
+def test_footprint_adds_weights_kv_the_prefix_cache_and_overhead() -> None:
     fp = footprint(4 * GIB, LLAMA3_8B, context=8192, sequences=4)
     assert fp.kv_cache == 4 * kv_cache_bytes(attention_shape(LLAMA3_8B), 8192, 1)
     assert fp.overhead > ENGINE_RUNTIME_BYTES  # plus prefill activations for a 14336-wide MLP
-    assert fp.total == 4 * GIB + fp.kv_cache + fp.overhead
+    assert fp.prefix_cache == DEFAULT_PREFIX_CACHE_BYTES == 512 * 2**20  # the engine's default
+    assert fp.total == 4 * GIB + fp.kv_cache + fp.overhead + fp.prefix_cache
     with pytest.raises(SizingError, match="larger than the model supports"):
         footprint(4 * GIB, LLAMA3_8B, context=16384, sequences=1)
     quantized = footprint(4 * GIB, LLAMA3_8B, context=8192, sequences=1, kv_bits=8)
     assert quantized.kv_cache == kv_cache_bytes(attention_shape(LLAMA3_8B), 8192, 1) * 17 // 32
+    assert quantized.prefix_cache == 0  # the one-at-a-time quantized engine keeps none
 
 
 def test_node_budget_is_the_smaller_of_ram_less_reserve_and_the_wired_limit() -> None:

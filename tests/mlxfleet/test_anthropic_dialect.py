@@ -13,7 +13,7 @@ from mlxfleet.dialects.anthropic_answer import MessagesStream, whole_message
 from mlxfleet.dialects.anthropic_request import error_body, in_anthropic_terms
 from mlxfleet.dialects.anthropic_request import parse_messages_request as parse
 from mlxfleet.dialects.chat_answer import read_answer
-from mlxfleet.dialects.responses_answer import ResponsesStream
+from mlxfleet.dialects.responses_answer import ResponsesStream, whole_response
 from mlxfleet.errors import ApiError
 from mlxfleet.openai.protocol import parse_chat_request
 from mlxfleet.openai.responses import SSE_DONE, Usage, chunk, sse
@@ -265,3 +265,22 @@ def test_text_spliced_as_its_json_literal_equals_the_parsed_path(
     parsed = b"".join(slow.feed(e) for e in stream)
     assert spliced == parsed  # byte for byte
     assert [n for n, _ in named_events(spliced)].count("error") == 0
+
+
+def test_prefix_cache_reads_are_reported_in_each_dialects_usage() -> None:
+    body = whole_answer()
+    body["usage"] = Usage(700, 9, cached_tokens=640).as_dict()
+    answer = read_answer(body)
+    assert whole_message(answer, "m")["usage"] == {
+        "input_tokens": 60,  # Anthropic counts the uncached part here
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 640,
+        "output_tokens": 9,
+    }
+    details = whole_response(answer, "m", {}, False)["usage"]["input_tokens_details"]
+    assert details == {"cached_tokens": 640}
+    translator = MessagesStream("m")
+    out = translator.feed(sse(chunk(HEADER, "", first=True, prompt_tokens=700)))
+    final = Usage(700, 9, cached_tokens=640)
+    out += translator.feed(sse(chunk(HEADER, "", "stop", usage=final)) + SSE_DONE)
+    assert named_events(out)[-2][1]["usage"]["cache_read_input_tokens"] == 640

@@ -37,8 +37,16 @@ def message_id(chat_id: str) -> str:
     return "msg_" + chat_id.split("-", 1)[-1]
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"input_tokens": prompt_tokens, "output_tokens": completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[str, int]:
+    """Anthropic's usage: input_tokens counts what was not read from the cache."""
+    if not cached:
+        return {"input_tokens": prompt_tokens, "output_tokens": completion_tokens}
+    return {
+        "input_tokens": prompt_tokens - cached,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+        "output_tokens": completion_tokens,
+    }
 
 
 def tool_input(arguments: str) -> dict[str, Any]:
@@ -75,7 +83,7 @@ def whole_message(answer: ChatAnswer, model: str, show_thinking: bool = True) ->
         "content": content,
         "stop_reason": stop_reason(answer.finish_reason, answer.stop_sequence),
         "stop_sequence": answer.stop_sequence,
-        "usage": usage(answer.prompt_tokens, answer.completion_tokens),
+        "usage": usage(answer.prompt_tokens, answer.completion_tokens, answer.cached_tokens),
     }
 
 
@@ -163,7 +171,7 @@ class MessagesStream(Translator):
         delta = {
             "type": "message_delta",
             "delta": {"stop_reason": stop_reason(reason, stop), "stop_sequence": stop},
-            "usage": usage(s.prompt_tokens, s.completion_tokens),
+            "usage": usage(s.prompt_tokens, s.completion_tokens, s.cached_tokens),
         }
         return (
             self._close()

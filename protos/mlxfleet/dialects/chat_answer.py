@@ -53,6 +53,11 @@ class ChatAnswer:
     stop_sequence: str | None  # the request's stop string that ended it (choice.stop_reason)
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of the prompt, from the engine's prefix cache
+
+
+def cached_tokens(usage: dict[str, Any]) -> int:
+    return int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
 
 
 def read_answer(body: dict[str, Any]) -> ChatAnswer:
@@ -75,6 +80,7 @@ def read_answer(body: dict[str, Any]) -> ChatAnswer:
         stop_sequence=stop if isinstance(stop, str) else None,
         prompt_tokens=int(usage.get("prompt_tokens", 0)),
         completion_tokens=int(usage.get("completion_tokens", 0)),
+        cached_tokens=cached_tokens(usage),
     )
 
 
@@ -123,6 +129,7 @@ class Tokens:
 
     prompt: int
     completion: int
+    cached: int = 0
 
 
 Piece = Start | Text | CallHead | CallArguments | Finish | Tokens
@@ -157,7 +164,12 @@ def chunk_pieces(payload: dict[str, Any]) -> list[Piece]:
         pieces.append(finish)
     usage = payload.get("usage") or ours.get("usage")
     if usage:
-        pieces.append(Tokens(int(usage["prompt_tokens"]), int(usage["completion_tokens"])))
+        tokens = Tokens(int(usage["prompt_tokens"]), int(usage["completion_tokens"]))
+        pieces.append(
+            tokens
+            if not (cached := cached_tokens(usage))
+            else Tokens(tokens.prompt, tokens.completion, cached)
+        )
     return pieces
 
 
@@ -175,6 +187,7 @@ class StreamState:
     started: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     finish: Finish | None = None
     ended: bool = False  # the dialect's closing events were written
 
@@ -221,6 +234,7 @@ class Translator(ABC):
             return self.start()
         if isinstance(piece, Tokens):
             state.prompt_tokens, state.completion_tokens = piece.prompt, piece.completion
+            state.cached_tokens = piece.cached
             return b""
         if isinstance(piece, Finish):
             state.finish = piece

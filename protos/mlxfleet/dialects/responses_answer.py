@@ -28,10 +28,10 @@ def response_id(chat_id: str) -> str:
     return "resp_" + chat_id.split("-", 1)[-1]
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[str, Any]:
     return {
         "input_tokens": prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": cached},
         "output_tokens": completion_tokens,
         # The engines do not count the think section's tokens apart from the answer's.
         "output_tokens_details": {"reasoning_tokens": 0},
@@ -46,7 +46,7 @@ def response_object(
     echo: dict[str, Any],
     status: str,
     output: list[dict[str, Any]],
-    tokens: tuple[int, int] | None,
+    tokens: tuple[int, int, int] | None,
     error: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The response object; `echo` holds the request fields it repeats."""
@@ -112,7 +112,7 @@ def whole_response(
         item_id = f"fc_{base}_{len(output)}"
         output.append(call_item(item_id, call.id, call.name, call.arguments, "completed"))
     status = "incomplete" if answer.finish_reason == "length" else "completed"
-    tokens = (answer.prompt_tokens, answer.completion_tokens)
+    tokens = (answer.prompt_tokens, answer.completion_tokens, answer.cached_tokens)
     return response_object(
         response_id(answer.id), answer.created, model, echo, status, output, tokens
     )
@@ -137,7 +137,7 @@ class ResponsesStream(Translator):
         self._seq += 1
         return named_sse(kind, payload)
 
-    def _response(self, status: str, tokens: tuple[int, int] | None, **extra: Any) -> dict:
+    def _response(self, status: str, tokens: tuple[int, int, int] | None, **extra: Any) -> dict:
         s = self.state
         output = list(self._items)
         return response_object(
@@ -277,7 +277,7 @@ class ResponsesStream(Translator):
         out = self._close()
         incomplete = s.finish is not None and s.finish.reason == "length"
         status = "incomplete" if incomplete else "completed"
-        response = self._response(status, (s.prompt_tokens, s.completion_tokens))
+        response = self._response(status, (s.prompt_tokens, s.completion_tokens, s.cached_tokens))
         return out + self._event(f"response.{status}", response=response)
 
     def failed(self, err: ApiError) -> bytes:

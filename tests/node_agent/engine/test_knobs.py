@@ -166,6 +166,12 @@ class FakeDecoder:
     def remove(self, uid: int) -> None:
         pass
 
+    def cached(self, uid: int) -> int:
+        return 0  # no prefix cache
+
+    def cache_stats(self) -> None:
+        return None
+
 
 class FakeTokenizer:
     detokenizer = None
