@@ -101,6 +101,7 @@ class Agent:
         self.metrics_port = 0  # the port /metrics is served on; 0 until serve() binds it
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._dropping: asyncio.Task[None] | None = None  # engines dropping their prefix caches
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -270,9 +271,15 @@ class Agent:
         )
 
     def _on_reading(self, reading: NodeReading) -> None:
-        """Each heartbeat's reading feeds /metrics and the mDNS record (rate-limited there)."""
+        """Each heartbeat's reading feeds /metrics and the mDNS record (rate-limited there);
+        under memory pressure the engines drop their prefix caches, every heartbeat while it
+        lasts (before the coordinator moves any model)."""
         if self._metrics is not None:
             self._metrics.note_reading(reading)
+        if reading.memory_pressure in ("warning", "critical") and self._dropping is None:
+            self._dropping = task = asyncio.create_task(self.supervisor.drop_prefix_caches())
+            self._tasks.add(task)
+            task.add_done_callback(self._dropped)
         if self._advertiser is None or self.identity is None or self._facts is None:
             return
         task = asyncio.create_task(
@@ -280,6 +287,10 @@ class Agent:
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _dropped(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._dropping = None
 
     async def _advertise(self, identity: NodeIdentity, facts: NodeFacts) -> None:
         if not self.config.advertise or self._advertiser is not None:

@@ -418,6 +418,16 @@ class Supervisor:
         ):
             return r.status, await r.text()
 
+    async def drop_prefix_caches(self) -> None:
+        """Memory pressure: every ready engine empties its prefix cache, the memory that can
+        go without moving a model (seed 002 §9)."""
+        ready = [info.engine_id for info in self.infos() if info.state == "ready"]
+        for engine_id in ready:
+            try:
+                await self.engine_request(engine_id, "POST", "/v1/engine/prefix_cache/drop")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                logger.warning("could not drop engine %s's prefix cache: %s", engine_id, exc)
+
     async def set_knobs(self, engine_id: str, knobs: dict[str, int]) -> None:
         """Change a running engine's knobs (no reload): POST /v1/engine/knobs over loopback."""
         try:

@@ -93,6 +93,11 @@ class _Cancel:
 
 
 @dataclass(frozen=True, slots=True)
+class _DropCache:
+    done: concurrent.futures.Future[int]  # the bytes freed, once the model thread dropped them
+
+
+@dataclass(frozen=True, slots=True)
 class _Waiting:
     job: Job
     since_s: float  # time.monotonic() at submit
@@ -182,6 +187,13 @@ class ModelThread:
         with self._lock:
             self._knobs = knobs
         self._inbox.put(_WAKE)
+
+    def drop_prefix_cache(self) -> concurrent.futures.Future[int]:
+        """Empty the prefix cache (memory pressure) on the model thread, between two steps;
+        the future gets the bytes freed. Running requests keep their KV (it is not cached)."""
+        done: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._inbox.put(_DropCache(done))
+        return done
 
     def submit(self, job: Job) -> None:
         """Queue a job; raises QueueFull when queue_limit requests already wait."""
@@ -305,6 +317,9 @@ class ModelThread:
                 return True
             if isinstance(item, _Cancel):
                 self._cancel(item.request_id)
+            elif isinstance(item, _DropCache):
+                decoder = getattr(self, "_decoder", None)  # None before the model loaded
+                item.done.set_result(decoder.drop_cache() if decoder is not None else 0)
             elif isinstance(item, _Waiting):
                 self._waiting.append(item)
             item = self._next_nowait()

@@ -43,6 +43,7 @@ MODEL_THREAD_JOIN_TIMEOUT_S = 5.0
 PARENT_POLL_S = 1.0  # how often an engine checks that its agent still exists
 PARENT_PID_ENV = "MLXFLEET_PARENT_PID"
 RETRY_AFTER_S = 1
+DROP_CACHE_TIMEOUT_S = 5.0  # the model thread takes the drop between two decode steps
 BATCH_TIER_NICE = 10  # batch engines yield the CPU to interactive ones under contention
 LISTENING_LINE = "MLXFLEET_ENGINE_LISTENING port={port}"
 
@@ -81,6 +82,7 @@ class EngineServer:
         app.router.add_get("/v1/models/{model}", self._one_model)
         app.router.add_post("/v1/engine/count_tokens", self._count_tokens)
         app.router.add_get("/v1/engine/stats", self._stats)
+        app.router.add_post("/v1/engine/prefix_cache/drop", self._drop_prefix_cache)
         app.router.add_get("/v1/engine/knobs", self._get_knobs)
         app.router.add_post("/v1/engine/knobs", self._set_knobs)
         app.router.add_get("/health", self._health)
@@ -214,6 +216,20 @@ class EngineServer:
     async def _stats(self, request: web.Request) -> web.Response:
         stats = dataclasses.asdict(self._model.stats())
         return web.json_response({**stats, "tier": self._config.tier})
+
+    async def _drop_prefix_cache(self, request: web.Request) -> web.Response:
+        """Empty the prefix cache: the agent asks when its Mac reports memory pressure."""
+        try:
+            freed = await asyncio.wait_for(
+                asyncio.wrap_future(self._model.drop_prefix_cache()), DROP_CACHE_TIMEOUT_S
+            )
+        except TimeoutError:
+            raise ApiError.invalid(
+                "The model thread did not answer.", None, "model_busy", 503, "server_error"
+            ) from None
+        if freed:
+            logger.info("prefix cache dropped: %d bytes freed", freed)
+        return web.json_response({"freed_bytes": freed})
 
     def _knobs_body(self) -> dict[str, Any]:
         return {"tier": self._config.tier, **self._model.knobs.as_dict()}

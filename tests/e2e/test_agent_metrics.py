@@ -58,3 +58,54 @@ def test_a_real_agent_serves_its_node_and_engine(
         assert samples["mlxfleet_engine_max_batch_size", unit] == MAX_BATCH_SIZE
         assert samples["mlxfleet_node_memory_total_bytes", frozenset()] == mem_total_bytes()
         assert samples["mlxfleet_agent_connected", frozenset()] == 1
+
+
+def engine_samples(port: int) -> dict[str, float]:
+    """The interactive demo engine's samples on the agent's /metrics, by name."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    unit = {"model": MODEL, "tier": "interactive"}
+    return {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.labels == unit
+    }
+
+
+def test_memory_pressure_empties_the_prefix_caches_before_any_model_moves(
+    tmp_path_factory: pytest.TempPathFactory, demo_model: Path
+) -> None:
+    """Needs processes: a real agent reads pressure `warning` (its readings file) and has its
+    real engine drop the prefix cache that real requests filled; the model stays placed."""
+    config = f'[[models]]\nname = "{MODEL}"\nsource = "{demo_model}"\npinned = true\n'
+    with running_fleet(tmp_path_factory, config, agents=0, ready=()) as fleet:
+        home = tmp_path_factory.mktemp("agent")
+        readings = home / "readings.json"
+        readings.write_text("{}")
+        agent = fleet.start_agent(home=home, env={"MLXFLEET_READINGS_FILE": str(readings)})
+        fleet.wait_ready([(MODEL, "interactive")])
+        port = int(wait_for(lambda: METRICS_LINE_RE.search(agent.output()), 30, "metrics").group(1))
+        system = "Team rules. " + " ".join(f"rule {i}: be kind." for i in range(60))
+        for question in ("First question?", "Second question?"):
+            reply = fleet.client().chat.completions.create(
+                model=MODEL,
+                messages=[
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": question},
+                ],
+                max_tokens=4,
+                temperature=0,
+            )
+        assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+        assert reply.usage.prompt_tokens_details.cached_tokens > 0  # the second turn hit
+        held = engine_samples(port)
+        assert held["mlxfleet_engine_prefix_cache_bytes"] > 0
+        assert held["mlxfleet_engine_prefix_cache_hits_total"] >= 1
+        readings.write_text('{"memory_pressure": "warning"}')
+        wait_for(
+            lambda: engine_samples(port)["mlxfleet_engine_prefix_cache_bytes"] == 0,
+            10,
+            "the prefix cache to be dropped",
+        )
+        assert engine_samples(port)["mlxfleet_engine_prefix_cache_entries"] == 0
+        assert fleet.models()[MODEL] == {"interactive": "ready"}  # nothing moved for it
