@@ -46,19 +46,11 @@ ROUTES = ("chat", "messages", "responses")
 
 def body(route: str, prompt: str) -> tuple[str, dict]:
     """The route's path and its body for one greedy streamed request."""
-    message = [{"role": "user", "content": prompt}]
-    if route == "chat":
-        return "/v1/chat/completions", {
+    if route in ("chat", "messages"):  # the same body: both take messages and max_tokens
+        path = "/v1/chat/completions" if route == "chat" else "/v1/messages"
+        return path, {
             "model": MODEL,
-            "messages": message,
-            "max_tokens": MAX_TOKENS,
-            "temperature": 0,
-            "stream": True,
-        }
-    if route == "messages":
-        return "/v1/messages", {
-            "model": MODEL,
-            "messages": message,
+            "messages": [{"role": "user", "content": prompt}],
             "max_tokens": MAX_TOKENS,
             "temperature": 0,
             "stream": True,

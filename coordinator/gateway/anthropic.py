@@ -7,35 +7,18 @@ the one forward path; errors come in Anthropic's shape (app.py picks it by route
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
 from coordinator.gateway.forward import Admitted, Reply
-from coordinator.gateway.front import Front
+from coordinator.gateway.front import CHAT_PATH, Front, checked_chat
 from mlxfleet.dialects.anthropic_answer import MessagesStream, count_tokens_body, whole_message
-from mlxfleet.dialects.anthropic_request import (
-    MessagesRequest,
-    in_anthropic_terms,
-    parse_messages_request,
-)
+from mlxfleet.dialects.anthropic_request import in_anthropic_terms, parse_messages_request
 from mlxfleet.dialects.chat_answer import read_answer
-from mlxfleet.errors import ApiError
-from mlxfleet.openai.protocol import parse_chat_request
 
 PATHS = ("/v1/messages", "/v1/messages/count_tokens")
-CHAT_PATH = "/v1/chat/completions"
 COUNT_PATH = "/v1/engine/count_tokens"  # the engine's tokenizer and chat template
-
-
-def _mapped(request: MessagesRequest) -> bytes:
-    """The chat body, checked as the engine will check it (refusals named in Anthropic's terms)."""
-    try:
-        parse_chat_request(request.chat)
-    except ApiError as err:
-        raise in_anthropic_terms(err) from None
-    return json.dumps(request.chat).encode()
 
 
 def adapt_messages(body: dict[str, Any], raw: bytes) -> Admitted:
@@ -47,13 +30,14 @@ def adapt_messages(body: dict[str, Any], raw: bytes) -> Admitted:
         whole=lambda answer: whole_message(read_answer(answer), model, show),
         translator=lambda: MessagesStream(model, show),
     )
-    return Admitted(request.max_tokens, request.stream, _mapped(request), reply)
+    chat = checked_chat(request.chat, in_anthropic_terms)
+    return Admitted(request.max_tokens, request.stream, chat, reply)
 
 
 def adapt_count(body: dict[str, Any], raw: bytes) -> Admitted:
     request = parse_messages_request(body, count_only=True)
     reply = Reply("messages", COUNT_PATH, whole=count_tokens_body, cloud=False)
-    return Admitted(None, False, _mapped(request), reply)
+    return Admitted(None, False, checked_chat(request.chat, in_anthropic_terms), reply)
 
 
 class AnthropicRoutes:

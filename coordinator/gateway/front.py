@@ -23,8 +23,20 @@ from coordinator.gateway.forward import Admitted, Forwarder
 from coordinator.gateway.record import Outcome, Recorder
 from coordinator.store import ApiKey
 from mlxfleet.errors import ApiError
+from mlxfleet.openai.protocol import parse_chat_request
 
 Adapter = Callable[[dict[str, Any], bytes], Admitted]  # (the JSON body, its bytes)
+CHAT_PATH = "/v1/chat/completions"  # the engines' route every other dialect is mapped onto
+
+
+def checked_chat(chat: dict[str, Any], in_own_terms: Callable[[ApiError], ApiError]) -> bytes:
+    """A dialect's mapped chat body, checked as the engine will check it (a refusal named in
+    the dialect's own terms), as the bytes to post."""
+    try:
+        parse_chat_request(chat)
+    except ApiError as err:
+        raise in_own_terms(err) from None
+    return json.dumps(chat).encode()
 
 
 def json_object(raw: bytes) -> dict[str, Any]:

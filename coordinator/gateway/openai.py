@@ -13,13 +13,13 @@ from typing import Any
 from aiohttp import web
 
 from coordinator.gateway.forward import Admitted, Reply
-from coordinator.gateway.front import Front
+from coordinator.gateway.front import CHAT_PATH, Front
 from coordinator.reconcile import Reconciler
 from coordinator.routing import Routing
 from mlxfleet.errors import ApiError
 from mlxfleet.openai.protocol import parse_chat_request, parse_completion_request
 
-CHAT = Reply("chat", "/v1/chat/completions")
+CHAT = Reply("chat", CHAT_PATH)
 COMPLETIONS = Reply("completions", "/v1/completions")
 
 

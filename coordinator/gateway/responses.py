@@ -8,28 +8,20 @@ answered by the one forward path. Errors are OpenAI-shaped, as for chat completi
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
 from coordinator.gateway.forward import Admitted, Reply
-from coordinator.gateway.front import Front
+from coordinator.gateway.front import CHAT_PATH, Front, checked_chat
 from mlxfleet.dialects.chat_answer import read_answer
 from mlxfleet.dialects.responses_answer import ResponsesStream, whole_response
 from mlxfleet.dialects.responses_request import in_responses_terms, parse_responses_request
-from mlxfleet.errors import ApiError
-from mlxfleet.openai.protocol import parse_chat_request
-
-CHAT_PATH = "/v1/chat/completions"
 
 
 def adapt_responses(body: dict[str, Any], raw: bytes) -> Admitted:
     request = parse_responses_request(body)
-    try:
-        parse_chat_request(request.chat)
-    except ApiError as err:
-        raise in_responses_terms(err) from None
+    chat = checked_chat(request.chat, in_responses_terms)
     model, echo, summary = request.model, request.echo, request.summary
     reply = Reply(
         "responses",
@@ -37,7 +29,7 @@ def adapt_responses(body: dict[str, Any], raw: bytes) -> Admitted:
         whole=lambda answer: whole_response(read_answer(answer), model, echo, summary),
         translator=lambda: ResponsesStream(model, echo, summary),
     )
-    return Admitted(request.max_tokens, request.stream, json.dumps(request.chat).encode(), reply)
+    return Admitted(request.max_tokens, request.stream, chat, reply)
 
 
 class ResponsesRoutes:

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlxfleet.errors import ApiError
+from mlxfleet.openai.responses import encode_json
 
 EVENT_END = b"\n\n"
 SSE_DONE = b"data: [DONE]"
-# One encoder and decoder for every event: json.dumps with non-default separators builds a new
-# encoder per call, and json.loads of bytes sniffs their encoding first (a third of the cost).
-encode_json = json.JSONEncoder(separators=(",", ":")).encode
+# One decoder for every event: json.loads of bytes sniffs their encoding first (a third of the
+# cost). The encoder is the engines' own (mlxfleet/openai/responses.py).
 decode_json = json.JSONDecoder().decode
 # The chunk most of a stream is: our engine's answer text and nothing else (no reasoning, call,
 # logprobs, finish or usage). Its text is taken as the JSON string literal it already is and
@@ -164,12 +164,8 @@ def chunk_pieces(payload: dict[str, Any]) -> list[Piece]:
         pieces.append(finish)
     usage = payload.get("usage") or ours.get("usage")
     if usage:
-        tokens = Tokens(int(usage["prompt_tokens"]), int(usage["completion_tokens"]))
-        pieces.append(
-            tokens
-            if not (cached := cached_tokens(usage))
-            else Tokens(tokens.prompt, tokens.completion, cached)
-        )
+        prompt, completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+        pieces.append(Tokens(prompt, completion, cached_tokens(usage)))
     return pieces
 
 

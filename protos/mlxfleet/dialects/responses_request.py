@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlxfleet.errors import ApiError
-from mlxfleet.openai.sampling import is_int, is_number
+from mlxfleet.openai.sampling import invalid, is_int, is_number, type_error
 
 HONOURED = frozenset(
     {
@@ -58,18 +58,6 @@ TEXT_ONLY = "the fleet's engines are text-only"
 EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 
 
-def invalid(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
-    return ApiError.invalid(message, param, code)
-
-
-def _type_error(param: str, expected: str, value: Any) -> ApiError:
-    return invalid(
-        f"Invalid type for '{param}': expected {expected}, got {type(value).__name__}.",
-        param,
-        "invalid_type",
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class ResponsesRequest:
     """A validated Responses body: the chat body for the engines, and what the response echoes."""
@@ -86,13 +74,13 @@ def _content_text(value: Any, param: str) -> str:
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
-        raise _type_error(param, "a string or an array of content parts", value)
+        raise type_error(param, "a string or an array of content parts", value)
     texts = []
     for j, part in enumerate(value):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("input_text", "output_text", "text"):
             if not isinstance(part.get("text"), str):
-                raise _type_error(f"{param}[{j}].text", "a string", part.get("text"))
+                raise type_error(f"{param}[{j}].text", "a string", part.get("text"))
             texts.append(part["text"])
         elif kind == "refusal":
             texts.append(str(part.get("refusal", "")))
@@ -111,7 +99,7 @@ def _input(value: Any, instructions: Any) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     if instructions is not None:
         if not isinstance(instructions, str):
-            raise _type_error("instructions", "a string", instructions)
+            raise type_error("instructions", "a string", instructions)
         messages.append({"role": "system", "content": instructions})
     if isinstance(value, str):
         return [*messages, {"role": "user", "content": value}]
@@ -122,7 +110,7 @@ def _input(value: Any, instructions: Any) -> list[dict[str, Any]]:
     for i, item in enumerate(value):
         param = f"input[{i}]"
         if not isinstance(item, dict):
-            raise _type_error(param, "an object", item)
+            raise type_error(param, "an object", item)
         kind = item.get("type", "message" if "role" in item else None)
         if kind == "function_call":
             call_id, name, arguments = item.get("call_id"), item.get("name"), item.get("arguments")
@@ -179,11 +167,11 @@ def _text(value: Any) -> bool:
 
 def _tools(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list):
-        raise _type_error("tools", "an array", value)
+        raise type_error("tools", "an array", value)
     tools = []
     for i, tool in enumerate(value):
         if not isinstance(tool, dict):
-            raise _type_error(f"tools[{i}]", "an object", tool)
+            raise type_error(f"tools[{i}]", "an object", tool)
         if tool.get("type") != "function":
             raise invalid(
                 f"Invalid 'tools[{i}].type': {tool.get('type')!r} tools are not served here; only "
@@ -216,7 +204,7 @@ def _tool_choice(value: Any) -> Any:
 def _text_format(value: Any, chat: dict[str, Any]) -> None:
     """text.format (text, json_object, json_schema); text.verbosity has no effect."""
     if not isinstance(value, dict):
-        raise _type_error("text", "an object", value)
+        raise type_error("text", "an object", value)
     fmt = value.get("format")
     if fmt is None:
         return
@@ -239,7 +227,7 @@ def _reasoning(value: Any, kwargs: dict[str, Any]) -> bool:
     """reasoning.effort switches a think section on or off (and is the reasoning_effort of
     templates that take one); reasoning.summary asks for the think text as the summary."""
     if not isinstance(value, dict):
-        raise _type_error("reasoning", "an object", value)
+        raise type_error("reasoning", "an object", value)
     effort = value.get("effort")
     if effort is not None:
         if effort not in EFFORTS:
@@ -289,7 +277,7 @@ def _refuse(body: dict[str, Any]) -> None:
     include = body.get("include")
     if include is not None:
         if not isinstance(include, list):
-            raise _type_error("include", "an array", include)
+            raise type_error("include", "an array", include)
         for value in include:
             if value not in INCLUDE_ACCEPTED:
                 raise invalid(
@@ -307,7 +295,7 @@ def parse_responses_request(body: dict[str, Any]) -> ResponsesRequest:
         raise invalid("Missing required parameter: 'model'.", "model", "missing_required_parameter")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise _type_error("stream", "a boolean", stream)
+        raise type_error("stream", "a boolean", stream)
     chat: dict[str, Any] = {
         "model": model,
         "messages": _input(body.get("input"), body.get("instructions")),
@@ -345,7 +333,7 @@ def parse_responses_request(body: dict[str, Any]) -> ResponsesRequest:
         chat["chat_template_kwargs"] = kwargs
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
-        raise _type_error("metadata", "an object", metadata)
+        raise type_error("metadata", "an object", metadata)
     echo = {
         "instructions": body.get("instructions"),
         "max_output_tokens": max_tokens,

@@ -204,9 +204,10 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-_encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per call
+# One compact encoder for every event: json.dumps with non-default separators builds one per call.
+encode_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def sse(payload: dict[str, Any]) -> bytes:
     """One server-sent event carrying `payload` as JSON."""
-    return b"data: " + _encode(payload).encode() + b"\n\n"
+    return b"data: " + encode_json(payload).encode() + b"\n\n"
