@@ -14,7 +14,13 @@ from coordinator.errors import ConfigError
 from coordinator.memory import OS_RESERVE_BYTES
 from coordinator.triggers import TriggerConfig
 from mlxfleet.errors import KvCacheError, TierError
-from mlxfleet.kv import DEFAULT_KV_GROUP_SIZE, KV_BITS, KV_GROUP_SIZES, check_kv
+from mlxfleet.kv import (
+    DEFAULT_KV_GROUP_SIZE,
+    DEFAULT_PREFIX_CACHE_MIB,
+    KV_BITS,
+    KV_GROUP_SIZES,
+    check_kv,
+)
 from mlxfleet.tiers import DEFAULT_KNOBS, TIERS, Knobs, Tier, apply_knobs
 
 DEFAULT_GATEWAY_PORT = 8400
@@ -29,6 +35,7 @@ LABEL_RE = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a chat request larger than this is refused with 413
 RETRY_AFTER_S = 2  # what a 503 tells clients while no engine serves a model
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+MAX_PREFIX_CACHE_MIB = 2**20  # 1 TiB: more than any node has
 
 
 def default_home() -> Path:
@@ -56,6 +63,9 @@ class ModelSpec:
     kv_bits: int = 16  # 16: the model's dtype; 8 or 4: quantized (batch tier, max_concurrency 1)
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE  # values per quantization scale and bias
     pinned: bool = False  # never unloaded for idleness or evicted for room
+    # Each engine's prefix cache budget (0: off), counted in its size: the model's own
+    # prefix_cache_mib, else its tier's.
+    prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_MIB
     required_labels: Mapping[str, str] = field(default_factory=dict)
     preferred_labels: Mapping[str, str] = field(default_factory=dict)
 
@@ -104,6 +114,8 @@ class Config:
     # Router order: engines on the coordinator's own host first (order 1), then the other
     # nodes (order 2). False: all engines share order 1 and the Router spreads over them.
     prefer_local: bool = True
+    # A follow-up turn goes to the replica whose prefix cache holds it (coordinator/affinity.py).
+    cache_affinity: bool = True
     cloud: CloudFallback | None = None  # order 3, after local and remote engines
 
     def unit(self, name: str, tier: str) -> ModelSpec | None:
@@ -130,6 +142,7 @@ MODEL_KEYS = {
     "kv_group_size",
     "pinned",
     "labels",
+    "prefix_cache_mib",
 }
 
 
@@ -149,8 +162,9 @@ def _labels(raw: Any, where: str) -> dict[str, str]:
     return dict(raw)
 
 
-def _model_specs(raw: Any, where: str) -> list[ModelSpec]:
-    """One [[models]] entry; `tiers = [...]` makes one unit per tier."""
+def _model_specs(raw: Any, where: str, prefix_cache_mib: Mapping[Tier, int]) -> list[ModelSpec]:
+    """One [[models]] entry; `tiers = [...]` makes one unit per tier. `prefix_cache_mib`: each
+    tier's budget, for a model that sets none."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table, got {type(raw).__name__}")
     unknown = set(raw) - MODEL_KEYS
@@ -198,6 +212,9 @@ def _model_specs(raw: Any, where: str) -> list[ModelSpec]:
     if not isinstance(labels, dict) or set(labels) - {"required", "preferred"}:
         raise ConfigError(f"{where}: 'labels' takes 'required' and 'preferred' tables")
     replicas = _int(raw, "replicas", 1, 1, 64, where)
+    own_cache = raw.get("prefix_cache_mib")
+    if own_cache is not None:
+        own_cache = _int(raw, "prefix_cache_mib", 0, 0, MAX_PREFIX_CACHE_MIB, where)
     required = _labels(labels.get("required", {}), f"{where}: labels.required")
     preferred = _labels(labels.get("preferred", {}), f"{where}: labels.preferred")
     return [
@@ -211,6 +228,7 @@ def _model_specs(raw: Any, where: str) -> list[ModelSpec]:
             kv_bits=kv_bits,
             kv_group_size=group_size,
             pinned=pinned,
+            prefix_cache_mib=prefix_cache_mib[tier] if own_cache is None else own_cache,
             required_labels=required,
             preferred_labels=preferred,
         )
@@ -243,10 +261,26 @@ def _tier_knobs(raw: Any, where: str) -> dict[Tier, Knobs]:
         if tier not in TIERS or not isinstance(changes, dict):
             raise ConfigError(f"{where}: unknown tier table [tiers.{tier}]")
         try:
-            knobs[tier] = apply_knobs(knobs[tier], changes)
+            # prefix_cache_mib sits in the same table but is no knob (_tier_prefix_caches).
+            knobs[tier] = apply_knobs(
+                knobs[tier], {k: v for k, v in changes.items() if k != "prefix_cache_mib"}
+            )
         except TierError as exc:
             raise ConfigError(f"{where}: [tiers.{tier}] {exc}") from None
     return knobs
+
+
+def _tier_prefix_caches(raw: Mapping[str, Any], where: str) -> dict[Tier, int]:
+    """[tiers.batch] prefix_cache_mib = 256: the tier's engines' prefix cache budget (0: off;
+    `raw` already checked by _tier_knobs). Not a knob: an engine takes it when it starts."""
+    budgets = dict.fromkeys(TIERS, DEFAULT_PREFIX_CACHE_MIB)
+    for tier in TIERS:
+        table = raw.get(tier, {})
+        if "prefix_cache_mib" in table:
+            budgets[tier] = _int(
+                table, "prefix_cache_mib", 0, 0, MAX_PREFIX_CACHE_MIB, f"{where}: [tiers.{tier}]"
+            )
+    return budgets
 
 
 def _port(value: Any, key: str) -> int:
@@ -321,6 +355,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         "os_reserve_gib",
         "triggers",
         "prefer_local",
+        "cache_affinity",
         "cloud",
     }
     unknown = set(raw) - known
@@ -329,8 +364,12 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
     models_raw = raw.get("models", [])
     if not isinstance(models_raw, list):
         raise ConfigError(f"{path}: 'models' must be an array of tables ([[models]])")
+    tiers = _tier_knobs(raw.get("tiers", {}), str(path))
+    prefix_caches = _tier_prefix_caches(raw.get("tiers", {}), str(path))
     models = tuple(
-        spec for i, m in enumerate(models_raw) for spec in _model_specs(m, f"{path}: models[{i}]")
+        spec
+        for i, m in enumerate(models_raw)
+        for spec in _model_specs(m, f"{path}: models[{i}]", prefix_caches)
     )
     keys = [m.key for m in models]
     if len(set(keys)) != len(keys):
@@ -351,11 +390,12 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         suspect_after_s=_seconds(raw.get("suspect_after_s", SUSPECT_AFTER_S), "suspect_after_s"),
         dead_after_s=_seconds(raw.get("dead_after_s", DEAD_AFTER_S), "dead_after_s"),
         mdns=_optional_bool(raw.get("mdns"), "mdns"),
-        tiers=_tier_knobs(raw.get("tiers", {}), str(path)),
+        tiers=tiers,
         triggers=_trigger_config(raw.get("triggers", {}), str(path)),
         idle_unload_s=_seconds(raw.get("idle_unload_s", IDLE_UNLOAD_S), "idle_unload_s"),
         reload_wait_s=_seconds(raw.get("reload_wait_s", RELOAD_WAIT_S), "reload_wait_s"),
         prefer_local=_optional_bool(raw.get("prefer_local"), "prefer_local") is not False,
+        cache_affinity=_optional_bool(raw.get("cache_affinity"), "cache_affinity") is not False,
         cloud=_cloud(raw.get("cloud"), str(path)),
         os_reserve_bytes=int(
             _seconds(raw.get("os_reserve_gib", OS_RESERVE_BYTES / 2**30), "os_reserve_gib") * 2**30

@@ -88,6 +88,7 @@ def command_to_pb(command: Command) -> pb.CoordinatorMessage:
                 knobs=knobs_to_pb(command.knobs),
                 kv_bits=command.kv_bits,
                 kv_group_size=command.kv_group_size,
+                prefix_cache_mib=command.prefix_cache_mib,
             )
         )
     if isinstance(command, SetKnobsCommand):

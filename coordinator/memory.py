@@ -161,18 +161,18 @@ def footprint(
     sequences: int,
     kv_bits: int = UNQUANTIZED_KV_BITS,
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
 ) -> Footprint:
     """The memory one engine needs for `sequences` concurrent sequences of `context` tokens
-    (a quantized KV cache: one sequence, see mlxfleet.kv)."""
+    (a quantized KV cache: one sequence, see mlxfleet.kv) and a prefix cache of
+    `prefix_cache_bytes` (both decoders keep one)."""
     shape = attention_shape(config)
     if shape.max_context and context > shape.max_context:
         raise SizingError(
             f"context_length {context} is larger than the model supports ({shape.max_context})"
         )
     kv = kv_cache_bytes(shape, context, sequences, kv_bits, kv_group_size)
-    # The one-at-a-time engine of a quantized KV cache keeps no prefix cache (yet).
-    prefix = DEFAULT_PREFIX_CACHE_BYTES if kv_bits == UNQUANTIZED_KV_BITS else 0
-    return Footprint(weights, kv, engine_overhead(config), prefix)
+    return Footprint(weights, kv, engine_overhead(config), prefix_cache_bytes)
 
 
 def node_budget(
@@ -197,6 +197,7 @@ def size_engine(
     kv_bits: int = UNQUANTIZED_KV_BITS,
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
     default_context: int = DEFAULT_CONTEXT_LENGTH,
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
 ) -> tuple[int, int]:
     """(bytes one engine of this model needs, the context in force). `config` None: a hub
     model not in the local cache yet, which sizes as 0 (the agent downloads it). With no
@@ -205,4 +206,5 @@ def size_engine(
         return 0, context or default_context
     if context is None:
         context = min(default_context, attention_shape(config).max_context or default_context)
-    return footprint(weights, config, context, sequences, kv_bits, kv_group_size).total, context
+    fp = footprint(weights, config, context, sequences, kv_bits, kv_group_size, prefix_cache_bytes)
+    return fp.total, context

@@ -456,6 +456,7 @@ class Reconciler:
                 self.engine_knobs(spec),
                 spec.kv_bits,
                 spec.kv_group_size,
+                spec.prefix_cache_mib,
             ),
         )
         logger.info(

@@ -11,6 +11,7 @@ from typing import Literal, NewType, Protocol
 from coordinator.policy import UnitKey
 from mlxfleet.engines import EngineState
 from mlxfleet.facts import NodeFacts
+from mlxfleet.kv import DEFAULT_PREFIX_CACHE_MIB
 from mlxfleet.tiers import Knobs
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class LoadCommand:
     knobs: Knobs
     kv_bits: int = 16  # 8 or 4: a quantized KV cache (batch tier, one request at a time)
     kv_group_size: int = 64
+    prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_MIB  # the engine's prefix cache; 0: none
 
 
 @dataclass(frozen=True, slots=True)

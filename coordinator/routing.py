@@ -24,6 +24,7 @@ import litellm  # noqa: E402
 from litellm import Router  # noqa: E402
 from litellm.types.router import Deployment, LiteLLM_Params, ModelInfo  # noqa: E402
 
+from coordinator.affinity import NO_PREFIX, Prefix, PrefixAffinity  # noqa: E402
 from coordinator.config import CloudFallback  # noqa: E402
 from coordinator.errors import CloudFailed
 from coordinator.registry import Engine, EngineId
@@ -87,9 +88,12 @@ class Routing:
         *,
         prefer_local: bool = True,
         max_parallel: Callable[[str], int] = lambda tier: 0,
+        cache_affinity: bool = True,
     ) -> None:
         self._router = Router(model_list=[], num_retries=0)
         self._prefer_local = prefer_local
+        # A follow-up turn goes back to the replica holding its prefix (affinity.py).
+        self._affinity = PrefixAffinity() if cache_affinity else None
         self._max_parallel = max_parallel  # by tier: the tier knobs' max_concurrency
         # Remote engines present node certificates from the fleet CA, checked by node id.
         self.engine_tls = ssl.create_default_context(cadata=fleet_ca_pem.decode())
@@ -212,12 +216,16 @@ class Routing:
         model: str,
         tier: str,
         in_flight: Callable[[EngineId], int] = lambda engine_id: 0,
+        prefix: Prefix = NO_PREFIX,
     ) -> Target | None:
-        """The deployment the Router chooses for this model and tier, or None.
+        """The deployment for this model and tier, or None.
 
         Orders are tried lowest first; a deployment with max_parallel requests in flight is
-        full and the request spills to the next order. When every deployment is full, the
-        lowest order takes it anyway (its engine queues it, or answers 429)."""
+        full and the request spills to the next order. Within an order, the engine that holds
+        the request's prefix takes it if it is neither full nor well above the others' load
+        (affinity.py); otherwise the Router chooses. When
+        every deployment is full, the lowest order takes it anyway (its engine queues it, or
+        answers 429)."""
         targets = [t for t in self._targets.values() if (t.model, t.tier) == (model, tier)]
         if not targets:
             # Our own table answers "none" without the Router's exception path (it keeps
@@ -226,15 +234,30 @@ class Routing:
         # The limit in force now: tier knobs change at runtime (`mlxfleet tiers set`).
         limits = {t.engine_id: self._max_parallel(t.tier) for t in targets if not t.cloud}
         full = [e for e, limit in limits.items() if limit and in_flight(e) >= limit]
+        picked: Target | None = None
         for order in sorted({t.order for t in targets}):
-            if all(t.engine_id in full for t in targets if t.order == order):
+            free = {t.engine_id for t in targets if t.order == order and t.engine_id not in full}
+            if not free:
                 continue
-            picked = await self._pick(
+            load = {e: in_flight(e) for e in free}
+            picked = self._holder(prefix, load, order) or await self._pick(
                 model, tier, {"_target_order": order, "_excluded_deployment_ids": full}
             )
             if picked is not None:
-                return picked
-        return await self._pick(model, tier, {})
+                break
+        else:
+            picked = await self._pick(model, tier, {})
+        if picked is not None and self._affinity is not None and not picked.cloud:
+            self._affinity.remember(prefix, picked.engine_id)
+        return picked
+
+    def _holder(self, prefix: Prefix, load: dict[EngineId, int], order: int) -> Target | None:
+        """The free engine that holds this request's prefix, if affinity applies (never the
+        cloud: a provider's cache is not ours to steer)."""
+        if self._affinity is None or order == ORDER_CLOUD:
+            return None
+        engine_id = self._affinity.holder(prefix, load)
+        return self._targets[engine_id] if engine_id is not None else None
 
     async def _pick(
         self, model: str, tier: str, request_kwargs: dict[str, object]

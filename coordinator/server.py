@@ -151,6 +151,7 @@ class Server:
         routing = self.routing = Routing(
             pki.ca_cert_pem,
             prefer_local=config.prefer_local,
+            cache_affinity=config.cache_affinity,
             max_parallel=self._max_parallel,
         )
         registry = self.registry = Registry(routing)

@@ -76,6 +76,7 @@ class Sizing:
                 self._knobs.engine(spec).max_concurrency,
                 spec.kv_bits,
                 spec.kv_group_size,
+                prefix_cache_bytes=spec.prefix_cache_mib * 2**20,
             )
         except SizingError as exc:
             return SizingError(f"{spec.name}: {exc}")

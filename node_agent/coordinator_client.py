@@ -14,7 +14,7 @@ import grpc
 from mlxfleet.engines import EngineState
 from mlxfleet.facts import NodeFacts
 from mlxfleet.join import COORDINATOR_TLS_NAME, JoinToken, new_key_pem
-from mlxfleet.kv import DEFAULT_KV_GROUP_SIZE, UNQUANTIZED_KV_BITS
+from mlxfleet.kv import DEFAULT_KV_GROUP_SIZE, DEFAULT_PREFIX_CACHE_MIB, UNQUANTIZED_KV_BITS
 from mlxfleet.v1 import fleet_pb2 as pb
 from mlxfleet.v1 import fleet_pb2_grpc
 from mlxfleet.version import package_version
@@ -261,4 +261,8 @@ def load_request(message: pb.LoadModel) -> LoadRequest:
         knobs_from_pb(message.knobs),
         kv_bits=message.kv_bits or UNQUANTIZED_KV_BITS,
         kv_group_size=message.kv_group_size or DEFAULT_KV_GROUP_SIZE,
+        # 0 is a real value (no prefix cache), so "unset" is the field's absence.
+        prefix_cache_mib=message.prefix_cache_mib
+        if message.HasField("prefix_cache_mib")
+        else DEFAULT_PREFIX_CACHE_MIB,
     )

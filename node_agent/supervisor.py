@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 
 from mlxfleet.engines import EngineState, EventKind, ExitReason
-from mlxfleet.kv import DEFAULT_KV_GROUP_SIZE, UNQUANTIZED_KV_BITS
+from mlxfleet.kv import DEFAULT_KV_GROUP_SIZE, DEFAULT_PREFIX_CACHE_MIB, UNQUANTIZED_KV_BITS
 from node_agent.cgroup import MIB, EngineCgroup, MemoryLimiter
 from node_agent.probes.base import Probe
 
@@ -68,6 +68,7 @@ class LoadRequest:
     knobs: dict[str, int] = field(default_factory=dict)  # tier knobs; empty: engine defaults
     kv_bits: int = UNQUANTIZED_KV_BITS  # 8 or 4: quantized (the engine runs one request at a time)
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE
+    prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_MIB  # the budget placement counted; 0: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +258,9 @@ class Supervisor:
             request.tier if request.tier in ("interactive", "batch") else "interactive",
             *knob_args(request.knobs),
             *kv_args(request),
+            # Always given: the engine must keep to the budget placement counted.
+            "--prefix-cache-mib",
+            str(request.prefix_cache_mib),
         ]
         # The secret goes through the environment: argv is visible to every local user.
         env = {

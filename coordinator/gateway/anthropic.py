@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from coordinator.affinity import chat_prefix
 from coordinator.gateway.forward import Admitted, Reply
 from coordinator.gateway.front import CHAT_PATH, Front, checked_chat
 from mlxfleet.dialects.anthropic_answer import MessagesStream, count_tokens_body, whole_message
@@ -31,7 +32,7 @@ def adapt_messages(body: dict[str, Any], raw: bytes) -> Admitted:
         translator=lambda: MessagesStream(model, show),
     )
     chat = checked_chat(request.chat, in_anthropic_terms)
-    return Admitted(request.max_tokens, request.stream, chat, reply)
+    return Admitted(request.max_tokens, request.stream, chat, reply, chat_prefix(request.chat))
 
 
 def adapt_count(body: dict[str, Any], raw: bytes) -> Admitted:

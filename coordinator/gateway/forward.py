@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from coordinator.affinity import NO_PREFIX, Prefix
 from coordinator.cloud import serve_cloud
 from coordinator.config import RETRY_AFTER_S, Config
 from coordinator.gateway.flights import Flights
@@ -61,6 +62,7 @@ class Admitted:
     stream: bool
     body: bytes  # posted to the engine at reply.path
     reply: Reply
+    prefix: Prefix = NO_PREFIX  # its keys for cache-aware routing (affinity.py)
 
 
 def engine_refusal(status: int, data: bytes, headers: dict[str, str]) -> ApiError:
@@ -148,7 +150,8 @@ class Forwarder:
         raw, stream, reply = admitted.body, admitted.stream, admitted.reply
         body = raw
         for _ in range(ATTEMPTS):
-            target = await self._routing.pick(*key, self._flights.count)
+            # A continuation keeps the request's keys: its prompt begins the same way.
+            target = await self._routing.pick(*key, self._flights.count, admitted.prefix)
             if target is None:
                 break
             if target.cloud:

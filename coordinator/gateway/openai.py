@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from coordinator.affinity import chat_prefix, prompt_prefix
 from coordinator.gateway.forward import Admitted, Reply
 from coordinator.gateway.front import CHAT_PATH, Front
 from coordinator.reconcile import Reconciler
@@ -25,12 +26,13 @@ COMPLETIONS = Reply("completions", "/v1/completions")
 
 def adapt_chat(body: dict[str, Any], raw: bytes) -> Admitted:
     parsed = parse_chat_request(body)  # raises an OpenAI-shaped ApiError
-    return Admitted(parsed.params.max_tokens, parsed.stream, raw, CHAT)
+    return Admitted(parsed.params.max_tokens, parsed.stream, raw, CHAT, chat_prefix(body))
 
 
 def adapt_completion(body: dict[str, Any], raw: bytes) -> Admitted:
     parsed = parse_completion_request(body)
-    return Admitted(parsed.params.max_tokens, parsed.stream, raw, COMPLETIONS)
+    prefix = prompt_prefix(body.get("prompt"))
+    return Admitted(parsed.params.max_tokens, parsed.stream, raw, COMPLETIONS, prefix)
 
 
 class OpenAIRoutes:

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from coordinator.affinity import chat_prefix
 from coordinator.gateway.forward import Admitted, Reply
 from coordinator.gateway.front import CHAT_PATH, Front, checked_chat
 from mlxfleet.dialects.chat_answer import read_answer
@@ -29,7 +30,7 @@ def adapt_responses(body: dict[str, Any], raw: bytes) -> Admitted:
         whole=lambda answer: whole_response(read_answer(answer), model, echo, summary),
         translator=lambda: ResponsesStream(model, echo, summary),
     )
-    return Admitted(request.max_tokens, request.stream, chat, reply)
+    return Admitted(request.max_tokens, request.stream, chat, reply, chat_prefix(request.chat))
 
 
 class ResponsesRoutes:

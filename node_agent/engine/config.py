@@ -10,7 +10,7 @@ from pathlib import Path
 from mlxfleet.errors import KnobError, KvCacheError
 from mlxfleet.kv import (
     DEFAULT_KV_GROUP_SIZE,
-    DEFAULT_PREFIX_CACHE_BYTES,
+    DEFAULT_PREFIX_CACHE_MIB,
     KV_GROUP_SIZES,
     QUANTIZED_KV_BITS,
     check_kv,
@@ -20,8 +20,6 @@ from node_agent.errors import ConfigError
 
 SECRET_ENV = "MLXFLEET_ENGINE_SECRET"
 DEFAULT_HOST = "127.0.0.1"
-# The prefix cache's byte budget (prefix_cache.py): the one placement counts. 0 turns it off.
-DEFAULT_PREFIX_CACHE_MIB = DEFAULT_PREFIX_CACHE_BYTES // 2**20
 # The seeds' names (seed 001); honoured by the batch tier when the flags are not given.
 KV_FLAGS = ("--kv-bits", "--kv-group-size", "--max-concurrency")  # check_kv names them
 BATCH_ENV = {
@@ -46,7 +44,7 @@ class EngineConfig:
     # requests run one at a time (mlx-lm 0.32.2 cannot batch a quantized cache; sequential.py).
     kv_bits: int | None = None
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE
-    prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_MIB
+    prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_MIB  # prefix_cache.py's budget, 0: off
     # Serve HTTPS with the node's certificate (an engine reached from another host).
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -295,7 +295,9 @@ class ModelThread:
             )
         from node_agent.engine.sequential import SequentialDecoder
 
-        return SequentialDecoder(model, self._eos_ids, self._kv_bits, self._kv_group_size)
+        return SequentialDecoder(
+            model, self._eos_ids, self._kv_bits, self._kv_group_size, self._prefix_cache_bytes
+        )
 
     def _inbox_timeout_s(self) -> float | None:
         """How long the thread may block on the inbox: not at all while decoding, until the

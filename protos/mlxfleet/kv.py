@@ -21,8 +21,10 @@ QUANTIZED_KV_MAX_SEQUENCES = 1  # see the module docstring
 QUANTIZED_KV_TIER = "batch"
 DEFAULT_CONTEXT_LENGTH = 8192  # tokens (seed 002): the cap unless a model is told otherwise
 # What an engine's prefix cache may hold (the KV of finished requests, reused by the next one
-# that starts the same way); placement counts it in every engine's footprint.
-DEFAULT_PREFIX_CACHE_BYTES = 512 * 2**20
+# that starts the same way), unless fleet.toml sets a tier's or a model's prefix_cache_mib;
+# placement counts the budget in force in every engine's footprint. The same for both tiers.
+DEFAULT_PREFIX_CACHE_MIB = 512
+DEFAULT_PREFIX_CACHE_BYTES = DEFAULT_PREFIX_CACHE_MIB * 2**20
 
 
 def check_kv(

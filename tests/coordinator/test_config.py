@@ -120,6 +120,26 @@ def test_cli_overrides_env_overrides_toml(tmp_path: Path, monkeypatch: pytest.Mo
             "labels must be a table of short strings",
         ),
         ("[tiers.batch]\nbatch_window_ms = -5\n", "batch_window_ms must be an integer 0-"),
+        (
+            "[tiers.batch]\nprefix_cache_mib = -1\n",
+            r"\[tiers.batch\]: 'prefix_cache_mib' must be an integer 0-1048576, got -1$",
+        ),
+        (
+            '[tiers.interactive]\nprefix_cache_mib = "512"\n',
+            r"'prefix_cache_mib' must be an integer 0-1048576, got '512'$",
+        ),
+        (
+            "[tiers.batch]\nprefix_cache_mib = 1.5\n",
+            r"'prefix_cache_mib' must be an integer 0-1048576, got 1.5$",
+        ),
+        (
+            '[[models]]\nname = "a"\nsource = "x"\nprefix_cache_mib = true\n',
+            r"models\[0\]: 'prefix_cache_mib' must be an integer 0-1048576, got True$",
+        ),
+        (
+            '[[models]]\nname = "a"\nsource = "x"\nprefix_cache_mib = 2_000_000\n',
+            r"'prefix_cache_mib' must be an integer 0-1048576, got 2000000$",
+        ),
         ("[tiers.gold]\nbatch_window_ms = 5\n", "unknown tier table"),
     ],
 )
@@ -180,3 +200,45 @@ def test_cloud_fallback_is_off_by_default_and_checked_when_named(
         load_config(write(tmp_path, '[cloud]\nmodel = "gpt"\napi_key_env = "MLXFLEET_T_KEY"\n'))
     with pytest.raises(ConfigError, match="unknown key 'api_key'"):
         load_config(write(tmp_path, table + 'api_key = "sk-in-the-file"\n'))
+
+
+def test_prefix_cache_budget_per_tier_and_per_model(tmp_path: Path) -> None:
+    """[tiers.X] prefix_cache_mib sets a tier's engines' budget, a model's own replaces it
+    (0: off), and neither touches the tier's knobs; unset, both tiers keep 512 MiB."""
+    path = write(
+        tmp_path,
+        """
+[tiers.batch]
+prefix_cache_mib = 128
+batch_window_ms = 200
+[tiers.interactive]
+prefix_cache_mib = 0
+[[models]]
+name = "q"
+source = "/m/q"
+tiers = ["interactive", "batch"]
+[[models]]
+name = "own"
+source = "/m/o"
+tiers = ["interactive", "batch"]
+prefix_cache_mib = 1024
+[[models]]
+name = "long"
+source = "/m/l"
+tier = "batch"
+kv_bits = 8
+""",
+    )
+    config = load_config(path, home=tmp_path)
+    budgets = {(m.name, m.tier): m.prefix_cache_mib for m in config.models}
+    assert budgets == {
+        ("q", "interactive"): 0,
+        ("q", "batch"): 128,
+        ("own", "interactive"): 1024,
+        ("own", "batch"): 1024,
+        ("long", "batch"): 128,  # the quantized-KV engine keeps a prefix cache too
+    }
+    assert config.tiers["batch"].batch_window_ms == 200  # still a knob table
+    assert config.tiers["interactive"] == load_config(None).tiers["interactive"]
+    defaults = load_config(write(tmp_path, '[[models]]\nname = "d"\nsource = "/m/d"\n')).models
+    assert [m.prefix_cache_mib for m in defaults] == [512]

@@ -147,7 +147,24 @@ def test_footprint_adds_weights_kv_the_prefix_cache_and_overhead() -> None:
         footprint(4 * GIB, LLAMA3_8B, context=16384, sequences=1)
     quantized = footprint(4 * GIB, LLAMA3_8B, context=8192, sequences=1, kv_bits=8)
     assert quantized.kv_cache == kv_cache_bytes(attention_shape(LLAMA3_8B), 8192, 1) * 17 // 32
-    assert quantized.prefix_cache == 0  # the one-at-a-time quantized engine keeps none
+    assert quantized.prefix_cache == DEFAULT_PREFIX_CACHE_BYTES  # sequential.py keeps one too
+
+
+@pytest.mark.parametrize("kv_bits", [16, 8])
+def test_the_prefix_cache_budget_in_force_is_what_both_engines_add(kv_bits: int) -> None:
+    """The batched (fp16) and the sequential (quantized) engine both keep a prefix cache; a
+    unit's own budget (fleet.toml) replaces the default, and 0 adds nothing."""
+    base = footprint(4 * GIB, LLAMA3_8B, 8192, 1, kv_bits, prefix_cache_bytes=0)
+    assert base.prefix_cache == 0
+    assert base.total == 4 * GIB + base.kv_cache + base.overhead
+    budget = 96 * 2**20
+    fp = footprint(4 * GIB, LLAMA3_8B, 8192, 1, kv_bits, prefix_cache_bytes=budget)
+    assert (fp.prefix_cache, fp.total) == (budget, base.total + budget)
+    size, _ = size_engine(4 * GIB, LLAMA3_8B, None, 1, kv_bits, prefix_cache_bytes=budget)
+    assert size == base.total + budget
+    assert size_engine(4 * GIB, LLAMA3_8B, None, 1, kv_bits)[0] == (
+        base.total + DEFAULT_PREFIX_CACHE_BYTES
+    )
 
 
 def test_node_budget_is_the_smaller_of_ram_less_reserve_and_the_wired_limit() -> None:

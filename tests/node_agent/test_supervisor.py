@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -57,6 +58,26 @@ async def test_unreachable_hub_model_is_a_load_failure_with_a_reason(tmp_path: P
     assert event.engine.engine_id == "e1" and event.engine.state == "exited"
     assert "mlxfleet-test/no-such-model" in event.detail
     assert supervisor.infos() == []
+
+
+async def test_the_prefix_cache_budget_reaches_the_engine(tmp_path: Path, demo_model: Path) -> None:
+    """Needs an engine process: the budget the coordinator sent (and placement counted) is
+    the one the engine keeps, through its --prefix-cache-mib flag."""
+    events: list[EngineEvent] = []
+    supervisor = Supervisor(local_probe(), events.append, tmp_path / "logs")
+    try:
+        request = LoadRequest("e1", "demo", str(demo_model), "interactive", 512, prefix_cache_mib=3)
+        await supervisor.load(request)
+        for _ in range(600):
+            if any(e.kind in ("ready", "load_failed") for e in events):
+                break
+            await asyncio.sleep(0.1)
+        assert [e.kind for e in events] == ["started", "ready"], events
+        reply = await supervisor.engine_request("e1", "GET", "/v1/engine/stats")
+        assert reply is not None and reply[0] == 200, reply
+        assert json.loads(reply[1])["prefix_cache"]["budget_bytes"] == 3 * 2**20
+    finally:
+        await supervisor.stop_all()
 
 
 def test_local_folder_resolves_to_itself(tmp_path: Path) -> None:

@@ -260,7 +260,7 @@ class AgentMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., status: _Optional[_Union[NodeStatus, _Mapping]] = ..., event: _Optional[_Union[EngineEvent, _Mapping]] = ...) -> None: ...
 
 class LoadModel(_message.Message):
-    __slots__ = ("engine_id", "model", "source", "tier", "context_length", "knobs", "kv_bits", "kv_group_size")
+    __slots__ = ("engine_id", "model", "source", "tier", "context_length", "knobs", "kv_bits", "kv_group_size", "prefix_cache_mib")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -269,6 +269,7 @@ class LoadModel(_message.Message):
     KNOBS_FIELD_NUMBER: _ClassVar[int]
     KV_BITS_FIELD_NUMBER: _ClassVar[int]
     KV_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_MIB_FIELD_NUMBER: _ClassVar[int]
     engine_id: str
     model: str
     source: str
@@ -277,7 +278,8 @@ class LoadModel(_message.Message):
     knobs: TierKnobs
     kv_bits: int
     kv_group_size: int
-    def __init__(self, engine_id: _Optional[str] = ..., model: _Optional[str] = ..., source: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., context_length: _Optional[int] = ..., knobs: _Optional[_Union[TierKnobs, _Mapping]] = ..., kv_bits: _Optional[int] = ..., kv_group_size: _Optional[int] = ...) -> None: ...
+    prefix_cache_mib: int
+    def __init__(self, engine_id: _Optional[str] = ..., model: _Optional[str] = ..., source: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., context_length: _Optional[int] = ..., knobs: _Optional[_Union[TierKnobs, _Mapping]] = ..., kv_bits: _Optional[int] = ..., kv_group_size: _Optional[int] = ..., prefix_cache_mib: _Optional[int] = ...) -> None: ...
 
 class UnloadModel(_message.Message):
     __slots__ = ("engine_id",)

@@ -10,16 +10,18 @@ import asyncio
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from mlxfleet.kv import DEFAULT_KV_GROUP_SIZE
+from mlxfleet.kv import DEFAULT_KV_GROUP_SIZE, DEFAULT_PREFIX_CACHE_BYTES
 from mlxfleet.tiers import DEFAULT_KNOBS
 from node_agent.engine.config import load_config
 from node_agent.errors import ConfigError
 from tests.node_agent.engine.conftest import Engine, start_engine
+from tests.node_agent.engine.test_engine_prefix_cache import cached_tokens, turn
 
 BASE_ARGV = ["--model-path", "/m", "--model-name", "demo"]
 SECRET_ENV = {"MLXFLEET_ENGINE_SECRET": "s"}
@@ -56,6 +58,36 @@ async def test_completions_run_one_at_a_time_over_an_8_bit_cache(quantized: Engi
     stats = quantized.stats()
     assert (stats["max_batch_seen"], stats["requests_total"]) == (1, 3)
     assert (stats["active"], stats["queued"]) == (0, 0)
+
+
+def test_a_follow_up_turn_starts_from_the_prefix_cache_and_answers_as_without_it(
+    quantized: Engine,
+) -> None:
+    """The quantized engine keeps a prefix cache too (the default budget). The same follow-up
+    once from the cache and once after emptying it gives the same greedy answer."""
+    client = openai.OpenAI(
+        base_url=quantized.base_url + "/v1", api_key=quantized.secret, max_retries=0
+    )
+
+    def chat(question: str) -> Any:
+        return client.chat.completions.create(
+            model="demo", messages=turn(question), max_tokens=16, temperature=0
+        )
+
+    assert cached_tokens(chat("What is the weather?")) == 0
+    follow = chat("And tomorrow?")
+    stats = quantized.stats()["prefix_cache"]
+    assert follow.usage.prompt_tokens > 600
+    assert 0.9 * follow.usage.prompt_tokens <= cached_tokens(follow) < follow.usage.prompt_tokens
+    assert stats["budget_bytes"] == DEFAULT_PREFIX_CACHE_BYTES and stats["hits"] == 1
+    headers = {"Authorization": f"Bearer {quantized.secret}"}
+    dropped = httpx.post(
+        quantized.base_url + "/v1/engine/prefix_cache/drop", headers=headers, timeout=10
+    )
+    assert dropped.status_code == 200 and quantized.stats()["prefix_cache"]["entries"] == 0
+    uncached = chat("And tomorrow?")
+    assert cached_tokens(uncached) == 0
+    assert follow.choices[0].message.content == uncached.choices[0].message.content
 
 
 def test_knobs_cannot_raise_max_concurrency(quantized: Engine) -> None:

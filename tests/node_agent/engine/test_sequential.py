@@ -10,7 +10,9 @@ import dataclasses
 import itertools
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx_lm
@@ -22,14 +24,16 @@ from mlxfleet.openai.protocol import SamplingParams
 from mlxfleet.tiers import Knobs
 from node_agent.engine.batched import BatchDecoder
 from node_agent.engine.generator import Event, Job, ModelThread
-from node_agent.engine.sampling import make_request_sampler
+from node_agent.engine.sampling import LogitsProcessor, make_request_sampler, processors_for
 from node_agent.engine.sequential import SequentialDecoder
 from node_agent.errors import QueueFull
+from tests.node_agent.engine.test_engine_prefix_cache import turn
 
 KV_BITS = 8
 GROUP_SIZE = 32
 KNOBS = Knobs(max_concurrency=1, batch_window_ms=80, max_batch_size=1, queue_limit=64)
 PROMPT = "The quick brown"
+CACHE_BYTES = 64 * 2**20
 EVENT_TIMEOUT_S = 60.0
 _ids = itertools.count(1)
 
@@ -163,6 +167,123 @@ def test_a_group_size_that_does_not_divide_head_dim_fails_the_warm_up(demo_model
     decoder = SequentialDecoder(model, frozenset(), KV_BITS, 64)
     with pytest.raises(ValueError, match="divisible by the quantization group size 64"):
         decoder.warm_up(list(tokenizer.encode(PROMPT)), 4)
+
+
+@pytest.fixture(scope="module")
+def loaded(demo_model: Path) -> tuple[Any, Any]:
+    """The demo model and its tokenizer, for decoders driven directly."""
+    model, tokenizer = mlx_lm.load(str(demo_model))[:2]
+    return model, tokenizer
+
+
+def chat_prompt(tokenizer: Any, question: str) -> list[int]:
+    """A chat turn's prompt ids: the ~600-token system prompt, then `question`."""
+    return list(tokenizer.apply_chat_template(turn(question), add_generation_prompt=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    tokens: list[int]
+    cached: int  # prompt tokens that came from the prefix cache
+    logprobs: mx.array  # one row per token
+
+
+def generate(
+    decoder: SequentialDecoder,
+    prompt: list[int],
+    max_tokens: int = 16,
+    processors: list[LogitsProcessor] | None = None,
+) -> Answer:
+    """A greedy answer to the end."""
+    greedy = make_request_sampler(0.0, 1.0, None)
+    (uid,) = decoder.insert([prompt], [max_tokens], [greedy], None, [processors or []])
+    cached, tokens = decoder.cached(uid), []
+    while True:
+        (token,) = decoder.step()
+        tokens.append(token)
+        if token.finish_reason is not None:
+            logprobs = mx.stack([t.logprobs for t in tokens if t.logprobs is not None])
+            return Answer([t.token for t in tokens], cached, logprobs)
+
+
+def decoders(loaded: tuple[Any, Any]) -> tuple[SequentialDecoder, SequentialDecoder]:
+    """One decoder with a prefix cache and one without."""
+    model = loaded[0]
+    return (
+        SequentialDecoder(model, frozenset(), KV_BITS, GROUP_SIZE, CACHE_BYTES),
+        SequentialDecoder(model, frozenset(), KV_BITS, GROUP_SIZE),
+    )
+
+
+def test_a_follow_up_turn_starts_from_the_cached_prefix_and_answers_the_same(
+    loaded: tuple[Any, Any],
+) -> None:
+    cached, plain = decoders(loaded)
+    tokenizer = loaded[1]
+    assert generate(cached, chat_prompt(tokenizer, "What is the weather?")).cached == 0
+    follow = chat_prompt(tokenizer, "And tomorrow?")
+    answer = generate(cached, follow)
+    assert len(follow) > 600 and 0.9 * len(follow) <= answer.cached < len(follow)
+    reference = generate(plain, follow)
+    assert (reference.tokens, reference.cached) == (answer.tokens, 0)
+    # Not only the same tokens: the same distributions (0 apart on the CPU; with mlx-lm's own
+    # order, where the first prefill slice attends unquantized KV, 3.5e-4 apart).
+    gap = mx.abs(answer.logprobs - reference.logprobs).max().item()
+    assert isinstance(gap, float) and gap < 1e-5
+    stats = cached.cache_stats()
+    assert (stats.hits, stats.tokens_saved, stats.entries) == (1, answer.cached, 2)
+    assert 0 < stats.bytes <= stats.budget_bytes == CACHE_BYTES
+    assert plain.cache_stats().entries == 0
+
+
+@pytest.mark.parametrize("penalty", [{"repetition_penalty": 1.5}, {"frequency_penalty": 1.5}])
+def test_a_penalty_sees_the_cached_prefix_tokens_too(
+    loaded: tuple[Any, Any], penalty: dict[str, float]
+) -> None:
+    """A continuation (the prompt and the first 12 tokens of its answer, as failover sends it):
+    all but its last token come from the cache, and the penalty's window (the last 20 tokens)
+    must still see them, as it does without the cache."""
+    cached, plain = decoders(loaded)
+    params = SamplingParams(max_tokens=12, temperature=0.0, top_p=1.0, seed=None, stop=())
+    penalized = dataclasses.replace(params, **penalty)  # type: ignore[arg-type]
+    prompt = chat_prompt(loaded[1], "What is MLX?")
+    free = generate(cached, prompt, 24).tokens
+    continued = prompt + free[:12]
+    answer = generate(cached, continued, 12, processors_for(penalized))
+    assert answer.cached == len(continued) - 1
+    assert generate(plain, continued, 12, processors_for(penalized)).tokens == answer.tokens
+    assert answer.tokens != free[12:]  # the penalty changed the answer
+
+
+def test_a_removed_sequence_is_kept_up_to_its_last_token_and_drop_cache_empties_it(
+    loaded: tuple[Any, Any],
+) -> None:
+    """A stop string or a cancel removes a sequence: the KV it has is still a good prefix."""
+    cached, _ = decoders(loaded)
+    prompt = chat_prompt(loaded[1], "What is MLX?")
+    greedy = make_request_sampler(0.0, 1.0, None)
+    (uid,) = cached.insert([prompt], [16], [greedy])
+    head = [cached.step()[0].token for _ in range(3)]
+    cached.remove(uid)
+    assert cached.cache is None and cached.cache_stats().entries == 1
+    assert generate(cached, [*prompt, *head, 7, 8]).cached == len(prompt) + 3
+    before = cached.cache_stats()
+    assert cached.drop_cache() == before.bytes > 0
+    after = cached.cache_stats()
+    assert (after.entries, after.bytes) == (0, 0)
+    assert generate(cached, [*prompt, *head, 7, 8]).cached == 0
+
+
+def test_the_warm_up_and_a_failure_leave_no_entry(loaded: tuple[Any, Any]) -> None:
+    cached, _ = decoders(loaded)
+    prompt = chat_prompt(loaded[1], "Warm up.")
+    cached.warm_up(prompt, 4)  # two runs of a long prompt: the second would hit the first
+    stats = cached.cache_stats()
+    assert (stats.entries, stats.bytes, stats.hits, stats.misses) == (0, 0, 0, 0)
+    cached.insert([prompt], [8], [make_request_sampler(0.0, 1.0, None)])
+    cached.step()
+    cached.reset()  # after a failure: the KV may be half-written
+    assert cached.cache_stats().entries == 0
 
 
 def test_greedy_is_deterministic_and_requests_run_one_at_a_time(thread: ModelThread) -> None:
