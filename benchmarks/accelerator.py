@@ -8,7 +8,7 @@ NVIDIA, MLX CUDA backend (mlx-cuda-13): not a Mac. What it measures:
   input embedding table when it is not tied to the output head);
 - raw mlx-lm at batch 1: `generate_step` and `BatchGenerator` decode tok/s (greedy, after a
   warm-up), and `BatchGenerator`'s prefill of the long prompt in 512- and 2048-token slices (ours
-  uses 512, PREFILL_STEP_SIZE_TOKENS in node_agent/engine/batched.py; mlx_lm.server 2048);
+  uses 2048 on a GPU and 512 on a CPU, node_agent/engine/batched.py; mlx_lm.server 2048);
 - our model thread (node_agent/engine/generator.py's ModelThread) in this process, no HTTP, at
   batch 1; with --profile, cProfile of its loop over one request (profile-SHAPE.txt);
 - our engine (`python -m node_agent.engine`) and mlx_lm.server, each a process, requests
@@ -27,7 +27,8 @@ and cost. Our engine also gets `ignore_eos` (vLLM's extension); tokens counted f
 
 On the device, from the repository root (models and logs under --work, results under --out):
 
-    PYTHONUNBUFFERED=1 python3 -m benchmarks.accelerator --out $OUT --work /tmp/acc --quick
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.accelerator --out $OUT --work /tmp/acc --quick \
+        [--profile] [--long]
 
 On a CPU, the tiny shape and a shorter prompt:
 
@@ -75,7 +76,9 @@ SHAPES: dict[str, dict[str, Any]] = {
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "intermediate_size": 512,
-        "vocab_size": 151936,
+        # Above the tokenizer's 1,536 ids (as the real shapes are), far below their 152K: MLX's
+        # CPU 4-bit matmul makes a 152K-row head take ~0.25 s a token on 2 cores.
+        "vocab_size": 2048,
         "tie_word_embeddings": True,
     },
     "1.5b": {  # Qwen2.5-1.5B
@@ -113,7 +116,7 @@ WEIGHT_STD = 0.02
 SEED = 15
 
 CONTEXT = 32768  # our engine's --context-length: room for the --long prompt
-OUR_PREFILL_STEP, MLX_LM_PREFILL_STEP = 512, 2048
+SMALL_PREFILL_STEP, MLX_LM_PREFILL_STEP = 512, 2048  # ours: batched.prefill_step_size()
 TTFT_MAX_TOKENS = 8
 REQUEST_TIMEOUT_S = 600.0
 MODEL_LOAD_TIMEOUT_S = 300.0
@@ -234,7 +237,8 @@ def build_model(shape: str, path: Path) -> Path:
     """A random-weight 4-bit model of `shape` in `path` (reused when one is there)."""
     config = model_config(shape)
     existing = harness.read_json(path / "config.json")
-    if existing and existing.get(SHAPE_KEY) == shape and any(path.glob("*.safetensors")):
+    same = existing and all(existing.get(k) == v for k, v in config.items())
+    if same and any(path.glob("*.safetensors")):
         log(f"{shape}: reusing the model in {path}")
         return path
     import mlx.core as mx
@@ -252,6 +256,9 @@ def build_model(shape: str, path: Path) -> Path:
         for name in TOKENIZER_FILES:
             shutil.copy(demo / name, path / name)
         config["eos_token_id"] = json.loads((demo / "config.json").read_text())["eos_token_id"]
+    tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
+    tokenizer_config["model_max_length"] = config["max_position_embeddings"]
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     vocab = config["vocab_size"]
     keep = mx.array(visible_tokens(path / "tokenizer.json", vocab), dtype=mx.bfloat16)[:, None]
     head = "model.embed_tokens.weight" if config["tie_word_embeddings"] else "lm_head.weight"
@@ -296,15 +303,16 @@ def phrases(seed: int, n: int) -> str:
 
 
 class Prompts:
-    """Prompts of a given size in the demo tokenizer's tokens."""
+    """Prompts of a given size in the servers' own tokens (mlx-lm's tokenizer loading: the
+    demo tokenizer under Qwen2's pre-tokenizer, one token per digit)."""
 
-    def __init__(self, tokenizer_json: Path) -> None:
-        from tokenizers import Tokenizer
+    def __init__(self, model_path: Path) -> None:
+        from mlx_lm.utils import load_tokenizer
 
-        self._tok = Tokenizer.from_file(str(tokenizer_json))
+        self._tok = load_tokenizer(model_path)
 
     def ids(self, system: str | None, question: str) -> list[int]:
-        return list(self._tok.encode(chat_text(system, question), add_special_tokens=False).ids)
+        return list(self._tok.encode(chat_text(system, question), add_special_tokens=False))
 
     def system(self, seed: int, tokens: int) -> str:
         """A system prompt making a chat of about `tokens` tokens with a short question."""
@@ -382,8 +390,8 @@ def raw_mlx_lm(model: Any, prompts: Prompts, plan: Plan) -> dict[str, Any]:
     short = prompts.ids(None, "Tell me a long story about a robot who learns to paint.")
     long = prompts.ids(prompts.system(7, plan.prompt_tokens), "question 0")
     out: dict[str, Any] = {"short_prompt_tokens": len(short), "long_prompt_tokens": len(long)}
-    generate_step_rate(model, short, 32)  # warm-up: kernels
-    batch_generator_rate(model, short, 32)
+    generate_step_rate(model, short, plan.decode_tokens)  # warm-up: kernels, every KV length
+    batch_generator_rate(model, short, plan.decode_tokens)
     out["generate_step_tok_s"] = [
         generate_step_rate(model, short, plan.decode_tokens) for _ in range(plan.reps)
     ]
@@ -392,7 +400,7 @@ def raw_mlx_lm(model: Any, prompts: Prompts, plan: Plan) -> dict[str, Any]:
         batch_generator_rate(model, short, plan.decode_tokens) for _ in range(plan.reps)
     ]
     log(f"  BatchGenerator b1: {fmt(out['batch_generator_b1_tok_s'])} tok/s")
-    for step in (OUR_PREFILL_STEP, MLX_LM_PREFILL_STEP):
+    for step in (SMALL_PREFILL_STEP, MLX_LM_PREFILL_STEP):
         batch_generator_prefill_s(model, long, step)  # warm-up at this slice size
         runs = [batch_generator_prefill_s(model, long, step) for _ in range(plan.reps)]
         out[f"batch_generator_prefill_s_step{step}"] = runs
@@ -436,7 +444,7 @@ def model_thread(path: Path, prompts: Prompts, plan: Plan, profile: Path | None)
     from node_agent.engine.generator import Job, ModelThread
 
     ids = prompts.ids(None, "Tell me a long story about a robot who learns to paint.")
-    thread = ModelThread(path, prefix_cache_bytes=0)
+    thread = ModelThread(path, prefix_cache_bytes=4 << 30)
     thread.start()
     thread.loaded.result(MODEL_LOAD_TIMEOUT_S)
     out: dict[str, Any] = {}
@@ -445,10 +453,25 @@ def model_thread(path: Path, prompts: Prompts, plan: Plan, profile: Path | None)
         for i in range(plan.reps + 1):  # the first: warm-up
             sink = JobTimes()
             thread.submit(Job(i, ids, plan.decode_tokens, greedy(plan.decode_tokens), sink))
-            sink.done.wait(REQUEST_TIMEOUT_S)
+            if not sink.done.wait(REQUEST_TIMEOUT_S):
+                raise RuntimeError("the model thread did not finish a request")
             runs.append(sink.rate())
         out["model_thread_b1_tok_s"] = runs[1:]
         log(f"  our ModelThread b1 (no HTTP): {fmt(runs[1:])} tok/s")
+        # TTFT of a long prompt, cold and then repeated with new questions, with no HTTP and no
+        # tokenizing: what of the served repeat TTFT the model thread itself takes.
+        system = prompts.system(300, plan.prompt_tokens)
+        firsts = []
+        for i in range(plan.turns + 1):
+            sink = JobTimes()
+            ids_i = prompts.ids(system, f"question {i}")
+            start = time.perf_counter()
+            thread.submit(Job(100 + i, ids_i, 1, greedy(1), sink))
+            if not sink.done.wait(REQUEST_TIMEOUT_S):
+                raise RuntimeError("the model thread did not finish a request")
+            firsts.append(sink.times[0] - start)
+        out["model_thread_cold_ttft_s"], out["model_thread_repeat_ttft_s"] = firsts[0], firsts[1:]
+        log(f"  our ModelThread TTFT: cold {firsts[0]:.3g} s, repeated {fmt(firsts[1:])} s")
     finally:
         thread.stop(30)
     if profile is not None:
@@ -461,8 +484,9 @@ def profile_model_thread(path: Path, ids: list[int], n: int, dest: Path) -> str:
     tokens, run on this thread so the profiler sees it; written to `dest`."""
     from node_agent.engine.generator import Job, ModelThread
 
-    thread = ModelThread(path, prefix_cache_bytes=0)
-    thread._load()  # noqa: SLF001 - the loop below is _run's, on this thread
+    thread = ModelThread(path, prefix_cache_bytes=4 << 30)
+    # ModelThread's own steps (private), driven here as its _run drives them.
+    thread._load()
     thread.loaded.set_result(None)
     profiler = cProfile.Profile()
     for i, profiled in enumerate((False, True)):  # a warm-up request, then the profiled one
@@ -471,10 +495,10 @@ def profile_model_thread(path: Path, ids: list[int], n: int, dest: Path) -> str:
         if profiled:
             profiler.enable()
         while not sink.done.is_set():
-            thread._take_inbox(0.0)  # noqa: SLF001
-            thread._admit()  # noqa: SLF001
-            if thread._running:  # noqa: SLF001
-                thread._step()  # noqa: SLF001
+            thread._take_inbox(0.0)
+            thread._admit()
+            if thread._running:
+                thread._step()
         profiler.disable()
     text = io.StringIO()
     text.write(f"ModelThread loop, one request, {n} tokens, {sink.rate():.1f} tok/s profiled\n")
@@ -613,13 +637,16 @@ def measure_servers(
     with httpx.Client(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
         warm = prompts.system(900, max(256, plan.prompt_tokens // 4))
         for server in servers:  # warm-up: decode, batched decode and prefill kernels
-            decode_b1(client, server, 16)
+            decode_b1(client, server, plan.decode_tokens)
             streams_at_once(client, server, plan.streams, 4, 900)
             ttft(client, server, warm, "warm up")
         log("  servers warmed up")
         for _ in range(plan.reps):
             each("b1_tok_s", lambda s: decode_b1(client, s, plan.decode_tokens))
         log("  b1 decode: " + table_line(res, "b1_tok_s", "tok/s"))
+        for rep in range(plan.reps):  # the floor: a prompt too short to prefill for long
+            each("short", lambda s, rep=rep: ttft(client, s, None, f"Short question {rep}?"))
+        log("  short-prompt TTFT: " + table_line(res, "short", "s", "ttft_s"))
         save()
         for r in range(plan.stream_rounds):
             each(
@@ -682,7 +709,7 @@ def run_shape(
     res["plan"] = asdict(plan)
     res["config"] = {k: v for k, v in model_config(shape).items() if k != SHAPE_KEY}
     path = build_model(shape, work / "models" / shape)
-    prompts = Prompts(path / "tokenizer.json")
+    prompts = Prompts(path)
     slots = str(max(plan.streams, 4))
     ours = start_engine(
         path, work / "logs" / f"ours-{shape}.log",
@@ -692,7 +719,7 @@ def run_shape(
     theirs = start_mlx_lm(path, work / "logs" / f"mlx_lm-{shape}.log")
     res["servers"] = {
         "ours": f"python -m node_agent.engine, --max-concurrency {slots}, --prefix-cache-mib "
-        f"{args.prefix_cache_mib}, prefill slices {OUR_PREFILL_STEP}",
+        f"{args.prefix_cache_mib}, prefill slices {our_prefill_step()}",
         "mlx_lm.server": f"defaults (prefill slices {MLX_LM_PREFILL_STEP})",
     }
     with harness.stopping([ours.proc, theirs.proc]):
@@ -723,6 +750,12 @@ def run_shape(
         res["http"] = measure_servers(servers, prompts, plan, save)
     res["summary"] = summarize(res)
     save()
+
+
+def our_prefill_step() -> int:
+    from node_agent.engine.batched import prefill_step_size
+
+    return prefill_step_size()
 
 
 def wait_ready(ours: Engine, theirs: MlxLm) -> None:
@@ -761,10 +794,16 @@ def summarize(res: dict) -> dict[str, Any]:
         "ours_cold_ttft_s": med(ours.get("cold"), "ttft_s"),
         "mlx_lm_server_cold_ttft_s": med(theirs.get("cold"), "ttft_s"),
         "ours_repeat_ttft_s": med(ours.get("repeat"), "ttft_s"),
+        "ours_short_ttft_s": med(ours.get("short"), "ttft_s"),
+        "mlx_lm_server_short_ttft_s": med(theirs.get("short"), "ttft_s"),
+        "model_thread_cold_ttft_s": res.get("model_thread", {}).get("model_thread_cold_ttft_s"),
+        "model_thread_repeat_ttft_s": med(
+            res.get("model_thread", {}).get("model_thread_repeat_ttft_s")
+        ),
         "mlx_lm_server_repeat_ttft_s": med(theirs.get("repeat"), "ttft_s"),
         "prompt_tokens": med(ours.get("cold"), "prompt_tokens"),
         "ours_repeat_cached_tokens": med(ours.get("repeat"), "cached_tokens"),
-        "prefill_s_step512": med(raw.get(f"batch_generator_prefill_s_step{OUR_PREFILL_STEP}")),
+        "prefill_s_step512": med(raw.get(f"batch_generator_prefill_s_step{SMALL_PREFILL_STEP}")),
         "prefill_s_step2048": med(raw.get(f"batch_generator_prefill_s_step{MLX_LM_PREFILL_STEP}")),
         "ours_long_cold_ttft_s": med(ours.get("long_cold"), "ttft_s"),
         "mlx_lm_server_long_cold_ttft_s": med(theirs.get("long_cold"), "ttft_s"),
@@ -813,6 +852,7 @@ RATIOS = (
         True,
     ),
     ("generate_step / bandwidth limit", "generate_step_tok_s", "bandwidth_limit_tok_s", None, True),
+    ("ours repeat TTFT / ours short TTFT", "ours_repeat_ttft_s", "ours_short_ttft_s", None, False),
 )
 
 
@@ -842,6 +882,10 @@ ROWS = (  # (label, summary key, significant digits)
     ("ours repeated-prefix TTFT, median (s)", "ours_repeat_ttft_s", 3),
     ("mlx_lm.server repeated-prefix TTFT, median (s)", "mlx_lm_server_repeat_ttft_s", 3),
     ("ours `cached_tokens` on repeats, median", "ours_repeat_cached_tokens", 5),
+    ("ours short-prompt TTFT, median (s): the floor", "ours_short_ttft_s", 3),
+    ("mlx_lm.server short-prompt TTFT, median (s)", "mlx_lm_server_short_ttft_s", 3),
+    ("our ModelThread in-process, cold TTFT (s)", "model_thread_cold_ttft_s", 3),
+    ("our ModelThread in-process, repeated TTFT, median (s)", "model_thread_repeat_ttft_s", 3),
     ("raw `BatchGenerator` prefill, 512-token slices (s)", "prefill_s_step512", 3),
     ("raw `BatchGenerator` prefill, 2048-token slices (s)", "prefill_s_step2048", 3),
     ("--long prompt (tokens)", "long_prompt_tokens", 5),

@@ -36,19 +36,22 @@ class Prefix:
 
     keys: tuple[int, ...] = ()
     sizes: tuple[int, ...] = ()  # cumulative: sizes[i] is the length of parts 0..i
+    # Leading parts many conversations share (tools, template options, system prompts): a
+    # match on these alone does not bind a request to a replica.
+    preamble: int = 0
 
 
 NO_PREFIX = Prefix()
 
 
-def _chained(parts: Iterable[str]) -> Prefix:
+def _chained(parts: Iterable[str], preamble: int = 0) -> Prefix:
     keys, sizes, key, size = [], [], 0, 0
     for part in parts:
         key = hash((key, part))
         size += len(part)
         keys.append(key)
         sizes.append(size)
-    return Prefix(tuple(keys), tuple(sizes))
+    return Prefix(tuple(keys), tuple(sizes), preamble)
 
 
 def _compact(value: Any) -> str:
@@ -60,7 +63,15 @@ def chat_prefix(body: dict[str, Any]) -> Prefix:
     each message."""
     head = _compact([body.get("tools"), body.get("chat_template_kwargs")])
     messages = body.get("messages")
-    return _chained([head, *map(_compact, messages if isinstance(messages, list) else [])])
+    messages = messages if isinstance(messages, list) else []
+    system = 0
+    while system < len(messages) and _role(messages[system]) in ("system", "developer"):
+        system += 1
+    return _chained([head, *map(_compact, messages)], preamble=1 + system)
+
+
+def _role(message: Any) -> Any:
+    return message.get("role") if isinstance(message, dict) else None
 
 
 def prompt_prefix(prompt: Any) -> Prefix:
@@ -99,14 +110,17 @@ class PrefixAffinity:
     ) -> EngineId | None:
         """The engine to serve this request for its cache, among the candidates in `load`
         (engine -> requests in flight): of those that served the longest leading part of it,
-        the least loaded. None (the Router decides) when no part of at least MIN_SHARE of the
-        request is held, or when the holder has more than `slack` requests in flight above the
-        least loaded candidate: a cache hit does not justify a queue."""
+        the least loaded. None (the Router decides) when no part beyond the shared preamble and
+        of at least MIN_SHARE of the request is held, or when the holder has more than `slack`
+        requests in flight above the least loaded candidate: a cache hit does not justify a
+        queue. Without the preamble rule every new conversation would follow the first replica
+        that saw the team's system prompt, and pile up there."""
         if not prefix.keys or not load:
             return None
         floor = MIN_SHARE * prefix.sizes[-1]
-        for key, size in zip(reversed(prefix.keys), reversed(prefix.sizes), strict=True):
-            if size < floor:
+        for depth in range(len(prefix.keys) - 1, -1, -1):
+            key, size = prefix.keys[depth], prefix.sizes[depth]
+            if size < floor or depth < prefix.preamble:
                 return None
             held = [e for e in self._holders.get(key, ()) if e in load]
             if held:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import gc
 import hmac
 import itertools
 import logging
@@ -131,6 +132,11 @@ class EngineServer:
         if loaded.done() and loaded.exception() is not None:
             exit_code = 1
         elif loaded.done():
+            # Everything allocated so far (modules, the model's Python objects, the tokenizer)
+            # lives as long as the engine: keep it out of the cyclic collector, whose full
+            # passes over it would otherwise stall decode steps (vLLM freezes after start too).
+            gc.collect()
+            gc.freeze()
             self._ready = True
             logger.info("ready: serving %s", self._config.model_name)
             await stopping

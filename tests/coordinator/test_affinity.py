@@ -31,6 +31,10 @@ def test_a_follow_up_shares_every_key_of_the_turn_before() -> None:
     first, second = chat_prefix({"messages": turns(1)}), chat_prefix({"messages": turns(2)})
     assert len(first.keys) == 3 and len(second.keys) == 5  # head, then one per message
     assert second.keys[:3] == first.keys
+    assert first.preamble == second.preamble == 2  # the head and the system prompt
+    developer = {"role": "developer", "content": "Use tools."}
+    assert chat_prefix({"messages": [developer, *turns(1)]}).preamble == 3
+    assert chat_prefix({"messages": turns(1)[1:]}).preamble == 1
     assert second.sizes[:3] == first.sizes and second.sizes[-1] > first.sizes[-1]
     # Other tools, another conversation or another template option render another prompt.
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
@@ -58,8 +62,11 @@ def test_the_longest_remembered_part_names_the_holder() -> None:
     assert table.holder(chat_prefix({"messages": turns(2, "lexer")}), idle) == b
     # Without a: b holds only the system prompt, about half of this longer request.
     assert table.holder(chat_prefix({"messages": turns(6)}), {b: 0}) is None
-    # A new conversation shares the system prompt with both: the less loaded one takes it.
-    assert table.holder(chat_prefix({"messages": turns(1, "docs")}), {a: 2, b: 1}) == b
+    # A new conversation shares only the team's system prompt (most of its first turn): that
+    # binds it to no replica, or every conversation would pile up where the first one ran.
+    first_turn = chat_prefix({"messages": turns(1, "docs")})
+    assert first_turn.preamble == 2 and first_turn.sizes[1] > 0.5 * first_turn.sizes[-1]
+    assert table.holder(first_turn, idle) is None
     # Nothing held for a request without tools but the (tiny) head: no holder.
     assert (
         table.holder(chat_prefix({"messages": [{"role": "user", "content": "hi"}]}), idle) is None
@@ -113,7 +120,8 @@ async def test_follow_ups_return_to_the_replica_that_served_the_conversation(
     for name in ("e1", "e22"):
         routing.add_engine(engine(name))
     served: dict[str, set[str]] = {}
-    for topic in ("parser", "lexer", "docs", "build", "tests", "ci", "ui", "api"):
+    # 16 conversations: the Router's shuffle puts all first turns on one replica 1 in 32,768.
+    for topic in (f"topic{i}" for i in range(16)):
         for n in range(1, 5):
             # Its own system prompt: a conversation's first turn matches nothing held.
             messages = turns(n, topic, own_system=True)
