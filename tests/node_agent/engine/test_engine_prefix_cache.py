@@ -107,3 +107,30 @@ def test_a_cached_prefix_still_samples_as_asked(engines: tuple[Engine, Engine]) 
         reply.choices[0].message.content
         == chat(plain, turn("Tell me a story."), **sampled).choices[0].message.content
     )
+
+
+def test_a_continued_stream_starts_from_the_cache_of_the_engine_that_continues_it(
+    engines: tuple[Engine, Engine],
+) -> None:
+    """Failover continuation: the next engine gets the prompt plus the ids the client already
+    has; where its cache holds the prompt, only the sent ids and the rest are prefilled."""
+    cached, plain = engines
+    messages = turn("Continue this story.")
+    chat(cached, turn("Fill the cache with this prefix."))  # the shared system prompt is held
+    whole = chat(plain, messages, max_tokens=24, logprobs=False)
+    ids = (whole.model_extra or {})["mlxfleet"]["token_ids"]
+    before = cached.stats()["prefix_cache"]
+    rest = chat(
+        cached,
+        messages,
+        max_tokens=24,
+        extra_body={
+            "mlxfleet_continuation": {"token_ids": ids[:8], "id": "chatcmpl-x", "created": 1}
+        },
+    )
+    after = cached.stats()["prefix_cache"]
+    assert after["hits"] == before["hits"] + 1
+    assert after["tokens_saved"] - before["tokens_saved"] > 600  # the system prompt at least
+    # The continuation answers what the uninterrupted run did after its first 8 tokens.
+    assert (rest.model_extra or {})["mlxfleet"]["token_ids"] == ids[8:]
+    assert 600 < cached_tokens(rest) <= rest.usage.prompt_tokens
