@@ -30,7 +30,12 @@ SUSPECT_AFTER_S = 3.0  # no heartbeat this long: the node's engines leave the ro
 DEAD_AFTER_S = 10.0  # no heartbeat this long: the node is dropped and its models placed again
 MAX_CONCURRENCY_LIMIT = 256
 IDLE_UNLOAD_S = 180.0  # seed 002 §8: unpinned models unload after 3 idle minutes
-RELOAD_WAIT_S = 60.0  # a request for an unloaded model waits this long for the reload
+# A request for a unit with no ready engine, while one is on its way (a reload after idleness,
+# a restart after a crash or an OOM kill, a re-placement after a node died), waits this long.
+ENGINE_WAIT_S = 60.0
+# A running stream whose engine sends nothing this long after tokens began is given up on that
+# engine and continued elsewhere (a hung engine: SIGSTOPped, or a Mac deep in swap).
+STREAM_STALL_S = 5.0
 LABEL_RE = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a chat request larger than this is refused with 413
 RETRY_AFTER_S = 2  # what a 503 tells clients while no engine serves a model
@@ -108,7 +113,8 @@ class Config:
     max_body_bytes: int = MAX_BODY_BYTES
     tiers: Mapping[Tier, Knobs] = field(default_factory=lambda: dict(DEFAULT_KNOBS))
     idle_unload_s: float = IDLE_UNLOAD_S
-    reload_wait_s: float = RELOAD_WAIT_S
+    engine_wait_s: float = ENGINE_WAIT_S
+    stream_stall_s: float = STREAM_STALL_S
     os_reserve_bytes: int = OS_RESERVE_BYTES  # a node's own setting overrides it
     triggers: TriggerConfig = field(default_factory=TriggerConfig)
     # Router order: engines on the coordinator's own host first (order 1), then the other
@@ -297,6 +303,14 @@ def _seconds(value: Any, key: str) -> float:
     return float(value)
 
 
+def _engine_wait(raw: Mapping[str, Any]) -> float:
+    """engine_wait_s; `reload_wait_s`, its name before it covered crashes too, still works."""
+    if "engine_wait_s" in raw and "reload_wait_s" in raw:
+        raise ConfigError("give engine_wait_s or its old name reload_wait_s, not both")
+    key = "reload_wait_s" if "reload_wait_s" in raw else "engine_wait_s"
+    return _seconds(raw.get(key, ENGINE_WAIT_S), key)
+
+
 def _cloud(raw: Any, where: str) -> CloudFallback | None:
     """[cloud] model = "openai/gpt-4o-mini", api_key_env = "OPENAI_API_KEY", api_base = ..."""
     if raw is None:
@@ -352,6 +366,8 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         "tiers",
         "idle_unload_s",
         "reload_wait_s",
+        "engine_wait_s",
+        "stream_stall_s",
         "os_reserve_gib",
         "triggers",
         "prefer_local",
@@ -393,7 +409,8 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         tiers=tiers,
         triggers=_trigger_config(raw.get("triggers", {}), str(path)),
         idle_unload_s=_seconds(raw.get("idle_unload_s", IDLE_UNLOAD_S), "idle_unload_s"),
-        reload_wait_s=_seconds(raw.get("reload_wait_s", RELOAD_WAIT_S), "reload_wait_s"),
+        engine_wait_s=_engine_wait(raw),
+        stream_stall_s=_seconds(raw.get("stream_stall_s", STREAM_STALL_S), "stream_stall_s"),
         prefer_local=_optional_bool(raw.get("prefer_local"), "prefer_local") is not False,
         cache_affinity=_optional_bool(raw.get("cache_affinity"), "cache_affinity") is not False,
         cloud=_cloud(raw.get("cloud"), str(path)),

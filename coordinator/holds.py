@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from coordinator.policy import UnitKey
 
 RESTORE_GRACE_S = 15.0  # after a restart, how long a unit waits for its nodes to reconnect
+RESTORE_WAIT = "waiting up to"  # how a restore_wait reason begins
 RELOAD_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # after an engine exits or fails to load
 
 
@@ -58,4 +59,4 @@ class PlacementHolds:
         if not nodes or time.monotonic() - self._started > RESTORE_GRACE_S:
             del self._restoring[key]
             return None
-        return f"waiting up to {RESTORE_GRACE_S:.0f} s for {', '.join(sorted(nodes))} to reconnect"
+        return f"{RESTORE_WAIT} {RESTORE_GRACE_S:.0f} s for {', '.join(sorted(nodes))} to reconnect"

@@ -27,6 +27,7 @@ TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 2.5, 
 # 1 ms/token is 1000 tok/s (a small model on an M-series GPU); 0.5 s/token is a swapping Mac.
 TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+WAIT_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 FAILOVER_CAUSES = ("retry", "continued", "cloud")
 
 # Process-wide: no dashboard reads the `_created` series, and they are ~12 % of a scrape's body
@@ -113,6 +114,22 @@ class Metrics:
             unit,
             registry=r,
         )
+        self.waiting = Gauge(
+            "mlxfleet_waiting_requests",
+            "Requests waiting for an engine of their unit to be ready (a reload after idleness, "
+            "a restart after a crash or an OOM kill, a re-placement); streams parked mid-answer "
+            "included.",
+            unit,
+            registry=r,
+        )
+        self.engine_wait = Histogram(
+            "mlxfleet_engine_wait_seconds",
+            "How long requests waited for an engine of their unit, by outcome: served (one "
+            "came) or unavailable (the deadline passed, nothing was coming, the client left).",
+            [*unit, "outcome"],
+            buckets=WAIT_BUCKETS_S,
+            registry=r,
+        )
 
     def watch(self, collector: Collector) -> None:
         """Add a collector read at scrape time (the fleet's state), on the event loop."""
@@ -120,7 +137,7 @@ class Metrics:
 
     def unit_seen(self, model: str, tier: str) -> None:
         """Create a unit's series at zero, so rates and ratios have data before traffic."""
-        for family in (self.prompt_tokens, self.generation_tokens, self.in_flight):
+        for family in (self.prompt_tokens, self.generation_tokens, self.in_flight, self.waiting):
             family.labels(model, tier)
         for cause in FAILOVER_CAUSES:
             self.failovers.labels(model, tier, cause)
@@ -158,6 +175,14 @@ class Metrics:
 
     def in_flight_ended(self, model: str, tier: str) -> None:
         self.in_flight.labels(model, tier).dec()
+
+    def waiting_began(self, model: str, tier: str) -> None:
+        self.waiting.labels(model, tier).inc()
+
+    def waiting_ended(self, model: str, tier: str, waited_s: float, served: bool) -> None:
+        self.waiting.labels(model, tier).dec()
+        outcome = "served" if served else "unavailable"
+        self.engine_wait.labels(model, tier, outcome).observe(waited_s)
 
     def failover(self, model: str, tier: str, cause: str) -> None:
         """A request moved off an engine (cause: one of FAILOVER_CAUSES)."""

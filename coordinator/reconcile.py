@@ -23,7 +23,7 @@ from typing import Literal
 
 from coordinator.config import Config, ModelSpec
 from coordinator.errors import SizingError
-from coordinator.holds import PlacementHolds
+from coordinator.holds import RESTORE_WAIT, PlacementHolds
 from coordinator.knobs import TierKnobs
 from coordinator.memory import node_budget
 from coordinator.metrics import Metrics
@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 RECONCILE_INTERVAL_S = 0.25  # also woken at once by any registry change; bounds liveness lag
 REBALANCE_IDLE_S = 30.0  # a unit with no request for this long may move to a new node
 SIZING_PENDING = "sizing: reading the model's files"  # until the read (off the loop) is done
+MAKING_ROOM_S = 60.0  # evicted engines exit and free their memory within this
 
 
 class Reconciler:
@@ -75,6 +76,7 @@ class Reconciler:
         self.pending: dict[UnitKey, str] = {}  # unit -> why it is not (fully) placed
         self.load_failures: dict[UnitKey, str] = {}  # unit -> its last load failure, until ready
         self.cold_starts: list[tuple[UnitKey, float]] = []  # (unit, seconds waited)
+        self._making_room: dict[UnitKey, float] = {}  # unit -> when engines were evicted for it
         self._knobs = TierKnobs(config, store, registry, self._units)
         self._sizing = Sizing(self._knobs, registry.changed.set)
         self.triggers = Triggers(config.triggers)
@@ -117,6 +119,25 @@ class Reconciler:
 
     def is_asleep(self, key: UnitKey) -> bool:
         return self.usage.is_asleep(key)
+
+    def expecting(self, key: UnitKey) -> bool:
+        """Will an engine of this unit be ready without anyone acting? Yes while one is
+        starting, while the unit sleeps (a request wakes it), while its replacement waits out
+        the backoff after a crash or an OOM kill, while its model files are read, while a node
+        that ran it may reconnect, while engines are evicted to make room for it, and until
+        the next reconcile step has placed it. No for a unit not in the config, or one no node
+        can hold: a request for it is answered at once, not after a wait."""
+        if key not in self._units:
+            return False
+        if self.usage.is_asleep(key) or self._holds.backing_off(key):
+            return True
+        if any(e.state == "starting" for e in self._live(key)):
+            return True
+        made_room = self._making_room.get(key)
+        if made_room is not None and time.monotonic() - made_room < MAKING_ROOM_S:
+            return True
+        reason = self.pending.get(key)
+        return reason is None or reason == SIZING_PENDING or reason.startswith(RESTORE_WAIT)
 
     def wake(self, key: UnitKey) -> None:
         """A request came for a unit unloaded for idleness: load it again."""
@@ -241,6 +262,7 @@ class Reconciler:
             self._load(spec, NodeId(node_id))
         if placement.pending_reason is None:
             self.pending.pop(demand.key, None)
+            self._making_room.pop(demand.key, None)
             return
         self._evict_for(demand)
         self.pending[demand.key] = placement.pending_reason
@@ -403,6 +425,7 @@ class Reconciler:
                 chosen.append(victim)
             if freed < size or place(demand, [replace(offer, free_bytes=freed)]).nodes == ():
                 continue
+            self._making_room[demand.key] = time.monotonic()
             for victim in chosen:
                 self.usage.sleep(unit_of(victim))
                 self._unload(

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 STREAM_FAILED = 502  # a stream no engine could finish (it ends with an error event)
 ATTEMPTS = 3  # engines tried for one request before answering 503 (only before any byte is sent)
 ENGINE_CONNECT_TIMEOUT_S = 5.0
-WAKE_POLL_S = 0.05
+WAIT_POLL_S = 0.05  # how often a request waiting for an engine looks for one
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,24 +123,44 @@ class Forwarder:
         self._reconciler.begin_request(key)
         self._metrics.in_flight_began(*key)
         try:
-            await self._wake(key)
             return await self._forward(request, key, admitted, outcome)
         finally:
             self._metrics.in_flight_ended(*key)
             self._reconciler.end_request(key)
 
-    async def _wake(self, key: UnitKey) -> None:
-        """A unit unloaded for idleness is loaded again; the request waits for it, bounded."""
-        if not self._reconciler.is_asleep(key) or key in self._routing.units():
-            return
-        started = time.monotonic()
+    async def _target(self, request: web.Request, key: UnitKey, prefix: Prefix) -> Target | None:
+        """The deployment for the request; when the unit has none but one is on its way (a
+        reload after idleness, a restart after a crash, a re-placement), the request waits for
+        it, up to engine_wait_s. None: nothing is coming, the wait ran out, or the client left
+        (then there is no one to answer)."""
+        target = await self._routing.pick(*key, self._flights.count, prefix)
+        if target is not None or not self._reconciler.expecting(key):
+            return target
+        asleep = self._reconciler.is_asleep(key)
         self._reconciler.wake(key)
-        deadline = started + self._config.reload_wait_s
-        while key not in self._routing.units() and time.monotonic() < deadline:
-            await asyncio.sleep(WAKE_POLL_S)
-        waited = time.monotonic() - started
-        self._reconciler.note_cold_start(key, waited)
-        logger.info("cold start of %s/%s: %.2f s", *key, waited)
+        started = time.monotonic()
+        deadline = started + self._config.engine_wait_s
+        self._metrics.waiting_began(*key)
+        try:
+            while target is None and time.monotonic() < deadline:
+                if request.transport is None or request.transport.is_closing():
+                    break  # the client left: stop waiting for it
+                if not self._reconciler.expecting(key):
+                    break  # e.g. no node can hold it after all
+                await asyncio.sleep(WAIT_POLL_S)
+                target = await self._routing.pick(*key, self._flights.count, prefix)
+        finally:
+            waited = time.monotonic() - started
+            self._metrics.waiting_ended(*key, waited, served=target is not None)
+        if asleep:
+            self._reconciler.note_cold_start(key, waited)
+        logger.info(
+            "%s/%s: waited %.2f s for an engine: %s",
+            *key,
+            waited,
+            "one is ready" if target is not None else "none came",
+        )
+        return target
 
     async def _forward(
         self, request: web.Request, key: UnitKey, admitted: Admitted, outcome: Outcome
@@ -150,8 +170,9 @@ class Forwarder:
         raw, stream, reply = admitted.body, admitted.stream, admitted.reply
         body = raw
         for _ in range(ATTEMPTS):
-            # A continuation keeps the request's keys: its prompt begins the same way.
-            target = await self._routing.pick(*key, self._flights.count, admitted.prefix)
+            # A continuation keeps the request's keys (its prompt begins the same way), and
+            # waits like a new request when the unit's only engine is gone: the stream parks.
+            target = await self._target(request, key, admitted.prefix)
             if target is None:
                 break
             if target.cloud:
@@ -203,7 +224,7 @@ class Forwarder:
                         )
                         continue
                     try:
-                        if await relay.pump(upstream, first):
+                        if await relay.pump(upstream, first, self._config.stream_stall_s):
                             await relay.finish()
                             self._settle_stream(request, relay, outcome)
                             return relay.response
@@ -212,8 +233,13 @@ class Forwarder:
                         outcome.status = CLIENT_GONE
                         self._settle_stream(request, relay, outcome)
                         return relay.response
-            # The engine broke the stream midway (died, left the router, sent an error).
-            logger.warning("engine %s broke a stream: continuing elsewhere", target.engine_id)
+            # The engine broke the stream midway (died, left the router, sent an error, or
+            # sent nothing for stream_stall_s: hung).
+            logger.warning(
+                "engine %s %s a stream: continuing elsewhere",
+                target.engine_id,
+                "stalled" if relay.stalled else "broke",
+            )
             if not relay.engine_error:  # an engine that answered with an error event is alive
                 self._routing.remove_engine(target.engine_id)
             continued = relay.continuation(raw)

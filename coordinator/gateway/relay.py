@@ -13,6 +13,7 @@ engines' chat events, the client reads its own dialect's.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -59,6 +60,7 @@ class StreamRelay:
         self.done = False  # [DONE] was sent
         self.continuations = 0
         self.engine_error = False  # the last engine ended with an error event (it is alive)
+        self.stalled = False  # the last engine sent nothing for the stall limit mid-answer
         self._events: list[bytes] = []  # every event sent, for a continuation and the usage
         self._partial = b""
         self._on_first_content = on_first_content
@@ -66,21 +68,34 @@ class StreamRelay:
         self.first_content_at: float | None = None  # time.monotonic() of the first text sent
         self.last_content_at = 0.0
 
-    async def pump(self, upstream: aiohttp.ClientResponse, first: bytes = b"") -> bool:
+    async def pump(
+        self, upstream: aiohttp.ClientResponse, first: bytes = b"", stall_s: float | None = None
+    ) -> bool:
         """Relay one engine's events until [DONE] (True) or until the engine fails: its
-        connection breaks or it sends an error event (False). Raises ConnectionResetError when
-        the client goes away."""
+        connection breaks, it sends an error event, or, once it has sent text, it sends
+        nothing for `stall_s` (False; `stalled` says which). Before its first text there is no
+        limit: a queue or a long prefill may take a while, and a hung engine that sent nothing
+        is the agent's to find (it health-checks its engines). Raises ConnectionResetError
+        when the client goes away."""
         self._partial = b""  # half an event from an engine that died is dropped
-        self.engine_error = False
+        self.engine_error = self.stalled = False
+        began = time.monotonic()
         try:
             if first and not await self._feed(first):
                 return self.done
-            async for chunk in upstream.content.iter_any():
+            while True:
+                flowing = stall_s is not None and self.last_content_at >= began
+                read = upstream.content.readany()
+                chunk = await (asyncio.wait_for(read, stall_s) if flowing else read)
+                if not chunk:  # the engine closed the stream
+                    return self.done
                 if not await self._feed(chunk):
                     return self.done
         except aiohttp.ClientError:
             return False
-        return self.done
+        except TimeoutError:
+            self.stalled = True
+            return False
 
     async def _feed(self, chunk: bytes) -> bool:
         data = self._partial + chunk

@@ -242,3 +242,19 @@ kv_bits = 8
     assert config.tiers["interactive"] == load_config(None).tiers["interactive"]
     defaults = load_config(write(tmp_path, '[[models]]\nname = "d"\nsource = "/m/d"\n')).models
     assert [m.prefix_cache_mib for m in defaults] == [512]
+
+
+def test_engine_wait_and_stream_stall(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.toml"
+    assert (load_config(None).engine_wait_s, load_config(None).stream_stall_s) == (60.0, 5.0)
+    path.write_text("engine_wait_s = 30\nstream_stall_s = 2.5\n")
+    config = load_config(path)
+    assert (config.engine_wait_s, config.stream_stall_s) == (30.0, 2.5)
+    path.write_text("reload_wait_s = 45\n")  # its old name
+    assert load_config(path).engine_wait_s == 45.0
+    path.write_text("reload_wait_s = 45\nengine_wait_s = 30\n")
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(path)
+    path.write_text("stream_stall_s = 0\n")
+    with pytest.raises(ConfigError, match=r"stream_stall_s must be a number of seconds"):
+        load_config(path)

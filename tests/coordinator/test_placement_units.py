@@ -267,3 +267,27 @@ def test_tier_knobs_change_on_running_engines_without_reload(tmp_path: Path) -> 
     assert fleet.store.tier_knobs() == {"batch": {"batch_window_ms": 200}}
     fleet.reconciler.step()
     assert fleet.commands("a") == []  # nothing reloaded
+
+
+def test_a_request_waits_only_while_an_engine_is_on_its_way(tmp_path: Path) -> None:
+    """What the gateway asks before holding a request (coordinator/gateway/forward.py)."""
+    source = model_folder(tmp_path, "m", GIB)
+    big = model_folder(tmp_path, "big", 200 * GIB)
+    fleet = Fleet(tmp_path, ModelSpec("m", source), ModelSpec("big", big))
+    key = ("m", "interactive")
+    assert not fleet.reconciler.expecting(("nope", "interactive"))  # not in the config
+    assert fleet.reconciler.expecting(key)  # sizing, then placing at the next step
+    fleet.join("a", facts(64))
+    fleet.reconciler.step()
+    [load] = [c for c in fleet.loads()["a"] if c.model == "m"]
+    assert fleet.reconciler.expecting(key)  # starting on node a
+    fleet.ready(load.engine_id)
+    fleet.registry.drop_engine(load.engine_id)  # it crashed: the agent reported its exit
+    fleet.reconciler.engine_failed(key)
+    assert fleet.reconciler.expecting(key)  # its restart waits out the backoff
+    time.sleep(0.6)  # the first backoff, 0.5 s
+    fleet.reconciler.step()
+    assert fleet.reconciler.expecting(key)  # starting again
+    # No node can hold 200 GiB: nothing is coming, a request is answered at once.
+    assert fleet.reconciler.pending[("big", "interactive")].startswith("1 of 1 replicas unplaced")
+    assert not fleet.reconciler.expecting(("big", "interactive"))

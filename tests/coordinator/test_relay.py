@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+import time
 from typing import Any, cast
 
 import aiohttp
@@ -69,17 +70,21 @@ class Client:
 
 
 class Engine:
-    """An upstream response whose body arrives in the given chunks, then ends or breaks."""
+    """An upstream response whose body arrives in the given chunks, then ends, breaks, or
+    (`hangs`) sends nothing more, like a SIGSTOPped engine."""
 
-    def __init__(self, *chunks: bytes, breaks: bool = False) -> None:
-        self._chunks, self._breaks = chunks, breaks
+    def __init__(self, *chunks: bytes, breaks: bool = False, hangs: bool = False) -> None:
+        self._chunks, self._breaks, self._hangs = list(chunks), breaks, hangs
         self.content = self
 
-    async def iter_any(self) -> AsyncIterator[bytes]:
-        for c in self._chunks:
-            yield c
+    async def readany(self) -> bytes:
+        if self._chunks:
+            return self._chunks.pop(0)
         if self._breaks:
             raise aiohttp.ClientPayloadError("Response payload is not completed")
+        if self._hangs:
+            await asyncio.sleep(3600)
+        return b""
 
 
 def relay(client: Client, ttft: list[float] | None = None) -> StreamRelay:
@@ -87,8 +92,27 @@ def relay(client: Client, ttft: list[float] | None = None) -> StreamRelay:
     return StreamRelay(cast(web.StreamResponse, client), on_first, 0.0)
 
 
-async def pump(r: StreamRelay, engine: Engine, first: bytes = b"") -> bool:
-    return await r.pump(cast(aiohttp.ClientResponse, engine), first)
+async def pump(
+    r: StreamRelay, engine: Engine, first: bytes = b"", stall_s: float | None = None
+) -> bool:
+    return await r.pump(cast(aiohttp.ClientResponse, engine), first, stall_s)
+
+
+async def test_an_engine_that_stops_mid_answer_is_given_up_after_the_stall_limit() -> None:
+    client = Client()
+    r = relay(client)
+    started = time.monotonic()
+    assert not await pump(r, Engine(text("a", [1]), text("b", [2]), hangs=True), stall_s=0.2)
+    assert r.stalled and not r.engine_error
+    assert 0.2 <= time.monotonic() - started < 2.0
+    assert json.loads(r.continuation(b'{"model": "m"}') or b"")[CONTINUATION_FIELD][
+        "token_ids"
+    ] == [1, 2]
+    # Before its first text an engine may queue or prefill for long: no limit there.
+    waiting = relay(Client())
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(pump(waiting, Engine(hangs=True), stall_s=0.05), 0.5)
+    assert not waiting.stalled
 
 
 async def test_events_split_anywhere_reach_the_client_whole() -> None:
