@@ -7,6 +7,7 @@ be a second copy to keep in step. A collector reads them when Prometheus asks in
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,6 +75,11 @@ class FleetCollector(Collector):
         yield from self._units()
         yield from self._router()
         yield from self._tiers()
+        yield GaugeMetricFamily(
+            "mlxfleet_coordinator_asyncio_tasks",
+            "Tasks alive on the coordinator's event loop (a leak shows as growth).",
+            value=_loop_tasks(),
+        )
 
     def _nodes(self) -> Iterator[GaugeMetricFamily]:
         counts = {(state, role): 0 for state in NODE_STATES for role in ROLES}
@@ -198,3 +204,11 @@ class FleetCollector(Collector):
                 value = getattr(knobs, name)
                 family.add_metric([tier], value / MS_PER_S if name.endswith("_ms") else value)
         yield from families.values()
+
+
+def _loop_tasks() -> int:
+    """Tasks alive on the running event loop; 0 when collected outside one (in tests)."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0

@@ -172,6 +172,11 @@ class AgentCollector(Collector):
             f.gpu_wired_limit_bytes,
         )
         yield _gauge(
+            "mlxfleet_agent_asyncio_tasks",
+            "Tasks alive on the agent's event loop (a leak shows as growth).",
+            _loop_tasks(),
+        )
+        yield _gauge(
             "mlxfleet_agent_connected",
             "1 while the control stream to the coordinator is up.",
             int(self._connected()),
@@ -325,3 +330,11 @@ class AgentMetrics:
         if reply is None or reply[0] != 200:
             return None
         return parse_stats(reply[1])
+
+
+def _loop_tasks() -> int:
+    """Tasks alive on the running event loop; 0 when collected outside one (in tests)."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0

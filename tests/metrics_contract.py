@@ -32,6 +32,9 @@ CONTRACT_METRICS = {
     "mlxfleet_time_per_output_token_seconds",
     "mlxfleet_request_duration_seconds",
     "mlxfleet_in_flight_requests",
+    "mlxfleet_waiting_requests",
+    "mlxfleet_engine_wait_seconds",
+    "mlxfleet_coordinator_asyncio_tasks",
     "mlxfleet_nodes",
     "mlxfleet_node_info",
     "mlxfleet_agent_info",
@@ -59,6 +62,7 @@ CONTRACT_METRICS = {
     "mlxfleet_node_gpu_wired_limit_bytes",
     "mlxfleet_node_oom_kills_total",
     "mlxfleet_agent_connected",
+    "mlxfleet_agent_asyncio_tasks",
     "mlxfleet_engine_state",
     "mlxfleet_engine_rss_bytes",
     *ENGINE_STATS_METRICS,
@@ -67,4 +71,5 @@ CONTRACT_HISTOGRAMS = {
     "mlxfleet_ttft_seconds",
     "mlxfleet_time_per_output_token_seconds",
     "mlxfleet_request_duration_seconds",
+    "mlxfleet_engine_wait_seconds",
 }

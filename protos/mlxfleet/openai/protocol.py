@@ -135,7 +135,35 @@ UNSUPPORTED: dict[str, str] = {
 }
 
 
+# Every other field a chat or completions body may carry: honoured (sampling, tools, formats,
+# the vLLM extensions, our continuation) or accepted with no effect, each for a reason listed
+# in docs/operations.md ("Request fields"). A field in none of these is refused, as OpenAI does.
+KNOWN_FIELDS = frozenset(
+    {
+        # both endpoints
+        "model", "stream", "stream_options", "max_tokens", "max_completion_tokens",
+        "temperature", "top_p", "seed", "stop", "n", "logprobs", "logit_bias",
+        "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty",
+        "ignore_eos", "best_of", "modalities", CONTINUATION_FIELD,
+        # chat
+        "messages", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
+        "chat_template_kwargs", "response_format",
+        # completions
+        "prompt", "echo",
+        # accepted with no effect: a provider's bookkeeping, storage or billing, or a model
+        # family we do not serve
+        "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+        "prediction", "reasoning_effort", "verbosity",
+    }
+)  # fmt: skip
+
+
 def _refuse_unsupported(body: dict[str, Any]) -> None:
+    for param in body:
+        if param not in KNOWN_FIELDS and param not in UNSUPPORTED:
+            raise ApiError.invalid(
+                f"Unrecognized request argument supplied: {param}", param, "unknown_parameter"
+            )
     for param, why in UNSUPPORTED.items():
         if body.get(param) is not None:
             raise ApiError.invalid(

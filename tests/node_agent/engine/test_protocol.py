@@ -392,3 +392,18 @@ def test_response_shapes_match_openai() -> None:
     assert chunk(text, "y")["object"] == "text_completion"
     assert chunk(text, "y")["id"].startswith("cmpl-")
     json.dumps(body)
+
+
+@pytest.mark.parametrize("parse", [parse_chat_request, parse_completion_request])
+def test_a_field_we_do_not_know_is_refused_never_ignored(parse: object) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}
+    with pytest.raises(ApiError) as info:
+        parse({**body, "frobnicate": 1})  # type: ignore[operator]
+    assert (info.value.status, info.value.param, info.value.code) == (
+        400,
+        "frobnicate",
+        "unknown_parameter",
+    )
+    assert "frobnicate" in info.value.message
+    # The bookkeeping fields of OpenAI's API are accepted (docs/operations.md says why).
+    parse({**body, "user": "u", "metadata": {"a": "b"}, "store": False})  # type: ignore[operator]
