@@ -25,6 +25,7 @@ from node_agent.coordinator_client import NodeProfile, Session, enroll, knobs_fr
 from node_agent.discover import find_coordinator
 from node_agent.errors import AgentError, CoordinatorUnreachable, EnrollRefused
 from node_agent.identity import NodeIdentity
+from node_agent.liveness import DEFAULT_ENGINE_STALL_S
 from node_agent.metrics import AgentMetrics
 from node_agent.probes import local_probe
 from node_agent.probes.base import NodeReading, Probe
@@ -53,6 +54,7 @@ class AgentConfig:
     role: Role | None = None  # overrides the probe (laptop when a battery is present)
     profile: NodeProfile = field(default_factory=NodeProfile)  # labels, opt-in, OS reserve
     engine_memory_limit_bytes: int | None = None  # per engine, by a memory cgroup (Linux)
+    engine_stall_s: float = DEFAULT_ENGINE_STALL_S  # a ready engine silent this long is killed
     metrics_host: str = "0.0.0.0"
     metrics_port: int = DEFAULT_METRICS_PORT  # 0: any free port
 
@@ -94,6 +96,7 @@ class Agent:
             self._on_event,
             config.home / "logs",
             limiter=MemoryLimiter.for_this_process(limit) if limit else None,
+            stall_s=config.engine_stall_s,
         )
         self._advertiser: Advertiser | None = None
         self._facts: NodeFacts | None = None

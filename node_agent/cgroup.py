@@ -87,9 +87,10 @@ class EngineCgroup:
 
     def wrap(self, argv: list[str]) -> list[str]:
         """argv run by a shell that first moves itself into this cgroup, then execs argv, so
-        the engine is limited from its first allocation. Not a preexec_fn: that makes Python
-        fork() instead of vfork(), and gRPC's fork handlers in the agent can then abort the
-        child ("ev_epoll1_linux.cc: Check failed: next_worker->state == KICKED")."""
+        the engine is limited from its first allocation. Not a preexec_fn: engines start by
+        posix_spawn (node_agent/spawn.py), which runs no code of ours in the child; a fork()
+        to run one would let gRPC's fork handlers abort the child
+        ("ev_epoll1_linux.cc: Check failed: next_worker->state == KICKED")."""
         # "0" written to cgroup.procs moves the writing process: the shell, which exec keeps.
         join = 'echo 0 > "$0" && exec "$@"'
         return ["/bin/sh", "-c", join, str(self.path / "cgroup.procs"), *argv]

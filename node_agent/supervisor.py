@@ -20,15 +20,19 @@ import aiohttp
 
 from mlxfleet.engines import EngineState, EventKind, ExitReason
 from mlxfleet.kv import DEFAULT_KV_GROUP_SIZE, DEFAULT_PREFIX_CACHE_MIB, UNQUANTIZED_KV_BITS
+from node_agent import spawn
 from node_agent.cgroup import MIB, EngineCgroup, MemoryLimiter
+from node_agent.liveness import DEFAULT_ENGINE_STALL_S, health_silence
+from node_agent.model_source import resolve_source
 from node_agent.probes.base import Probe
 
 logger = logging.getLogger(__name__)
 
+ENGINE_COMMAND = (sys.executable, "-m", "node_agent.engine")  # then the engine's flags
 LISTENING_PREFIX = b"MLXFLEET_ENGINE_LISTENING port="  # the engine's one stdout line
 ENGINE_LISTEN_TIMEOUT_S = 60.0  # process start to socket listening (imports mlx, mlx-lm)
 ENGINE_READY_TIMEOUT_S = 600.0  # listening to /health ready (a large download or load)
-HEALTH_POLL_S = 0.1
+HEALTH_POLL_S = 0.1  # while loading; a ready engine is checked by node_agent/liveness.py
 STOP_TIMEOUT_S = 15.0  # SIGTERM lets in-flight requests finish; SIGKILL after this
 ENGINE_CALL_TIMEOUT_S = 10.0  # one agent call to an engine's API (knobs, stats)
 LOG_TAIL_LINES = 5
@@ -120,35 +124,6 @@ def classify_exit(returncode: int, oom_kills_before: int, oom_kills_after: int) 
     return "crash"
 
 
-# The files mlx_lm.load reads: mlx_lm.utils.DEFAULT_ALLOW_PATTERNS (0.32.2), copied because
-# importing mlx_lm here would start MLX in the agent (its native threads abort the agent at
-# exit, seen in CI, and on a Mac it would hold a Metal device); a test keeps them equal.
-HUB_ALLOW_PATTERNS = (
-    "*.json",
-    "model*.safetensors",
-    "*.py",
-    "tokenizer.model",
-    "*.tiktoken",
-    "tiktoken.model",
-    "*.txt",
-    "*.jsonl",
-    "*.jinja",
-)
-
-
-def resolve_source(source: str) -> Path:
-    """A local MLX model folder as is; a Hugging Face id downloaded (or found in the hub cache).
-
-    Blocking: run it in a thread. Engines only ever load local folders.
-    """
-    folder = Path(source).expanduser()
-    if folder.is_dir():
-        return folder
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(source, allow_patterns=list(HUB_ALLOW_PATTERNS)))
-
-
 def _auth(info: EngineInfo) -> dict[str, str]:
     return {"Authorization": f"Bearer {info.secret}"}
 
@@ -177,12 +152,14 @@ def rss_bytes(pid: int) -> int:
 @dataclass(slots=True)
 class _Managed:
     info: EngineInfo
-    process: asyncio.subprocess.Process
+    process: spawn.EngineProcess
     log_path: Path
     oom_kills_at_start: int
     cgroup: EngineCgroup | None = None  # its memory limit, when the agent sets one
     stop_requested: bool = False
     watcher: asyncio.Task[None] | None = None
+    port: int = 0  # where it listens, once it said so
+    hung_s: float | None = None  # killed by us after this long without a health answer
 
 
 class Supervisor:
@@ -195,8 +172,10 @@ class Supervisor:
         log_dir: Path,
         network: EngineNetwork | None = None,
         limiter: MemoryLimiter | None = None,
+        stall_s: float = DEFAULT_ENGINE_STALL_S,  # a ready engine silent this long is hung
     ) -> None:
         self._probe = probe
+        self._stall_s = stall_s
         self._limiter = limiter
         self._emit = emit
         self._log_dir = log_dir
@@ -240,9 +219,7 @@ class Supervisor:
         self._log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self._log_dir / f"{request.engine_id}.log"
         args = [
-            sys.executable,
-            "-m",
-            "node_agent.engine",
+            *ENGINE_COMMAND,
             "--model-path",
             str(model_path),
             "--model-name",
@@ -271,12 +248,9 @@ class Supervisor:
         cgroup = self._make_cgroup(request.engine_id)
         try:
             with log_path.open("ab") as log:
-                process = await asyncio.create_subprocess_exec(
-                    *(cgroup.wrap(args) if cgroup is not None else args),
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=log,
-                    env=env,
-                    start_new_session=True,  # Ctrl-C on the agent's terminal must not hit engines
+                # posix_spawn, never fork(): gRPC's fork handlers could abort the child.
+                process = await spawn.start(
+                    cgroup.wrap(args) if cgroup is not None else args, env, log.fileno()
                 )
         except BaseException:
             if cgroup is not None:
@@ -298,13 +272,19 @@ class Supervisor:
         managed.watcher = asyncio.create_task(self._watch(managed), name=request.engine_id)
 
     async def _watch(self, m: _Managed) -> None:
-        """Wait for readiness, then for the exit, and report both."""
+        """Wait for readiness, then for the exit (killing a hung engine), and report both."""
         failure = await self._await_ready(m)
+        liveness = None
         if failure is None:
             m.info = replace(m.info, state="ready")
             logger.info("engine %s (%s) ready at %s", m.info.engine_id, m.info.model, m.info.url)
             self._emit(EngineEvent("ready", m.info))
-        returncode = await m.process.wait()
+            liveness = asyncio.create_task(self._kill_if_hung(m))
+        try:
+            returncode = await m.process.wait()
+        finally:
+            if liveness is not None:
+                liveness.cancel()
         self._engines.pop(m.info.engine_id, None)
         if m.cgroup is not None:
             oom_kills = m.cgroup.oom_kills()  # its own counter: no other process's kill counts
@@ -313,14 +293,20 @@ class Supervisor:
             oom_kills = self._probe.oom_kills()
         reason = classify_exit(returncode, m.oom_kills_at_start, oom_kills)
         jetsam = None
-        if reason == "sigkill":  # macOS: jetsam leaves no counter, only a kernel log line
+        # macOS: jetsam leaves no counter, only a kernel log line (our own kill of a hung engine
+        # is no jetsam kill).
+        if reason == "sigkill" and m.hung_s is None:
             jetsam = await asyncio.to_thread(self._probe.memory_kill, m.process.pid)
             reason = "oom" if jetsam else reason
         if m.stop_requested and returncode in (0, -signal.SIGTERM):
             reason = "clean"
+        if m.hung_s is not None and returncode == -signal.SIGKILL:
+            reason = "hung"
         kind: EventKind = "exited" if failure is None or m.stop_requested else "load_failed"
         detail = failure or self._log_tail(m.log_path)
-        if reason == "oom" and m.cgroup is not None:
+        if reason == "hung":
+            detail = f"no answer to GET /health for {m.hung_s:.1f} s, killed | {detail}"
+        elif reason == "oom" and m.cgroup is not None:
             detail = f"over its {m.cgroup.limit_bytes // MIB} MiB memory limit | {detail}"
         elif jetsam:
             detail = f"killed by jetsam ({jetsam}) | {detail}"
@@ -366,6 +352,7 @@ class Supervisor:
         if port is None:
             await self._kill(m)
             return "engine never started listening: " + self._log_tail(m.log_path)
+        m.port = port
         m.info = replace(m.info, url=self.network.url(port))
         health, tls_options = self._loopback(port, "/health")
         deadline = time.monotonic() + ENGINE_READY_TIMEOUT_S
@@ -380,6 +367,23 @@ class Supervisor:
                 await asyncio.sleep(HEALTH_POLL_S)
         await self._kill(m)
         return f"engine not ready after {ENGINE_READY_TIMEOUT_S:.0f} s"
+
+    async def _kill_if_hung(self, m: _Managed) -> None:
+        """A ready engine's health check, every second; SIGKILL once it has not answered
+        for the stall limit (node_agent/liveness.py). Cancelled when the engine exits."""
+        health, tls_options = self._loopback(m.port, "/health")
+        silent_s = await health_silence(health, _auth(m.info), tls_options, self._stall_s)
+        if m.stop_requested:
+            return  # being stopped: unload() has its own SIGKILL deadline
+        m.hung_s = silent_s
+        logger.warning(
+            "engine %s (%s) has not answered its health check for %.1f s: killing it",
+            m.info.engine_id,
+            m.info.model,
+            silent_s,
+        )
+        with contextlib.suppress(ProcessLookupError):
+            m.process.kill()  # SIGKILL: a stopped process would never act on SIGTERM
 
     @staticmethod
     async def _read_port(stdout: asyncio.StreamReader) -> int | None:

@@ -37,6 +37,7 @@ def run(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
         (("nodes",), "no coordinator is running"),
         (("nodes", "remove", "ghost"), "no coordinator is running"),
         (("agent", "--coordinator", "127.0.0.1:1"), "has not enrolled yet: pass --token"),
+        (("agent", "--engine-stall-s", "0.5"), "--engine-stall-s 0.5: must be 1-3600"),
         (("up", "--model", "{tmp}/no/such/model/here"), "not a folder and not a Hugging Face id"),
         (("up", "--model", "{tmp}"), "no config.json there"),
         (("keys", "create", "--rpm", "0"), "--rpm '0': must be a positive integer"),

@@ -9,6 +9,7 @@ from coordinator.cli.common import HOME_HELP, home_of, run_loop
 from coordinator.cli.errors import CliError
 from coordinator.config import LABEL_RE
 from node_agent.agent import DEFAULT_METRICS_PORT
+from node_agent.liveness import DEFAULT_ENGINE_STALL_S
 
 
 def add_parser(subparsers: Any) -> None:
@@ -45,6 +46,13 @@ def add_parser(subparsers: Any) -> None:
         help="kill an engine (kernel OOM) above this memory; Linux cgroup v1, as root",
     )
     add(
+        "--engine-stall-s",
+        type=float,
+        default=DEFAULT_ENGINE_STALL_S,
+        help="kill a ready engine that has not answered its health check for this long "
+        f"(default {DEFAULT_ENGINE_STALL_S:g}); the coordinator restarts it",
+    )
+    add(
         "--metrics-port",
         type=int,
         default=DEFAULT_METRICS_PORT,
@@ -79,6 +87,8 @@ def cmd_agent(args: argparse.Namespace) -> None:
     limit_mib = args.engine_memory_limit_mib
     if limit_mib is not None and not 1 <= limit_mib <= 2**24:
         raise CliError(f"--engine-memory-limit-mib {limit_mib}: must be 1-16777216")
+    if not 1 <= args.engine_stall_s <= 3600:
+        raise CliError(f"--engine-stall-s {args.engine_stall_s:g}: must be 1-3600")
     if not 0 <= args.metrics_port <= 65535:
         raise CliError(f"--metrics-port {args.metrics_port}: must be 0-65535")
     profile = NodeProfile(
@@ -95,6 +105,7 @@ def cmd_agent(args: argparse.Namespace) -> None:
         role=args.role,
         profile=profile,
         engine_memory_limit_bytes=limit_mib * 2**20 if limit_mib is not None else None,
+        engine_stall_s=args.engine_stall_s,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
     )

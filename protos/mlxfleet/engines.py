@@ -7,5 +7,6 @@ from typing import Literal
 
 EngineState = Literal["starting", "ready", "stopping", "exited"]
 EventKind = Literal["started", "ready", "exited", "load_failed"]
-# clean exit, crash, SIGKILL (by someone), OOM (SIGKILL while the kernel's OOM-kill count rose)
-ExitReason = Literal["clean", "crash", "sigkill", "oom"]
+# clean exit, crash, SIGKILL (by someone), OOM (SIGKILL while the kernel's OOM-kill count rose),
+# hung (SIGKILL by the agent: a ready engine stopped answering its health check)
+ExitReason = Literal["clean", "crash", "sigkill", "oom", "hung"]

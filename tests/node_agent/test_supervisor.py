@@ -8,19 +8,20 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from node_agent.liveness import DEFAULT_ENGINE_STALL_S, HEALTH_CHECK_INTERVAL_S
+from node_agent.model_source import HUB_ALLOW_PATTERNS, resolve_source
 from node_agent.probes import local_probe, macos
 from node_agent.probes.linux import LinuxProbe
 from node_agent.supervisor import (
-    HUB_ALLOW_PATTERNS,
     EngineEvent,
     LoadRequest,
     Supervisor,
     classify_exit,
-    resolve_source,
     rss_bytes,
 )
 
@@ -131,3 +132,41 @@ async def test_a_jetsam_kill_is_an_oom_exit_with_its_cause(
     [exited] = [e for e in events if e.kind == "exited"]
     assert exited.exit_reason == "oom" and exited.signal == signal.SIGKILL
     assert exited.detail.startswith("killed by jetsam (per-process-limit)")
+
+
+async def test_a_stopped_engine_is_killed_and_reported_hung(
+    tmp_path: Path, demo_model: Path
+) -> None:
+    """Needs an engine process: SIGSTOP it (from outside, a Mac deep in swap looks the same:
+    its socket accepts, nothing answers). With the default stall limit the supervisor kills it
+    within the limit plus one health-check interval (and a margin for this machine) and
+    reports an exit whose reason is hung, which the coordinator handles as a crash."""
+    events: list[EngineEvent] = []
+    supervisor = Supervisor(local_probe(), events.append, tmp_path / "logs")
+    try:
+        await supervisor.load(LoadRequest("e1", "demo", str(demo_model), "interactive", 512))
+        for _ in range(600):
+            if any(e.kind in ("ready", "load_failed") for e in events):
+                break
+            await asyncio.sleep(0.1)
+        assert [e.kind for e in events] == ["started", "ready"], events
+        [info] = supervisor.infos()
+        await asyncio.sleep(HEALTH_CHECK_INTERVAL_S * 1.5)  # it has answered a check or two
+        os.kill(info.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        for _ in range(int(DEFAULT_ENGINE_STALL_S * 40)):
+            if any(e.kind == "exited" for e in events):
+                break
+            await asyncio.sleep(0.05)
+        taken_s = time.monotonic() - stopped
+        [exited] = [e for e in events if e.kind == "exited"]
+        assert exited.exit_reason == "hung" and exited.signal == signal.SIGKILL, exited
+        assert exited.detail.startswith("no answer to GET /health for "), exited.detail
+        limit_s = DEFAULT_ENGINE_STALL_S + HEALTH_CHECK_INTERVAL_S
+        assert DEFAULT_ENGINE_STALL_S - HEALTH_CHECK_INTERVAL_S <= taken_s <= limit_s + 1.0
+        assert supervisor.infos() == []
+        with pytest.raises(ProcessLookupError):
+            os.kill(info.pid, 0)  # killed and reaped, though it was stopped
+        print(f"hung engine found and killed {taken_s:.2f} s after its SIGSTOP")
+    finally:
+        await supervisor.stop_all()

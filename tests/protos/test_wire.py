@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
+from mlxfleet.engines import EngineState, EventKind, ExitReason
 from mlxfleet.facts import NodeFacts
 from mlxfleet.v1 import fleet_pb2 as pb
 from mlxfleet.wire import enum_name, enum_value, facts_from_pb, facts_to_pb
@@ -31,3 +33,16 @@ def test_an_unset_or_unknown_enum_reads_unknown() -> None:
     for name in ("normal", "warning", "critical"):
         value = enum_value(pb.MemoryPressure, "MEMORY_PRESSURE_", name)
         assert value > 0 and enum_name(pb.MemoryPressure, value, "MEMORY_PRESSURE_") == name
+
+
+def test_every_engine_word_has_its_wire_enum_member() -> None:
+    """What an agent says of its engines (mlxfleet/engines.py) crosses the wire unchanged: a
+    word with no member would arrive as "unknown"."""
+    for words, enum, prefix in (
+        (EngineState, pb.EngineState, "ENGINE_STATE_"),
+        (EventKind, pb.EngineEvent.Kind, "KIND_"),
+        (ExitReason, pb.ExitReason, "EXIT_REASON_"),
+    ):
+        for word in typing.get_args(words):
+            assert enum_name(enum, enum_value(enum, prefix, word), prefix) == word
+    assert enum_value(pb.ExitReason, "EXIT_REASON_", "hung") == pb.EXIT_REASON_HUNG

@@ -55,6 +55,7 @@ class ExitReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXIT_REASON_CRASH: _ClassVar[ExitReason]
     EXIT_REASON_SIGKILL: _ClassVar[ExitReason]
     EXIT_REASON_OOM: _ClassVar[ExitReason]
+    EXIT_REASON_HUNG: _ClassVar[ExitReason]
 ROLE_UNSPECIFIED: Role
 ROLE_LAPTOP: Role
 ROLE_SERVER: Role
@@ -83,6 +84,7 @@ EXIT_REASON_CLEAN: ExitReason
 EXIT_REASON_CRASH: ExitReason
 EXIT_REASON_SIGKILL: ExitReason
 EXIT_REASON_OOM: ExitReason
+EXIT_REASON_HUNG: ExitReason
 
 class EnrollRequest(_message.Message):
     __slots__ = ("token", "node_id", "facts", "csr_pem")
