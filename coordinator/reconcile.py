@@ -110,9 +110,10 @@ class Reconciler:
         """A heartbeat arrived: evaluate the node's triggers (coordinator/trigger_actions.py)."""
         self._trigger_actions.observe_reading(node_id)
 
-    def observe_ttft(self, node_id: str, ttft_s: float) -> None:
-        """An interactive request's time to first token on this node (the tail trigger)."""
-        self._trigger_actions.observe_ttft(node_id, ttft_s)
+    def observe_ttft(self, node_id: str, ttft_s: float, prefill_tokens: int) -> None:
+        """An interactive request's time to first token on this node and the prompt tokens
+        its engine prefilled: the prompt less its prefix-cache hit (the tail trigger)."""
+        self._trigger_actions.observe_ttft(node_id, ttft_s, prefill_tokens)
 
     def observe_oom_kill(self, node_id: str) -> None:
         self._trigger_actions.observe_oom_kill(node_id)

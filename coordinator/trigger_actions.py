@@ -60,9 +60,10 @@ class TriggerActions:
         )
         self._apply(self._triggers.observe(reading))
 
-    def observe_ttft(self, node_id: str, ttft_s: float) -> None:
-        """An interactive request's time to first token on this node (the tail trigger)."""
-        self._apply(self._triggers.observe_ttft(node_id, time.monotonic(), ttft_s))
+    def observe_ttft(self, node_id: str, ttft_s: float, prefill_tokens: int) -> None:
+        """An interactive request's time to first token on this node and the prompt tokens
+        its engine prefilled (the tail trigger)."""
+        self._apply(self._triggers.observe_ttft(node_id, time.monotonic(), ttft_s, prefill_tokens))
 
     def observe_oom_kill(self, node_id: str) -> None:
         self._apply(self._triggers.observe_oom_kill(node_id, time.monotonic()))

@@ -4,6 +4,13 @@ No I/O and no clock: every reading carries its own time (monotonic seconds from 
 Thresholds are DESIGN.md's "Numbers the product is built around" (seed 001 §4, seed 002 §6);
 each trigger clears below a lower threshold than it fires at, so a reading hovering at the
 line does not make it flap.
+
+The tail trigger compares TTFTs only among prompts of like prefill work: prefill time grows
+with the tokens to prefill, so a natural mix of short and long prompts has a wide spread with
+no interference at all. Samples go into half-octave bands of prefill tokens (a band's lengths
+differ by less than √2), each band with its own window; even a prefill time growing with the
+square of the length (attention at long contexts) spreads a band by less than 2x, the clear
+ratio, so a band's p95/p50 past 2.8 is not the prompt lengths' doing (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -96,13 +103,37 @@ class Change:
 
 
 @dataclass(slots=True)
+class _Band:
+    """One prompt-length band's TTFT samples in the tail window."""
+
+    samples: deque[tuple[float, float]] = field(default_factory=deque)  # (at_s, ttft_s)
+    percentiles: tuple[float, float] | None = None  # (p50, p95); None: changed since
+
+    def add(self, at_s: float, ttft_s: float) -> None:
+        self.samples.append((at_s, ttft_s))
+        self.percentiles = None
+
+    def drop_before(self, start_s: float) -> None:
+        """Forget the samples taken at or before `start_s`."""
+        while self.samples and self.samples[0][0] <= start_s:
+            self.samples.popleft()
+            self.percentiles = None
+
+    def p50_p95(self) -> tuple[float, float]:
+        if self.percentiles is None:
+            values = sorted(sample for _, sample in self.samples)
+            self.percentiles = nearest_rank(values, 50), nearest_rank(values, 95)
+        return self.percentiles
+
+
+@dataclass(slots=True)
 class _Node:
     """Mutable per-node state behind Triggers."""
 
     active: dict[TriggerName, Change] = field(default_factory=dict)
     # swap and memory: the first reading of the current run above the fire line
     above_since_s: dict[TriggerName, float] = field(default_factory=dict)
-    ttft: deque[tuple[float, float]] = field(default_factory=deque)  # (at_s, ttft_s)
+    ttft: dict[int, _Band] = field(default_factory=dict)  # by tail_band(prefill tokens)
     kills: deque[float] = field(default_factory=deque)  # at_s of each OOM kill
 
 
@@ -110,6 +141,17 @@ def nearest_rank(sorted_values: list[float], percent: float) -> float:
     """The nearest-rank percentile of an ascending, non-empty list."""
     rank = max(1, math.ceil(percent / 100 * len(sorted_values)))
     return sorted_values[rank - 1]
+
+
+def tail_band(prefill_tokens: int) -> int:
+    """The half-octave band of a prompt that needs `prefill_tokens` (>= 1) of prefill: the k
+    with 2**(k/2) <= tokens < 2**((k+1)/2), i.e. k = floor(log2(tokens**2)), in exact integers."""
+    return (prefill_tokens * prefill_tokens).bit_length() - 1
+
+
+def tail_band_tokens(band: int) -> tuple[int, int]:
+    """The first and last token count of a band (1024-1448, 1449-2047, 2048-2896, ...)."""
+    return math.isqrt(2**band - 1) + 1, math.isqrt(2 ** (band + 1) - 1)
 
 
 class Triggers:
@@ -135,24 +177,39 @@ class Triggers:
         ]
         return [change for change in found if change is not None]
 
-    def observe_ttft(self, node_id: str, at_s: float, ttft_s: float) -> list[Change]:
-        """Add an interactive time-to-first-token sample and evaluate the tail trigger."""
+    def observe_ttft(
+        self, node_id: str, at_s: float, ttft_s: float, prefill_tokens: int
+    ) -> list[Change]:
+        """Add an interactive time-to-first-token sample, of a prompt that needed
+        `prefill_tokens` of prefill, and evaluate the tail trigger: it fires when a band with
+        tail_min_samples has p95/p50 above the fire ratio, and clears when every such band is
+        at or below the clear ratio. A sample of unknown length (< 1) is dropped: there is
+        nothing like it to compare it with, and a guess would mix lengths again."""
+        if prefill_tokens < 1:
+            return []
         cfg = self.config
         node = self._node(node_id)
-        node.ttft.append((at_s, ttft_s))
-        while node.ttft and node.ttft[0][0] <= at_s - cfg.tail_window_s:
-            node.ttft.popleft()
-        if len(node.ttft) < cfg.tail_min_samples:
+        node.ttft.setdefault(tail_band(prefill_tokens), _Band()).add(at_s, ttft_s)
+        judged: list[tuple[float, int, float, float]] = []  # (ratio, band, p50, p95)
+        for band, kept in list(node.ttft.items()):
+            kept.drop_before(at_s - cfg.tail_window_s)
+            if not kept.samples:
+                del node.ttft[band]
+            elif len(kept.samples) >= cfg.tail_min_samples:
+                p50, p95 = kept.p50_p95()
+                if p50 > 0:  # a ratio over a zero median means nothing
+                    judged.append((p95 / p50, band, p50, p95))
+        if not judged:
             return []  # too little evidence either way: keep the current state
-        values = sorted(sample for _, sample in node.ttft)
-        p50, p95 = nearest_rank(values, 50), nearest_rank(values, 95)
-        if p50 <= 0:
-            return []  # a ratio over a zero median means nothing
-        ratio = p95 / p50
+        ratio, band, p50, p95 = max(judged)
+        first, last = tail_band_tokens(band)
         text = (
             f"interactive TTFT p95/p50 {ratio:.2f} (p95 {p95:.3f} s, p50 {p50:.3f} s) "
-            f"over {len(values)} samples in {cfg.tail_window_s:.0f} s"
+            f"over {len(node.ttft[band].samples)} samples in {cfg.tail_window_s:.0f} s "
+            f"of prompts with {first}-{last} tokens to prefill"
         )
+        if len(judged) > 1:
+            text += f" (the highest of {len(judged)} bands)"
         change: Change | None = None
         if ratio > cfg.tail_ratio_fire:
             change = _fire(

@@ -186,6 +186,7 @@ class Forwarder:
                 self._limits.settle(request, usage)
                 return response
             with self._flights.track(target.engine_id) as flight:
+                posted = time.monotonic()
                 try:
                     upstream = await flight.run(self._post(target, reply.path, body))
                 except (aiohttp.ClientConnectionError, TimeoutError) as exc:
@@ -225,6 +226,7 @@ class Forwarder:
                         continue
                     try:
                         if await relay.pump(upstream, first, self._config.stream_stall_s):
+                            self._tail_sample(key, target, relay, posted)
                             await relay.finish()
                             self._settle_stream(request, relay, outcome)
                             return relay.response
@@ -295,13 +297,20 @@ class Forwarder:
             }
         )
         await response.prepare(request)
-        # Interactive TTFT feeds the tail trigger of the node that answered first.
-        on_first: Callable[[float], None] | None = None
-        if tier == "interactive":
-            node_id = target.node_id
-            on_first = lambda ttft_s: self._reconciler.observe_ttft(node_id, ttft_s)  # noqa: E731
         translator = reply.translator() if reply.translator is not None else None
-        return StreamRelay(response, on_first, started, translator)
+        return StreamRelay(response, None, started, translator)
+
+    def _tail_sample(self, key: UnitKey, target: Target, relay: StreamRelay, posted: float) -> None:
+        """An interactive stream one engine answered start to finish feeds its node's tail
+        trigger: TTFT from posting to that engine, and the prompt tokens it prefilled (the
+        prompt less its prefix-cache hit), from the usage on its finishing event."""
+        if key[1] != "interactive" or relay.continuations or relay.first_content_at is None:
+            return
+        prefilled = relay.prefilled_tokens()
+        if prefilled is None:
+            return
+        ttft_s = relay.first_content_at - posted
+        self._reconciler.observe_ttft(target.node_id, ttft_s, prefilled)
 
     async def _end_stream(
         self, request: web.Request, relay: StreamRelay, outcome: Outcome

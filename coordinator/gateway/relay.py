@@ -159,10 +159,10 @@ class StreamRelay:
         body[CONTINUATION_FIELD] = {"token_ids": ids, "id": head["id"], "created": head["created"]}
         return json.dumps(body).encode()
 
-    def usage(self) -> tuple[int, int] | None:
-        """(prompt, completion) tokens of the whole answer, from the usage the engine puts on
-        its finishing event (`mlxfleet.usage`, or the standard usage chunk the client asked
-        for); None when the stream did not finish. Parses only the events that carry it."""
+    def _final_usage(self) -> dict[str, Any] | None:
+        """The usage the engine puts on its finishing event (`mlxfleet.usage`, or the standard
+        usage chunk the client asked for); None when the stream did not finish. Parses only
+        the events that carry it."""
         for sent in reversed(self._events):
             if b'"usage":' not in sent:
                 continue
@@ -171,8 +171,22 @@ class StreamRelay:
                     payload = json.loads(event[len(b"data: ") :])
                     usage = payload.get("usage") or (payload.get("mlxfleet") or {}).get("usage")
                     if usage:
-                        return usage["prompt_tokens"], usage["completion_tokens"]
+                        return usage
         return None
+
+    def usage(self) -> tuple[int, int] | None:
+        """(prompt, completion) tokens of the whole answer; None when it did not finish."""
+        usage = self._final_usage()
+        return None if usage is None else (usage["prompt_tokens"], usage["completion_tokens"])
+
+    def prefilled_tokens(self) -> int | None:
+        """Prompt tokens the engine prefilled (the prompt less its prefix-cache hit); None
+        when the stream did not finish."""
+        usage = self._final_usage()
+        if usage is None:
+            return None
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        return max(1, int(usage["prompt_tokens"]) - int(cached))
 
     def completion_tokens(self) -> int:
         """Tokens the client received, counted from the ids on the events."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,6 +16,8 @@ from coordinator.triggers import (
     TriggerConfig,
     Triggers,
     nearest_rank,
+    tail_band,
+    tail_band_tokens,
 )
 
 MIB = 2**20
@@ -201,10 +206,11 @@ def test_nearest_rank_percentiles() -> None:
     assert nearest_rank([7.0], 95) == 7.0
 
 
-def feed(t: Triggers, at_s: float, samples: list[float]) -> list[Change]:
+def feed(t: Triggers, at_s: float, samples: list[float], prefill_tokens: int = 512) -> list[Change]:
+    """Samples 0.1 s apart, all of prompts of one length."""
     changes: list[Change] = []
     for i, s in enumerate(samples):
-        changes += t.observe_ttft("n1", at_s + i * 0.1, s)
+        changes += t.observe_ttft("n1", at_s + i * 0.1, s, prefill_tokens)
     return changes
 
 
@@ -213,15 +219,18 @@ def test_tail_fires_on_ratio_and_clears_with_hysteresis() -> None:
     # 19 samples: p95/p50 would be 3.0 but there are too few to judge
     assert feed(t, 0, [1.0] * 10 + [3.0] * 9) == []
     # the 20th: nearest-rank p50 = 1.0 (10th), p95 = 3.0 (19th)
-    [fired] = t.observe_ttft("n1", 5, 3.0)
+    [fired] = t.observe_ttft("n1", 5, 3.0, 512)
     assert (fired.trigger, fired.fired, fired.level, fired.actions) == (
         "tail",
         True,
         "",
         frozenset({"move_batch"}),
     )
-    assert "3.00" in fired.reading and "2.8" in fired.reading and "20 samples" in fired.reading
-    assert t.observe_ttft("n1", 6, 1.0) == []  # p50 1.0 (11th of 21), p95 3.0: reported once
+    assert fired.reading == (
+        "interactive TTFT p95/p50 3.00 (p95 3.000 s, p50 1.000 s) over 20 samples in 300 s "
+        "of prompts with 512-724 tokens to prefill > 2.8"
+    )
+    assert t.observe_ttft("n1", 6, 1.0, 512) == []  # p50 1.0 (11th of 21), p95 3.0: once
     # the window slides past every earlier sample; a ratio of 2.5 is between clear and fire
     assert feed(t, 400, [1.0] * 10 + [2.5] * 10) == []
     assert t.actions("n1") == {"move_batch"}
@@ -234,7 +243,135 @@ def test_tail_window_drops_old_samples() -> None:
     t = Triggers()
     feed(t, 0, [1.0] * 10 + [5.0] * 9)
     # 301 s later the old samples are gone: 1 sample is too few to judge
-    assert t.observe_ttft("n1", 301, 5.0) == []
+    assert t.observe_ttft("n1", 301, 5.0, 512) == []
+
+
+def test_tail_bands_are_half_octaves_of_prefill_tokens() -> None:
+    assert [tail_band(n) for n in (1, 2, 3, 4, 5, 6)] == [0, 2, 3, 4, 4, 5]
+    assert (tail_band(1024), tail_band(1448), tail_band(1449), tail_band(2048)) == (20, 20, 21, 22)
+    assert [tail_band_tokens(k) for k in (20, 21, 22)] == [(1024, 1448), (1449, 2047), (2048, 2896)]
+    for n in range(1, 70_000):
+        first, last = tail_band_tokens(tail_band(n))
+        assert first <= n <= last
+        # A band's lengths differ by less than √2: even a prefill time that grows with the
+        # square of the length spreads it by less than 2x, the clear ratio.
+        assert last * last < 2 * first * first
+
+
+# TTFT of a prompt by its prefill tokens, with no interference: a fixed part (the first decode
+# step, HTTP) plus prefill, linear in the tokens with attention's quadratic part on top.
+TtftModel = Callable[[int], float]
+# 7B-class on a Mac: 128 tokens -> 39 ms, 1024 -> 130 ms (issue 16: p50 39 ms, p95 121 ms).
+MAC_7B: TtftModel = lambda n: 0.025 + 1e-4 * n + 2e-9 * n * n  # noqa: E731
+# A small model at long contexts: attention is twice the linear part at 16K tokens.
+SMALL_LONG: TtftModel = lambda n: 0.010 + 2e-5 * n + 2.4e-9 * n * n  # noqa: E731
+MIXES: dict[str, Callable[[random.Random], int]] = {
+    "half 128, half 1024": lambda rng: rng.choice((128, 1024)),
+    "90% 128, 10% 1024": lambda rng: 128 if rng.random() < 0.9 else 1024,
+    "log-uniform 50..4000": lambda rng: round(math.exp(rng.uniform(math.log(50), math.log(4000)))),
+    "uniform 50..4000": lambda rng: rng.randint(50, 4000),
+    "log-uniform 1K..32K": lambda rng: round(math.exp(rng.uniform(math.log(1e3), math.log(32e3)))),
+}
+
+
+def mixed_load(
+    t: Triggers,
+    mix: str,
+    model: TtftModel,
+    seed: int,
+    *,
+    start_s: float = 0.0,
+    count: int = 2000,
+    slowed: float = 0.0,
+) -> tuple[list[Change], float]:
+    """`count` interactive samples 0.5 s apart (2 requests/s, so each 5-min window holds 600)
+    with ±8 % jitter; `slowed` of them in every band 3-5x slower, as batch work on the node
+    slows interactive compute in bursts. The changes, and p95/p50 of all the samples taken
+    together, as the trigger used to judge them."""
+    rng = random.Random(seed)
+    changes: list[Change] = []
+    pooled = []
+    for i in range(count):
+        tokens = MIXES[mix](rng)
+        ttft = model(tokens) * math.exp(rng.gauss(0, 0.08))
+        if rng.random() < slowed:
+            ttft *= rng.uniform(3, 5)
+        pooled.append(ttft)
+        changes += t.observe_ttft("n1", start_s + i * 0.5, ttft, tokens)
+    pooled.sort()
+    return changes, nearest_rank(pooled, 95) / nearest_rank(pooled, 50)
+
+
+MODELS = [pytest.param(MAC_7B, id="7B on a Mac"), pytest.param(SMALL_LONG, id="small, long")]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_tail_never_fires_on_a_mix_of_prompt_lengths(mix: str, model: TtftModel, seed: int) -> None:
+    t = Triggers()
+    changes, _ = mixed_load(t, mix, model, seed)
+    assert changes == [] and t.active("n1") == {}
+
+
+@pytest.mark.parametrize(
+    ("mix", "model"),
+    [
+        pytest.param("90% 128, 10% 1024", MAC_7B, id="issue 16's mix"),
+        pytest.param("log-uniform 50..4000", MAC_7B, id="50..4000 on a Mac"),
+        pytest.param("log-uniform 1K..32K", SMALL_LONG, id="1K..32K, small model"),
+    ],
+)
+def test_tail_stays_quiet_where_the_pooled_ratio_passes_2_8(mix: str, model: TtftModel) -> None:
+    """Issue 16: judged over every prompt length together, lengths alone fired the trigger."""
+    t = Triggers()
+    changes, pooled_ratio = mixed_load(t, mix, model, 4)
+    assert pooled_ratio > 2.8 and changes == []
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_tail_fires_on_slowed_requests_in_a_mix_and_clears_after(
+    mix: str, model: TtftModel
+) -> None:
+    t = Triggers()
+    changes, _ = mixed_load(t, mix, model, 7, count=600, slowed=0.15)
+    [fired] = changes
+    assert (fired.trigger, fired.fired, fired.actions) == ("tail", True, frozenset({"move_batch"}))
+    ratio = float(fired.reading.split("p95/p50 ")[1].split(" ")[0])
+    assert ratio > 2.8 and fired.reading.endswith("> 2.8")
+    assert t.actions("n1") == {"move_batch"}
+    # The batch work moved: once the window holds only unslowed samples, it clears, once.
+    changes, _ = mixed_load(t, mix, model, 8, start_s=300, count=1200)
+    [cleared] = changes
+    assert (cleared.trigger, cleared.fired, cleared.actions) == ("tail", False, frozenset())
+    assert cleared.reading.endswith("<= 2") and "bands)" in cleared.reading
+    assert t.active("n1") == {}
+
+
+def test_tail_judges_each_band_on_its_own_samples() -> None:
+    t = Triggers()
+    # 19 long prompts, 4 of them slowed: too few to judge, whatever the short ones show
+    assert feed(t, 0, [0.1] * 40, prefill_tokens=100) == []
+    assert feed(t, 10, [1.0] * 15 + [4.0] * 4, prefill_tokens=3000) == []
+    # the 20th long one: that band fires on its own (p50 1.0, p95 4.0)
+    [fired] = t.observe_ttft("n1", 20, 1.0, 3000)
+    assert "p95/p50 4.00" in fired.reading and "2897-4095 tokens" in fired.reading
+    assert "(the highest of 2 bands)" in fired.reading
+    # the short band is calm, but the long one still is between clear and fire: no clear
+    assert feed(t, 30, [1.0] * 20 + [2.5] * 10, prefill_tokens=3000) == []
+    assert t.actions("n1") == {"move_batch"}
+    # once every judged band is at or below 2.0, it clears
+    changes = feed(t, 400, [1.0] * 20, prefill_tokens=3000) + feed(t, 410, [0.1] * 20, 100)
+    assert [(c.trigger, c.fired) for c in changes] == [("tail", False)]
+
+
+def test_tail_drops_samples_of_unknown_length() -> None:
+    t = Triggers()
+    assert feed(t, 0, [0.05] * 20 + [1.0] * 20, prefill_tokens=0) == []
+    # none of them counted: 19 of a known length are still too few
+    assert feed(t, 10, [1.0] * 10 + [5.0] * 9, prefill_tokens=64) == []
+    assert t.observe_ttft("n1", 20, 5.0, 64)[0].fired
 
 
 def test_oom_fires_on_second_kill_within_a_week_and_clears_when_one_ages_out() -> None:

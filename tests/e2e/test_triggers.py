@@ -8,6 +8,7 @@ tier packs onto it and the interactive tier spreads to B.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from coordinator.triggers import nearest_rank
 from tests.conftest import wait_for
 from tests.e2e.fleet import Fleet, model_toml, running_fleet
 
 MOVE_TIMEOUT_S = 60.0
+TAIL_SAMPLES = 24  # of each kind: over the tail trigger's 20, so each band is judged
 
 
 @dataclass
@@ -97,6 +100,72 @@ def two_nodes(fleet: Fleet) -> tuple[Node, Node]:
     """A and B, each with the readings file its agent reads instead of the OS's."""
     a, b = (Node(fleet.node_id(p), fleet.agent_home(p) / "readings.json") for p in fleet.agents)
     return a, b
+
+
+def streamed_ttft(fleet: Fleet, prompt: str) -> tuple[float, int, int]:
+    """One streamed interactive chat: seconds to its first text at the client, its prompt
+    tokens and the tokens the prefix cache served."""
+    began = time.monotonic()
+    first = None
+    with httpx.stream(
+        "POST",
+        f"{fleet.base}/v1/chat/completions",
+        json={
+            "model": "demo",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 4,
+            "ignore_eos": True,  # an answer with text: a TTFT to measure
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        headers={"Authorization": f"Bearer {fleet.key}", "X-Mlxfleet-Tier": "interactive"},
+        timeout=60,
+    ) as stream:
+        assert stream.status_code == 200
+        chunks = []
+        for line in stream.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line.removeprefix("data: ")))
+                if first is None and any(c["delta"].get("content") for c in chunks[-1]["choices"]):
+                    first = time.monotonic() - began
+    assert first is not None
+    usage = chunks[-1]["usage"]
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return first, usage["prompt_tokens"], cached
+
+
+def test_mixed_prompt_lengths_with_no_batch_load_do_not_fire_tail(fleet: Fleet) -> None:
+    """Streamed interactive prompts, one at a time, nothing in the batch tier: short ones
+    (~200 tokens), long ones (~1400) and, twice as many, long ones whose first ~1200 tokens
+    the prefix cache serves (an agent's history), so only the last ~200 are prefilled. TTFT
+    spreads past 2.8 across them all (as in issue 16) and across the long ones alone, not
+    among prompts of like prefill work: the tail trigger stays quiet. Each band holds over
+    the trigger's 20 samples, so each is judged."""
+    sentence = "the fleet moves batch work off a node when interactive answers slow down. "
+    shared = sentence * 42  # a long system prompt or conversation
+    question = "what does the tail trigger compare, and why only like with like? "
+    samples: dict[str, list[tuple[float, int, int]]] = {"short": [], "long": [], "cached": []}
+    for i in range(TAIL_SAMPLES):
+        tag = f"{i:03d} "  # where the prompts part: a cache hit ends there
+        samples["short"].append(streamed_ttft(fleet, tag + question * 7))
+        samples["long"].append(streamed_ttft(fleet, tag + shared + question * 7))
+        for again in ("a", "b"):
+            samples["cached"].append(streamed_ttft(fleet, shared + again + tag + question * 7))
+    long_tokens = {tokens for _, tokens, _ in samples["long"] + samples["cached"]}
+    assert max(long_tokens) - min(long_tokens) <= 2 and 1300 < min(long_tokens) < 1448
+    short = {tokens for _, tokens, _ in samples["short"]}
+    prefilled = {tokens - cached for _, tokens, cached in samples["cached"][1:]}
+    assert short | prefilled <= set(range(182, 256))  # one band (coordinator/triggers.py)
+
+    def tail_ratio(*kinds: str) -> float:
+        ttfts = sorted(ttft for kind in kinds for ttft, _, _ in samples[kind])
+        return nearest_rank(ttfts, 95) / nearest_rank(ttfts, 50)
+
+    assert tail_ratio("short", "long", "cached") > 2.8 and tail_ratio("long", "cached") > 2.8
+    for node in json.loads(fleet.cli("nodes", "--json")):
+        fired = node_events(fleet, Node(node["id"], Path()), "trigger_fired")
+        assert [d for d in fired if d.startswith("tail")] == []
+        assert metric(fleet, "mlxfleet_trigger_active", node=node["id"], trigger="tail") is None
 
 
 def test_thermal_serious_moves_the_batch_tier_away_then_clears(fleet: Fleet) -> None:
