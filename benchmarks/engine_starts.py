@@ -172,6 +172,7 @@ def report(totals: dict[str, Totals], spawns: int, runs: int, command: str, when
                 textwrap.fill(r, WIDTH, initial_indent="- ", subsequent_indent="  ")
                 for r in readings
             ),
+            "",  # a blank line before the next section
         ]
     )
 

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import threading
 from collections.abc import Mapping, Sequence
 
@@ -77,6 +78,15 @@ class EngineProcess:
         self.send_signal(signal.SIGKILL)
 
 
+class _StdoutProtocol(asyncio.StreamReaderProtocol):
+    """The child's stdout into a StreamReader; at EOF (the child has exited or closed it) our
+    end closes too, rather than staying half-open as a socket connection would."""
+
+    def eof_received(self) -> bool:
+        super().eof_received()
+        return False
+
+
 def inherited_fds() -> list[int]:
     """Descriptors above 2 that an exec would pass on: the ones this process was given by its
     own parent (Python opens its own close-on-exec)."""
@@ -90,12 +100,16 @@ def inherited_fds() -> list[int]:
 
 
 async def start(argv: Sequence[str], env: Mapping[str, str], stderr: int) -> EngineProcess:
-    """Start argv (argv[0] a path) in a session of its own: stdin /dev/null, stdout a pipe
-    read through the returned process's StreamReader, stderr the given descriptor, no other
+    """Start argv (argv[0] a path) in a session of its own: stdin /dev/null, stdout read
+    through the returned process's StreamReader, stderr the given descriptor, no other
     descriptor (as subprocess's close_fds).
 
     Raises OSError when it cannot be started (no such program, not executable)."""
-    read_fd, write_fd = os.pipe()  # both close-on-exec (PEP 446): the child keeps only 0-2
+    # stdout is a socket pair, not a pipe: uvloop's connect_read_pipe closes a pipe's
+    # descriptor twice (libuv, then the file object), and in between another thread's new
+    # file can take its number and be closed (seen: the next start's pipe gone, EBADF). A
+    # socket it hands over cleanly. Both ends are close-on-exec (PEP 446): the child keeps 0-2.
+    ours, theirs = socket.socketpair()
     try:
         pid = os.posix_spawn(
             argv[0],
@@ -103,7 +117,7 @@ async def start(argv: Sequence[str], env: Mapping[str, str], stderr: int) -> Eng
             dict(env),
             file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, write_fd, 1),
+                (os.POSIX_SPAWN_DUP2, theirs.fileno(), 1),
                 (os.POSIX_SPAWN_DUP2, stderr, 2),
                 *((os.POSIX_SPAWN_CLOSE, fd) for fd in inherited_fds()),
             ],
@@ -112,18 +126,17 @@ async def start(argv: Sequence[str], env: Mapping[str, str], stderr: int) -> Eng
             setsigdef=RESTORED_SIGNALS,
         )
     except BaseException:
-        os.close(read_fd)
+        ours.close()
         raise
     finally:
-        os.close(write_fd)
+        theirs.close()
     reader = asyncio.StreamReader()
     process = EngineProcess(pid, reader)
-    pipe = os.fdopen(read_fd, "rb", buffering=0)
     try:
         loop = asyncio.get_running_loop()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        await loop.create_unix_connection(lambda: _StdoutProtocol(reader), sock=ours)
     except BaseException:
-        pipe.close()
+        ours.close()
         process.kill()
         raise
     return process

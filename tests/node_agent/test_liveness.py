@@ -8,8 +8,9 @@ from collections.abc import Awaitable, Callable
 
 from node_agent.liveness import until_hung
 
-INTERVAL_S = 0.02
-STALL_S = 0.1
+INTERVAL_S = 0.05
+STALL_S = 0.25
+SLACK_S = 0.25  # this machine's scheduling, on top of the promised bound
 
 
 def scripted(answer: Callable[[int, float], bool | None]) -> Callable[[float], Awaitable[bool]]:
@@ -37,14 +38,18 @@ async def test_an_engine_that_answers_is_never_hung() -> None:
 
 
 async def test_a_silent_engine_is_hung_within_stall_plus_one_interval() -> None:
-    started = time.monotonic()
-    silent_s = await until_hung(
-        scripted(lambda n, t: True if n <= 3 else None), STALL_S, INTERVAL_S
-    )
-    stopped_answering = 3 * INTERVAL_S
-    elapsed = time.monotonic() - started - stopped_answering
-    assert STALL_S <= silent_s < STALL_S + 2 * INTERVAL_S + 0.05
-    assert STALL_S - INTERVAL_S <= elapsed < STALL_S + 2 * INTERVAL_S + 0.05
+    last_answer: list[float] = []
+
+    def answer(n: int, timeout_s: float) -> bool | None:
+        if n > 3:
+            return None  # stopped: every later check waits out its timeout
+        last_answer.append(time.monotonic())
+        return True
+
+    silent_s = await until_hung(scripted(answer), STALL_S, INTERVAL_S)
+    found_after_s = time.monotonic() - last_answer[-1]
+    assert STALL_S <= silent_s <= STALL_S + INTERVAL_S + SLACK_S
+    assert STALL_S <= found_after_s <= STALL_S + INTERVAL_S + SLACK_S
 
 
 async def test_a_slow_answer_within_the_stall_limit_counts() -> None:

@@ -8,9 +8,12 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvloop
 
 from node_agent import spawn
 
@@ -25,6 +28,7 @@ REPORT = (
 
 
 async def test_a_child_gets_its_own_session_env_stdout_and_stderr(tmp_path: Path) -> None:
+    """Needs a child process: what it sees of its own start is the contract."""
     log = tmp_path / "child.log"
     with log.open("ab") as f:
         process = await spawn.start(
@@ -50,7 +54,8 @@ async def test_the_signals_python_ignores_are_not_ignored_in_the_child() -> None
     assert not ignored & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1))
 
 
-async def test_signals_and_exit_codes_read_as_asyncio_reports_them(tmp_path: Path) -> None:
+async def test_signals_and_exit_codes_read_as_asyncio_reports_them() -> None:
+    """Needs child processes: their real exit statuses, as the supervisor classifies them."""
     code = "import sys, time; print('up', flush=True); time.sleep(60)"
     process = await spawn.start([sys.executable, "-c", code], dict(os.environ), 2)
     assert await process.stdout.readline() == b"up\n"
@@ -61,6 +66,30 @@ async def test_signals_and_exit_codes_read_as_asyncio_reports_them(tmp_path: Pat
         process.terminate()  # never a signal to a pid that may be someone else's by now
     exiting = await spawn.start([sys.executable, "-c", "raise SystemExit(3)"], {}, 2)
     assert await asyncio.wait_for(exiting.wait(), 30) == 3
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_no_descriptor_outlives_its_child(run: Callable[[Any], Any]) -> None:
+    """Needs child processes, on both loops the agent may run (uvloop by default): once a
+    child has exited and its stdout has reached EOF, the agent holds nothing of it."""
+    fd_dir = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+
+    async def one() -> None:
+        process = await spawn.start(["/bin/sh", "-c", "echo hi"], {}, 2)
+        assert await process.stdout.read() == b"hi\n"
+        assert await process.wait() == 0
+        for _ in range(3):
+            await asyncio.sleep(0)  # the transport's close callbacks
+
+    async def starts() -> tuple[int, int]:
+        await one()  # the loop's own descriptors (made on first use) are open before counting
+        before = len(os.listdir(fd_dir))
+        for _ in range(50):
+            await one()
+        return before, len(os.listdir(fd_dir))
+
+    before, after = run(starts())
+    assert after == before
 
 
 async def test_a_missing_program_raises_at_once() -> None:
