@@ -58,6 +58,7 @@ class Result:
     mismatched: int
     longest_stall_s: float
     recovery_s: float  # fault to the first text of a stream started after it
+    gone_s: float  # fault to the engine process gone (a hung one: killed by its agent)
 
 
 def engine_pid(f: Fleet) -> int:
@@ -126,6 +127,7 @@ def run_fault(f: Fleet, fault: str, reference: dict[str, str]) -> Result:
         extra = long_prompt(f) if fault == "oom" else None
         # The fault took effect: the engine is gone (a hung one killed by its agent).
         harness.wait_for(lambda: gone(pid), HANG_S + 10, f"engine {pid} to be gone")
+        gone_s = time.monotonic() - t_fault
         harness.wait_for(
             lambda: len(load.ok_started_after(t_fault)) >= AFTER_FAULT or load.failures(),
             FAULT_TIMEOUT_S + (HANG_S if fault == "hang" else 0),
@@ -147,6 +149,7 @@ def run_fault(f: Fleet, fault: str, reference: dict[str, str]) -> Result:
         sum(s.ok and s.text != reference[s.prompt] for s in streams),
         max(stalls, default=0.0),
         min(after, default=float("nan")) - t_fault,
+        gone_s,
     )
 
 
@@ -158,7 +161,8 @@ def report(results: list[Result], runs: int, oom: bool) -> str:
             f"| {fault} | {len(rs)} | {sum(r.streams for r in rs)} | "
             f"**{sum(r.failed for r in rs)}** | {sum(r.mismatched for r in rs)} | "
             f"{max(r.longest_stall_s for r in rs):.2f} | "
-            f"{statistics.median(r.recovery_s for r in rs):.2f} |"
+            f"{statistics.median(r.recovery_s for r in rs):.2f} | "
+            f"{max(r.gone_s for r in rs):.2f} |"
         )
     table = "\n".join(rows)
     no_oom = (
@@ -174,12 +178,14 @@ Measured {harness.now_utc()} with `{harness.command_line()}`.
 Method: benchmarks/single_replica.py's docstring; {runs} runs of each fault, six streaming
 clients, one replica.
 
-| fault | runs | streams | failed | text differs | longest stall (s) | recovery, median (s) |
-|---|---:|---:|---:|---:|---:|---:|
+| fault | runs | streams | failed | text differs | max stall (s) | recovery p50 (s) | gone max (s) |
+|---|---:|---:|---:|---:|---:|---:|---:|
 {table}
 
 Target: 0 failed, every text equal to an uninterrupted run's. Recovery: the fault to the first
-text of a stream started after it.{no_oom}
+text of a stream started after it. Gone: the fault to the engine's process being gone (read
+from /proc every 50 ms); for a hang that is the agent's health check finding it and killing it,
+the target being the stall limit (`--engine-stall-s`, 5 s) plus one check (1 s).{no_oom}
 """
 
 

@@ -29,6 +29,7 @@ from coordinator.gateway.record import CLIENT_GONE, Outcome
 from coordinator.gateway.relay import SSE_DONE, StreamRelay
 from coordinator.metrics import Metrics
 from coordinator.reconcile import Reconciler, UnitKey
+from coordinator.registry import EngineId
 from coordinator.routing import Routing, Target
 from mlxfleet.dialects.chat_answer import Translator
 from mlxfleet.errors import ApiError
@@ -40,6 +41,8 @@ STREAM_FAILED = 502  # a stream no engine could finish (it ends with an error ev
 ATTEMPTS = 3  # engines tried for one request before answering 503 (only before any byte is sent)
 ENGINE_CONNECT_TIMEOUT_S = 5.0
 WAIT_POLL_S = 0.05  # how often a request waiting for an engine looks for one
+WARM_UP_STREAMS = 8  # an engine's first interactive streams do not feed the tail trigger
+MAX_WARMING_ENGINES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +108,8 @@ class Forwarder:
         self._limits = limits
         self._flights = flights
         self._session: aiohttp.ClientSession | None = None
+        # Interactive streams each engine has answered, up to WARM_UP_STREAMS (tail trigger).
+        self._warming: dict[EngineId, int] = {}
 
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
@@ -307,10 +312,23 @@ class Forwarder:
         if key[1] != "interactive" or relay.continuations or relay.first_content_at is None:
             return
         prefilled = relay.prefilled_tokens()
-        if prefilled is None:
+        if prefilled is None or self._warming_up(target.engine_id):
             return
         ttft_s = relay.first_content_at - posted
         self._reconciler.observe_ttft(target.node_id, ttft_s, prefilled)
+
+    def _warming_up(self, engine_id: EngineId) -> bool:
+        """Whether this stream is among the engine's first WARM_UP_STREAMS: MLX compiles its
+        kernels for each new shape (batch size, length) on first use, so a new engine's first
+        streams are slow whatever else runs (seen on the H200: the first 4 of 328 at 3-11x the
+        median, enough to fire the trigger on its first 20 samples). Counts up to the limit."""
+        seen = self._warming.get(engine_id, 0)
+        if seen >= WARM_UP_STREAMS:
+            return False
+        self._warming[engine_id] = seen + 1
+        if len(self._warming) > MAX_WARMING_ENGINES:  # engines come and go: forget the oldest
+            del self._warming[next(iter(self._warming))]
+        return True
 
     async def _end_stream(
         self, request: web.Request, relay: StreamRelay, outcome: Outcome

@@ -431,3 +431,19 @@ def test_nodes_are_independent() -> None:
     assert b.node_id == "b"
     assert t.actions("a") == {"drain"}
     assert t.actions("b") == {"move_batch"}
+
+
+def test_an_engines_first_streams_do_not_feed_the_tail_trigger() -> None:
+    """A new engine compiles kernels for each new shape on first use: its first
+    WARM_UP_STREAMS interactive streams are no evidence of interference, per engine."""
+    from coordinator.config import Config
+    from coordinator.gateway import forward
+    from coordinator.registry import EngineId
+
+    f = forward.Forwarder(Config(), None, None, None, None, None)  # type: ignore[arg-type]
+    first = [f._warming_up(EngineId("e1")) for _ in range(forward.WARM_UP_STREAMS + 3)]
+    assert first == [True] * forward.WARM_UP_STREAMS + [False] * 3
+    assert f._warming_up(EngineId("e2"))  # another engine warms up on its own
+    for i in range(forward.MAX_WARMING_ENGINES + 1):
+        f._warming_up(EngineId(f"many-{i}"))
+    assert len(f._warming) == forward.MAX_WARMING_ENGINES  # bounded: the oldest forgotten
