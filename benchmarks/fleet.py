@@ -11,6 +11,7 @@ import json
 import re
 import secrets
 import socket
+import ssl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,9 +74,10 @@ class Fleet:
     Entering starts the coordinator on free ports (home workdir/coord; its fleet.toml `config`,
     none: no models), then makes an API key (`api_key`) and, with `join_uses`, one join token
     for that many agents (otherwise each agent gets a fresh one). `host` and `netns` put the
-    coordinator on that address inside that network namespace (tests.netns). Leaving stops the
-    agents, the last started first, then the coordinator; when the block raised, every log's
-    tail is shown first.
+    coordinator on that address inside that network namespace (tests.netns);
+    `coordinator_flags` go to its command line (`--tls`: the gateway serves HTTPS, `tls` then
+    trusts the fleet CA). Leaving stops the agents, the last started first, then the
+    coordinator; when the block raised, every log's tail is shown first.
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class Fleet:
         netns: str | None = None,
         api_key: bool = True,
         join_uses: int | None = None,
+        coordinator_flags: tuple[str, ...] = (),
     ) -> None:
         self.workdir = workdir
         self.home = workdir / "coord"
@@ -96,6 +99,8 @@ class Fleet:
         self.netns = netns
         self._api_key = api_key
         self._join_uses = join_uses
+        self._coordinator_flags = coordinator_flags
+        self.tls: ssl.SSLContext | None = None  # for an https gateway: trusts the fleet CA
         self.procs: list[Proc] = []  # every process started, restarted agents' included
         self.agents: list[Agent] = []  # the agents running now
         self.runtime: dict[str, Any] = {}  # coordinator.json: its real ports
@@ -109,10 +114,13 @@ class Fleet:
             config = ["--config", str(self.home / "fleet.toml")]
         ports = ["--port", "0", "--grpc-port", "0", "--enroll-port", "0"]
         argv = cli("coordinator", *config, "--home", str(self.home), *self._bind, *ports)
+        argv += self._coordinator_flags
         try:
             self.coordinator = self._start(argv, "coordinator", self.netns)
             runtime = self.home / "coordinator.json"
             self.runtime = wait_for(lambda: read_json(runtime), START_TIMEOUT_S, "the coordinator")
+            if self.runtime.get("gateway_scheme") == "https":
+                self.tls = ssl.create_default_context(cafile=self.home / "pki" / "ca.crt")
             if self._api_key:
                 self.key = cli_out("keys", "create", "--name", "bench", "--home", str(self.home))
             if self._join_uses is not None:
@@ -167,8 +175,9 @@ class Fleet:
 
     @property
     def base(self) -> str:
-        """The gateway: http://HOST:PORT."""
-        return f"http://{self.host}:{self.runtime['gateway_port']}"
+        """The gateway: http://HOST:PORT (https:// with --tls)."""
+        scheme = self.runtime.get("gateway_scheme", "http")
+        return f"{scheme}://{self.host}:{self.runtime['gateway_port']}"
 
     def call(
         self,
@@ -178,7 +187,8 @@ class Fleet:
         timeout_s: float = HTTP_TIMEOUT_S,
     ) -> tuple[int, bytes]:
         """GET (POST with `body`) on the gateway with the API key, or the admin token."""
-        return http(self.base + path, self.admin_token if admin else self.key, body, timeout_s)
+        token = self.admin_token if admin else self.key
+        return http(self.base + path, token, body, timeout_s, self.tls)
 
     def models(self) -> list[dict[str, Any]] | None:
         """/v1/models' rows (models with a ready engine); None when it did not answer 200."""

@@ -15,6 +15,7 @@ import os
 import platform
 import shlex
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -157,17 +158,21 @@ def cli_out(*args: str) -> str:
 
 
 def http(
-    url: str, token: str | None = None, body: dict | None = None, timeout_s: float = HTTP_TIMEOUT_S
+    url: str,
+    token: str | None = None,
+    body: dict | None = None,
+    timeout_s: float = HTTP_TIMEOUT_S,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[int, bytes]:
     """A tiny blocking GET (POST with a JSON `body`) for polls: (status, body); status 0 when
-    nothing answered in time."""
+    nothing answered in time. `tls`: what an https URL is verified with."""
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     data = None if body is None else json.dumps(body).encode()
     try:
         with urllib.request.urlopen(
-            urllib.request.Request(url, data=data, headers=headers), timeout=timeout_s
+            urllib.request.Request(url, data=data, headers=headers), timeout=timeout_s, context=tls
         ) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as exc:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from coordinator.errors import ConfigError
 from coordinator.memory import OS_RESERVE_BYTES
+from coordinator.tls import TlsConfig, parse_tls
 from coordinator.triggers import TriggerConfig
 from mlxfleet.errors import KvCacheError, TierError
 from mlxfleet.kv import (
@@ -41,6 +42,8 @@ MAX_BODY_BYTES = 4 * 1024 * 1024  # a chat request larger than this is refused w
 RETRY_AFTER_S = 2  # what a 503 tells clients while no engine serves a model
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 MAX_PREFIX_CACHE_MIB = 2**20  # 1 TiB: more than any node has
+USAGE_RETENTION_DAYS = 90.0  # request records (usage and audit) older than this are deleted
+USAGE_MAX_ROWS = 1_000_000  # and at most this many are kept (~150 MB of SQLite)
 
 
 def default_home() -> Path:
@@ -77,6 +80,14 @@ class ModelSpec:
     @property
     def key(self) -> tuple[str, Tier]:
         return (self.name, self.tier)
+
+    def engine_args(self) -> tuple[object, ...]:
+        """What an engine is started with from this spec: changing any of it needs a new
+        engine (the rest, replicas, pinning, labels, applies to running ones)."""
+        return (
+            self.source, self.context_length, self.kv_bits, self.kv_group_size,
+            self.prefix_cache_mib, self.max_concurrency,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +134,14 @@ class Config:
     # A follow-up turn goes to the replica whose prefix cache holds it (coordinator/affinity.py).
     cache_affinity: bool = True
     cloud: CloudFallback | None = None  # order 3, after local and remote engines
+    tls: TlsConfig = field(default_factory=TlsConfig)  # the gateway's HTTPS (off: plain HTTP)
+    usage_retention_days: float = USAGE_RETENTION_DAYS
+    usage_max_rows: int = USAGE_MAX_ROWS
+    path: Path | None = None  # the fleet.toml it was read from (`mlxfleet reload` re-reads it)
+    model_tables: tuple[Mapping[str, Any], ...] = ()  # its [[models]] tables, as written
+    prefix_cache_mib: Mapping[Tier, int] = field(  # each tier's, for a model that sets none
+        default_factory=lambda: dict.fromkeys(TIERS, DEFAULT_PREFIX_CACHE_MIB)
+    )
 
     def unit(self, name: str, tier: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name and m.tier == tier), None)
@@ -166,6 +185,23 @@ def _labels(raw: Any, where: str) -> dict[str, str]:
     ):
         raise ConfigError(f'{where}: labels must be a table of short strings (site = "east")')
     return dict(raw)
+
+
+def model_units(
+    tables: Sequence[Any], where: str, prefix_cache_mib: Mapping[Tier, int]
+) -> tuple[ModelSpec, ...]:
+    """The units of [[models]] tables (a model in two tiers is two units); ConfigError for a
+    bad table or a model listed twice."""
+    models = tuple(
+        spec
+        for i, m in enumerate(tables)
+        for spec in _model_specs(m, f"{where}: models[{i}]", prefix_cache_mib)
+    )
+    keys = [m.key for m in models]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ConfigError(f"{where}: model {dup[0]!r} is listed twice in the {dup[1]} tier")
+    return models
 
 
 def _model_specs(raw: Any, where: str, prefix_cache_mib: Mapping[Tier, int]) -> list[ModelSpec]:
@@ -303,6 +339,12 @@ def _seconds(value: Any, key: str) -> float:
     return float(value)
 
 
+def _positive_number(value: Any, key: str, most: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= most:
+        raise ConfigError(f"{key} must be a number in (0, {most:g}], got {value!r}")
+    return float(value)
+
+
 def _engine_wait(raw: Mapping[str, Any]) -> float:
     """engine_wait_s; `reload_wait_s`, its name before it covered crashes too, still works."""
     if "engine_wait_s" in raw and "reload_wait_s" in raw:
@@ -373,6 +415,9 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         "prefer_local",
         "cache_affinity",
         "cloud",
+        "tls",
+        "usage_retention_days",
+        "usage_max_rows",
     }
     unknown = set(raw) - known
     if unknown:
@@ -382,15 +427,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         raise ConfigError(f"{path}: 'models' must be an array of tables ([[models]])")
     tiers = _tier_knobs(raw.get("tiers", {}), str(path))
     prefix_caches = _tier_prefix_caches(raw.get("tiers", {}), str(path))
-    models = tuple(
-        spec
-        for i, m in enumerate(models_raw)
-        for spec in _model_specs(m, f"{path}: models[{i}]", prefix_caches)
-    )
-    keys = [m.key for m in models]
-    if len(set(keys)) != len(keys):
-        dup = next(k for k in keys if keys.count(k) > 1)
-        raise ConfigError(f"{path}: model {dup[0]!r} is listed twice in the {dup[1]} tier")
+    models = model_units(models_raw, str(path), prefix_caches)
 
     env = os.environ
     config = Config(
@@ -414,6 +451,16 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         prefer_local=_optional_bool(raw.get("prefer_local"), "prefer_local") is not False,
         cache_affinity=_optional_bool(raw.get("cache_affinity"), "cache_affinity") is not False,
         cloud=_cloud(raw.get("cloud"), str(path)),
+        path=path,
+        model_tables=tuple(models_raw),
+        prefix_cache_mib=prefix_caches,
+        tls=parse_tls(raw.get("tls", {}), str(path)),
+        usage_retention_days=_positive_number(
+            raw.get("usage_retention_days", USAGE_RETENTION_DAYS), "usage_retention_days", 36600
+        ),
+        usage_max_rows=int(
+            _positive_number(raw.get("usage_max_rows", USAGE_MAX_ROWS), "usage_max_rows", 10**9)
+        ),
         os_reserve_bytes=int(
             _seconds(raw.get("os_reserve_gib", OS_RESERVE_BYTES / 2**30), "os_reserve_gib") * 2**30
         ),

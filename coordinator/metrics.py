@@ -4,7 +4,8 @@ Served at GET /metrics on the gateway port. This module holds what the coordinat
 it happens (requests, latencies, tokens, failovers, engine exits, triggers); the fleet's state
 (nodes, placements, pending units, router deployments) is read at scrape time by
 coordinator/fleet_metrics.py. Labels carry node ids, configured model names, tiers, status
-codes and reason codes: never a prompt, a key or a secret, and never a string a client chose.
+codes, reason codes and team keys' names (chosen by the operator, one value per key): never a
+prompt, a key or a secret, and never a string a client chose.
 """
 
 from __future__ import annotations
@@ -49,16 +50,23 @@ class Metrics:
         self.requests = Counter(
             "mlxfleet_requests",
             "Completion requests by model, tier, HTTP status (499: the client left; 502: a "
-            "stream no engine could finish) and API (chat, completions, messages, "
-            "responses). Model and tier are empty when refused before they were known.",
-            [*unit, "status", "api"],
+            "stream no engine could finish), API (chat, completions, messages, responses) and "
+            "team key name. Model and tier are empty when refused before they were known, key "
+            "without a valid key.",
+            [*unit, "status", "api", "key"],
             registry=r,
         )
         self.prompt_tokens = Counter(
-            "mlxfleet_prompt_tokens", "Prompt tokens of answered requests.", unit, registry=r
+            "mlxfleet_prompt_tokens",
+            "Prompt tokens of answered requests, by team key name too.",
+            [*unit, "key"],
+            registry=r,
         )
         self.generation_tokens = Counter(
-            "mlxfleet_generation_tokens", "Tokens generated for clients.", unit, registry=r
+            "mlxfleet_generation_tokens",
+            "Tokens generated for clients, by team key name too.",
+            [*unit, "key"],
+            registry=r,
         )
         self.failovers = Counter(
             "mlxfleet_failovers",
@@ -137,8 +145,10 @@ class Metrics:
 
     def unit_seen(self, model: str, tier: str) -> None:
         """Create a unit's series at zero, so rates and ratios have data before traffic."""
-        for family in (self.prompt_tokens, self.generation_tokens, self.in_flight, self.waiting):
+        for family in (self.in_flight, self.waiting):
             family.labels(model, tier)
+        for tokens in (self.prompt_tokens, self.generation_tokens):
+            tokens.labels(model, tier, "")  # the key of none yet
         for cause in FAILOVER_CAUSES:
             self.failovers.labels(model, tier, cause)
         for histogram in (self.ttft, self.tpot, self.duration):
@@ -160,15 +170,17 @@ class Metrics:
         duration_s: float | None,
         usage: tuple[int, int] | None,
         api: str,
+        key: str = "",
     ) -> None:
         """One finished request: its status, and for those an engine served, time and tokens.
-        `api` is the route's dialect: chat, completions, messages or responses."""
-        self.requests.labels(model, tier, str(status), api).inc()
+        `api` is the route's dialect: chat, completions, messages or responses; `key` the
+        team key's name ("" when it had no valid key)."""
+        self.requests.labels(model, tier, str(status), api, key).inc()
         if duration_s is not None:
             self.duration.labels(model, tier).observe(duration_s)
         if usage is not None:
-            self.prompt_tokens.labels(model, tier).inc(usage[0])
-            self.generation_tokens.labels(model, tier).inc(usage[1])
+            self.prompt_tokens.labels(model, tier, key).inc(usage[0])
+            self.generation_tokens.labels(model, tier, key).inc(usage[1])
 
     def in_flight_began(self, model: str, tier: str) -> None:
         self.in_flight.labels(model, tier).inc()

@@ -27,6 +27,7 @@ def node_rows(
             "chip": facts.get("chip", ""),
             "ram_gib": round(int(facts.get("ram_bytes", 0)) / GIB),  # type: ignore[call-overload]
             "role": facts.get("role", ""),
+            "version": facts.get("agent_version", ""),
             "state": "offline",
             "thermal": "",
             "available_gib": None,
@@ -38,6 +39,7 @@ def node_rows(
             chip=node.facts.chip,
             ram_gib=round(node.facts.ram_bytes / GIB),
             role=node.facts.role,
+            version=node.facts.agent_version,  # the mlxfleet the agent runs
             state=node.liveness,
             cordoned=node.cordoned,
             thermal=node.status.thermal_state if node.status else "",

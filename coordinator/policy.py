@@ -12,11 +12,13 @@ the reconciler calls for every step's new replicas (and what benchmarks/fleet_si
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, TypeVar
 
 from mlxfleet.tiers import Tier
+
+T = TypeVar("T")
 
 GIB = 2**30
 HEAVY_MODEL_BYTES = 8 * GIB  # replicas this big go to offload-preferred nodes last
@@ -163,3 +165,25 @@ def plan(demands: Sequence[Demand], offers: Sequence[Offer]) -> dict[UnitKey, Pl
             )
         result[demand.key] = placement
     return result
+
+
+def victims(
+    demand: Demand,
+    offer: Offer,
+    candidates: Sequence[T],
+    order: Callable[[T], tuple[float, str]],
+    weight: Callable[[T], int],
+) -> list[T] | None:
+    """The first of `candidates` (engines on the offer's node that may go), in `order` (least
+    recently used first), to unload so that `demand` fits there; None when even all of them
+    would not make room."""
+    size = demand.bytes_per_replica
+    freed, chosen = offer.free_bytes, []
+    for victim in sorted(candidates, key=order):
+        if freed >= size:
+            break
+        freed += weight(victim)
+        chosen.append(victim)
+    if freed < size or place(demand, [replace(offer, free_bytes=freed)]).nodes == ():
+        return None
+    return chosen

@@ -25,9 +25,10 @@ from coordinator.config import Config, ModelSpec
 from coordinator.errors import SizingError
 from coordinator.holds import RESTORE_WAIT, PlacementHolds
 from coordinator.knobs import TierKnobs
+from coordinator.liveness import check_liveness
 from coordinator.memory import node_budget
 from coordinator.metrics import Metrics
-from coordinator.policy import Demand, Offer, Placement, UnitKey, place, plan
+from coordinator.policy import Demand, Offer, Placement, UnitKey, place, plan, victims
 from coordinator.registry import (
     LIVE_STATES,
     Engine,
@@ -43,6 +44,7 @@ from coordinator.sizing import Sizing
 from coordinator.store import Store
 from coordinator.trigger_actions import TriggerActions
 from coordinator.triggers import Triggers
+from coordinator.units import Units
 from coordinator.usage import UnitUsage
 from mlxfleet.tiers import Knobs, Tier
 
@@ -63,7 +65,7 @@ class Reconciler:
 
     def __init__(self, config: Config, registry: Registry, store: Store) -> None:
         self._config = config
-        self._units: dict[UnitKey, ModelSpec] = {m.key: m for m in config.models}
+        self._units = Units(config.models)
         self._registry = registry
         self._store = store
         self.metrics = Metrics()
@@ -71,6 +73,7 @@ class Reconciler:
             self.metrics.unit_seen(spec.name, spec.tier)
         self._holds = PlacementHolds(store.placements())
         self._moving: set[EngineId] = set()  # rebalanced away: unloaded once replaced
+        self._loaded_as: dict[EngineId, ModelSpec] = {}  # the spec each engine was loaded with
         self._known_nodes: set[NodeId] = set()
         self.usage = UnitUsage(self._units)
         self.pending: dict[UnitKey, str] = {}  # unit -> why it is not (fully) placed
@@ -174,7 +177,7 @@ class Reconciler:
         return self._sizing.context_length(spec)
 
     def _weight(self, key: UnitKey) -> int:
-        return self._sizing.weight(self._units[key])
+        return self._sizing.weight(self._units.spec(key))
 
     # The loop
     async def run(self) -> None:
@@ -189,11 +192,17 @@ class Reconciler:
 
     def step(self) -> None:
         """One pass over liveness and every unit; new replicas come from one policy.plan()."""
-        self._check_liveness()
+        check_liveness(self._registry, self._store, self._config)
         joined = set(self._registry.nodes) - self._known_nodes
         self._known_nodes = set(self._registry.nodes)
+        running = {unit_of(e) for e in self._registry.engines.values()}
+        for key in self._units.leaving.keys() - running:
+            del self._units.leaving[key]  # removed at runtime: its last engine is gone
         for engine in list(self._registry.engines.values()):
-            if unit_of(engine) not in self._units and engine.state in LIVE_STATES:
+            key = unit_of(engine)
+            if key not in self._units and engine.state in LIVE_STATES:
+                if self.usage.busy(key):
+                    continue  # a model removed at runtime: its requests in flight finish first
                 self._unload(engine, "not in the config")
         self._unload_idle()
         units = sorted(self._units.values(), key=self._order)
@@ -287,7 +296,7 @@ class Reconciler:
         placed: dict[NodeId, int] = {}
         for engine in self._registry.engines.values():
             key = unit_of(engine)
-            if key in self._units and engine.state in (*LIVE_STATES, "stopping"):
+            if self._units.known(key) and engine.state in (*LIVE_STATES, "stopping"):
                 placed[engine.node_id] = placed.get(engine.node_id, 0) + self._weight(key)
         return [
             self._offer(node, placed.get(node.node_id, 0))
@@ -313,13 +322,15 @@ class Reconciler:
         )
 
     def _must_leave(self, engine: Engine, spec: ModelSpec) -> bool:
-        """Cordoned or drained node, the batch tier moved off it, or moved by a rebalance or a
-        memory trigger: the engine goes once enough replicas elsewhere are ready."""
+        """Cordoned or drained node, the batch tier moved off it, moved by a rebalance or a
+        memory trigger, or loaded with what its model's configuration no longer says (changed
+        at runtime): the engine goes once enough replicas elsewhere are ready."""
         node = self._registry.nodes.get(engine.node_id)
         return (
             (node is not None and node.cordoned)
             or self._tripped(engine, spec)
             or engine.engine_id in self._moving
+            or self._loaded_as.get(engine.engine_id, spec).engine_args() != spec.engine_args()
         )
 
     def _tripped(self, engine: Engine, spec: ModelSpec) -> bool:
@@ -402,29 +413,22 @@ class Reconciler:
     def _evict_for(self, demand: Demand) -> None:
         """Make room by unloading least recently used unpinned, idle units on one node where
         that lets `demand` fit."""
-        size = demand.bytes_per_replica
         for offer in self.offers():
-            if offer.node_id in demand.hosted_on or offer.free_bytes >= size:
+            if offer.node_id in demand.hosted_on or offer.free_bytes >= demand.bytes_per_replica:
                 continue
-            victims = sorted(
-                (
-                    e
-                    for e in self._registry.engines.values()
-                    if e.node_id == offer.node_id
-                    and e.state in LIVE_STATES
-                    and unit_of(e) != demand.key
-                    and not self._units[unit_of(e)].pinned
-                    and not self.usage.busy(unit_of(e))
-                ),
-                key=lambda e: (self.usage.last_used(unit_of(e)), e.engine_id),
-            )
-            freed, chosen = offer.free_bytes, []
-            for victim in victims:
-                if freed >= size:
-                    break
-                freed += self._weight(unit_of(victim))
-                chosen.append(victim)
-            if freed < size or place(demand, [replace(offer, free_bytes=freed)]).nodes == ():
+            candidates = [
+                e
+                for e in self._registry.engines.values()
+                if e.node_id == offer.node_id
+                and e.state in LIVE_STATES
+                and unit_of(e) != demand.key
+                and unit_of(e) in self._units
+                and not self._units[unit_of(e)].pinned
+                and not self.usage.busy(unit_of(e))
+            ]
+            lru = lambda e: (self.usage.last_used(unit_of(e)), e.engine_id)  # noqa: E731
+            chosen = victims(demand, offer, candidates, lru, lambda e: self._weight(unit_of(e)))
+            if chosen is None:
                 continue
             self._making_room[demand.key] = time.monotonic()
             for victim in chosen:
@@ -433,23 +437,6 @@ class Reconciler:
                     victim, f"evicted (least recently used) to make room for {demand.model}"
                 )
             return
-
-    def _check_liveness(self) -> None:
-        now = time.monotonic()
-        for node in list(self._registry.nodes.values()):
-            silent_s = now - node.last_heartbeat
-            if silent_s > self._config.dead_after_s:
-                logger.warning("node %s silent for %.1f s: dead", node.node_id, silent_s)
-                self._store.add_event(
-                    node.node_id, "node_dead", f"no heartbeat for {silent_s:.1f} s"
-                )
-                self._registry.disconnect(node.node_id)
-            elif silent_s > self._config.suspect_after_s and node.liveness == "live":
-                logger.warning("node %s silent for %.1f s: suspect", node.node_id, silent_s)
-                self._registry.mark_suspect(node.node_id)  # unroute first, then record it
-                self._store.add_event(
-                    node.node_id, "node_suspect", f"no heartbeat for {silent_s:.1f} s"
-                )
 
     def _unload(self, engine: Engine, why: str) -> None:
         logger.info(
@@ -467,6 +454,7 @@ class Reconciler:
     def _load(self, spec: ModelSpec, node_id: NodeId) -> Engine:
         engine_id = EngineId(f"{spec.name.replace('/', '_')}-{spec.tier[0]}-{uuid.uuid4().hex[:8]}")
         engine = Engine(engine_id, spec.name, node_id, spec.tier, "starting")
+        self._loaded_as[engine_id] = spec
         self._registry.upsert_engine(engine)
         self._store.save_placement(engine_id, spec.name, node_id, spec.tier)
         self._registry.send(
@@ -490,3 +478,19 @@ class Reconciler:
 
     def units(self) -> Iterable[ModelSpec]:
         return self._units.values()
+
+    def unit(self, model: str, tier: str) -> ModelSpec | None:
+        return self._units.get((model, tier))  # type: ignore[arg-type]
+
+    def set_units(self, specs: Iterable[ModelSpec]) -> None:
+        """Serve these units from now on (models changed at runtime): see `step`, `_must_leave`
+        for what happens to the engines of removed and changed units."""
+        added, removed = self._units.replace_all(specs)
+        for key in added:
+            self.metrics.unit_seen(*key)
+        for key in added | removed:
+            self.pending.pop(key, None)
+            self.load_failures.pop(key, None)
+        engines = self._registry.engines
+        self._loaded_as = {e: spec for e, spec in self._loaded_as.items() if e in engines}
+        self._registry.changed.set()

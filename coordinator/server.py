@@ -16,16 +16,20 @@ import grpc
 from aiohttp import web
 
 from coordinator import __version__
+from coordinator.catalog import Catalog
 from coordinator.config import Config
 from coordinator.discovery import CoordinatorAdvertiser, Discovery
+from coordinator.errors import ConfigError
 from coordinator.fleet_metrics import FleetCollector
 from coordinator.gateway.app import Gateway
+from coordinator.gateway.tls_site import TlsSite, server_context
 from coordinator.grpc_service import MAX_MESSAGE_BYTES, FleetService
 from coordinator.pki import FleetPki
 from coordinator.reconcile import Reconciler
 from coordinator.registry import Registry
 from coordinator.routing import Routing
 from coordinator.store import Store
+from coordinator.tls import is_loopback
 from mlxfleet.join import FINGERPRINT_HEX_CHARS, JoinToken
 from mlxfleet.tiers import TIERS
 from mlxfleet.v1 import fleet_pb2_grpc
@@ -56,6 +60,15 @@ def create_join_token(config: Config, ttl_s: float, uses: int) -> str:
     finally:
         store.close()
     return str(JoinToken(pki.server_fingerprint[:FINGERPRINT_HEX_CHARS], secret))
+
+
+def reload_on_signal(catalog: Catalog) -> None:
+    """SIGHUP: re-read fleet.toml; a bad one leaves the running configuration, said in one
+    line."""
+    try:
+        catalog.reload()
+    except ConfigError as exc:
+        logger.error("reload refused, the running configuration stays: %s", exc)
 
 
 def load_admin_token(home: Path) -> str:
@@ -94,11 +107,16 @@ def build_grpc_server(
     return server, bound_grpc, bound_enroll
 
 
-def write_runtime_file(config: Config, bound: Bound) -> None:
-    """Publish the real ports (config may say 0) for the CLI, tests and tools on this host."""
+def write_runtime_file(config: Config, bound: Bound, gateway_cert: Path | None) -> None:
+    """Publish the real ports (config may say 0) and the gateway's scheme, with the certificate
+    it serves over https, for the CLI, tests and tools on this host."""
     path = config.home / RUNTIME_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "host": config.host, **asdict(bound)}))
+    runtime = {"pid": os.getpid(), "host": config.host, **asdict(bound)}
+    runtime["gateway_scheme"] = config.tls.scheme
+    if gateway_cert is not None:
+        runtime["gateway_cert"] = str(gateway_cert.resolve())
+    tmp.write_text(json.dumps(runtime))
     tmp.replace(path)  # atomic: a reader never sees half a file
 
 
@@ -147,6 +165,7 @@ class Server:
     async def serve(self, install_signals: bool = True) -> None:
         config = self.config
         pki = FleetPki.load_or_create(config.home)
+        tls = server_context(config.tls, config.host, pki, config.home)  # bad files: fail first
         store = Store(config.db_path)
         routing = self.routing = Routing(
             pki.ca_cert_pem,
@@ -157,9 +176,8 @@ class Server:
         registry = self.registry = Registry(routing)
         reconciler = self.reconciler = Reconciler(config, registry, store)
         reconciler.metrics.watch(FleetCollector(reconciler, registry, routing, store))
-        if config.cloud is not None:
-            for spec in config.models:
-                routing.add_cloud(spec.name, spec.tier, config.cloud)
+        catalog = Catalog(config, store, reconciler, routing)
+        catalog.apply()  # fleet.toml's models with the changes made at runtime over them
         service = FleetService(pki, store, registry, reconciler)
 
         grpc_server, grpc_port, enroll_port = build_grpc_server(
@@ -168,16 +186,27 @@ class Server:
         await grpc_server.start()
 
         gateway = Gateway(
-            config, store, routing, registry, reconciler, load_admin_token(config.home)
+            config, store, routing, registry, reconciler, catalog, load_admin_token(config.home)
         )
         runner = web.AppRunner(gateway.app(), access_log=None, handle_signals=False)
         await runner.setup()
-        await web.TCPSite(runner, config.host, config.gateway_port).start()
-        gateway_port = runner.addresses[0][1]
+        if tls is None:
+            site: web.TCPSite | TlsSite = web.TCPSite(runner, config.host, config.gateway_port)
+            if not is_loopback(config.host):
+                logger.warning(
+                    "the gateway serves plain HTTP beyond this host (on %s): keys and prompts "
+                    "cross the network unencrypted; --tls serves HTTPS",
+                    config.host,
+                )
+        else:
+            site = TlsSite(runner, config.host, config.gateway_port, tls[0])
+        await site.start()
+        gateway_port = site.port
         self.bound = Bound(gateway_port, grpc_port, enroll_port)
-        write_runtime_file(config, self.bound)
+        write_runtime_file(config, self.bound, None if tls is None else tls[1])
         logger.info(
-            "gateway on http://%s:%d/v1; agents on %s:%d (enroll :%d)",
+            "gateway on %s://%s:%d/v1; agents on %s:%d (enroll :%d)",
+            config.tls.scheme,
             config.host,
             gateway_port,
             config.host,
@@ -189,6 +218,7 @@ class Server:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(signal.SIGHUP, reload_on_signal, catalog)
 
         async with contextlib.AsyncExitStack() as stack:
             if config.mdns_enabled:

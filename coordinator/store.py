@@ -9,12 +9,15 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from coordinator.errors import StoreError
 
 API_KEY_PREFIX = "mlxf-"
+OPERATOR_PREFIX = "mlxfop-"
 
-SCHEMA_VERSION = 4  # 2: certificates, join tokens; 3: key tiers, cordons, knobs; 4: key limits
+SCHEMA_VERSION = 5  # 2: certificates, join tokens; 3: key tiers, cordons, knobs; 4: key limits;
+# 5: key ids, expiry, revocation and last use; request records; operators; runtime models
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     node_id     TEXT PRIMARY KEY,
@@ -39,7 +42,40 @@ CREATE TABLE IF NOT EXISTS api_keys (
     default_tier TEXT NOT NULL DEFAULT 'interactive',
     rpm          INTEGER,  -- requests per minute; NULL: unlimited
     tpm          INTEGER,  -- tokens per minute; NULL: unlimited
-    models       TEXT      -- comma list of models; NULL: every model
+    models       TEXT,     -- comma list of models; NULL: every model
+    key_id       TEXT,     -- public id for `keys revoke`: 'k-' and 8 hex digits of the hash
+    expires_at   REAL,     -- NULL: never (a rotated key's old secret: the end of its grace)
+    revoked_at   REAL,
+    last_used    REAL
+);
+CREATE TABLE IF NOT EXISTS requests (
+    id                INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts                REAL NOT NULL,     -- arrival (unix seconds)
+    key_id            TEXT NOT NULL,
+    key_name          TEXT NOT NULL,
+    api               TEXT NOT NULL,     -- chat, completions, messages, responses
+    model             TEXT NOT NULL,
+    tier              TEXT NOT NULL,
+    route             TEXT NOT NULL,     -- local, remote, cloud; '' when nothing answered
+    node_id           TEXT NOT NULL,     -- the node that answered; '' for cloud or none
+    status            INTEGER NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cached_tokens     INTEGER NOT NULL,
+    ttft_s            REAL,              -- streams only
+    duration_s        REAL
+);
+CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
+CREATE TABLE IF NOT EXISTS operators (
+    token_hash  TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    revoked_at  REAL
+);
+CREATE TABLE IF NOT EXISTS model_changes (
+    name        TEXT PRIMARY KEY,
+    spec_json   TEXT,                    -- its fleet.toml tables, a JSON list; NULL: removed
+    changed_at  REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS tier_knobs (
     tier         TEXT PRIMARY KEY,
@@ -77,6 +113,27 @@ class ApiKey:
     rpm: int | None  # requests per minute; None: unlimited
     tpm: int | None  # tokens (prompt + completion) per minute; None: unlimited
     models: frozenset[str]  # empty: every model
+    key_id: str = ""  # "k-" and 8 hex digits of its hash: names one secret in lists and audit
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """One stored key as `mlxfleet keys list` shows it (never its secret)."""
+
+    key: ApiKey
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    last_used: float | None
+
+    def state(self, now: float) -> str:
+        """revoked, expired, expiring (valid until a set time, e.g. a rotated key's grace) or
+        active."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is None:
+            return "active"
+        return "expired" if self.expires_at <= now else "expiring"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,13 +146,19 @@ class Event:
     detail: str
 
 
-_API_KEY_COLUMNS = "name, tiers, default_tier, rpm, tpm, models"
+_API_KEY_COLUMNS = "name, tiers, default_tier, rpm, tpm, models, key_id"
+_KEY_INFO_COLUMNS = f"{_API_KEY_COLUMNS}, created_at, expires_at, revoked_at, last_used"
+_VALID_KEY = "revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)"
 
 
-def _api_key(row: tuple[str, str, str, int | None, int | None, str | None]) -> ApiKey:
-    name, tiers, default_tier, rpm, tpm, models = row
+def key_id_of(key_hash: str) -> str:
+    return "k-" + key_hash[:8]
+
+
+def _api_key(row: tuple) -> ApiKey:  # type: ignore[type-arg]
+    name, tiers, default_tier, rpm, tpm, models, key_id = row[:7]
     names = frozenset(m for m in (models or "").split(",") if m)
-    return ApiKey(name, tiers, default_tier, rpm, tpm, names)
+    return ApiKey(name, tiers, default_tier, rpm, tpm, names, key_id)
 
 
 class Store:
@@ -132,6 +195,10 @@ class Store:
         if version < 4 and self._has_table("api_keys"):
             for column in ("rpm INTEGER", "tpm INTEGER", "models TEXT"):
                 self._db.execute(f"ALTER TABLE api_keys ADD COLUMN {column}")
+        if version < 5 and self._has_table("api_keys"):
+            for column in ("key_id TEXT", "expires_at REAL", "revoked_at REAL", "last_used REAL"):
+                self._db.execute(f"ALTER TABLE api_keys ADD COLUMN {column}")
+            self._db.execute("UPDATE api_keys SET key_id = 'k-' || substr(key_hash, 1, 8)")
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _has_table(self, name: str) -> bool:
@@ -187,14 +254,16 @@ class Store:
         rpm: int | None = None,
         tpm: int | None = None,
         models: frozenset[str] = frozenset(),
+        expires_at: float | None = None,
     ) -> str:
         """Store a new team key (hashed) and return it; the plain key is never stored."""
         key = key or API_KEY_PREFIX + secrets.token_urlsafe(32)
+        key_hash = hash_secret(key)
         self._db.execute(
             "INSERT OR REPLACE INTO api_keys (key_hash, name, created_at, tiers, default_tier, "
-            "rpm, tpm, models) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "rpm, tpm, models, key_id, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                hash_secret(key),
+                key_hash,
                 name,
                 time.time(),
                 tiers,
@@ -202,28 +271,116 @@ class Store:
                 rpm,
                 tpm,
                 ",".join(sorted(models)) or None,
+                key_id_of(key_hash),
+                expires_at,
             ),
         )
         return key
 
     def api_key(self, key: str) -> ApiKey | None:
-        """The record of a valid key, or None."""
+        """The record of a valid key (neither revoked nor expired), or None."""
         row = self._db.execute(
-            f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE key_hash = ?", (hash_secret(key),)
+            f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE key_hash = ? AND {_VALID_KEY}",
+            (hash_secret(key), time.time()),
         ).fetchone()
         return _api_key(row) if row else None
 
     def api_keys(self) -> list[ApiKey]:
-        """Every key's record, oldest first (for `mlxfleet keys list`)."""
-        rows = self._db.execute(f"SELECT {_API_KEY_COLUMNS} FROM api_keys ORDER BY created_at")
+        """Every valid key's record, oldest first."""
+        rows = self._db.execute(
+            f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE {_VALID_KEY} ORDER BY created_at",
+            (time.time(),),
+        )
         return [_api_key(row) for row in rows]
 
-    def revoke_api_keys(self, name: str) -> int:
-        """Delete every key with this name; returns how many."""
+    def key_infos(self) -> list[KeyInfo]:
+        """Every stored key, revoked and expired ones too, oldest first (`keys list`)."""
+        rows = self._db.execute(f"SELECT {_KEY_INFO_COLUMNS} FROM api_keys ORDER BY created_at")
+        return [KeyInfo(_api_key(row), *row[7:]) for row in rows]
+
+    def revoke_api_key(self, name_or_id: str) -> int:
+        """Revoke the valid keys with this name, or the key with this id; how many."""
+        return self._db.execute(
+            f"UPDATE api_keys SET revoked_at = ? WHERE (name = ? OR key_id = ?) AND {_VALID_KEY}",
+            (time.time(), name_or_id, name_or_id, time.time()),
+        ).rowcount
+
+    def rotate_api_key(self, name: str, grace_s: float) -> str | None:
+        """A new secret for key `name`, with the newest valid one's tiers, limits and expiry;
+        every valid secret of that name stops working after `grace_s` (earlier if it expires
+        before). None when no valid key has that name."""
+        now = time.time()
+        row = self._db.execute(
+            f"SELECT {_KEY_INFO_COLUMNS} FROM api_keys WHERE name = ? AND {_VALID_KEY} "
+            "ORDER BY created_at DESC LIMIT 1",
+            (name, now),
+        ).fetchone()
+        if row is None:
+            return None
+        info = KeyInfo(_api_key(row), *row[7:])
+        k = info.key
+        self._db.execute(
+            "UPDATE api_keys SET expires_at = min(coalesce(expires_at, ?), ?) "
+            f"WHERE name = ? AND {_VALID_KEY}",
+            (now + grace_s, now + grace_s, name, now),
+        )
+        return self.create_api_key(
+            name, None, k.tiers, k.default_tier, k.rpm, k.tpm, k.models, info.expires_at
+        )
+
+    def delete_api_keys(self, name: str) -> int:
+        """Delete every key with this name (`mlxfleet up` replacing its own); how many."""
         return self._db.execute("DELETE FROM api_keys WHERE name = ?", (name,)).rowcount
 
     def api_key_count(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM api_keys").fetchone()[0])
+        """Valid keys."""
+        query = f"SELECT count(*) FROM api_keys WHERE {_VALID_KEY}"
+        return int(self._db.execute(query, (time.time(),)).fetchone()[0])
+
+    # Operator tokens: the admin API from another host (`mlxfleet operator create`)
+    def create_operator(self, name: str) -> str:
+        """Store a new operator token (hashed) and return it."""
+        token = OPERATOR_PREFIX + secrets.token_urlsafe(32)
+        self._db.execute(
+            "INSERT INTO operators (token_hash, name, created_at) VALUES (?, ?, ?)",
+            (hash_secret(token), name, time.time()),
+        )
+        return token
+
+    def operator(self, token: str) -> str | None:
+        """The name of a valid (not revoked) operator token, or None."""
+        token_hash = hash_secret(token)
+        row = self._db.execute(
+            "SELECT name FROM operators WHERE token_hash = ? AND revoked_at IS NULL",
+            (token_hash,),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def operators(self) -> list[tuple[str, float, float | None]]:
+        """(name, created_at, revoked_at) of every operator token, oldest first."""
+        query = "SELECT name, created_at, revoked_at FROM operators ORDER BY created_at"
+        return list(self._db.execute(query))
+
+    def revoke_operator(self, name: str) -> int:
+        """Revoke every valid operator token with this name; how many."""
+        return self._db.execute(
+            "UPDATE operators SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+            (time.time(), name),
+        ).rowcount
+
+    # Models changed at runtime (`mlxfleet models add|set|remove`), over fleet.toml's
+    def save_model_change(self, name: str, tables: list[dict[str, Any]] | None) -> None:
+        """The model's fleet.toml tables (one per tier, or one with `tiers`) as now
+        configured; None: removed."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO model_changes VALUES (?, ?, ?)",
+            (name, None if tables is None else json.dumps(tables), time.time()),
+        )
+
+    def model_changes(self) -> dict[str, list[dict[str, Any]] | None]:
+        """Every model changed at runtime, in the order changed: its tables, or None (removed)."""
+        rows = self._db.execute("SELECT name, spec_json FROM model_changes ORDER BY rowid")
+        return {name: None if spec is None else json.loads(spec) for name, spec in rows}
 
     # Nodes
     def save_node(self, node_id: str, hostname: str, facts: dict[str, object]) -> None:

@@ -261,6 +261,10 @@ def fleet() -> dict[str, Any]:
     errors = f"sum by (tier) (rate({failed}))"
     by_status = f"sum by (tier, status) (rate({failed})) {OR_ZERO}"
     failovers = f"sum by (model, tier, cause) (rate(mlxfleet_failovers_total[{RATE}])) {OR_ZERO}"
+    keyed = 'key!=""'  # a request with no valid key has no usage to attribute
+    prompt_by_key = f"sum by (key) (rate(mlxfleet_prompt_tokens_total{{{keyed}}}[{RATE}]))"
+    out_by_key = f"sum by (key) (rate(mlxfleet_generation_tokens_total{{{keyed}}}[{RATE}]))"
+    reqs_by_key = f"sum by (key) (rate(mlxfleet_requests_total{{{keyed}}}[{RATE}]))"
     deployments = "sum by (model, tier, order) (mlxfleet_router_deployments)"
     cooldowns = f"sum by (model, tier) (mlxfleet_router_cooldowns) {OR_ZERO}"
     nodes = [
@@ -348,6 +352,18 @@ def fleet() -> dict[str, Any]:
             "Non-2xx answers per second: 429 queue full, 499 client left, 502 stream failed, "
             "503 paused (no engine), 404 unknown model, ...",
             targets((by_status, "{{tier}} {{status}}")),
+            "reqps",
+        ),
+        graph(
+            "Usage by key",
+            "Tokens per second each team key used, prompt and generated (its name, chosen at "
+            "`mlxfleet keys create`). Totals over any range: `mlxfleet usage`.",
+            targets((out_by_key, "{{key}} generated"), (prompt_by_key, "{{key}} prompt")),
+        ),
+        graph(
+            "Requests by key",
+            "Requests per second per team key, any status.",
+            targets((reqs_by_key, "{{key}}")),
             "reqps",
         ),
         graph(

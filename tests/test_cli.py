@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -44,6 +45,11 @@ def run(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
         (("keys", "create", "--tpm", "lots"), "--tpm 'lots': must be a positive integer"),
         (("keys", "create", "--models", " , "), "--models ' , ': name at least one model"),
         (("keys", "create", "--models", "a,b c"), "--models: 'b c' is not a model name"),
+        (("keys", "create", "--expires", "soon"), "--expires 'soon': expected a duration like"),
+        (("keys", "create", "--expires=-1d"), "--expires '-1d': must be more than 0"),
+        (("keys", "revoke", "nobody"), "no valid key named or with id 'nobody'"),
+        (("keys", "rotate", "nobody"), "no valid key named 'nobody'"),
+        (("keys", "rotate", "x", "--grace=-5m"), "--grace '-5m': must be at least 0"),
     ],
 )
 def test_bad_input_gives_one_line(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
@@ -73,15 +79,49 @@ def test_keys_list_shows_limits_never_keys(tmp_path: Path) -> None:
     assert etl.returncode == team.returncode == 0, etl.stderr + team.stderr
     table = run("keys", "list", home=tmp_path)
     assert table.returncode == 0, table.stderr
-    assert table.stdout.splitlines() == [
-        "name  tiers               default_tier  rpm        tpm        models",
-        "etl   batch               batch         2          9000       big, demo",
-        "team  batch, interactive  interactive   unlimited  unlimited  all",
-    ]
+    header, *lines = table.stdout.splitlines()
+    assert header.split() == [
+        "id", "name", "state", "created", "last_used", "expires", "tiers", "default_tier", "rpm",
+        "tpm", "models",
+    ]  # fmt: skip
+    # created is a date and a time (two words); last_used is "-" until a request
+    assert [line.split()[1:3] + line.split()[5:] for line in lines] == [
+        ["etl", "active", "-", "never", "batch", "batch", "2", "9000", "big,", "demo"],
+        ["team", "active", "-", "never", "batch,", "interactive", "interactive", "unlimited",
+         "unlimited", "all"],
+    ]  # fmt: skip
     listed = run("keys", "list", "--json", home=tmp_path)
     for key in (etl.stdout.strip(), team.stdout.strip()):
         assert key not in table.stdout + listed.stdout
-    assert '"rpm": 2' in listed.stdout and '"rpm": null' in listed.stdout
+    rows = json.loads(listed.stdout)
+    assert [(r["name"], r["rpm"], r["expires"], r["state"]) for r in rows] == [
+        ("etl", 2, None, "active"),
+        ("team", None, None, "active"),
+    ]
+    assert all(r["id"].startswith("k-") and len(r["id"]) == 10 for r in rows)
+
+
+def test_keys_revoke_rotate_and_expiry_from_the_cli(tmp_path: Path) -> None:
+    from coordinator.store import Store
+
+    old = run("keys", "create", "--name", "ci", home=tmp_path).stdout.strip()
+    soon = run("keys", "create", "--name", "tmp", "--expires", "1h", home=tmp_path).stdout.strip()
+    rotated = run("keys", "rotate", "ci", "--grace", "0", home=tmp_path)
+    assert rotated.returncode == 0, rotated.stderr
+    new = rotated.stdout.strip()
+    store = Store(tmp_path / "coordinator.sqlite3")
+    assert store.api_key(old) is None and store.api_key(new) is not None
+    [tmp] = [i for i in store.key_infos() if i.key.name == "tmp"]
+    assert tmp.expires_at is not None and 3500 < tmp.expires_at - tmp.created_at <= 3600
+    store.close()
+    revoked = run("keys", "revoke", "tmp", home=tmp_path)
+    assert revoked.stdout.strip() == "revoked 1 key: refused from the next request on"
+    assert Store(tmp_path / "coordinator.sqlite3").api_key(soon) is None
+    states = {
+        r["name"]: r["state"]
+        for r in json.loads(run("keys", "list", "--json", home=tmp_path).stdout)
+    }
+    assert states == {"ci": "active", "tmp": "revoked"}
 
 
 def test_demo_model_command_writes_a_loadable_model(tmp_path: Path) -> None:

@@ -6,7 +6,21 @@ import argparse
 import logging
 import sys
 
-from coordinator.cli import admin, agent, bench, demo_model, keys, service, up
+from coordinator import __version__
+from coordinator.cli import (
+    admin,
+    agent,
+    bench,
+    ca,
+    demo_model,
+    keys,
+    models,
+    operators,
+    remote,
+    service,
+    up,
+    usage,
+)
 from coordinator.cli import coordinator as coordinator_command
 from coordinator.cli.common import run_loop
 from coordinator.cli.errors import CliError
@@ -16,7 +30,10 @@ from node_agent.errors import AgentError
 __all__ = ["CliError", "build_parser", "main", "run_loop"]
 
 # In `mlxfleet --help` order; each module adds its own commands.
-COMMANDS = (up, coordinator_command, agent, keys, admin, service, bench, demo_model)
+COMMANDS = (
+    up, coordinator_command, agent, keys, admin, models, usage, operators, remote, ca, service,
+    bench, demo_model,
+)  # fmt: skip
 QUIET_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "httpx", "aiohttp.access")
 
 
@@ -32,6 +49,7 @@ def _setup_logging(verbose: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlxfleet", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=f"mlxfleet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(sub)

@@ -1,8 +1,10 @@
-"""`mlxfleet token | nodes | models | tiers | events`: the fleet's state, for its operator.
+"""`mlxfleet token | nodes | tiers | events`: the fleet's state, for its operator.
 
-nodes, models and tiers use the running coordinator's admin API on this host: the port from
-MLXFLEET_HOME/coordinator.json, the token from MLXFLEET_HOME/admin_token (mode 600). token and
-events read the state store directly (no coordinator needed).
+nodes and tiers (and models, usage, audit, in their own modules) use a running coordinator's
+admin API: this host's (the port from MLXFLEET_HOME/coordinator.json, the token from
+MLXFLEET_HOME/admin_token, mode 600), or another's with an operator token (--coordinator or
+`mlxfleet login`: remote.py). token and events read the state store directly (no coordinator
+needed).
 """
 
 from __future__ import annotations
@@ -10,16 +12,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from coordinator.cli.common import HOME_HELP_SHORT, add_sub_home, home_of, print_table
+from coordinator.cli import remote
+from coordinator.cli.common import (
+    HOME_HELP_SHORT,
+    add_sub_home,
+    home_of,
+    parse_duration,
+    print_table,
+)
 from coordinator.cli.errors import CliError
 from coordinator.config import Config
 
-DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 NODE_VERBS = {
     "remove": "revoke a node's certificate and move its models",
     "drain": "move its models off and place nothing new there",
@@ -37,7 +43,7 @@ NODE_COLUMNS = (
 
 
 def add_parser(subparsers: Any) -> None:
-    """`token create`, `nodes [VERB ID]`, `models`, `tiers [set TIER ...]` and `events`."""
+    """`token create`, `nodes [VERB ID]`, `tiers [set TIER ...]` and `events`."""
     token = subparsers.add_parser("token", help="join tokens for new nodes")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     token_create = token_sub.add_parser("create", help="print a join token (stored hashed)")
@@ -53,11 +59,6 @@ def add_parser(subparsers: Any) -> None:
         node_verb = nodes_sub.add_parser(verb, help=text)
         node_verb.add_argument("node_id")
         add_sub_home(node_verb)
-
-    models = _command(
-        subparsers, "models", "models per tier: state, replicas, where, why not", cmd_models
-    )
-    models.add_argument("--json", action="store_true")
 
     tiers = _command(
         subparsers, "tiers", "tier knobs; `tiers set batch --window-ms 200`", cmd_tiers
@@ -80,24 +81,12 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _command(subparsers: Any, name: str, text: str, func: Any) -> argparse.ArgumentParser:
-    """A top-level command with its --home flag."""
+    """A top-level admin API command with its --home, --coordinator, --token and --ca flags."""
     parser: argparse.ArgumentParser = subparsers.add_parser(name, help=text)
     parser.add_argument("--home", help=HOME_HELP_SHORT)
+    remote.add_flags(parser)
     parser.set_defaults(func=func)
     return parser
-
-
-def parse_duration(text: str) -> float:
-    """`90s`, `15m`, `1h`, `7d` (or plain seconds) -> seconds."""
-    units = DURATION_UNITS_S
-    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
-    try:
-        seconds = float(number) * units[unit]
-    except ValueError:
-        raise CliError(f"--ttl {text!r}: expected a duration like 90s, 15m, 1h or 7d") from None
-    if not 0 < seconds <= 366 * 86400:
-        raise CliError(f"--ttl {text!r}: must be more than 0 and at most a year")
-    return seconds
 
 
 def cmd_token(args: argparse.Namespace) -> None:
@@ -105,7 +94,9 @@ def cmd_token(args: argparse.Namespace) -> None:
 
     if args.uses < 1:
         raise CliError(f"--uses {args.uses}: must be at least 1")
-    token = create_join_token(Config(home=home_of(args)), parse_duration(args.ttl), args.uses)
+    token = create_join_token(
+        Config(home=home_of(args)), parse_duration(args.ttl, "--ttl"), args.uses
+    )
     print(token)
 
 
@@ -127,57 +118,35 @@ def cmd_events(args: argparse.Namespace) -> None:
         print(f"{when}  {e.node_id or '-':<20}  {e.kind:<18}  {e.detail}")
 
 
-def _admin(home: Path, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """Call the running coordinator's admin API on this host (token from MLXFLEET_HOME)."""
-    from coordinator.server import ADMIN_TOKEN_FILE, RUNTIME_FILE  # lazily: it imports litellm
-
-    try:
-        runtime = json.loads((home / RUNTIME_FILE).read_text())
-        token = (home / ADMIN_TOKEN_FILE).read_text().strip()
-    except (OSError, ValueError):
-        raise CliError(f"no coordinator is running with MLXFLEET_HOME={home}") from None
-    host = runtime["host"] if runtime["host"] not in ("0.0.0.0", "::") else "127.0.0.1"
-    request = urllib.request.Request(
-        f"http://{host}:{runtime['gateway_port']}{path}",
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as reply:
-            return json.loads(reply.read())
-    except urllib.error.HTTPError as exc:
-        message = json.loads(exc.read() or b"{}").get("error", {}).get("message", str(exc))
-        raise CliError(message) from None
-    except OSError as exc:
-        raise CliError(f"coordinator not reachable: {exc}") from None
+def _admin(
+    home: Path,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    args: argparse.Namespace | None = None,
+) -> Any:
+    """Call a running coordinator's admin API: the one `args` name (--coordinator, --home), else
+    the saved login, else this host's (remote.target_of)."""
+    return remote.call(remote.target_of(args, home), method, path, body)
 
 
 def cmd_nodes(args: argparse.Namespace) -> None:
     home = home_of(args)
     verb = args.nodes_command
     if verb == "remove":
-        _admin(home, "DELETE", f"/admin/v1/nodes/{args.node_id}")
+        _admin(home, "DELETE", f"/admin/v1/nodes/{args.node_id}", args=args)
         print(f"removed {args.node_id}: its certificate is refused from now on")
         return
     if verb in ("drain", "uncordon"):
-        _admin(home, "POST", f"/admin/v1/nodes/{args.node_id}/{verb}")
+        _admin(home, "POST", f"/admin/v1/nodes/{args.node_id}/{verb}", args=args)
         done = "draining: its models move elsewhere, nothing new lands"
         print(f"{args.node_id}: " + (done if verb == "drain" else "accepting models"))
         return
-    nodes = _admin(home, "GET", "/admin/v1/nodes")["nodes"]
+    nodes = _admin(home, "GET", "/admin/v1/nodes", args=args)["nodes"]
     if args.json:
         print(json.dumps(nodes, indent=2))
         return
     print_table(nodes, NODE_COLUMNS)
-
-
-def cmd_models(args: argparse.Namespace) -> None:
-    rows = _admin(home_of(args), "GET", "/admin/v1/models")["models"]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return
-    print_table(rows, ("model", "tier", "state", "replicas", "size_gib", "engines", "pending"))
 
 
 def cmd_tiers(args: argparse.Namespace) -> None:
@@ -190,10 +159,10 @@ def cmd_tiers(args: argparse.Namespace) -> None:
         }
         if not changes:
             raise CliError(f"tiers set: give at least one of {', '.join(TIER_FLAGS)}")
-        reply = _admin(home, "POST", f"/admin/v1/tiers/{args.tier}", changes)
+        reply = _admin(home, "POST", f"/admin/v1/tiers/{args.tier}", changes, args)
         print(f"{args.tier}: {reply[args.tier]} (running engines apply it without reloading)")
         return
-    knobs = _admin(home, "GET", "/admin/v1/tiers")
+    knobs = _admin(home, "GET", "/admin/v1/tiers", args=args)
     print_table(
         [{"tier": tier, **values} for tier, values in knobs.items()],
         ("tier", "max_concurrency", "batch_window_ms", "max_batch_size", "queue_limit"),

@@ -92,7 +92,7 @@ async def _up(config: Config, spec: ModelSpec, is_demo: bool, lan: bool, started
 
     token = create_join_token(config, UP_TOKEN_TTL_S, uses=1)  # for the local agent only
     store = Store(config.db_path)
-    store.revoke_api_keys(UP_KEY_NAME)
+    store.delete_api_keys(UP_KEY_NAME)
     api_key = store.create_api_key(UP_KEY_NAME, os.environ.get("MLXFLEET_API_KEY") or None)
     store.close()
 

@@ -26,7 +26,7 @@ class Admission:
         """The unit serving `model` in `tier` (403 for a model the key may not use, 404 for
         one not configured in the tier); the outcome is labelled with it."""
         check_model(record.models, model)
-        spec = self._config.unit(model, tier)
+        spec = self._reconciler.unit(model, tier)  # the models now (changed at runtime too)
         if spec is None:
             served = sorted(s.tier for s in self._reconciler.units() if s.name == model)
             where = f" in the {tier} tier (it is served in: {', '.join(served)})" if served else ""

@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from coordinator import __version__
+from coordinator.catalog import Catalog
 from coordinator.config import Config
 from coordinator.discovery import Discovery
 from coordinator.fleet_metrics import sd_targets
@@ -30,6 +32,7 @@ from coordinator.gateway.responses import ResponsesRoutes
 from coordinator.metrics import CONTENT_TYPE_LATEST
 from coordinator.reconcile import Reconciler
 from coordinator.registry import EngineId, Registry
+from coordinator.request_log import RequestLog
 from coordinator.routing import Routing
 from coordinator.status_page import StatusPage
 from coordinator.store import Store
@@ -79,6 +82,7 @@ class Gateway:
         routing: Routing,
         registry: Registry,
         reconciler: Reconciler,
+        catalog: Catalog,
         admin_token: str,
     ) -> None:
         self._config = config
@@ -92,13 +96,17 @@ class Gateway:
         self._forwarder = Forwarder(
             config, routing, reconciler, metrics, self.limits, self._flights
         )
-        front = Front(
-            auth, Admission(config, reconciler, self.limits), self._forwarder, Recorder(metrics)
+        self.request_log = RequestLog(
+            config.db_path, config.usage_retention_days, config.usage_max_rows
         )
+        recorder = Recorder(metrics, self.request_log)
+        front = Front(auth, Admission(config, reconciler, self.limits), self._forwarder, recorder)
         self.openai = OpenAIRoutes(front, routing, reconciler)
         self.anthropic = AnthropicRoutes(front)
         self.responses = ResponsesRoutes(front)
-        self.admin = AdminRoutes(auth, store, registry, reconciler, routing)
+        self.admin = AdminRoutes(
+            auth, store, registry, reconciler, routing, self.request_log, catalog
+        )
         self.status_page = StatusPage(metrics.registry, reconciler, registry, routing, store)
 
     def app(self) -> web.Application:
@@ -138,9 +146,11 @@ class Gateway:
 
     async def _close(self, _app: web.Application) -> None:
         await self._forwarder.close()
+        await asyncio.to_thread(self.request_log.close)  # what is queued gets written
 
     async def health(self, _request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        """Unauthenticated, like /metrics: the version tells an operator what answers there."""
+        return web.json_response({"status": "ok", "version": __version__})
 
     async def metrics(self, _request: web.Request) -> web.Response:
         """Prometheus text format; unauthenticated, like any scrape target (no secrets in it)."""

@@ -1,4 +1,5 @@
-"""Who may call: team keys (hashed in the store) for /v1, the local admin token for /admin."""
+"""Who may call: team keys for /v1; for /admin the local admin token or an operator token
+(team keys and operator tokens are stored hashed)."""
 
 from __future__ import annotations
 
@@ -40,10 +41,17 @@ class Auth:
         return record, key_tiers(record.tiers, record.default_tier)
 
     def admin(self, request: web.Request) -> None:
-        """401 unless the request carries the admin token (MLXFLEET_HOME/admin_token)."""
-        token = bearer(request)
-        if token is None or not hmac.compare_digest(token.encode(), self._admin_token.encode()):
-            raise ApiError(401, "missing or invalid admin token", code="invalid_admin_token")
+        """401 unless the request carries this host's admin token (MLXFLEET_HOME/admin_token)
+        or a valid operator token (`mlxfleet operator create`, looked up by its hash)."""
+        token = bearer(request) or ""
+        local = hmac.compare_digest(token.encode(), self._admin_token.encode())
+        if not local and (not token or self._store.operator(token) is None):
+            raise ApiError(
+                401,
+                "missing, invalid or revoked admin token (send an operator token from "
+                "`mlxfleet operator create NAME` on the coordinator host)",
+                code="invalid_admin_token",
+            )
 
 
 def choose_tier(key: KeyTiers, request: web.Request) -> Tier:

@@ -26,7 +26,7 @@ from coordinator.config import RETRY_AFTER_S, Config
 from coordinator.gateway.flights import Flights
 from coordinator.gateway.limits import BYTES_PER_TOKEN, KeyLimits
 from coordinator.gateway.record import CLIENT_GONE, Outcome
-from coordinator.gateway.relay import SSE_DONE, StreamRelay
+from coordinator.gateway.relay import SSE_DONE, StreamRelay, cached_tokens
 from coordinator.metrics import Metrics
 from coordinator.reconcile import Reconciler, UnitKey
 from coordinator.registry import EngineId
@@ -187,7 +187,7 @@ class Forwarder:
                 response, usage = await serve_cloud(
                     request, self._routing, target, raw, key[1], reply
                 )
-                outcome.served, outcome.usage = True, usage
+                outcome.served, outcome.usage, outcome.target = True, usage, target
                 self._limits.settle(request, usage)
                 return response
             with self._flights.track(target.engine_id) as flight:
@@ -201,6 +201,7 @@ class Forwarder:
                     self._unroute(target, key)
                     continue
                 flight.reading(upstream)
+                outcome.target = target  # answering, for now: the audit log's route
                 async with upstream:
                     first = b""
                     if relay is None:
@@ -279,6 +280,7 @@ class Forwarder:
         the client's dialect."""
         data = await upstream.read()
         outcome.served, outcome.usage = True, _body_usage(data)
+        outcome.cached_tokens = _body_cached_tokens(data)
         self._limits.settle(request, outcome.usage)
         if reply.whole is not None:
             if upstream.status != 200:
@@ -351,6 +353,7 @@ class Forwarder:
             self._limits.settle(request, (prompt_estimate, completion))
         else:
             outcome.usage = usage
+            outcome.cached_tokens = relay.cached_tokens()
             self._limits.settle(request, usage)
 
     async def _post(self, target: Target, path: str, raw: bytes) -> aiohttp.ClientResponse:
@@ -371,6 +374,14 @@ class Forwarder:
 def _passthrough_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
     retry_after = upstream.headers.get("Retry-After")
     return {"Retry-After": retry_after} if retry_after else {}
+
+
+def _body_cached_tokens(data: bytes) -> int:
+    """Prompt tokens the prefix cache served, from a non-streamed body's usage (0 if absent)."""
+    try:
+        return cached_tokens(json.loads(data).get("usage") or {})
+    except (ValueError, AttributeError):
+        return 0
 
 
 def _body_usage(data: bytes) -> tuple[int, int] | None:

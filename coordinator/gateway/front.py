@@ -86,6 +86,7 @@ class Front:
         self, request: web.Request, outcome: Outcome
     ) -> tuple[ApiKey, ModelSpec, dict[str, Any], bytes]:
         record, key = self.auth.team_key(request)
+        outcome.key_name, outcome.key_id = record.name, record.key_id
         tier = choose_tier(key, request)
         raw = await request.read()
         body = json_object(raw)

@@ -45,6 +45,13 @@ def is_content(event: bytes) -> bool:
     return False
 
 
+def cached_tokens(usage: dict[str, Any]) -> int:
+    """`usage.prompt_tokens_details.cached_tokens` (OpenAI's field), 0 when absent."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) else 0
+
+
 class StreamRelay:
     """Writes whole SSE events to one client response; knows how to continue the stream."""
 
@@ -185,8 +192,12 @@ class StreamRelay:
         usage = self._final_usage()
         if usage is None:
             return None
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        return max(1, int(usage["prompt_tokens"]) - int(cached))
+        return max(1, int(usage["prompt_tokens"]) - cached_tokens(usage))
+
+    def cached_tokens(self) -> int:
+        """Prompt tokens the prefix cache served (0 when the stream did not finish)."""
+        usage = self._final_usage()
+        return 0 if usage is None else cached_tokens(usage)
 
     def completion_tokens(self) -> int:
         """Tokens the client received, counted from the ids on the events."""

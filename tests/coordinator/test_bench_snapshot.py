@@ -37,6 +37,7 @@ from coordinator.bench.machine import (
 from coordinator.bench.results import ProcessMemory
 from coordinator.bench.sampler import ResourceSampler
 from coordinator.bench.snapshot import parse_agent_metrics, take_snapshot
+from coordinator.catalog import Catalog
 from coordinator.config import Config, ModelSpec
 from coordinator.gateway.app import Gateway
 from coordinator.pki import FleetPki
@@ -183,7 +184,8 @@ async def running_fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
             requests.append((request.method, request.path, auth, body))
         return await handler(request)
 
-    app = Gateway(config, store, routing, registry, reconciler, ADMIN_TOKEN).app()
+    catalog = Catalog(config, store, reconciler, routing)
+    app = Gateway(config, store, routing, registry, reconciler, catalog, ADMIN_TOKEN).app()
     app.middlewares.insert(0, record)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,38 @@ def test_engine_wait_and_stream_stall(tmp_path: Path) -> None:
     path.write_text("stream_stall_s = 0\n")
     with pytest.raises(ConfigError, match=r"stream_stall_s must be a number of seconds"):
         load_config(path)
+
+
+def test_models_configured_in_code_have_tables_that_give_them_back(tmp_path: Path) -> None:
+    """`mlxfleet up` builds its models in code: the runtime catalog starts from their tables."""
+    from coordinator.catalog import spec_tables
+    from coordinator.config import model_units
+
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        '[[models]]\nname = "q"\nsource = "/m/q"\ntiers = ["interactive", "batch"]\n'
+        "context_length = 2048\nreplicas = 2\npinned = true\n"
+        '[models.labels.required]\nsite = "east"\n'
+        '[[models]]\nname = "k"\nsource = "/m/k"\ntier = "batch"\nkv_bits = 8\n'
+    )
+    config = load_config(path)
+    again = model_units(spec_tables(config.models), "t", config.prefix_cache_mib)
+    assert again == config.models
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("usage_retention_days = -1", "usage_retention_days must be a number in (0, 36600]"),
+        ("usage_retention_days = 0", "usage_retention_days must be a number in (0, 36600]"),
+        ('usage_max_rows = "lots"', "usage_max_rows must be a number in (0, 1e+09]"),
+    ],
+)
+def test_usage_retention_must_be_positive(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)
+    path.write_text("usage_retention_days = 7\nusage_max_rows = 5000\n")
+    config = load_config(path)
+    assert (config.usage_retention_days, config.usage_max_rows) == (7.0, 5000)

@@ -110,7 +110,8 @@ def test_tier_knobs_and_zeroed_unit_series_exist_before_any_traffic(tmp_path: Pa
     assert value(found, "mlxfleet_tier_batch_window_seconds", tier="batch") == 0.08
     assert value(found, "mlxfleet_tier_max_batch_size", tier="batch") == 12
     assert value(found, "mlxfleet_tier_max_concurrency", tier="interactive") == 4
-    assert value(found, "mlxfleet_generation_tokens_total", model="small", tier="batch") == 0
+    zero_tokens = {"model": "small", "tier": "batch", "key": ""}  # no key has used it yet
+    assert value(found, "mlxfleet_generation_tokens_total", **zero_tokens) == 0
     assert (
         value(found, "mlxfleet_failovers_total", model="small", tier="batch", cause="continued")
         == 0
@@ -121,15 +122,17 @@ def test_tier_knobs_and_zeroed_unit_series_exist_before_any_traffic(tmp_path: Pa
 def test_request_metrics_count_tokens_and_split_ttft_from_decode(tmp_path: Path) -> None:
     fleet = Fleet(tmp_path)
     metrics = fleet.reconciler.metrics
-    metrics.request_done("m", "interactive", 200, 1.5, (12, 30), "messages")
+    metrics.request_done("m", "interactive", 200, 1.5, (12, 30), "messages", "etl")
     metrics.request_done("", "", 401, None, None, "chat")
     metrics.stream_timing("m", "interactive", 0.2, 1.16, 30)  # 29 gaps of 40 ms
     found = samples(fleet)
-    ok = {"model": "m", "tier": "interactive", "status": "200", "api": "messages"}
+    ok = {"model": "m", "tier": "interactive", "status": "200", "api": "messages", "key": "etl"}
     assert value(found, "mlxfleet_requests_total", **ok) == 1
-    assert value(found, "mlxfleet_requests_total", model="", tier="", status="401", api="chat") == 1
-    assert value(found, "mlxfleet_prompt_tokens_total", model="m", tier="interactive") == 12
-    assert value(found, "mlxfleet_generation_tokens_total", model="m", tier="interactive") == 30
+    refused = {"model": "", "tier": "", "status": "401", "api": "chat", "key": ""}
+    assert value(found, "mlxfleet_requests_total", **refused) == 1
+    unit = {"model": "m", "tier": "interactive", "key": "etl"}
+    assert value(found, "mlxfleet_prompt_tokens_total", **unit) == 12
+    assert value(found, "mlxfleet_generation_tokens_total", **unit) == 30
     assert (
         value(found, "mlxfleet_ttft_seconds_bucket", model="m", tier="interactive", le="0.25") == 1
     )

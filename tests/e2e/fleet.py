@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ssl
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ ENROLL_TIMEOUT_S = 30.0
 class Fleet:
     """A running fleet as its tests see it: the gateway, the keys and the processes."""
 
-    base: str  # http://127.0.0.1:PORT
+    base: str  # http://127.0.0.1:PORT (https:// when fleet.toml has [tls])
     key: str  # the default key: every model, every tier
     home: Path  # the coordinator's MLXFLEET_HOME
     runtime: dict  # the coordinator's real ports
@@ -45,6 +46,7 @@ class Fleet:
     agents: list[Proc] = field(default_factory=list)
     keys: dict[str, str] = field(default_factory=dict)  # name -> key, the extra keys
     agents_started: int = 0  # numbers each agent's home and log, restarts included
+    verify: ssl.SSLContext | bool = True  # what clients trust: the fleet CA for an https base
 
     @property
     def agent(self) -> Proc:
@@ -56,7 +58,9 @@ class Fleet:
     def models(self, key: str | None = None) -> dict[str, dict[str, str]]:
         """Model -> {tier: state} for the models this key sees."""
         r = httpx.get(
-            f"{self.base}/v1/models", headers={"Authorization": f"Bearer {key or self.key}"}
+            f"{self.base}/v1/models",
+            headers={"Authorization": f"Bearer {key or self.key}"},
+            verify=self.verify,
         )
         return {m["id"]: m["mlxfleet"]["tiers"] for m in r.json()["data"]}
 
@@ -147,8 +151,11 @@ def running_fleet(
     coordinator, runtime = start_coordinator(
         home, config, logs / "coordinator.log", env=coordinator_env
     )
-    base = f"http://127.0.0.1:{runtime['gateway_port']}"
+    scheme = runtime.get("gateway_scheme", "http")  # [tls] in config_toml: https
+    base = f"{scheme}://127.0.0.1:{runtime['gateway_port']}"
     fleet = Fleet(base, "", home, runtime, coordinator, logs, tmp_path_factory)
+    if scheme == "https":
+        fleet.verify = ssl.create_default_context(cafile=home / "pki" / "ca.crt")
     try:
         fleet.key = fleet.cli("keys", "create", "--name", "e2e", *key_args)
         for name, args in (keys or {}).items():

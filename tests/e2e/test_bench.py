@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO, Proc, mlxfleet, wait_for
 from tests.e2e.fleet import Fleet, model_toml, running_fleet
+from tests.http_stub import serving
 
 pytestmark = pytest.mark.e2e
 
@@ -280,14 +280,8 @@ class JsonOnly(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def json_only() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), JsonOnly)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        thread.join()
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), JsonOnly)) as port:
+        yield f"http://127.0.0.1:{port}/v1"
 
 
 @pytest.mark.parametrize(
