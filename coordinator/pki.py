@@ -92,6 +92,7 @@ class FleetPki:
             _write_private(files["server.key"], server_key)
             files["server.crt"].write_bytes(server_cert)
             logger.info("created the fleet CA and server certificate in %s", folder)
+        _add_key_identifier(files[CA_CERT_FILE], files["ca.key"])
         return cls(
             ca_cert_pem=files[CA_CERT_FILE].read_bytes(),
             ca_key_pem=files["ca.key"].read_bytes(),
@@ -186,6 +187,38 @@ class FleetPki:
             .sign(ca_key, hashes.SHA256())
         )
         return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _add_key_identifier(cert_path: Path, key_path: Path) -> None:
+    """A fleet CA made before its certificate carried a Subject Key Identifier gets one: the
+    same key, subject, serial and validity, signed again. Strict verifiers (Python 3.13's
+    default context) refuse a chain whose CA lacks it; every certificate it issued still
+    verifies (same issuer name, same key)."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    try:
+        cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        return
+    except x509.ExtensionNotFound:
+        pass
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(key.public_key())
+        .serial_number(cert.serial_number)
+        .not_valid_before(cert.not_valid_before_utc)
+        .not_valid_after(cert.not_valid_after_utc)
+    )
+    for extension in cert.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    upgraded = builder.add_extension(ski, critical=False).sign(key, hashes.SHA256())
+    tmp = cert_path.with_suffix(".tmp")
+    tmp.write_bytes(upgraded.public_bytes(serialization.Encoding.PEM))
+    tmp.replace(cert_path)  # atomic: a reader never sees half a certificate
+    logger.info("added a key identifier to the fleet CA certificate %s", cert_path)
 
 
 def _self_signed(common_name: str, *, ca: bool) -> tuple[bytes, bytes]:

@@ -244,3 +244,46 @@ def test_the_cli_pins_the_certificate_its_gateway_serves(tmp_path: Path) -> None
         handshake(impostor, client, "127.0.0.1")
     with pytest.raises(CliError, match="cannot read the gateway's certificate"):
         local_gateway_tls({"gateway_scheme": "https", "gateway_cert": str(tmp_path / "gone")})
+
+
+def test_an_old_fleet_ca_gets_a_key_identifier_and_keeps_what_it_issued(tmp_path: Path) -> None:
+    """Fleet CAs made before issue 17 have no Subject Key Identifier; strict clients (Python
+    3.13's default) refuse what they sign. Loading such a CA signs it again with one: same key,
+    subject and serial, so certificates it issued before still verify."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from coordinator.pki import FleetPki as Pki
+
+    pki = Pki.load_or_create(tmp_path)
+    ca_path = tmp_path / "pki" / "ca.crt"
+    ca = x509.load_pem_x509_certificate(pki.ca_cert_pem)
+    ca_key = serialization.load_pem_private_key(pki.ca_key_pem, password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    old = x509.CertificateBuilder(
+        ca.issuer, ca.subject, ca.public_key(), ca.serial_number,
+        ca.not_valid_before_utc, ca.not_valid_after_utc,
+        [e for e in ca.extensions if not isinstance(e.value, x509.SubjectKeyIdentifier)],
+    ).sign(ca_key, hashes.SHA256())  # fmt: skip
+    old_pem = old.public_bytes(serialization.Encoding.PEM)
+    ca_path.write_bytes(old_pem)
+    node_key = ec.generate_private_key(ec.SECP256R1())
+    before = Pki(old_pem, pki.ca_key_pem, pki.server_cert_pem, pki.server_key_pem)._sign(
+        "node-1", node_key.public_key(), ["node-1"], [ExtendedKeyUsageOID.CLIENT_AUTH], 30
+    )
+
+    upgraded = Pki.load_or_create(tmp_path)
+    new = x509.load_pem_x509_certificate(upgraded.ca_cert_pem)
+    assert ca_path.read_bytes() == upgraded.ca_cert_pem != old_pem
+    assert new.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    assert (new.subject, new.serial_number, new.public_key()) == (
+        old.subject, old.serial_number, old.public_key(),
+    )  # fmt: skip
+    x509.load_pem_x509_certificate(before).verify_directly_issued_by(new)
+    cert_path, key_path = upgraded.gateway_certificate(tmp_path, ["localhost"])
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert_path, key_path)
+    handshake(server, strict_client(upgraded.ca_cert_pem), "localhost")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(server, strict_client(old_pem), "localhost")  # what clients saw before
+    assert Pki.load_or_create(tmp_path).ca_cert_pem == upgraded.ca_cert_pem  # once only
