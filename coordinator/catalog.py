@@ -58,8 +58,7 @@ class Catalog:
     def tables(self) -> dict[str, list[dict[str, Any]]]:
         """Each model's tables (one per tier, or one with `tiers`), by name, in fleet.toml's
         order then the order added."""
-        config = self._config
-        return self._with_changes(config.model_tables or spec_tables(config.models))
+        return self._with_changes(self._file_tables())
 
     def apply(self) -> tuple[ModelSpec, ...]:
         """Serve what the tables say now (at start: fleet.toml with the stored changes)."""
@@ -92,6 +91,21 @@ class Catalog:
         self._store.save_model_change(name, None)
         self.apply()
 
+    def reset(self, name: str) -> None:
+        """Forget the runtime change of a model: fleet.toml's tables of that name apply again
+        (none: it is no longer served). ModelNotFound when it has no runtime change."""
+        if name not in self._store.model_changes():
+            raise ModelNotFound(name)
+        tables = self._with_changes(self._file_tables(), skip=name)
+        self._units(tables)  # the file's tables must fit with the other changes
+        self._store.forget_model_change(name)
+        self.apply()
+
+    def overridden(self) -> list[str]:
+        """Models fleet.toml names whose runtime change wins over its tables."""
+        in_file = {str(t["name"]) for t in self._file_tables()}
+        return sorted(in_file & set(self._store.model_changes()))
+
     def reload(self) -> list[str]:
         """Re-read fleet.toml and serve its models (the stored changes over them). Raises
         ConfigError when it does not load: the running configuration stays. Returns the other
@@ -117,14 +131,20 @@ class Catalog:
         logger.info("reloaded %s%s", self._config.path, later)
         return changed
 
+    def _file_tables(self) -> tuple[Mapping[str, Any], ...]:
+        """fleet.toml's [[models]] tables (those of models configured in code, for `up`)."""
+        return self._config.model_tables or spec_tables(self._config.models)
+
     def _with_changes(
-        self, file_tables: Iterable[Mapping[str, Any]]
+        self, file_tables: Iterable[Mapping[str, Any]], skip: str | None = None
     ) -> dict[str, list[dict[str, Any]]]:
-        """The stored runtime changes over fleet.toml's tables."""
+        """The stored runtime changes (but `skip`'s) over fleet.toml's tables."""
         merged: dict[str, list[dict[str, Any]]] = {}
         for table in file_tables:
             merged.setdefault(str(table["name"]), []).append(dict(table))
         for name, tables in self._store.model_changes().items():
+            if name == skip:
+                continue
             if tables is None:
                 merged.pop(name, None)
             else:

@@ -377,6 +377,10 @@ class Store:
             (name, None if tables is None else json.dumps(tables), time.time()),
         )
 
+    def forget_model_change(self, name: str) -> None:
+        """`mlxfleet models reset`: fleet.toml's tables of the model apply again."""
+        self._db.execute("DELETE FROM model_changes WHERE name = ?", (name,))
+
     def model_changes(self) -> dict[str, list[dict[str, Any]] | None]:
         """Every model changed at runtime, in the order changed: its tables, or None (removed)."""
         rows = self._db.execute("SELECT name, spec_json FROM model_changes ORDER BY rowid")

@@ -22,7 +22,7 @@ FIELDS = {  # flag -> (fleet.toml field, type, help)
 
 def add_parser(subparsers: Any) -> None:
     """`models [--json]`, `models add NAME SOURCE ...`, `models set NAME ...`, `models remove
-    NAME` and `reload`."""
+    NAME`, `models reset NAME` and `reload`."""
     models = _command(
         subparsers, "models", "models per tier; `models add|set|remove` change them", cmd_models
     )
@@ -42,6 +42,9 @@ def add_parser(subparsers: Any) -> None:
     remove = verbs.add_parser("remove", help="stop serving a model (its streams finish first)")
     remove.add_argument("name")
     add_sub_home(remove)
+    reset = verbs.add_parser("reset", help="forget a model's runtime change: fleet.toml's again")
+    reset.add_argument("name")
+    add_sub_home(reset)
     _command(subparsers, "reload", "re-read fleet.toml: its models apply now", cmd_reload)
 
 
@@ -74,6 +77,11 @@ def cmd_models(args: argparse.Namespace) -> None:
         _admin(home, "DELETE", f"/admin/v1/models/{args.name}", args=args)
         print(f"{args.name}: removed; its requests in flight finish, then its engines stop")
         return
+    if verb == "reset":
+        reply = _admin(home, "DELETE", f"/admin/v1/model_changes/{args.name}", args=args)
+        served = "fleet.toml's tables apply" if reply["served"] else "not in fleet.toml: not served"
+        print(f"{args.name}: runtime change forgotten; {served}")
+        return
     rows = _admin(home, "GET", "/admin/v1/models", args=args)["models"]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -86,3 +94,5 @@ def cmd_reload(args: argparse.Namespace) -> None:
     print(f"reloaded: serving {', '.join(reply['models']) or 'no models'}")
     if reply["needs_restart"]:
         print(f"changed, applied at the next restart: {', '.join(reply['needs_restart'])}")
+    for name in reply["overridden"]:
+        print(f"{name}: changed at runtime, which wins over fleet.toml (`models reset {name}`)")

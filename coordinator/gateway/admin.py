@@ -71,6 +71,7 @@ class AdminRoutes:
         app.router.add_post("/admin/v1/models", self.add_model)
         app.router.add_patch("/admin/v1/models/{name:.+}", self.set_model)
         app.router.add_delete("/admin/v1/models/{name:.+}", self.remove_model)
+        app.router.add_delete("/admin/v1/model_changes/{name:.+}", self.reset_model)
         app.router.add_post("/admin/v1/reload", self.reload)
         app.router.add_get("/admin/v1/usage", self.usage)
         app.router.add_get("/admin/v1/audit", self.audit)
@@ -177,6 +178,20 @@ class AdminRoutes:
             raise ApiError(400, str(exc), code="invalid_model") from None
         return web.json_response({"removed": name})
 
+    async def reset_model(self, request: web.Request) -> web.Response:
+        """Forget a model's runtime change: fleet.toml's tables of it apply again."""
+        self._auth.admin(request)
+        name = request.match_info["name"]
+        try:
+            self._catalog.reset(name)
+        except ModelNotFound:
+            raise ApiError(
+                404, f"model {name!r} has no runtime change", code="model_not_found"
+            ) from None
+        except ConfigError as exc:
+            raise ApiError(400, str(exc), code="invalid_model") from None
+        return web.json_response({"reset": name, "served": name in self._catalog.tables()})
+
     async def reload(self, request: web.Request) -> web.Response:
         """Re-read fleet.toml: its models apply now; 400 with the reason (nothing changes)
         when it does not load."""
@@ -185,7 +200,14 @@ class AdminRoutes:
             later = self._catalog.reload()
         except ConfigError as exc:
             raise ApiError(400, f"not reloaded: {exc}", code="invalid_config") from None
-        return web.json_response({"models": sorted(self._catalog.tables()), "needs_restart": later})
+        catalog = self._catalog
+        return web.json_response(
+            {
+                "models": sorted(catalog.tables()),
+                "needs_restart": later,
+                "overridden": catalog.overridden(),
+            }
+        )
 
     async def usage(self, request: web.Request) -> web.Response:
         """Totals since `since` (unix seconds, default 7 days ago) `by` key, model, tier or

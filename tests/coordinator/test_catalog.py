@@ -111,3 +111,21 @@ def test_a_removed_model_drains_and_a_changed_one_is_replaced_once_ready(tmp_pat
     reconciler.end_request(("a", "interactive"))
     reconciler.step()
     assert registry.engines[new[0].engine_id].state == "stopping"
+
+
+def test_reset_forgets_a_runtime_change_and_the_file_applies_again(tmp_path: Path) -> None:
+    a, b = model_folder(tmp_path, "a", GIB), model_folder(tmp_path, "b", GIB)
+    c, reconciler, _, _ = catalog(tmp_path, toml("a", a, "interactive"))
+    c.set("a", {"replicas": 2})
+    c.add({"name": "b", "source": str(b)})
+    assert c.overridden() == ["a"]  # b is not in fleet.toml: nothing of the file's is hidden
+    c.reset("a")
+    assert units(reconciler) == [("a", "interactive", 1), ("b", "interactive", 1)]
+    assert c.overridden() == []
+    c.reset("b")  # not in fleet.toml: no longer served
+    assert units(reconciler) == [("a", "interactive", 1)]
+    with pytest.raises(ModelNotFound):
+        c.reset("a")  # no runtime change left
+    c.remove("a")
+    c.reset("a")  # the tombstone forgotten: served from the file again
+    assert units(reconciler) == [("a", "interactive", 1)]

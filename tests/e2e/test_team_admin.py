@@ -236,6 +236,16 @@ def test_models_added_changed_and_removed_at_runtime(fleet: Fleet, demo_model: P
     reloaded = fleet.cli("reload")
     assert reloaded.splitlines()[0] == "reloaded: serving demo, third"
     fleet.wait_ready([("third", "batch")])
+
+    # A runtime change wins over the file until it is reset.
+    assert fleet.cli("models", "set", "third", "--replicas", "2") == "third: changed (batch)"
+    assert fleet.cli("reload").splitlines()[-1] == (
+        "third: changed at runtime, which wins over fleet.toml (`models reset third`)"
+    )
+    reset = fleet.cli("models", "reset", "third")
+    assert reset == "third: runtime change forgotten; fleet.toml's tables apply"
+    assert len(fleet.cli("reload").splitlines()) == 1  # nothing overridden any more
+    assert "model 'third' has no runtime change" in cli_fails(fleet, "models", "reset", "third")
     config.write_text("[[models]\nname = ")
     assert "not reloaded" in cli_fails(fleet, "reload")
     assert "invalid TOML" in cli_fails(fleet, "reload")
