@@ -110,6 +110,12 @@ def stopping(procs: list[Proc]) -> Iterator[list[Proc]]:
             p.stop()
 
 
+def percentile(values: list[float], percent: float) -> float:
+    """The nearest-rank percentile of `values` (any order, not empty), rounded to the rank."""
+    ordered = sorted(values)
+    return ordered[max(0, round(percent / 100 * len(ordered)) - 1)]
+
+
 def stat_fields(pid: int) -> list[str]:
     """/proc/PID/stat after the command name: [0] state, [1] parent, [11] utime, [12] stime."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -164,11 +164,6 @@ def tail_events(f: Fleet) -> list[dict[str, object]]:
     return [e for e in reversed(events) if str(e["detail"]).startswith("tail")]
 
 
-def p(values: list[float], percent: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, round(percent / 100 * len(ordered)) - 1))]
-
-
 @dataclass
 class Phase:
     name: str
@@ -183,10 +178,10 @@ class Phase:
         for kind in ("short", "long"):
             ttft = [s.ttft_s for s in self.samples if s.kind == kind]
             tokens = statistics.median(s.prompt_tokens for s in self.samples if s.kind == kind)
-            p50, p95 = 1000 * p(ttft, 50), 1000 * p(ttft, 95)
+            p50, p95 = 1000 * harness.percentile(ttft, 50), 1000 * harness.percentile(ttft, 95)
             cells.append(f"{len(ttft)} × {tokens:.0f} tok: {p50:.0f} / {p95:.0f}")
         every = [s.ttft_s for s in self.samples]
-        mixed = p(every, 95) / p(every, 50)
+        mixed = harness.percentile(every, 95) / harness.percentile(every, 50)
         fired = "no" if self.fired is None else f"**yes**, after {self.fired_after_s:.0f} s"
         return (
             f"| {self.name} | {self.seconds:.0f} | {cells[0]} | {cells[1]} | {mixed:.2f} | "

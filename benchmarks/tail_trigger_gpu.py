@@ -103,11 +103,6 @@ def batch_loop(
                 run.batch_done[run.phase] = run.batch_done.get(run.phase, 0) + 1
 
 
-def percentile(values: list[float], percent: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, round(percent / 100 * len(ordered)) - 1)]
-
-
 def summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"requests": len(samples)}
     for kind in ("short", "long"):
@@ -116,9 +111,9 @@ def summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
             ttft = [s["ttft_s"] for s in rows]
             out[kind] = {
                 "n": len(rows),
-                "prefilled_median": percentile([s["prefilled"] for s in rows], 50),
-                "p50_s": percentile(ttft, 50),
-                "p95_s": percentile(ttft, 95),
+                "prefilled_median": harness.percentile([s["prefilled"] for s in rows], 50),
+                "p50_s": harness.percentile(ttft, 50),
+                "p95_s": harness.percentile(ttft, 95),
             }
     return out
 

@@ -87,9 +87,9 @@ class Catalog:
         """Stop serving a model: new requests get 404, its engines go once idle."""
         tables = self._existing(name)
         del tables[name]
-        self._units(tables)
+        units = self._units(tables)  # raises before anything is stored
         self._store.save_model_change(name, None)
-        self.apply()
+        self._serve(units)
 
     def reset(self, name: str) -> None:
         """Forget the runtime change of a model: fleet.toml's tables of that name apply again
@@ -97,9 +97,9 @@ class Catalog:
         if name not in self._store.model_changes():
             raise ModelNotFound(name)
         tables = self._with_changes(self._file_tables(), skip=name)
-        self._units(tables)  # the file's tables must fit with the other changes
+        units = self._units(tables)  # the file's tables must fit with the other changes
         self._store.forget_model_change(name)
-        self.apply()
+        self._serve(units)
 
     def overridden(self) -> list[str]:
         """Models fleet.toml names whose runtime change wins over its tables."""
@@ -113,20 +113,27 @@ class Catalog:
         if self._config.path is None:
             raise ConfigError("the coordinator was started without a fleet.toml (--config)")
         fresh = load_config(self._config.path, home=self._config.home)
-        self._units(self._with_changes(fresh.model_tables))  # stored changes must still fit
         changed = [
             f.name
             for f in dataclasses.fields(Config)
             if f.name not in NOT_COMPARED
             and getattr(fresh, f.name) != getattr(self._config, f.name)
         ]
-        self._config = dataclasses.replace(
+        running, self._config = (
             self._config,
-            model_tables=fresh.model_tables,
-            prefix_cache_mib=fresh.prefix_cache_mib,
-            models=fresh.models,
+            dataclasses.replace(
+                self._config,
+                model_tables=fresh.model_tables,
+                prefix_cache_mib=fresh.prefix_cache_mib,
+                models=fresh.models,
+            ),
         )
-        self.apply()
+        try:
+            units = self._units(self.tables())  # the stored changes must still fit
+        except ConfigError:
+            self._config = running
+            raise
+        self._serve(units)
         later = f" ({', '.join(changed)}: at the next restart)" if changed else ""
         logger.info("reloaded %s%s", self._config.path, later)
         return changed

@@ -143,9 +143,6 @@ class Config:
         default_factory=lambda: dict.fromkeys(TIERS, DEFAULT_PREFIX_CACHE_MIB)
     )
 
-    def unit(self, name: str, tier: str) -> ModelSpec | None:
-        return next((m for m in self.models if m.name == name and m.tier == tier), None)
-
     @property
     def db_path(self) -> Path:
         return self.home / "coordinator.sqlite3"

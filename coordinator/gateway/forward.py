@@ -279,8 +279,8 @@ class Forwarder:
         """A non-streamed answer (or an engine's refusal), passed on as it came or mapped to
         the client's dialect."""
         data = await upstream.read()
-        outcome.served, outcome.usage = True, _body_usage(data)
-        outcome.cached_tokens = _body_cached_tokens(data)
+        outcome.usage, outcome.cached_tokens = _body_usage(data)
+        outcome.served = True
         self._limits.settle(request, outcome.usage)
         if reply.whole is not None:
             if upstream.status != 200:
@@ -376,18 +376,17 @@ def _passthrough_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
     return {"Retry-After": retry_after} if retry_after else {}
 
 
-def _body_cached_tokens(data: bytes) -> int:
-    """Prompt tokens the prefix cache served, from a non-streamed body's usage (0 if absent)."""
-    try:
-        return cached_tokens(json.loads(data).get("usage") or {})
-    except (ValueError, AttributeError):
-        return 0
-
-
-def _body_usage(data: bytes) -> tuple[int, int] | None:
-    """(prompt, completion) tokens of a non-streamed response body, if it has them."""
+def _body_usage(data: bytes) -> tuple[tuple[int, int] | None, int]:
+    """(prompt, completion) tokens of a non-streamed response body, if it has them, and the
+    prompt tokens the prefix cache served (0 if absent)."""
     try:
         usage = json.loads(data).get("usage") or {}
-        return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
-    except (ValueError, AttributeError, KeyError, TypeError):
-        return None
+    except (ValueError, AttributeError):
+        return None, 0
+    if not isinstance(usage, dict):
+        return None, 0
+    try:
+        counts = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+    except (ValueError, KeyError, TypeError):
+        counts = None
+    return counts, cached_tokens(usage)

@@ -69,6 +69,7 @@ class StreamRelay:
         self.engine_error = False  # the last engine ended with an error event (it is alive)
         self.stalled = False  # the last engine sent nothing for the stall limit mid-answer
         self._events: list[bytes] = []  # every event sent, for a continuation and the usage
+        self._usage: dict[str, Any] | None = None  # the finishing event's, once found
         self._partial = b""
         self._on_first_content = on_first_content
         self._started = started
@@ -169,7 +170,9 @@ class StreamRelay:
     def _final_usage(self) -> dict[str, Any] | None:
         """The usage the engine puts on its finishing event (`mlxfleet.usage`, or the standard
         usage chunk the client asked for); None when the stream did not finish. Parses only
-        the events that carry it."""
+        the events that carry it, once: nothing follows the finishing event."""
+        if self._usage is not None:
+            return self._usage
         for sent in reversed(self._events):
             if b'"usage":' not in sent:
                 continue
@@ -178,6 +181,7 @@ class StreamRelay:
                     payload = json.loads(event[len(b"data: ") :])
                     usage = payload.get("usage") or (payload.get("mlxfleet") or {}).get("usage")
                     if usage:
+                        self._usage = usage
                         return usage
         return None
 

@@ -51,14 +51,15 @@ labels.preferred = {chip = "m4"}
     )
     config = load_config(path, home=tmp_path)
     assert [m.key for m in config.models] == [("q", "interactive"), ("q", "batch")]
-    batch = config.unit("q", "batch")
-    assert batch is not None and batch.replicas == 2 and batch.pinned
+    units = {m.key: m for m in config.models}
+    batch = units["q", "batch"]
+    assert batch.replicas == 2 and batch.pinned
     assert batch.required_labels == {"site": "east"} and batch.preferred_labels == {"chip": "m4"}
     assert config.tiers["batch"].batch_window_ms == 200
     assert config.tiers["batch"].max_batch_size == 12  # untouched knobs keep the defaults
     assert config.tiers["interactive"].batch_window_ms == 0
     assert config.idle_unload_s == 60
-    assert config.unit("q", "nope") is None
+    assert ("q", "nope") not in units
 
 
 def test_cli_overrides_env_overrides_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
