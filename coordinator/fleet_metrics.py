@@ -30,6 +30,8 @@ MS_PER_S = 1000
 
 def pending_code(reason: str) -> str:
     """A bounded label for a placement's free-text shortfall (coordinator/policy.py)."""
+    if "GiB of disk" in reason:
+        return "insufficient_disk"
     if reason.endswith("no node is connected"):
         return "no_node"
     if "no eligible node" in reason:
@@ -75,6 +77,7 @@ class FleetCollector(Collector):
         yield from self._units()
         yield from self._router()
         yield from self._tiers()
+        yield from self._files()
         yield GaugeMetricFamily(
             "mlxfleet_coordinator_asyncio_tasks",
             "Tasks alive on the coordinator's event loop (a leak shows as growth).",
@@ -119,8 +122,8 @@ class FleetCollector(Collector):
         pending = GaugeMetricFamily(
             "mlxfleet_unit_pending",
             "1 per unit not fully placed, with why: no_node, no_eligible_node, "
-            "insufficient_memory, restoring, sizing (files being read), sizing_error, "
-            "load_failed, other.",
+            "insufficient_memory, insufficient_disk, restoring, sizing (files being read), "
+            "sizing_error, load_failed, other.",
             labels=["model", "tier", "reason"],
         )
         placements = GaugeMetricFamily(
@@ -204,6 +207,55 @@ class FleetCollector(Collector):
                 value = getattr(knobs, name)
                 family.add_metric([tier], value / MS_PER_S if name.endswith("_ms") else value)
         yield from families.values()
+
+    def _files(self) -> Iterator[GaugeMetricFamily]:
+        """Model files: each node's disk room, the files it holds and its copies under way.
+        Labelled by model name (a source no configured model names is left out: a local
+        folder's path is nobody's business on a dashboard)."""
+        room = GaugeMetricFamily(
+            "mlxfleet_node_disk_room_bytes",
+            "Bytes of model files a node can take now (free disk within its budget, unused "
+            "files counted as free).",
+            labels=["node"],
+        )
+        held = GaugeMetricFamily(
+            "mlxfleet_model_files_bytes",
+            "Bytes of a model's files a node holds, complete and verified.",
+            labels=["node", "model"],
+        )
+        labels = ["node", "model", "origin"]
+        done = GaugeMetricFamily(
+            "mlxfleet_model_copy_bytes",
+            "Bytes a copy under way has so far (origin: peer or hub).",
+            labels=labels,
+        )
+        total = GaugeMetricFamily(
+            "mlxfleet_model_copy_size_bytes", "Bytes a copy under way will have.", labels=labels
+        )
+        rate = GaugeMetricFamily(
+            "mlxfleet_model_copy_rate_bytes_per_second",
+            "A copy's rate over the last few seconds.",
+            labels=labels,
+        )
+        names: dict[str, str] = {}
+        for spec in sorted(self._reconciler.units(), key=lambda s: s.name, reverse=True):
+            names[spec.source] = spec.name
+        for node in sorted(self._registry.nodes.values(), key=lambda n: n.node_id):
+            status = node.status
+            if status is None:
+                continue
+            if status.disk_room_bytes is not None:
+                room.add_metric([node.node_id], status.disk_room_bytes)
+            for h in status.held:
+                if h.source in names:
+                    held.add_metric([node.node_id, names[h.source]], h.bytes)
+            for c in status.copies:
+                if c.source in names:
+                    values = [node.node_id, names[c.source], c.origin]
+                    done.add_metric(values, c.bytes_done)
+                    total.add_metric(values, c.bytes_total)
+                    rate.add_metric(values, c.bytes_per_s)
+        yield from (room, held, done, total, rate)
 
 
 def _loop_tasks() -> int:

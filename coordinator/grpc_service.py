@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from coordinator.errors import EnrollmentError, StreamRefused
+from coordinator.holdings import FileCopy, HeldFiles
 from coordinator.pki import FleetPki
 from coordinator.reconcile import Reconciler, unit_of
 from coordinator.registry import (
@@ -24,9 +25,11 @@ from coordinator.registry import (
     NodeStatus,
     Registry,
     SetKnobsCommand,
+    UnloadCommand,
 )
 from coordinator.store import Store
 from mlxfleet.facts import NodeFacts
+from mlxfleet.manifest import Manifest, ManifestError
 from mlxfleet.tiers import Knobs
 from mlxfleet.v1 import fleet_pb2 as pb
 from mlxfleet.v1 import fleet_pb2_grpc
@@ -50,6 +53,17 @@ def status_from_pb(s: pb.NodeStatus) -> NodeStatus:
         thermal_state=enum_name(pb.ThermalState, s.thermal_state, "THERMAL_STATE_"),
         power_source=enum_name(pb.PowerSource, s.power_source, "POWER_SOURCE_"),
         low_power_mode=s.low_power_mode,
+        disk_room_bytes=s.disk_room_bytes if s.HasField("disk_room_bytes") else None,
+        held=tuple(
+            HeldFiles(h.source, h.manifest_sha256, h.bytes, h.in_use, h.evictable)
+            for h in s.held_models
+        ),
+        copies=tuple(
+            FileCopy(
+                c.source, c.bytes_done, c.bytes_total, c.bytes_per_s, c.origin, tuple(c.from_nodes)
+            )
+            for c in s.copies
+        ),
     )
 
 
@@ -89,6 +103,8 @@ def command_to_pb(command: Command) -> pb.CoordinatorMessage:
                 kv_bits=command.kv_bits,
                 kv_group_size=command.kv_group_size,
                 prefix_cache_mib=command.prefix_cache_mib,
+                manifest=command.manifest.to_pb() if command.manifest else None,
+                holders=[pb.FileHolder(node_id=n, url=u) for n, u in command.holders],
             )
         )
     if isinstance(command, SetKnobsCommand):
@@ -155,6 +171,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         node = self._registry.connect(node_id, facts_from_pb(hello.facts), engines)
         node.cordoned = self._store.node_cordoned(node_id)
         node.metrics_target = metrics_target(context.peer(), hello.metrics_port)
+        node.files_url = hello.files_url
         self._store.touch_node(node_id)
         logger.info("node %s connected with %d running engine(s)", node_id, len(engines))
         reader = asyncio.create_task(self._read(node_id, messages))
@@ -204,10 +221,25 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                 self._reconciler.observe_reading(node_id)
             elif kind == "event":
                 self._on_event(node_id, message.event)
+            elif kind == "manifest":
+                self._on_manifest(node_id, message.manifest)
             else:
                 raise StreamRefused(
                     grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind or 'empty'} message"
                 )
+
+    def _on_manifest(self, node_id: NodeId, message: pb.ModelManifest) -> None:
+        """A node recorded a model's files. A manifest that cannot be trusted (a path outside
+        the folder, a malformed hash) is refused with an event; the stream stays up."""
+        try:
+            manifest = Manifest.from_pb(message)
+        except ManifestError as exc:
+            detail = f"refused the manifest of {message.source[:200]!r}: {exc}"
+            logger.warning("node %s: %s", node_id, detail)
+            self._store.add_event(node_id, "manifest_refused", detail)
+            return
+        if manifest is not None:
+            self._reconciler.holdings.note_manifest(node_id, manifest)
 
     def _on_event(self, node_id: NodeId, event: pb.EngineEvent) -> None:
         kind = enum_name(pb.EngineEvent.Kind, event.kind, "KIND_")
@@ -215,7 +247,11 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         if kind in ("started", "ready"):
             known = self._registry.engines.get(engine.engine_id)
             if known is None or known.node_id != node_id:
-                return  # an engine this coordinator never placed there
+                # Not placed there, or forgotten (its node's stream broke while it loaded):
+                # nothing would ever route to it or unload it, so it goes now.
+                logger.info("node %s: unloading unknown engine %s", node_id, engine.engine_id)
+                self._registry.send(node_id, UnloadCommand(engine.engine_id))
+                return
             self._registry.upsert_engine(engine)
             if kind == "ready":
                 self._reconciler.engine_ready(unit_of(engine))

@@ -42,6 +42,7 @@ def node_rows(
             version=node.facts.agent_version,  # the mlxfleet the agent runs
             state=node.liveness,
             cordoned=node.cordoned,
+            files_url=node.files_url,  # where its agent serves model files to fleet members
             thermal=node.status.thermal_state if node.status else "",
             available_gib=round(node.status.available_bytes / GIB, 1) if node.status else None,
             models=sorted(
@@ -99,6 +100,7 @@ def model_rows(
         )
         size = reconciler.size(spec)
         usage = reconciler.usage.get(spec.key)
+        files_on, copies = reconciler.holdings.where(spec.source, registry.nodes.values())
         rows.append(
             {
                 "model": spec.name,
@@ -118,6 +120,8 @@ def model_rows(
                 if usage and usage.last_used
                 else None,
                 "cold_starts": sum(1 for key, _ in reconciler.cold_starts if key == spec.key),
+                "files_on": files_on,  # nodes holding its files, complete and verified
+                "copies": [f"{node}: {copy}" for node, copy in copies.items()],
             }
         )
     return rows

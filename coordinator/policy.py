@@ -4,7 +4,9 @@
   with the least room that still fits (best fit), so big gaps stay free for big models;
 - interactive replicas spread: the node with the most headroom first; laptops only when
   their agent opted in;
-- required labels filter, preferred labels rank; node id breaks every tie;
+- required labels filter, preferred labels rank; then nodes that already hold the model's
+  files (no copy to wait for); node id breaks every tie;
+- a node without disk room for the files it lacks is not eligible;
 - a heavy model avoids nodes whose triggers ask to offload it while the others can take it.
 A model that fits nowhere is pending with a reason that names the shortfall. `plan()` is what
 the reconciler calls for every step's new replicas (and what benchmarks/fleet_sim.py measures).
@@ -38,6 +40,8 @@ class Demand:
     pinned: bool = False
     # Nodes already running a replica: they count towards `replicas` and take no second one.
     hosted_on: frozenset[str] = frozenset()
+    source: str = ""  # the model's files: a node holding them needs no copy and no disk
+    disk_bytes: int = 0  # the files' bytes on disk (0: not known yet, not counted)
 
     @property
     def key(self) -> UnitKey:
@@ -56,6 +60,8 @@ class Offer:
     cordoned: bool = False  # drained or halted by a trigger: no new placements
     batch_closed: bool = False  # a trigger moved the batch tier away from this node
     offload_preferred: bool = False  # repeated OOM kills: heavy models go elsewhere first
+    disk_room: int | None = None  # bytes of model files it can take; None: not reported
+    holds: frozenset[str] = frozenset()  # sources whose files it holds, complete and verified
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +85,39 @@ def eligible(demand: Demand, offer: Offer) -> str | None:
     for key, value in demand.required_labels.items():
         if offer.labels.get(key) != value:
             return f"lacks label {key}={value}"
+    if offer.disk_room is not None and _copy_bytes(demand, offer) > offer.disk_room:
+        return f"needs {_size(demand.disk_bytes)} of disk, has {_size(offer.disk_room)} free"
     return None
 
 
-def _preference(demand: Demand, offer: Offer) -> int:
-    return sum(offer.labels.get(k) == v for k, v in demand.preferred_labels.items())
+def _size(n: int) -> str:
+    """41.2 GiB; below a tenth of a GiB in MiB (a small model's files, a nearly full disk)."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"
+
+
+def _copy_bytes(demand: Demand, offer: Offer) -> int:
+    """Bytes of model files the node must copy before it can run the demand."""
+    return 0 if demand.source in offer.holds else demand.disk_bytes
+
+
+def _preference(demand: Demand, offer: Offer) -> tuple[int, bool]:
+    """Lower is better: more preferred labels matched, then holding the files already."""
+    labels = sum(offer.labels.get(k) == v for k, v in demand.preferred_labels.items())
+    return -labels, _copy_bytes(demand, offer) > 0
+
+
+def _taken(offer: Offer, demand: Demand) -> Offer:
+    """The offer once a replica of `demand` is placed there: its memory, and the disk its
+    copy of the files takes (the node holds them from then on)."""
+    disk = offer.disk_room
+    if disk is not None:
+        disk -= _copy_bytes(demand, offer)
+    return replace(
+        offer,
+        free_bytes=offer.free_bytes - demand.bytes_per_replica,
+        disk_room=disk,
+        holds=offer.holds | {demand.source} if demand.source else offer.holds,
+    )
 
 
 def place(demand: Demand, offers: Sequence[Offer]) -> Placement:
@@ -113,11 +147,9 @@ def _place(demand: Demand, offers: Sequence[Offer]) -> Placement:
         if not fitting:
             break
         if demand.tier == "batch":  # pack: least room left after placing, then id
-            best = min(fitting, key=lambda o: (-_preference(demand, o), free[o.node_id], o.node_id))
+            best = min(fitting, key=lambda o: (_preference(demand, o), free[o.node_id], o.node_id))
         else:  # spread: most headroom, then id
-            best = min(
-                fitting, key=lambda o: (-_preference(demand, o), -free[o.node_id], o.node_id)
-            )
+            best = min(fitting, key=lambda o: (_preference(demand, o), -free[o.node_id], o.node_id))
         chosen.append(best.node_id)
         free[best.node_id] -= demand.bytes_per_replica
     if len(chosen) == missing:
@@ -160,9 +192,7 @@ def plan(demands: Sequence[Demand], offers: Sequence[Offer]) -> dict[UnitKey, Pl
     for demand in sorted(demands, key=plan_order):
         placement = place(demand, sorted(room.values(), key=lambda o: o.node_id))
         for node_id in placement.nodes:
-            room[node_id] = replace(
-                room[node_id], free_bytes=room[node_id].free_bytes - demand.bytes_per_replica
-            )
+            room[node_id] = _taken(room[node_id], demand)
         result[demand.key] = placement
     return result
 

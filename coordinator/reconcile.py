@@ -19,22 +19,21 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import replace
-from typing import Literal
 
 from coordinator.config import Config, ModelSpec
 from coordinator.errors import SizingError
+from coordinator.holdings import Holdings
 from coordinator.holds import RESTORE_WAIT, PlacementHolds
 from coordinator.knobs import TierKnobs
 from coordinator.liveness import check_liveness
-from coordinator.memory import node_budget
 from coordinator.metrics import Metrics
+from coordinator.offers import node_offer
 from coordinator.policy import Demand, Offer, Placement, UnitKey, place, plan, victims
 from coordinator.registry import (
     LIVE_STATES,
     Engine,
     EngineId,
     LoadCommand,
-    Node,
     NodeId,
     Registry,
     UnloadCommand,
@@ -72,6 +71,7 @@ class Reconciler:
         for spec in config.models:
             self.metrics.unit_seen(spec.name, spec.tier)
         self._holds = PlacementHolds(store.placements())
+        self.holdings = Holdings(store)  # where each model's files are (copies, disk)
         self._moving: set[EngineId] = set()  # rebalanced away: unloaded once replaced
         self._loaded_as: dict[EngineId, ModelSpec] = {}  # the spec each engine was loaded with
         self._known_nodes: set[NodeId] = set()
@@ -289,6 +289,8 @@ class Reconciler:
             spec.preferred_labels,
             spec.pinned,
             hosted_on,
+            spec.source,
+            self.holdings.disk_bytes(spec.source),
         )
 
     def offers(self) -> list[Offer]:
@@ -299,27 +301,16 @@ class Reconciler:
             if self._units.known(key) and engine.state in (*LIVE_STATES, "stopping"):
                 placed[engine.node_id] = placed.get(engine.node_id, 0) + self._weight(key)
         return [
-            self._offer(node, placed.get(node.node_id, 0))
+            node_offer(
+                node,
+                placed.get(node.node_id, 0),
+                self._config.os_reserve_bytes,
+                self.triggers.actions(node.node_id),
+                self.holdings,
+            )
             for node in sorted(self._registry.nodes.values(), key=lambda n: n.node_id)
             if node.liveness == "live"
         ]
-
-    def _offer(self, node: Node, placed: int) -> Offer:
-        facts = node.facts
-        reserve = facts.os_reserve_bytes or self._config.os_reserve_bytes
-        budget = node_budget(facts.ram_bytes, facts.gpu_wired_limit_bytes, placed, reserve)
-        role: Literal["laptop", "server"] = "laptop" if facts.role == "laptop" else "server"
-        actions = self.triggers.actions(node.node_id)
-        return Offer(
-            node.node_id,
-            role,
-            budget,
-            dict(facts.labels),
-            facts.serve_interactive,
-            cordoned=node.cordoned or bool({"halt_ramp", "drain"} & actions),
-            batch_closed="move_batch" in actions,
-            offload_preferred="offload_preferred" in actions,
-        )
 
     def _must_leave(self, engine: Engine, spec: ModelSpec) -> bool:
         """Cordoned or drained node, the batch tier moved off it, moved by a rebalance or a
@@ -469,6 +460,8 @@ class Reconciler:
                 spec.kv_bits,
                 spec.kv_group_size,
                 spec.prefix_cache_mib,
+                self.holdings.manifest(spec.source),
+                tuple(self.holdings.holders(spec.source, self._registry.nodes.values())),
             ),
         )
         logger.info(

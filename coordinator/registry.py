@@ -8,10 +8,12 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Literal, NewType, Protocol
 
+from coordinator.holdings import FileCopy, HeldFiles
 from coordinator.policy import UnitKey
 from mlxfleet.engines import EngineState
 from mlxfleet.facts import NodeFacts
 from mlxfleet.kv import DEFAULT_PREFIX_CACHE_MIB
+from mlxfleet.manifest import Manifest
 from mlxfleet.tiers import Knobs
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,9 @@ class NodeStatus:
     thermal_state: str
     power_source: str
     low_power_mode: bool
+    disk_room_bytes: int | None = None  # room for model files; None: the agent predates it
+    held: tuple[HeldFiles, ...] = ()
+    copies: tuple[FileCopy, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +73,8 @@ class LoadCommand:
     kv_bits: int = 16  # 8 or 4: a quantized KV cache (batch tier, one request at a time)
     kv_group_size: int = 64
     prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_MIB  # the engine's prefix cache; 0: none
+    manifest: Manifest | None = None  # the model's files as the fleet recorded them
+    holders: tuple[tuple[str, str], ...] = ()  # (node id, files URL) to copy them from
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +103,7 @@ class Node:
     connected_at: float = field(default_factory=time.time)
     cordoned: bool = False  # drained: its replicas move off and nothing new lands
     metrics_target: str = ""  # "host:port" of its agent's /metrics; "" when it serves none
+    files_url: str = ""  # where its agent serves model files to fleet members; "": it does not
     # None tells the stream writer that this connection was replaced or dropped.
     outbox: asyncio.Queue[Command | None] = field(default_factory=asyncio.Queue)
 

@@ -16,8 +16,9 @@ from coordinator.errors import StoreError
 API_KEY_PREFIX = "mlxf-"
 OPERATOR_PREFIX = "mlxfop-"
 
-SCHEMA_VERSION = 5  # 2: certificates, join tokens; 3: key tiers, cordons, knobs; 4: key limits;
-# 5: key ids, expiry, revocation and last use; request records; operators; runtime models
+SCHEMA_VERSION = 6  # 2: certificates, join tokens; 3: key tiers, cordons, knobs; 4: key limits;
+# 5: key ids, expiry, revocation and last use; request records; operators; runtime models;
+# 6: model file manifests
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     node_id     TEXT PRIMARY KEY,
@@ -86,6 +87,12 @@ CREATE TABLE IF NOT EXISTS placements (
     model       TEXT NOT NULL,
     node_id     TEXT NOT NULL,
     tier        TEXT NOT NULL,
+    created_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS manifests (
+    source      TEXT PRIMARY KEY,
+    manifest_json TEXT NOT NULL,             -- mlxfleet/manifest.py Manifest.to_json()
+    node_id     TEXT NOT NULL,               -- the node that recorded it first
     created_at  REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -385,6 +392,16 @@ class Store:
         """Every model changed at runtime, in the order changed: its tables, or None (removed)."""
         rows = self._db.execute("SELECT name, spec_json FROM model_changes ORDER BY rowid")
         return {name: None if spec is None else json.loads(spec) for name, spec in rows}
+
+    # Model file manifests (coordinator/holdings.py): the first one recorded per source stays
+    def save_manifest(self, source: str, manifest_json: str, node_id: str) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO manifests VALUES (?, ?, ?, ?)",
+            (source, manifest_json, node_id, time.time()),
+        )
+
+    def manifests(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT source, manifest_json FROM manifests"))
 
     # Nodes
     def save_node(self, node_id: str, hostname: str, facts: dict[str, object]) -> None:

@@ -255,6 +255,8 @@ def fleet() -> dict[str, Any]:
     swap = "max by (node) (mlxfleet_node_swap_used_bytes)"
     active = "sum by (node, trigger) (mlxfleet_trigger_active) or on() vector(0)"
     exits = f"sum by (node, reason) (increase(mlxfleet_engine_exits_total[{RATE}])) {OR_ZERO}"
+    copy_rate = "sum by (node, model, origin) (mlxfleet_model_copy_rate_bytes_per_second)"
+    copy_rate = f"{copy_rate} {OR_ZERO}"
     reqs = f"sum by (tier) (rate(mlxfleet_requests_total[{RATE}]))"
     by_api = f"sum by (api) (rate(mlxfleet_requests_total[{RATE}]))"
     failed = f'mlxfleet_requests_total{{status!~"2.."}}[{RATE}]'
@@ -315,8 +317,30 @@ def fleet() -> dict[str, Any]:
         listing(
             "Pending units",
             "Units not (fully) placed and why: no_node, no_eligible_node, insufficient_memory, "
-            "restoring, sizing, sizing_error, load_failed or other.",
+            "insufficient_disk, restoring, sizing, sizing_error, load_failed or other.",
             "sum by (model, tier, reason) (mlxfleet_unit_pending) > 0",
+        ),
+        listing(
+            "Model files",
+            "Bytes of each model's files on each node, complete and verified: placement "
+            "prefers these nodes (no copy to wait for).",
+            "sum by (node, model) (mlxfleet_model_files_bytes) > 0",
+        ),
+        graph(
+            "Model copies",
+            "Copies of model files under way, by node, model and origin (peer: another node "
+            "of the fleet; hub: Hugging Face). 0 when nothing is being copied.",
+            targets((copy_rate, "{{node}} {{model}} from {{origin}}")),
+            "Bps",
+            w=8,
+        ),
+        graph(
+            "Disk room for model files",
+            "Bytes of model files each node can take now: free disk within its disk budget, "
+            "files no engine uses counted as free (they are evicted least recently used first).",
+            targets(("mlxfleet_node_disk_room_bytes", "{{node}}")),
+            "bytes",
+            w=8,
         ),
         graph(
             "Engine exits",

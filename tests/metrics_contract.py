@@ -42,6 +42,12 @@ CONTRACT_METRICS = {
     "mlxfleet_unit_replicas",
     "mlxfleet_placements",
     "mlxfleet_unit_pending",
+    # model files (issue 18)
+    "mlxfleet_node_disk_room_bytes",
+    "mlxfleet_model_files_bytes",
+    "mlxfleet_model_copy_bytes",
+    "mlxfleet_model_copy_size_bytes",
+    "mlxfleet_model_copy_rate_bytes_per_second",
     "mlxfleet_trigger_active",
     "mlxfleet_router_deployments",
     "mlxfleet_router_cooldowns",

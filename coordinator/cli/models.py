@@ -86,7 +86,8 @@ def cmd_models(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print_table(rows, ("model", "tier", "state", "replicas", "size_gib", "engines", "pending"))
+    columns = ("model", "tier", "state", "replicas", "size_gib", "engines", "pending", "files_on")
+    print_table(rows, (*columns, "copies") if any(r.get("copies") for r in rows) else columns)
 
 
 def cmd_reload(args: argparse.Namespace) -> None:

@@ -349,3 +349,51 @@ async def test_oversized_and_malformed_messages_are_refused(coord: Coord) -> Non
     calm.status(seq=3)
     await until(lambda: coord.registry.nodes[calm_id].status is not None, "the calm status")
     assert await calm.finish() == grpc.StatusCode.OK
+
+
+async def test_manifests_are_recorded_and_a_bad_one_is_refused_without_cutting_the_stream(
+    coord: Coord,
+) -> None:
+    """Issue 18: a node sends the manifest of files it got first; one naming a path outside
+    the model folder is refused with an event, and the node's stream stays up."""
+    identity = await coord.enroll(coord.token())
+    agent = Agent(coord, identity)
+    await until(lambda: len(coord.registry.nodes) == 1, "the node")
+    good = pb.ModelManifest(
+        source="org/model", files=[pb.ModelFile(path="model.safetensors", size=7, sha256="c" * 64)]
+    )
+    bad = pb.ModelManifest(
+        source="org/evil", files=[pb.ModelFile(path="../../etc/passwd", size=7, sha256="c" * 64)]
+    )
+    agent.outbound.put_nowait(pb.AgentMessage(manifest=bad))
+    agent.outbound.put_nowait(pb.AgentMessage(manifest=good))
+    await until(lambda: "org/model" in coord.store.manifests(), "the manifest to be stored")
+    assert list(coord.store.manifests()) == ["org/model"]
+    [refused] = [e for e in coord.store.events() if e.kind == "manifest_refused"]
+    assert refused.node_id == identity.node_id and "'../../etc/passwd'" in refused.detail
+    agent.status()
+    [node] = coord.registry.nodes.values()
+    await until(lambda: node.status is not None, "a status after the refusal")
+    assert await agent.finish() == grpc.StatusCode.OK
+
+
+async def test_an_engine_the_coordinator_does_not_know_is_unloaded(coord: Coord) -> None:
+    """An engine reported ready that nobody placed there (its node's stream broke while it
+    copied its files, and the coordinator forgot it) would run unrouted forever: it is told
+    to go."""
+    identity = await coord.enroll(coord.token())
+    agent = Agent(coord, identity)
+    await until(lambda: len(coord.registry.nodes) == 1, "the node")
+    info = pb.EngineInfo(
+        engine_id="stray-1", model="demo", tier=pb.TIER_INTERACTIVE, state=pb.ENGINE_STATE_READY
+    )
+    agent.outbound.put_nowait(
+        pb.AgentMessage(event=pb.EngineEvent(kind=pb.EngineEvent.KIND_READY, engine=info))
+    )
+    command = await asyncio.wait_for(agent.call.read(), 5)
+    assert command.WhichOneof("body") == "unload" and command.unload.engine_id == "stray-1"
+    assert coord.routing.models() == [] and EngineId("stray-1") not in coord.registry.engines
+    agent.outbound.put_nowait(None)
+    assert await agent.call.read() == grpc.aio.EOF  # nothing more, the stream ended cleanly
+    assert await agent.call.code() == grpc.StatusCode.OK
+    await agent.channel.close()

@@ -131,3 +131,50 @@ def test_heavy_units_avoid_offload_preferred_nodes_while_others_fit() -> None:
     assert place(heavy, [oomed, tiny]).nodes == ("studio-oom",)  # nowhere else fits
     light = Demand("small", "interactive", 1, HEAVY_MODEL_BYTES - 1)
     assert place(light, [oomed, MINI_A]).nodes == ("studio-oom",)  # the most headroom
+
+
+def test_a_node_without_disk_room_for_the_files_is_never_chosen() -> None:
+    """Issue 18: disk is a resource. A node that must copy 41.2 GiB of files but has 30.1 GiB
+    of room is not eligible, and the pending reason says so; one that holds them needs none."""
+    demand = Demand(
+        "llama-70b", "interactive", 1, 8 * GIB, source="hub/llama", disk_bytes=int(41.2 * GIB)
+    )
+    full = Offer("vm-2", "server", 60 * GIB, disk_room=int(30.1 * GIB))
+    placement = place(demand, [full])
+    assert placement.nodes == ()
+    assert placement.pending_reason == (
+        "1 of 1 replicas unplaced: needs 8.0 GiB, no eligible node "
+        "(vm-2: needs 41.2 GiB of disk, has 30.1 GiB free)"
+    )
+    holding = replace(full, holds=frozenset({"hub/llama"}))
+    assert place(demand, [holding]).nodes == ("vm-2",)
+    unknown = replace(full, disk_room=None)  # an agent that reports no disk: not constrained
+    assert place(demand, [unknown]).nodes == ("vm-2",)
+
+
+def test_nodes_holding_the_files_are_preferred_and_plan_counts_the_disk_copies_take() -> None:
+    demand = Demand("m", "interactive", 1, 4 * GIB, source="hub/m", disk_bytes=10 * GIB)
+    roomy = Offer("a-roomy", "server", 60 * GIB, disk_room=100 * GIB)
+    holder = Offer("b-holder", "server", 20 * GIB, disk_room=0, holds=frozenset({"hub/m"}))
+    # Spread would pick the most headroom (a-roomy); holding the files wins over headroom.
+    assert place(demand, [roomy, holder]).nodes == ("b-holder",)
+    # Preferred labels still come first.
+    labelled = replace(demand, preferred_labels={"site": "east"})
+    east = replace(roomy, labels={"site": "east"})
+    assert place(labelled, [east, holder]).nodes == ("a-roomy",)
+    # Two models copied to one node: the second sees the room the first copy took.
+    one = Demand("one", "batch", 1, GIB, source="hub/one", disk_bytes=60 * GIB)
+    two = Demand("two", "batch", 1, GIB, source="hub/two", disk_bytes=60 * GIB)
+    placements = plan([one, two], [roomy])
+    assert placements[("one", "batch")].nodes == ("a-roomy",)
+    assert placements[("two", "batch")].nodes == ()
+    assert "needs 60.0 GiB of disk, has 40.0 GiB free" in str(
+        placements[("two", "batch")].pending_reason
+    )
+    # Both tiers of one model share its files: the second unit copies nothing more.
+    batch = Demand("m", "batch", 1, GIB, source="hub/m", disk_bytes=60 * GIB)
+    inter = replace(batch, tier="interactive")
+    both = plan([batch, inter], [roomy])
+    assert both[("m", "batch")].nodes == ("a-roomy",) and both[("m", "interactive")].nodes == (
+        "a-roomy",
+    )

@@ -117,7 +117,7 @@ def test_a_version_3_store_gets_key_limits_and_keeps_its_keys(tmp_path: Path) ->
     )
     store.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 5
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 6
     db.close()
     assert Store(path).api_key_count() == 2  # a second open migrates nothing twice
 

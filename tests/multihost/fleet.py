@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +82,9 @@ class Fleet:
         return f"http://{self.coord_host.ip}:{self.runtime['gateway_port']}"
 
     # Processes
-    def start_coordinator(self, ports: tuple[int, int, int] = (0, 0, 0)) -> dict[str, Any]:
+    def start_coordinator(
+        self, ports: tuple[int, int, int] = (0, 0, 0), env: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         """Start the coordinator on host 0 and wait until this process wrote its ports."""
         self.coordinator_starts += 1
         gateway, grpc_port, enroll = ports
@@ -105,6 +107,7 @@ class Fleet:
                 str(enroll),
             ),
             log,
+            env=env,
         )
         self.coordinator = proc
         # After a kill -9 the old coordinator.json is still there: wait for this pid's.
@@ -123,6 +126,7 @@ class Fleet:
         *,
         by_address: bool = True,
         extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> AgentProc:
         """An agent on `host`; by_address=False leaves it to find the coordinator by mDNS."""
         home = self.logs / f"home-{name}"
@@ -135,7 +139,7 @@ class Fleet:
                 "--enroll-port",
                 str(self.runtime["enroll_port"]),
             ]
-        agent = AgentProc(host, home, log, token, self.net.run(host, cli(*args), log))
+        agent = AgentProc(host, home, log, token, self.net.run(host, cli(*args), log, env=env))
         self.agents[name] = agent
         return agent
 
@@ -202,11 +206,18 @@ class Fleet:
 
 @contextmanager
 def coordinator_fleet(
-    root: Path, demo_model: Path, hosts: int, key_name: str, models_toml: str = ""
+    root: Path,
+    demo_model: Path | str,
+    hosts: int,
+    key_name: str,
+    models_toml: str = "",
+    coordinator_env: Callable[[Network], dict[str, str]] | None = None,
 ) -> Iterator[Fleet]:
     """A `hosts`-host network with the coordinator on host 0 serving the demo model (plus
     `models_toml` in its entry) and an API key made; the caller starts the agents. Skips where
-    namespaces are unavailable; prints every process log if anything inside fails."""
+    namespaces are unavailable; prints every process log if anything inside fails.
+    `demo_model`: the model's folder or a hub id; `coordinator_env(net)`: extra environment
+    for the coordinator, made once the network exists."""
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
@@ -218,7 +229,7 @@ def coordinator_fleet(
     with Network(hosts) as net:
         f = Fleet(net, root / "coordinator", root, config)
         try:
-            f.start_coordinator()
+            f.start_coordinator(env=coordinator_env(net) if coordinator_env else None)
             f.key = run_ok(cli("keys", "create", "--name", key_name, "--home", str(f.home)))
             yield f
         except BaseException:

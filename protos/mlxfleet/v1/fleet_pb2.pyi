@@ -192,7 +192,7 @@ class EngineStatus(_message.Message):
     def __init__(self, engine_id: _Optional[str] = ..., state: _Optional[_Union[EngineState, str]] = ..., rss_bytes: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("seq", "unix_time", "available_bytes", "swap_used_bytes", "memory_pressure", "thermal_state", "power_source", "low_power_mode", "engines")
+    __slots__ = ("seq", "unix_time", "available_bytes", "swap_used_bytes", "memory_pressure", "thermal_state", "power_source", "low_power_mode", "engines", "disk_room_bytes", "held_models", "copies")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     UNIX_TIME_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +202,9 @@ class NodeStatus(_message.Message):
     POWER_SOURCE_FIELD_NUMBER: _ClassVar[int]
     LOW_POWER_MODE_FIELD_NUMBER: _ClassVar[int]
     ENGINES_FIELD_NUMBER: _ClassVar[int]
+    DISK_ROOM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HELD_MODELS_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
     seq: int
     unix_time: float
     available_bytes: int
@@ -211,7 +214,66 @@ class NodeStatus(_message.Message):
     power_source: PowerSource
     low_power_mode: bool
     engines: _containers.RepeatedCompositeFieldContainer[EngineStatus]
-    def __init__(self, seq: _Optional[int] = ..., unix_time: _Optional[float] = ..., available_bytes: _Optional[int] = ..., swap_used_bytes: _Optional[int] = ..., memory_pressure: _Optional[_Union[MemoryPressure, str]] = ..., thermal_state: _Optional[_Union[ThermalState, str]] = ..., power_source: _Optional[_Union[PowerSource, str]] = ..., low_power_mode: _Optional[bool] = ..., engines: _Optional[_Iterable[_Union[EngineStatus, _Mapping]]] = ...) -> None: ...
+    disk_room_bytes: int
+    held_models: _containers.RepeatedCompositeFieldContainer[HeldModel]
+    copies: _containers.RepeatedCompositeFieldContainer[ModelCopy]
+    def __init__(self, seq: _Optional[int] = ..., unix_time: _Optional[float] = ..., available_bytes: _Optional[int] = ..., swap_used_bytes: _Optional[int] = ..., memory_pressure: _Optional[_Union[MemoryPressure, str]] = ..., thermal_state: _Optional[_Union[ThermalState, str]] = ..., power_source: _Optional[_Union[PowerSource, str]] = ..., low_power_mode: _Optional[bool] = ..., engines: _Optional[_Iterable[_Union[EngineStatus, _Mapping]]] = ..., disk_room_bytes: _Optional[int] = ..., held_models: _Optional[_Iterable[_Union[HeldModel, _Mapping]]] = ..., copies: _Optional[_Iterable[_Union[ModelCopy, _Mapping]]] = ...) -> None: ...
+
+class ModelFile(_message.Message):
+    __slots__ = ("path", "size", "sha256")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    sha256: str
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class ModelManifest(_message.Message):
+    __slots__ = ("source", "files")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    files: _containers.RepeatedCompositeFieldContainer[ModelFile]
+    def __init__(self, source: _Optional[str] = ..., files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ...) -> None: ...
+
+class FileHolder(_message.Message):
+    __slots__ = ("node_id", "url")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    url: str
+    def __init__(self, node_id: _Optional[str] = ..., url: _Optional[str] = ...) -> None: ...
+
+class HeldModel(_message.Message):
+    __slots__ = ("source", "manifest_sha256", "bytes", "in_use", "evictable")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    IN_USE_FIELD_NUMBER: _ClassVar[int]
+    EVICTABLE_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    manifest_sha256: str
+    bytes: int
+    in_use: bool
+    evictable: bool
+    def __init__(self, source: _Optional[str] = ..., manifest_sha256: _Optional[str] = ..., bytes: _Optional[int] = ..., in_use: _Optional[bool] = ..., evictable: _Optional[bool] = ...) -> None: ...
+
+class ModelCopy(_message.Message):
+    __slots__ = ("source", "bytes_done", "bytes_total", "bytes_per_s", "origin", "from_nodes")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    FROM_NODES_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    bytes_done: int
+    bytes_total: int
+    bytes_per_s: float
+    origin: str
+    from_nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, source: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_per_s: _Optional[float] = ..., origin: _Optional[str] = ..., from_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EngineEvent(_message.Message):
     __slots__ = ("kind", "engine", "exit_reason", "exit_code", "signal", "detail")
@@ -242,27 +304,31 @@ class EngineEvent(_message.Message):
     def __init__(self, kind: _Optional[_Union[EngineEvent.Kind, str]] = ..., engine: _Optional[_Union[EngineInfo, _Mapping]] = ..., exit_reason: _Optional[_Union[ExitReason, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("facts", "engines", "metrics_port")
+    __slots__ = ("facts", "engines", "metrics_port", "files_url")
     FACTS_FIELD_NUMBER: _ClassVar[int]
     ENGINES_FIELD_NUMBER: _ClassVar[int]
     METRICS_PORT_FIELD_NUMBER: _ClassVar[int]
+    FILES_URL_FIELD_NUMBER: _ClassVar[int]
     facts: NodeFacts
     engines: _containers.RepeatedCompositeFieldContainer[EngineInfo]
     metrics_port: int
-    def __init__(self, facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., engines: _Optional[_Iterable[_Union[EngineInfo, _Mapping]]] = ..., metrics_port: _Optional[int] = ...) -> None: ...
+    files_url: str
+    def __init__(self, facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., engines: _Optional[_Iterable[_Union[EngineInfo, _Mapping]]] = ..., metrics_port: _Optional[int] = ..., files_url: _Optional[str] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "status", "event")
+    __slots__ = ("hello", "status", "event", "manifest")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     status: NodeStatus
     event: EngineEvent
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., status: _Optional[_Union[NodeStatus, _Mapping]] = ..., event: _Optional[_Union[EngineEvent, _Mapping]] = ...) -> None: ...
+    manifest: ModelManifest
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., status: _Optional[_Union[NodeStatus, _Mapping]] = ..., event: _Optional[_Union[EngineEvent, _Mapping]] = ..., manifest: _Optional[_Union[ModelManifest, _Mapping]] = ...) -> None: ...
 
 class LoadModel(_message.Message):
-    __slots__ = ("engine_id", "model", "source", "tier", "context_length", "knobs", "kv_bits", "kv_group_size", "prefix_cache_mib")
+    __slots__ = ("engine_id", "model", "source", "tier", "context_length", "knobs", "kv_bits", "kv_group_size", "prefix_cache_mib", "manifest", "holders")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +338,8 @@ class LoadModel(_message.Message):
     KV_BITS_FIELD_NUMBER: _ClassVar[int]
     KV_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_MIB_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    HOLDERS_FIELD_NUMBER: _ClassVar[int]
     engine_id: str
     model: str
     source: str
@@ -281,7 +349,9 @@ class LoadModel(_message.Message):
     kv_bits: int
     kv_group_size: int
     prefix_cache_mib: int
-    def __init__(self, engine_id: _Optional[str] = ..., model: _Optional[str] = ..., source: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., context_length: _Optional[int] = ..., knobs: _Optional[_Union[TierKnobs, _Mapping]] = ..., kv_bits: _Optional[int] = ..., kv_group_size: _Optional[int] = ..., prefix_cache_mib: _Optional[int] = ...) -> None: ...
+    manifest: ModelManifest
+    holders: _containers.RepeatedCompositeFieldContainer[FileHolder]
+    def __init__(self, engine_id: _Optional[str] = ..., model: _Optional[str] = ..., source: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., context_length: _Optional[int] = ..., knobs: _Optional[_Union[TierKnobs, _Mapping]] = ..., kv_bits: _Optional[int] = ..., kv_group_size: _Optional[int] = ..., prefix_cache_mib: _Optional[int] = ..., manifest: _Optional[_Union[ModelManifest, _Mapping]] = ..., holders: _Optional[_Iterable[_Union[FileHolder, _Mapping]]] = ...) -> None: ...
 
 class UnloadModel(_message.Message):
     __slots__ = ("engine_id",)
