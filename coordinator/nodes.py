@@ -109,8 +109,17 @@ def model_rows(
                 "replicas": spec.replicas,
                 "pinned": spec.pinned,
                 "engines": [f"{e.node_id}: {e.state}" for e in engines],
-                "pending": reconciler.pending.get(spec.key)
-                or reconciler.load_failures.get(spec.key),
+                # Why replicas are missing, and the last load failure until an engine is ready
+                # (a copy's bad file, a download refused): both, when both are known.
+                "pending": "; ".join(
+                    r
+                    for r in (
+                        reconciler.pending.get(spec.key),
+                        reconciler.load_failures.get(spec.key),
+                    )
+                    if r
+                )
+                or None,
                 "size_gib": round(size / GIB, 2) if isinstance(size, int) else None,
                 "knobs": {
                     k: getattr(reconciler.engine_knobs(spec), k)

@@ -19,14 +19,17 @@ from mlxfleet.facts import NodeFacts, Role
 from mlxfleet.join import JoinToken
 from mlxfleet.v1 import fleet_pb2 as pb
 from mlxfleet.version import package_version
+from node_agent import peer_copy
 from node_agent.advertise import Advertiser, NodeRecord
 from node_agent.cgroup import MemoryLimiter
 from node_agent.coordinator_client import NodeProfile, Session, enroll, knobs_from_pb, load_request
 from node_agent.discover import find_coordinator
 from node_agent.errors import AgentError, CoordinatorUnreachable, EnrollRefused
+from node_agent.file_server import FileServerProcess
 from node_agent.identity import NodeIdentity
 from node_agent.liveness import DEFAULT_ENGINE_STALL_S
 from node_agent.metrics import AgentMetrics
+from node_agent.model_store import ModelStore
 from node_agent.probes import local_probe
 from node_agent.probes.base import NodeReading, Probe
 from node_agent.supervisor import EngineEvent, EngineNetwork, EngineTls, Supervisor
@@ -57,6 +60,10 @@ class AgentConfig:
     engine_stall_s: float = DEFAULT_ENGINE_STALL_S  # a ready engine silent this long is killed
     metrics_host: str = "0.0.0.0"
     metrics_port: int = DEFAULT_METRICS_PORT  # 0: any free port
+    models_dir: Path | None = None  # the model store; None: <home>/models
+    disk_budget_bytes: int | None = None  # the store's most; None: the disk (less a reserve)
+    serve_rate_mib_s: float = 0  # cap on serving model files to peers; 0: none
+    files_port: int = 0  # where model files are served to peers; 0: any free port
 
 
 def split_host_port(address: str, default_port: int) -> tuple[str, int]:
@@ -91,13 +98,22 @@ class Agent:
         self.session: Session | None = None
         self.identity: NodeIdentity | None = None
         limit = config.engine_memory_limit_bytes
+        self.store = ModelStore(
+            config.models_dir or config.home / "models",
+            config.disk_budget_bytes,
+            hash_cache=config.home / "hashes.json",
+        )
         self.supervisor = Supervisor(
             self.probe,
             self._on_event,
             config.home / "logs",
             limiter=MemoryLimiter.for_this_process(limit) if limit else None,
             stall_s=config.engine_stall_s,
+            store=self.store,
         )
+        self._files: FileServerProcess | None = None  # serves model files to fleet members
+        self._files_where: tuple[str, str, bytes] = ("", "", b"")  # (bind, url host, cert)
+        self.files_url = ""
         self._advertiser: Advertiser | None = None
         self._facts: NodeFacts | None = None
         self._metrics: AgentMetrics | None = None
@@ -117,7 +133,10 @@ class Agent:
     def _on_command(self, message: pb.CoordinatorMessage) -> None:
         kind = message.WhichOneof("body")
         if kind == "load":
-            coro = self.supervisor.load(load_request(message.load))
+            request = load_request(message.load)
+            me = self.identity.node_id if self.identity is not None else ""
+            holders = tuple(h for h in request.holders if h.node_id != me)  # not from itself
+            coro = self.supervisor.load(replace(request, holders=holders))
         elif kind == "unload":
             coro = self.supervisor.unload(message.unload.engine_id)
         elif kind == "drain":
@@ -150,6 +169,9 @@ class Agent:
         finally:
             stopper.cancel()
             await self.supervisor.stop_all()
+            await self.store.close()
+            if self._files is not None:
+                await self._files.stop()
             if self._advertiser is not None:
                 await self._advertiser.close()
             await self._metrics.stop()
@@ -177,6 +199,7 @@ class Agent:
                 identity = await self._identity(facts)
                 host, port = split_host_port(identity.coordinator, DEFAULT_GRPC_PORT)
                 self._configure_engines(identity, host, port)
+                await self._serve_files(identity)
                 await self._advertise(identity, facts)
                 self.session = Session(
                     identity.coordinator,
@@ -188,6 +211,8 @@ class Agent:
                     self._on_reading,
                     self.config.profile,
                     metrics_port=self.metrics_port,
+                    store=self.store,
+                    files_url=self.files_url,
                 )
                 run = asyncio.create_task(self.session.run(self._on_command))
                 await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -272,6 +297,40 @@ class Agent:
                 home / "node.crt", home / "node.key", identity.fleet_ca_pem, identity.node_id
             ),
         )
+
+    async def _serve_files(self, identity: NodeIdentity) -> None:
+        """Serve this node's model files to fleet members (node_agent/file_server.py), on the
+        engines' address and with the node certificate; and copy from them with it too.
+        Started once, again only if the address or certificate changed (a new enrollment).
+        A node that cannot listen still runs engines: it just serves no copies."""
+        home = self.config.home
+        cert, key, ca = home / "node.crt", home / "node.key", home / "fleet-ca.crt"
+        self.store.peer_tls = peer_copy.client_context(cert, key, identity.fleet_ca_pem)
+        network = self.supervisor.network
+        where = (network.bind_host, network.url_host, identity.cert_pem)
+        if self._files is not None and where == self._files_where:
+            return
+        if self._files is not None:
+            await self._files.stop()
+            self._files, self.files_url = None, ""
+        (home / "logs").mkdir(parents=True, exist_ok=True)
+        try:
+            files = await FileServerProcess.start(
+                self.store.index_path,
+                cert,
+                key,
+                ca,
+                network.bind_host,
+                self.config.files_port,
+                rate_mib_s=self.config.serve_rate_mib_s,
+                log_path=home / "logs" / "file-server.log",
+            )
+        except (OSError, RuntimeError) as exc:
+            logger.warning("not serving model files to other nodes: %s", exc)
+            return
+        self._files, self._files_where = files, where
+        self.files_url = f"https://{network.url_host}:{files.port}"
+        logger.info("serving model files to fleet members at %s", self.files_url)
 
     def _on_reading(self, reading: NodeReading) -> None:
         """Each heartbeat's reading feeds /metrics and the mDNS record (rate-limited there);

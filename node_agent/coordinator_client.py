@@ -15,12 +15,15 @@ from mlxfleet.engines import EngineState
 from mlxfleet.facts import NodeFacts
 from mlxfleet.join import COORDINATOR_TLS_NAME, JoinToken, new_key_pem
 from mlxfleet.kv import DEFAULT_KV_GROUP_SIZE, DEFAULT_PREFIX_CACHE_MIB, UNQUANTIZED_KV_BITS
+from mlxfleet.manifest import Manifest, ManifestError
 from mlxfleet.v1 import fleet_pb2 as pb
 from mlxfleet.v1 import fleet_pb2_grpc
 from mlxfleet.version import package_version
 from mlxfleet.wire import enum_value, facts_to_pb
 from node_agent.errors import CoordinatorUnreachable, EnrollRefused
 from node_agent.identity import NodeIdentity, make_csr
+from node_agent.model_store import ModelStore
+from node_agent.peer_copy import Holder
 from node_agent.probes.base import NodeReading
 from node_agent.supervisor import EngineEvent, EngineInfo, LoadRequest
 
@@ -72,9 +75,12 @@ def engine_to_pb(e: EngineInfo, with_secret: bool) -> pb.EngineInfo:
 
 
 def status_to_pb(
-    seq: int, r: NodeReading, engines: dict[str, tuple[EngineState, int, int]]
+    seq: int,
+    r: NodeReading,
+    engines: dict[str, tuple[EngineState, int, int]],
+    store: ModelStore | None = None,
 ) -> pb.NodeStatus:
-    return pb.NodeStatus(
+    status = pb.NodeStatus(
         seq=seq,
         unix_time=time.time(),
         available_bytes=r.available_bytes,
@@ -92,6 +98,35 @@ def status_to_pb(
             )
             for eid, (state, rss, pid) in engines.items()
         ],
+    )
+    if store is not None:
+        add_files(status, store)
+    return status
+
+
+def add_files(status: pb.NodeStatus, store: ModelStore) -> None:
+    """The heartbeat's model files: disk room, what the node holds, copies under way."""
+    status.disk_room_bytes = store.disk_room()
+    status.held_models.extend(
+        pb.HeldModel(
+            source=h.source,
+            manifest_sha256=h.digest,
+            bytes=h.bytes,
+            in_use=h.in_use,
+            evictable=h.evictable,
+        )
+        for h in store.held()
+    )
+    status.copies.extend(
+        pb.ModelCopy(
+            source=c.source,
+            bytes_done=c.bytes_done,
+            bytes_total=c.bytes_total,
+            bytes_per_s=c.bytes_per_s,
+            origin=c.origin,
+            from_nodes=c.from_nodes,
+        )
+        for c in store.copies()
     )
 
 
@@ -175,9 +210,14 @@ class Session:
         on_reading: Callable[[NodeReading], None] | None = None,
         profile: NodeProfile | None = None,
         metrics_port: int = 0,  # where this agent serves /metrics; 0: it does not
+        store: ModelStore | None = None,  # the node's model files, reported each heartbeat
+        files_url: str = "",  # where this node serves model files; "": it does not
     ) -> None:
         self._profile = profile
         self._metrics_port = metrics_port
+        self._store = store
+        self._files_url = files_url
+        self._manifests_sent: set[str] = set()  # digests sent on this connection
         self._on_reading = on_reading
         self._target = target
         self._identity = identity
@@ -197,6 +237,7 @@ class Session:
             facts=facts_message(self._facts, self._profile),
             engines=[engine_to_pb(e, with_secret=True) for e in self._engines()],
             metrics_port=self._metrics_port,
+            files_url=self._files_url,
         )
         yield pb.AgentMessage(hello=hello)
         while True:
@@ -209,9 +250,19 @@ class Session:
             if self._on_reading is not None:
                 self._on_reading(reading)
             seq += 1
-            status = status_to_pb(seq, reading, self._engine_rss())
+            self._send_manifests()
+            status = status_to_pb(seq, reading, self._engine_rss(), self._store)
             self.outbound.put_nowait(pb.AgentMessage(status=status))
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    def _send_manifests(self) -> None:
+        """The manifest of each model the node holds, once per connection: the coordinator
+        keeps the first of each source, and copies from this node are verified against it.
+        Sent before the heartbeat that lists the holding."""
+        for manifest in self._store.manifests() if self._store is not None else []:
+            if manifest.digest not in self._manifests_sent:
+                self._manifests_sent.add(manifest.digest)
+                self.outbound.put_nowait(pb.AgentMessage(manifest=manifest.to_pb()))
 
     async def run(self, on_command: Callable[[pb.CoordinatorMessage], None]) -> None:
         """Hold the stream until it ends; raises grpc.aio.AioRpcError when it breaks."""
@@ -250,6 +301,16 @@ def knobs_from_pb(knobs: pb.TierKnobs) -> dict[str, int]:
     return {name: getattr(knobs, name) for name in names}
 
 
+def manifest_from_pb(message: pb.LoadModel) -> Manifest | None:
+    """The fleet's manifest of the model, if any; None (and a warning) for one that cannot be
+    trusted: the files are then fetched without it, never copied from peers."""
+    try:
+        return Manifest.from_pb(message.manifest)
+    except ManifestError as exc:
+        logger.warning("ignoring the manifest of %s: %s", message.source, exc)
+        return None
+
+
 def load_request(message: pb.LoadModel) -> LoadRequest:
     tier = pb.Tier.Name(message.tier).removeprefix("TIER_").lower()
     return LoadRequest(
@@ -265,4 +326,6 @@ def load_request(message: pb.LoadModel) -> LoadRequest:
         prefix_cache_mib=message.prefix_cache_mib
         if message.HasField("prefix_cache_mib")
         else DEFAULT_PREFIX_CACHE_MIB,
+        manifest=manifest_from_pb(message),
+        holders=tuple(Holder(h.node_id, h.url) for h in message.holders),
     )

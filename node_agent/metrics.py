@@ -38,6 +38,7 @@ MS_PER_S = 1000
 PRESSURE_LEVELS = {"normal": 0, "warning": 1, "critical": 2}
 THERMAL_LEVELS = {"nominal": 0, "fair": 1, "serious": 2, "critical": 3}
 UNIT = ["model", "tier"]
+ORIGINS = ("hub", "peer")  # where model files come from
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +156,32 @@ class AgentCollector(Collector):
         if self.reading is not None:
             yield from self._reading(self.reading)
         yield from self._engines()
+        yield from self._model_files()
+
+    def _model_files(self) -> Iterator[Metric]:
+        """The node's model files (node_agent/model_store.py); the coordinator shows the same
+        per node and model, from the heartbeats."""
+        store = self._supervisor.store
+        copied = CounterMetricFamily(
+            "mlxfleet_agent_copy_bytes",
+            "Model file bytes received, by origin (peer: another node; hub: Hugging Face), "
+            "bytes fetched again after a failed check included.",
+            labels=["origin"],
+        )
+        fetched = store.fetched_bytes()
+        for origin in ORIGINS:  # both from the start: a rate needs the 0 before the first copy
+            copied.add_metric([origin], fetched.get(origin, 0))
+        yield copied
+        yield _gauge(
+            "mlxfleet_agent_disk_room_bytes",
+            "Bytes of model files this node could take now (unused store models counted free).",
+            store.disk_room(),
+        )
+        yield _gauge(
+            "mlxfleet_agent_model_files_bytes",
+            "Bytes of complete, verified model files this node holds (store and in place).",
+            sum(h.bytes for h in store.held()),
+        )
 
     def _node(self) -> Iterator[Metric]:
         f = self._facts

@@ -20,10 +20,12 @@ import aiohttp
 
 from mlxfleet.engines import EngineState, EventKind, ExitReason
 from mlxfleet.kv import DEFAULT_KV_GROUP_SIZE, DEFAULT_PREFIX_CACHE_MIB, UNQUANTIZED_KV_BITS
+from mlxfleet.manifest import Manifest
 from node_agent import spawn
 from node_agent.cgroup import MIB, EngineCgroup, MemoryLimiter
 from node_agent.liveness import DEFAULT_ENGINE_STALL_S, health_silence
-from node_agent.model_source import resolve_source
+from node_agent.model_store import ModelStore, one_line
+from node_agent.peer_copy import Holder
 from node_agent.probes.base import Probe
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,8 @@ class LoadRequest:
     kv_bits: int = UNQUANTIZED_KV_BITS  # 8 or 4: quantized (the engine runs one request at a time)
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE
     prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_MIB  # the budget placement counted; 0: none
+    manifest: Manifest | None = None  # the model's files as the fleet knows them
+    holders: tuple[Holder, ...] = ()  # the nodes to copy them from, best first
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,11 +132,6 @@ def _auth(info: EngineInfo) -> dict[str, str]:
     return {"Authorization": f"Bearer {info.secret}"}
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:300]
-
-
 def rss_bytes(pid: int) -> int:
     """Resident set size of a process; 0 when it cannot be read."""
     try:
@@ -153,6 +152,7 @@ def rss_bytes(pid: int) -> int:
 class _Managed:
     info: EngineInfo
     process: spawn.EngineProcess
+    model_path: Path  # held in the model store while the engine runs
     log_path: Path
     oom_kills_at_start: int
     cgroup: EngineCgroup | None = None  # its memory limit, when the agent sets one
@@ -173,7 +173,9 @@ class Supervisor:
         network: EngineNetwork | None = None,
         limiter: MemoryLimiter | None = None,
         stall_s: float = DEFAULT_ENGINE_STALL_S,  # a ready engine silent this long is hung
+        store: ModelStore | None = None,  # default: a store beside log_dir, without a budget
     ) -> None:
+        self.store = store or ModelStore(log_dir.parent / "models")
         self._probe = probe
         self._stall_s = stall_s
         self._limiter = limiter
@@ -181,10 +183,12 @@ class Supervisor:
         self._log_dir = log_dir
         self.network = network or EngineNetwork()
         self._engines: dict[str, _Managed] = {}
-        self._resolving: set[str] = set()  # engine ids whose model is being downloaded
+        # Engines whose model files are being fetched, as "starting": a Hello after a broken
+        # stream lists them, so the coordinator keeps them instead of placing them again.
+        self._resolving: dict[str, EngineInfo] = {}
 
     def infos(self) -> list[EngineInfo]:
-        return [m.info for m in self._engines.values()]
+        return [*self._resolving.values(), *(m.info for m in self._engines.values())]
 
     def rss(self) -> dict[str, tuple[EngineState, int, int]]:
         """engine_id -> (state, rss bytes, pid) for the heartbeat."""
@@ -195,13 +199,15 @@ class Supervisor:
 
     async def load(self, request: LoadRequest) -> None:
         """Start an engine and report STARTED, then READY or LOAD_FAILED. Returns once started
-        (after a download when the source is a Hugging Face id)."""
+        (after a copy or download of its files: node_agent/model_store.py)."""
         if request.engine_id in self._engines or request.engine_id in self._resolving:
             return  # the coordinator re-sent a command we already run
-        self._resolving.add(request.engine_id)
+        self._resolving[request.engine_id] = EngineInfo(
+            request.engine_id, request.model, request.tier, "starting"
+        )
         try:
-            model_path = await asyncio.to_thread(resolve_source, request.source)
-        except Exception as exc:  # any hub or disk failure: one line up the stream
+            model_path = await self.store.ensure(request.source, request.manifest, request.holders)
+        except Exception as exc:  # no holder, hub or disk room: one line up the stream
             info = EngineInfo(
                 request.engine_id,
                 request.model,
@@ -209,12 +215,12 @@ class Supervisor:
                 "exited",
                 context_length=request.context_length,
             )
-            detail = f"cannot get model {request.source!r}: {_one_line(exc)}"
+            detail = f"cannot get model {request.source!r}: {one_line(exc)}"
             logger.warning("%s", detail)
             self._emit(EngineEvent("load_failed", info, "crash", detail=detail))
             return
         finally:
-            self._resolving.discard(request.engine_id)
+            self._resolving.pop(request.engine_id, None)
         secret = secrets.token_urlsafe(32)
         self._log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self._log_dir / f"{request.engine_id}.log"
@@ -253,6 +259,7 @@ class Supervisor:
                     cgroup.wrap(args) if cgroup is not None else args, env, log.fileno()
                 )
         except BaseException:
+            self.store.release(model_path)
             if cgroup is not None:
                 cgroup.remove()
             raise
@@ -266,7 +273,7 @@ class Supervisor:
             pid=process.pid,
         )
         oom_kills = cgroup.oom_kills() if cgroup is not None else self._probe.oom_kills()
-        managed = _Managed(info, process, log_path, oom_kills, cgroup)
+        managed = _Managed(info, process, model_path, log_path, oom_kills, cgroup)
         self._engines[request.engine_id] = managed
         self._emit(EngineEvent("started", info))
         managed.watcher = asyncio.create_task(self._watch(managed), name=request.engine_id)
@@ -286,6 +293,7 @@ class Supervisor:
             if liveness is not None:
                 liveness.cancel()
         self._engines.pop(m.info.engine_id, None)
+        self.store.release(m.model_path)
         if m.cgroup is not None:
             oom_kills = m.cgroup.oom_kills()  # its own counter: no other process's kill counts
             m.cgroup.remove()

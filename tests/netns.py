@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ NS_PREFIX = "mlxfleet"
 # Held while choosing a subnet and creating it, so two runs never pick the same one.
 LOCK_PATH = Path("/run/mlxfleet-netns.lock")
 IP_TIMEOUT_S = 10.0
+SHAPE_LATENCY_MS = 20  # tbf: how long a packet may wait in the queue before it is dropped
 STOP_TIMEOUT_S = 5.0
 
 
@@ -56,6 +58,15 @@ def unavailable_reason() -> str | None:
 def ip(*args: str, netns: str | None = None, check: bool = True) -> str:
     """Run one `ip` command (inside `netns` when given); raise with its stderr on failure."""
     cmd = ["ip", "netns", "exec", netns, "ip", *args] if netns else ["ip", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=IP_TIMEOUT_S)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def tc(*args: str, netns: str | None = None, check: bool = True) -> str:
+    """Run one `tc` command (inside `netns` when given); raise with its stderr on failure."""
+    cmd = ["ip", "netns", "exec", netns, "tc", *args] if netns else ["tc", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=IP_TIMEOUT_S)
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()}")
@@ -164,6 +175,29 @@ class Network:
     def link_up(self, host: Host) -> None:
         """Reconnect `host` to the bridge."""
         ip("link", "set", host.veth, "up")
+
+    def shape(
+        self,
+        host: Host,
+        rate_mbit: float,
+        direction: Literal["egress", "ingress"] = "egress",
+    ) -> None:
+        """Cap `host`'s link at `rate_mbit` (a token bucket): egress is what it sends (its
+        uplink), ingress what it receives. Shaping again replaces the cap."""
+        rate_bytes_s = rate_mbit * 1e6 / 8
+        # At least one GSO segment (veth hands the queue 64 KiB ones), and 4 ms at the rate.
+        burst = max(128 * 1024, int(rate_bytes_s * 0.004))
+        qdisc = ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst)]
+        qdisc += ["latency", f"{SHAPE_LATENCY_MS}ms"]
+        if direction == "egress":
+            tc("qdisc", "replace", "dev", "eth0", "root", *qdisc, netns=host.name)
+        else:
+            tc("qdisc", "replace", "dev", host.veth, "root", *qdisc)
+
+    def unshape(self, host: Host) -> None:
+        """Take both caps off `host`'s link."""
+        tc("qdisc", "delete", "dev", "eth0", "root", netns=host.name, check=False)
+        tc("qdisc", "delete", "dev", host.veth, "root", check=False)
 
     def _build(self) -> None:
         sweep_stale()

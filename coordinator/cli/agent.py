@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from coordinator.cli.common import HOME_HELP, home_of, run_loop
@@ -59,6 +60,32 @@ def add_parser(subparsers: Any) -> None:
         help=f"Prometheus /metrics port (default {DEFAULT_METRICS_PORT}; 0 = any free port)",
     )
     add("--metrics-host", default="0.0.0.0", help="/metrics listen address (default 0.0.0.0)")
+    add(
+        "--models-dir",
+        help="where copied and downloaded model files are kept (default: HOME/agent/models)",
+    )
+    add(
+        "--disk-budget",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="the most disk the model store may take (folders used in place do not count); "
+        "least recently used models no engine uses are evicted first (default: the disk, "
+        "less 2 GiB)",
+    )
+    add(
+        "--serve-rate",
+        type=float,
+        default=0,
+        metavar="MIB_S",
+        help="cap on serving model files to other nodes, in MiB/s (default 0: no cap)",
+    )
+    add(
+        "--files-port",
+        type=int,
+        default=0,
+        help="port serving model files to other nodes (default 0: any free port)",
+    )
     add("--home", help=HOME_HELP)
     agent.set_defaults(func=cmd_agent)
 
@@ -91,6 +118,12 @@ def cmd_agent(args: argparse.Namespace) -> None:
         raise CliError(f"--engine-stall-s {args.engine_stall_s:g}: must be 1-3600")
     if not 0 <= args.metrics_port <= 65535:
         raise CliError(f"--metrics-port {args.metrics_port}: must be 0-65535")
+    if not 0 <= args.files_port <= 65535:
+        raise CliError(f"--files-port {args.files_port}: must be 0-65535")
+    if args.disk_budget is not None and not 0 <= args.disk_budget <= 2**20:
+        raise CliError(f"--disk-budget {args.disk_budget:g}: must be 0-1048576 (GiB)")
+    if not 0 <= args.serve_rate <= 2**20:
+        raise CliError(f"--serve-rate {args.serve_rate:g}: must be 0-1048576 (MiB/s)")
     profile = NodeProfile(
         labels=labels,
         serve_interactive=args.serve_interactive,
@@ -108,5 +141,9 @@ def cmd_agent(args: argparse.Namespace) -> None:
         engine_stall_s=args.engine_stall_s,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        models_dir=Path(args.models_dir).expanduser() if args.models_dir else None,
+        disk_budget_bytes=int(args.disk_budget * 2**30) if args.disk_budget is not None else None,
+        serve_rate_mib_s=args.serve_rate,
+        files_port=args.files_port,
     )
     run_loop(Agent(config).serve())

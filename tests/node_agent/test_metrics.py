@@ -192,6 +192,27 @@ async def test_heartbeat_readings_are_used_and_unknown_levels_are_absent(
         await agent_metrics.stop()
 
 
+async def test_model_file_metrics_show_the_store(
+    tmp_path: Path, served: int, supervisor: Supervisor
+) -> None:
+    """Bytes held (a folder used in place counts), the room for more, and bytes copied by
+    origin: both origins from the start, at 0 before any copy."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"\0" * 1000)
+    supervisor.store.budget_bytes = 64 * 2**20
+    await supervisor.store.ensure(str(folder))
+    await supervisor.store.settle()
+    text = (await scrape(served)).text
+    samples = parse(text)
+    assert value(samples, "mlxfleet_agent_model_files_bytes") == 1002
+    assert value(samples, "mlxfleet_agent_disk_room_bytes") == 64 * 2**20  # in place: not counted
+    assert value(samples, "mlxfleet_agent_copy_bytes_total", origin="peer") == 0
+    assert value(samples, "mlxfleet_agent_copy_bytes_total", origin="hub") == 0
+    promtool_check(text)
+
+
 async def wait_ready(events: list[EngineEvent]) -> None:
     deadline = time.monotonic() + ENGINE_READY_S
     while not any(e.kind in ("ready", "load_failed") for e in events):

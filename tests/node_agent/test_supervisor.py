@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from node_agent.liveness import DEFAULT_ENGINE_STALL_S, HEALTH_CHECK_INTERVAL_S
-from node_agent.model_source import HUB_ALLOW_PATTERNS, resolve_source
+from node_agent.model_source import HUB_ALLOW_PATTERNS
 from node_agent.probes import local_probe, macos
 from node_agent.probes.linux import LinuxProbe
 from node_agent.supervisor import (
@@ -63,7 +63,8 @@ async def test_unreachable_hub_model_is_a_load_failure_with_a_reason(tmp_path: P
 
 async def test_the_prefix_cache_budget_reaches_the_engine(tmp_path: Path, demo_model: Path) -> None:
     """Needs an engine process: the budget the coordinator sent (and placement counted) is
-    the one the engine keeps, through its --prefix-cache-mib flag."""
+    the one the engine keeps, through its --prefix-cache-mib flag. The engine holds its model
+    folder in the store while it runs (never evicted), and lets go when it exits."""
     events: list[EngineEvent] = []
     supervisor = Supervisor(local_probe(), events.append, tmp_path / "logs")
     try:
@@ -77,12 +78,12 @@ async def test_the_prefix_cache_budget_reaches_the_engine(tmp_path: Path, demo_m
         reply = await supervisor.engine_request("e1", "GET", "/v1/engine/stats")
         assert reply is not None and reply[0] == 200, reply
         assert json.loads(reply[1])["prefix_cache"]["budget_bytes"] == 3 * 2**20
+        await supervisor.store.settle()
+        [held] = supervisor.store.held()
+        assert (held.source, held.in_use, held.evictable) == (str(demo_model), True, False)
     finally:
         await supervisor.stop_all()
-
-
-def test_local_folder_resolves_to_itself(tmp_path: Path) -> None:
-    assert resolve_source(str(tmp_path)) == tmp_path
+    assert [h.in_use for h in supervisor.store.held()] == [False]
 
 
 def test_hub_downloads_fetch_the_files_mlx_lm_loads() -> None:
@@ -92,10 +93,10 @@ def test_hub_downloads_fetch_the_files_mlx_lm_loads() -> None:
 
 
 def test_the_agent_side_of_the_supervisor_does_not_start_mlx() -> None:
-    """Importing the supervisor (and failing a hub download) must not import MLX."""
+    """Importing the agent and its supervisor must not import MLX (a failed hub download
+    neither: tests/node_agent/test_model_store.py)."""
     code = (
-        "import sys, node_agent.supervisor as s\n"
-        "try:\n    s.resolve_source('mlxfleet-test/no-such-model')\nexcept Exception:\n    pass\n"
+        "import sys, node_agent.agent, node_agent.supervisor\n"
         "print(sorted(m for m in sys.modules if m == 'mlx' or m.startswith(('mlx.', 'mlx_lm'))))"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
