@@ -80,6 +80,19 @@ def children_of(pid: int) -> list[int]:
     return kids
 
 
+def engines_of(agent_pid: int) -> list[int]:
+    """An agent's engine processes: those of its children that run node_agent.engine (its
+    file server, node_agent/file_server.py, is a child too)."""
+    engines = []
+    for pid in children_of(agent_pid):
+        try:
+            if b"node_agent.engine" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                engines.append(pid)
+        except OSError:
+            continue
+    return engines
+
+
 def mlxfleet(*args: str) -> list[str]:
     return [sys.executable, "-m", "coordinator.cli", *args]
 

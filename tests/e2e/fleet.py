@@ -20,7 +20,7 @@ import pytest
 from node_agent.identity import NodeIdentity
 from tests.conftest import (
     Proc,
-    children_of,
+    engines_of,
     mlxfleet,
     run_ok,
     start_agent,
@@ -108,7 +108,7 @@ class Fleet:
         return identity.node_id
 
     def engine_pids(self) -> list[int]:
-        return [pid for agent in self.agents for pid in children_of(agent.popen.pid)]
+        return [pid for agent in self.agents for pid in engines_of(agent.popen.pid)]
 
     def log_tails(self, chars: int = 4000) -> str:
         """The end of every process log (tests/conftest.py prints it after a failed test)."""

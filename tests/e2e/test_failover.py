@@ -23,7 +23,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import Proc, children_of, wait_for
+from tests.conftest import Proc, engines_of, wait_for
 from tests.e2e.fleet import READY_TIMEOUT_S, Fleet, model_toml, running_fleet
 from tests.stream_load import (
     Stream,
@@ -45,7 +45,7 @@ AGENT_ARGS = ("--role", "server")
 
 
 def engine_pids(agent: Proc) -> list[int]:
-    return [p for p in children_of(agent.popen.pid) if _is_engine(p)]
+    return engines_of(agent.popen.pid)
 
 
 def placed(fleet: Fleet) -> list[str]:
@@ -65,13 +65,6 @@ def both_ready(fleet: Fleet) -> bool:
 
 def continuations(fleet: Fleet) -> int:
     return fleet.coordinator.output().count(BROKE)
-
-
-def _is_engine(pid: int) -> bool:
-    try:
-        return b"node_agent.engine" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")

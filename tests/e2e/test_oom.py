@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from node_agent.cgroup import CGROUP_PREFIX, MIB, MemoryLimiter, memory_cgroup_dir
-from tests.conftest import children_of, wait_for
+from tests.conftest import engines_of, wait_for
 from tests.e2e.fleet import READY_TIMEOUT_S, Fleet, model_toml, running_fleet
 
 # Measured on the demo engine: ~70 MiB resident when idle; g++ compiling MLX kernels on first
@@ -132,7 +132,7 @@ def test_an_engine_over_its_memory_limit_is_oom_killed_and_the_model_served_agai
         )
         assert chat(fleet, "hi", 2).status_code == 200  # traffic before
 
-        [engine_pid] = children_of(a.popen.pid)
+        [engine_pid] = engines_of(a.popen.pid)
         cgroup = _cgroup_dir(engine_pid)
         assert cgroup is not None and cgroup.name.startswith(CGROUP_PREFIX)
         engine_id = cgroup.name.removeprefix(CGROUP_PREFIX)

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Proc, children_of
+from tests.conftest import Proc, engines_of
 from tests.e2e.fleet import Fleet, model_toml, running_fleet
 
 
@@ -29,7 +29,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterato
 def engine_argv(agent: Proc) -> list[str]:
     """The command line of the agent's one engine process."""
     argvs = []
-    for pid in children_of(agent.popen.pid):
+    for pid in engines_of(agent.popen.pid):
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
         if "node_agent.engine" in argv:
             argvs.append(argv)

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import children_of, wait_for
+from tests.conftest import engines_of, wait_for
 from tests.e2e.fleet import Fleet, running_fleet
 
 
@@ -91,7 +91,7 @@ def test_models_lists_each_model_per_tier_for_the_key(fleet: Fleet) -> None:
 
 
 def test_tier_knobs_change_without_reloading(fleet: Fleet) -> None:
-    engines_before = set(children_of(fleet.agent.popen.pid))
+    engines_before = set(engines_of(fleet.agent.popen.pid))
     out = fleet.cli("tiers", "set", "batch", "--window-ms", "250", "--max-batch-size", "6")
     assert "'batch_window_ms': 250" in out
     listed = fleet.cli("tiers")
@@ -108,7 +108,7 @@ def test_tier_knobs_change_without_reloading(fleet: Fleet) -> None:
     demo_batch = units(fleet)[("demo", "batch")]
     assert demo_batch["knobs"]["batch_window_ms"] == 250
     assert demo_batch["knobs"]["max_batch_size"] == 6
-    assert set(children_of(fleet.agent.popen.pid)) >= engines_before  # nothing restarted
+    assert set(engines_of(fleet.agent.popen.pid)) >= engines_before  # nothing restarted
     assert post(fleet, fleet.key, "demo", tier="batch").status_code == 200
 
 

@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from node_agent.identity import NodeIdentity
-from tests.conftest import children_of, read_runtime, run_ok, wait_for
+from tests.conftest import engines_of, read_runtime, run_ok, wait_for
 from tests.netns import Host, Network, unavailable_reason
 from tests.stream_load import ClientLoops
 
@@ -53,7 +53,7 @@ class AgentProc:
 
     def engine_pids(self) -> list[int]:
         """Engine processes this agent runs (its direct children)."""
-        return sorted(children_of(self.proc.pid))
+        return sorted(engines_of(self.proc.pid))
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
