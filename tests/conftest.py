@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -78,6 +79,16 @@ def children_of(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             kids.append(int(stat.parent.name))
     return kids
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file below `folder` but hidden ones (a model's files,
+    compared byte for byte without trusting the code under test)."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts)
+    }
 
 
 def engines_of(agent_pid: int) -> list[int]:

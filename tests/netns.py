@@ -57,16 +57,16 @@ def unavailable_reason() -> str | None:
 
 def ip(*args: str, netns: str | None = None, check: bool = True) -> str:
     """Run one `ip` command (inside `netns` when given); raise with its stderr on failure."""
-    cmd = ["ip", "netns", "exec", netns, "ip", *args] if netns else ["ip", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=IP_TIMEOUT_S)
-    if check and done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()}")
-    return done.stdout
+    return _run("ip", args, netns, check)
 
 
 def tc(*args: str, netns: str | None = None, check: bool = True) -> str:
     """Run one `tc` command (inside `netns` when given); raise with its stderr on failure."""
-    cmd = ["ip", "netns", "exec", netns, "tc", *args] if netns else ["tc", *args]
+    return _run("tc", args, netns, check)
+
+
+def _run(tool: str, args: Sequence[str], netns: str | None, check: bool) -> str:
+    cmd = ["ip", "netns", "exec", netns, tool, *args] if netns else [tool, *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=IP_TIMEOUT_S)
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()}")

@@ -31,7 +31,7 @@ from coordinator.pki import FleetPki
 from mlxfleet.manifest import Manifest, ManifestFile
 from node_agent.identity import make_csr
 from tests.certs import write_key
-from tests.conftest import run_ok, wait_for
+from tests.conftest import file_hashes, run_ok, wait_for
 from tests.multihost.fleet import MODEL, AgentProc, Fleet, cli, coordinator_fleet
 from tests.netns import Network
 
@@ -106,18 +106,10 @@ def seed_hub_cache(hf_home: Path, model: Path) -> Path:
     return snapshot
 
 
-def sha256s(folder: Path) -> dict[str, str]:
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    }
-
-
 def manifest_of(folder: Path) -> Manifest:
     files = [
         ManifestFile(path, (folder / path).stat().st_size, sha)
-        for path, sha in sha256s(folder).items()
+        for path, sha in file_hashes(folder).items()
     ]
     return Manifest.of(HUB_ID, files)
 
@@ -195,7 +187,7 @@ def test_a_node_copies_the_model_from_a_peer_and_serves_it_without_the_hub(
     wait_for(lambda: ready_on(fleet) == {a1.node_id, a2.node_id}, READY_TIMEOUT_S, "demo on host 2")
     copied = store_folder(a2)
     assert copied is not None
-    assert sha256s(copied) == sha256s(cf.snapshot)  # byte-identical
+    assert file_hashes(copied) == file_hashes(cf.snapshot)  # byte-identical
     assert cf.hub is not None and cf.hub.connections == 0  # the hub was never contacted
     row = models_row(fleet)
     assert row is not None and sorted(row["files_on"]) == sorted([a1.node_id, a2.node_id])
@@ -255,7 +247,7 @@ def test_a_copy_resumes_where_it_stopped_after_the_link_went_down(copy_fleet: Co
     fetched = agent_metric(a3, COPIED)
     assert size <= fetched < 1.2 * size, (fetched, size)
     copied = store_folder(a3)
-    assert copied is not None and sha256s(copied) == sha256s(cf.snapshot)
+    assert copied is not None and file_hashes(copied) == file_hashes(cf.snapshot)
     assert cf.hub is not None and cf.hub.connections == 0
 
 
@@ -267,7 +259,7 @@ def test_a_corrupted_file_at_the_source_is_caught_before_the_engine_starts(
     engine starts; once host 2 is back, the copy comes from it and the engine starts."""
     cf, fleet = copy_fleet, copy_fleet.fleet
     a3 = cf.agents["a3"]
-    good = sha256s(cf.snapshot)
+    good = file_hashes(cf.snapshot)
     cf.stop("a2")
     cf.stop("a3")
     folder = store_folder(a3)
@@ -294,7 +286,7 @@ def test_a_corrupted_file_at_the_source_is_caught_before_the_engine_starts(
         cf.start("a2", 2)
         wait_for(lambda: a3.node_id in ready_on(fleet), READY_TIMEOUT_S, "demo on host 3")
         copied = store_folder(a3)
-        assert copied is not None and sha256s(copied) == good
+        assert copied is not None and file_hashes(copied) == good
     finally:
         data[at] ^= 0xFF
         weights.write_bytes(bytes(data))
@@ -338,7 +330,7 @@ def test_the_file_server_refuses_strangers_and_files_outside_the_manifest(
     with httpx.Client(verify=member, timeout=10) as client:
         r = client.get(f"{base}/config.json")
         assert r.status_code == 200
-        assert hashlib.sha256(r.content).hexdigest() == sha256s(cf.snapshot)["config.json"]
+        assert hashlib.sha256(r.content).hexdigest() == file_hashes(cf.snapshot)["config.json"]
         r = client.get(f"{base}/model.safetensors", headers={"Range": "bytes=8-15"})
         assert r.status_code == 206 and len(r.content) == 8
         for path in ("README.md", "..%2F..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd"):

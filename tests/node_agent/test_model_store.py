@@ -30,6 +30,7 @@ from node_agent.manifest import build_manifest
 from node_agent.model_store import ModelStore, ModelUnavailable, folder_name
 from node_agent.peer_copy import Holder, client_context
 from tests.certs import write_key
+from tests.conftest import file_hashes
 from tests.node_agent.test_metrics import FACTS, READING
 
 MIB = 2**20
@@ -56,15 +57,6 @@ def seed_store(root: Path, source: str, files: dict[str, bytes], last_used: floa
     os.replace(staging, folder)
     write_json(folder / RECORD, Holding(source, folder, manifest, False, last_used).record())
     return manifest
-
-
-def tree(folder: Path) -> dict[str, str]:
-    """Relative path -> SHA-256 of every non-hidden file."""
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts)
-    }
 
 
 class Peer:
@@ -229,7 +221,7 @@ async def test_a_copy_evicts_the_least_recently_used_models_no_engine_uses(
         manifest_d, holders = await peer.offer("/fleet/d", model_files(4, 4 * MIB))
         d = await store.ensure("/fleet/d", manifest_d, holders)
         assert sorted(h.source for h in store.held()) == ["/fleet/b", "/fleet/c", "/fleet/d"]
-        assert tree(d) == tree(peer.folder_of(manifest_d))
+        assert file_hashes(d) == file_hashes(peer.folder_of(manifest_d))
         # b (3 MiB) is all that could go now: 5 MiB does not fit, and nothing is evicted.
         manifest_e, holders = await peer.offer("/fleet/e", model_files(5, 5 * MIB))
         with pytest.raises(ModelUnavailable) as failed:
@@ -243,7 +235,7 @@ async def test_a_copy_evicts_the_least_recently_used_models_no_engine_uses(
             ("/fleet/c", True),
             ("/fleet/e", True),
         ]
-        assert in_use.is_dir() and tree(e) == tree(peer.folder_of(manifest_e))
+        assert in_use.is_dir() and file_hashes(e) == file_hashes(peer.folder_of(manifest_e))
         assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == sorted(
             [in_use.name, e.name]
         )
@@ -256,7 +248,7 @@ async def test_a_peer_copy_lands_verified_in_the_store(store: ModelStore, peer: 
     manifest, holders = await peer.offer("/fleet/m", files)
     folder = await store.ensure("/fleet/m", manifest, holders)
     assert folder == store.root / folder_name("/fleet/m", manifest.digest)
-    assert tree(folder) == {p: hashlib.sha256(d).hexdigest() for p, d in files.items()}
+    assert file_hashes(folder) == {p: hashlib.sha256(d).hexdigest() for p, d in files.items()}
     assert [(h.source, h.digest, h.in_use, h.evictable) for h in store.held()] == [
         ("/fleet/m", manifest.digest, True, True)
     ]
@@ -293,7 +285,7 @@ async def test_a_copy_stopped_by_a_restart_resumes_where_it_stopped(
         folder = await again.ensure("/fleet/m", manifest, peer.holders())
         after = again.fetched_bytes()["peer"]
         assert after < manifest.total_bytes - before + 2 * MIB  # not from the start
-        assert tree(folder) == tree(peer.folder_of(manifest))
+        assert file_hashes(folder) == file_hashes(peer.folder_of(manifest))
     finally:
         await again.close()
 
