@@ -206,3 +206,11 @@ def fleet_logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
         reporter = request.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None and hasattr(fleet, "log_tails"):
             reporter.write_line(fleet.log_tails())
+
+
+@pytest.fixture(scope="session")
+def demo_model_6(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model with 6 layers, enough to split over a group's 2 or 3 ranks."""
+    from node_agent.engine.demo_model import write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("models") / "demo6", layers=6)

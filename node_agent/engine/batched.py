@@ -33,11 +33,17 @@ class BatchDecoder(Decoder):
     """The interactive tier's decoder (and the batch tier's unless it quantizes its KV)."""
 
     def __init__(
-        self, model: Any, eos_ids: frozenset[int], slots: int, cache_budget_bytes: int = 0
+        self,
+        model: Any,
+        eos_ids: frozenset[int],
+        slots: int,
+        cache_budget_bytes: int = 0,
+        layer_scale: tuple[int, int] = (1, 1),  # a group's rank: (all layers, its layers)
     ) -> None:
         self._model = model
         self._cache_budget = cache_budget_bytes
-        self.prefix = PrefixCache(cache_budget_bytes)
+        self._scale = layer_scale
+        self.prefix = PrefixCache(cache_budget_bytes, scale=layer_scale)
         self._cached: dict[int, int] = {}  # uid -> prompt tokens taken from the cache
         # The only stop sequences BatchGenerator sees are EOS tokens; stop strings are ours.
         self._eos_stops = StopSequences([(t,) for t in sorted(eos_ids)])
@@ -110,5 +116,7 @@ class BatchDecoder(Decoder):
                 for response in self._bg.next_generated():
                     if response.finish_reason is not None:
                         uids.discard(response.uid)
-        self.prefix = PrefixCache(self._cache_budget)  # the warm-up's sequences are no prefix
+        self.prefix = PrefixCache(
+            self._cache_budget, scale=self._scale
+        )  # the warm-up's sequences are no prefix
         self._cached.clear()

@@ -19,6 +19,8 @@ from mlxfleet.tiers import DEFAULT_KNOBS, TIERS, Knobs, Tier
 from node_agent.errors import ConfigError
 
 SECRET_ENV = "MLXFLEET_ENGINE_SECRET"
+MLX_RANK_ENV, MLX_HOSTFILE_ENV = "MLX_RANK", "MLX_HOSTFILE"  # MLX's ring backend reads these
+DEFAULT_GROUP_STALL_S = 5.0  # the gateway's stream stall limit (coordinator/config.py)
 DEFAULT_HOST = "127.0.0.1"
 # The seeds' names (seed 001); honoured by the batch tier when the flags are not given.
 KV_FLAGS = ("--kv-bits", "--kv-group-size", "--max-concurrency")  # check_kv names them
@@ -26,6 +28,17 @@ BATCH_ENV = {
     "batch_window_ms": "MLX_BATCH_BATCH_WINDOW_MS",
     "max_batch_size": "MLX_BATCH_MAX_BATCH_SIZE",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSpec:
+    """One rank of a model spread over several nodes (group.py). The rank and the ranks'
+    addresses are MLX's own environment, MLX_RANK and MLX_HOSTFILE, which the agent sets."""
+
+    group_id: str
+    split: tuple[int, ...]  # layers per rank, as mlx-lm's pipeline() takes it
+    stall_s: float  # a collective that takes longer means the group is broken
+    rank: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +61,7 @@ class EngineConfig:
     # Serve HTTPS with the node's certificate (an engine reached from another host).
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    group: GroupSpec | None = None  # one rank of a group; None: the whole model here
 
 
 def _positive(text: str) -> int:
@@ -161,7 +175,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate (HTTPS)")
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key (HTTPS)")
+    parser.add_argument("--group-id", default=None, help="run as one rank of this group")
+    parser.add_argument(
+        "--group-split", default=None, metavar="N,N,...", help="layers per rank (rank 0 first)"
+    )
+    parser.add_argument(
+        "--group-stall-s",
+        type=float,
+        default=DEFAULT_GROUP_STALL_S,
+        metavar="S",
+        help="a rank stuck this long in a group operation exits (the group is lost)",
+    )
     return parser
+
+
+def _group(
+    args: argparse.Namespace, environ: Mapping[str, str], kv_bits: int | None
+) -> GroupSpec | None:
+    if args.group_id is None and args.group_split is None:
+        return None
+    if not args.group_id or not args.group_split:
+        raise ConfigError("--group-id and --group-split go together")
+    parts = args.group_split.split(",")
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts) or len(parts) < 2:
+        raise ConfigError(
+            f"--group-split must be 2 or more positive layer counts, got {args.group_split!r}"
+        )
+    if kv_bits is not None:
+        raise ConfigError(
+            "--kv-bits cannot be used in a group (a quantized KV cache runs one sequence at a time)"
+        )
+    if not args.group_stall_s > 0:
+        raise ConfigError("--group-stall-s must be positive")
+    rank_text = environ.get(MLX_RANK_ENV, "")
+    if not rank_text.isdigit() or int(rank_text) >= len(parts):
+        raise ConfigError(f"{MLX_RANK_ENV} must be a rank below {len(parts)}, got {rank_text!r}")
+    if not Path(environ.get(MLX_HOSTFILE_ENV, "")).is_file():
+        raise ConfigError(f"{MLX_HOSTFILE_ENV} must name the group's hostfile")
+    split = tuple(int(p) for p in parts)
+    return GroupSpec(args.group_id, split, args.group_stall_s, int(rank_text))
 
 
 def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> EngineConfig:
@@ -192,4 +244,5 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> EngineConfig
         prefix_cache_mib=args.prefix_cache_mib,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        group=_group(args, environ, kv_bits),
     )

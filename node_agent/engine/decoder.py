@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import mlx.core as mx
 
+    from node_agent.engine.group import Recipe
     from node_agent.engine.prefix_cache import CacheStats
     from node_agent.engine.sampling import LogitsProcessor, Sampler
 
@@ -38,6 +39,7 @@ class NewSequences:
     samplers: list[Sampler]
     ignore_eos: list[bool]  # run to max_tokens through end-of-sequence tokens
     processors: list[list[LogitsProcessor]]  # logit_bias and penalties; mostly empty
+    recipes: list[Recipe] | None = None  # how other ranks build the samplers (group.py)
 
 
 class Decoder(ABC):
@@ -57,13 +59,15 @@ class Decoder(ABC):
         samplers: list[Sampler],
         ignore_eos: list[bool] | None = None,
         processors: list[list[LogitsProcessor]] | None = None,
+        recipes: list[Recipe] | None = None,
     ) -> list[int]:
         """Start sequences (no more than the free slots); returns their uids in order. A
         sequence with ignore_eos runs to its max_tokens through end-of-sequence tokens; its
-        processors change its logits before its sampler draws."""
+        processors change its logits before its sampler draws. `recipes`: how a group's other
+        ranks build the same samplers (group.py; a single engine needs none)."""
         ignore = ignore_eos or [False] * len(prompts)
         procs = processors or [[] for _ in prompts]
-        return self._start(NewSequences(prompts, max_tokens, samplers, ignore, procs))
+        return self._start(NewSequences(prompts, max_tokens, samplers, ignore, procs, recipes))
 
     @abstractmethod
     def _start(self, new: NewSequences) -> list[int]:
@@ -89,6 +93,18 @@ class Decoder(ABC):
     def drop_cache(self) -> int:
         """Empty the prefix cache (memory pressure); returns the bytes freed."""
         return 0
+
+    def idle_interval_s(self) -> float | None:
+        """How long the model thread may wait for work before calling `idle` (None: forever)."""
+        return None
+
+    def idle(self) -> None:
+        """Nothing runs: a group's rank 0 tells the others it lives (group.py)."""
+        return None
+
+    def close(self) -> None:
+        """The engine stops: a group's rank 0 tells the others to stop too."""
+        return None
 
     @abstractmethod
     def reset(self) -> None:

@@ -124,12 +124,12 @@ def _train_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def _config(vocab_size: int, eos_token_id: int) -> dict:
+def _config(vocab_size: int, eos_token_id: int, layers: int) -> dict:
     return {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
         "hidden_size": HIDDEN_SIZE,
-        "num_hidden_layers": NUM_LAYERS,
+        "num_hidden_layers": layers,
         "num_attention_heads": NUM_HEADS,
         "num_key_value_heads": NUM_KV_HEADS,
         "intermediate_size": INTERMEDIATE_SIZE,
@@ -145,12 +145,12 @@ def _config(vocab_size: int, eos_token_id: int) -> dict:
     }
 
 
-def _weights(vocab_size: int) -> dict[str, mx.array]:
+def _weights(vocab_size: int, layers: int) -> dict[str, mx.array]:
     """Random weights from a fixed key, named and shaped as mlx_lm's qwen2 model expects."""
     head_dim = HIDDEN_SIZE // NUM_HEADS
     kv_dim = NUM_KV_HEADS * head_dim
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab_size, HIDDEN_SIZE)}
-    for i in range(NUM_LAYERS):
+    for i in range(layers):
         p = f"model.layers.{i}"
         shapes |= {
             f"{p}.self_attn.q_proj.weight": (HIDDEN_SIZE, HIDDEN_SIZE),
@@ -201,8 +201,9 @@ def _tokenizer_config() -> dict:
     }
 
 
-def write_demo_model(path: Path) -> Path:
-    """Write the demo model (config, weights, tokenizer) into `path` and return it."""
+def write_demo_model(path: Path, layers: int = NUM_LAYERS) -> Path:
+    """Write the demo model (config, weights, tokenizer) into `path` and return it. More
+    `layers` give a model to split over a group's ranks (tests of groups use 6)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer()
@@ -215,9 +216,9 @@ def write_demo_model(path: Path) -> Path:
     (path / "special_tokens_map.json").write_text(
         json.dumps({"eos_token": EOS_TOKEN, "pad_token": "<|endoftext|>"}, indent=2) + "\n"
     )
-    config = _config(vocab_size, eos_token_id)
+    config = _config(vocab_size, eos_token_id, layers)
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    weights = _weights(vocab_size)
+    weights = _weights(vocab_size, layers)
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     logger.info("wrote demo model to %s (vocab %d)", path, vocab_size)
     return path

@@ -14,77 +14,21 @@ from typing import TYPE_CHECKING, Any
 
 from mlxfleet.errors import ApiError, KvCacheError
 from mlxfleet.kv import DEFAULT_CONTEXT_LENGTH, DEFAULT_KV_GROUP_SIZE, check_kv
-from mlxfleet.openai.protocol import SamplingParams
 from mlxfleet.tiers import DEFAULT_KNOBS, Knobs
 from node_agent.engine.decoder import Decoder, Token
+from node_agent.engine.jobs import EngineStats, Event, Job, TokenLogprob, token_logprob
 from node_agent.engine.knobs import admit_now, window_remaining_ms
 from node_agent.engine.textstream import TextStream
 from node_agent.errors import ModelLoadFailed, QueueFull
 
 if TYPE_CHECKING:
-    from node_agent.engine.prefix_cache import CacheStats
+    from node_agent.engine.config import GroupSpec
+    from node_agent.engine.group import Rank, Recipe
 
 logger = logging.getLogger(__name__)
 
 WARMUP_PROMPT = "Hello, world."
 WARMUP_MAX_TOKENS = 4
-
-
-@dataclass(frozen=True, slots=True)
-class TokenLogprob:
-    """One generated token's log probability, and the most likely alternatives at its place
-    (most likely first) when the request asked for top_logprobs."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """What the model thread reports for a request; finish_reason set means the last one."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    completion_tokens: int = 0
-    error: str | None = None
-    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked
-    stop_sequence: str | None = None  # the request's stop string that ended the answer
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (on the last)
-
-
-Sink = Callable[[Event], None]
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    """One generation request; `sink` is called on the model thread and must be thread-safe."""
-
-    request_id: int
-    prompt_ids: list[int]  # ends with `sent_ids` when continuing a stream
-    max_tokens: int
-    params: SamplingParams
-    sink: Sink
-    sent_ids: tuple[int, ...] = ()  # generated elsewhere, text already sent (a continuation)
-    grammar: Any = None  # grammar.RequestGrammar: constrained decoding, wraps the sampler
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    """Counters for GET /v1/engine/stats."""
-
-    active: int
-    queued: int  # submitted, not yet admitted: the queue depth
-    max_batch_seen: int  # most sequences decoded in one step
-    requests_total: int
-    generated_tokens_total: int
-    admission_groups: int  # times a group of waiting requests was admitted together
-    largest_admission: int  # the biggest such group
-    knobs: Knobs
-    kv_bits: int = 16  # the KV cache in force: 16, the model's dtype; 8 or 4, quantized
-    kv_group_size: int | None = None  # values per quantized scale and bias; None: unquantized
-    prefix_cache: CacheStats | None = None  # None: the decoder keeps no prefix cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +87,12 @@ class ModelThread:
         kv_bits: int | None = None,
         kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
         prefix_cache_bytes: int = 0,
+        group: GroupSpec | None = None,
     ) -> None:
         self._model_path = Path(model_path)
+        self._group = group  # one rank of a model spread over several nodes (group.py)
+        self.rank: Rank | None = None  # once joined
+        self.on_follow_end: Callable[[], None] = lambda: None  # a rank > 0 was told to stop
         self._prefix_cache_bytes = prefix_cache_bytes  # 0: no prefix cache
         self._kv_bits = kv_bits  # None: the KV cache stays in the model's dtype
         self._kv_group_size = kv_group_size
@@ -165,6 +113,7 @@ class ModelThread:
         self._largest_admission = 0
         self._requests_total = 0
         self._generated_total = 0
+        self._grammars: Any = None  # a rank > 0 builds rank 0's grammars from their recipes
         self._thread = threading.Thread(target=self._run, name="mlxfleet-model", daemon=True)
 
     def start(self) -> None:
@@ -230,6 +179,7 @@ class ModelThread:
             kv_bits=self._kv_bits or 16,
             kv_group_size=self._kv_group_size if self._kv_bits else None,
             prefix_cache=decoder.cache_stats() if decoder is not None else None,
+            group=self.rank.stats() if self.rank is not None else None,
         )
 
     # --- on the model thread -------------------------------------------------------------
@@ -242,6 +192,10 @@ class ModelThread:
             self.loaded.set_exception(ModelLoadFailed(f"{self._model_path}: {exc}"))
             return
         self.loaded.set_result(None)
+        if self.rank is not None and self.rank.rank > 0:
+            self.rank.follow(self._decoder, self._build)
+            self.on_follow_end()
+            return
         stopping = False
         while not stopping:
             try:
@@ -249,6 +203,8 @@ class ModelThread:
                 self._admit()
                 if self._running and not stopping:
                     self._step()
+                elif not self._running:
+                    self._decoder.idle()
             except Exception:
                 # Whatever broke, the thread must live on: fail the batch and start afresh.
                 logger.exception("generation failed; failing %d requests", len(self._running))
@@ -258,6 +214,7 @@ class ModelThread:
         for waiting in self._dequeue(len(self._waiting)):
             self._final(waiting.job, "error", "the engine is shutting down")
         self._fail_running("the engine is shutting down")
+        self._decoder.close()
 
     def _load(self) -> None:
         import mlx_lm
@@ -266,8 +223,14 @@ class ModelThread:
         # local files the agent placed, so say plainly what is missing instead.
         if not (self._model_path / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in {self._model_path}")
-        loaded = mlx_lm.load(str(self._model_path))
-        model, tokenizer = loaded[0], loaded[1]
+        if self._group is None:
+            loaded = mlx_lm.load(str(self._model_path))
+            model, tokenizer = loaded[0], loaded[1]
+        else:
+            from node_agent.engine.group import Rank
+
+            self.rank = Rank(self._group, self._model_path)  # joined, its layers loaded
+            model, tokenizer = self.rank.model, self.rank.tokenizer
         self.tokenizer = tokenizer
         args = getattr(model, "args", None)
         self.vocab_size = getattr(args, "vocab_size", None) or len(tokenizer._tokenizer)
@@ -276,7 +239,10 @@ class ModelThread:
         if self._requested_context is None and model_max:
             self.context_length = min(int(model_max), DEFAULT_CONTEXT_LENGTH)
         self._decoder = self._new_decoder(model)
-        self._decoder.warm_up(list(tokenizer.encode(WARMUP_PROMPT)), WARMUP_MAX_TOKENS)
+        if self.rank is not None:
+            self._decoder = self.rank.wrap(self._decoder)
+        if self.rank is None or self.rank.rank == 0:  # the others warm up as rank 0 tells them
+            self._decoder.warm_up(list(tokenizer.encode(WARMUP_PROMPT)), WARMUP_MAX_TOKENS)
         logger.info(
             "model %s loaded and warmed up (context %d tokens, eos %s, kv %s)",
             self._model_path,
@@ -291,7 +257,11 @@ class ModelThread:
             from node_agent.engine.batched import BatchDecoder
 
             return BatchDecoder(
-                model, self._eos_ids, self._knobs.max_concurrency, self._prefix_cache_bytes
+                model,
+                self._eos_ids,
+                self._knobs.max_concurrency,
+                self._prefix_cache_bytes,
+                self.rank.layer_scale if self.rank is not None else (1, 1),
             )
         from node_agent.engine.sequential import SequentialDecoder
 
@@ -305,7 +275,10 @@ class ModelThread:
         if self._running:
             return 0.0
         remaining_ms = window_remaining_ms(self._waiting_ages_ms(), self._knobs)
-        return None if remaining_ms is None else remaining_ms / 1000
+        idle = self._decoder.idle_interval_s()
+        if remaining_ms is None:
+            return idle
+        return remaining_ms / 1000 if idle is None else min(idle, remaining_ms / 1000)
 
     def _take_inbox(self, timeout_s: float | None) -> bool:
         """Move messages from the inbox into state (waiting up to `timeout_s` for the first;
@@ -358,15 +331,20 @@ class ModelThread:
 
     def _start(self, jobs: list[Job]) -> None:
         """Insert jobs into the decoder together (a batch prefills them together)."""
+        from node_agent.engine.group import Recipe, recipe_for
         from node_agent.engine.sampling import processors_for, sampler_for
 
         ready: list[tuple[Job, Any, list[Any]]] = []
+        recipes: list[Recipe] = []
         for job in jobs:
             try:
-                sampler = sampler_for(job.params)
+                # A group's ranks all build the same sampler from one recipe (a fixed seed).
+                recipe = recipe_for(job.params, job.grammar) if self.rank else Recipe(job.params)
+                sampler = sampler_for(recipe.params)
                 if job.grammar is not None:
                     sampler = job.grammar.constrain(sampler)
                 ready.append((job, sampler, processors_for(job.params)))
+                recipes.append(recipe)
             except Exception as exc:
                 logger.exception("could not start request %d", job.request_id)
                 self._final(job, "error", str(exc))
@@ -379,6 +357,7 @@ class ModelThread:
                 [sampler for _, sampler, _ in ready],
                 [job.params.ignore_eos for job, _, _ in ready],
                 [processors for _, _, processors in ready],
+                recipes,
             )
         except Exception as exc:
             logger.exception("could not start %d requests", len(ready))
@@ -391,6 +370,18 @@ class ModelThread:
             running = _Running(job, text, uid, cached_tokens=self._decoder.cached(uid))
             self._running[job.request_id] = running
             self._by_uid[uid] = running
+
+    def _build(self, recipe: Recipe) -> tuple[Any, list[Any]]:
+        """A sequence's sampler and processors from rank 0's recipe (a rank > 0)."""
+        from node_agent.engine.grammar import Grammars
+        from node_agent.engine.sampling import processors_for, sampler_for
+
+        sampler = sampler_for(recipe.params)
+        if recipe.grammar is not None:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.vocab_size)
+            sampler = self._grammars.from_recipe(*recipe.grammar).constrain(sampler)
+        return sampler, processors_for(recipe.params)
 
     def _cancel(self, request_id: int) -> None:
         for i, waiting in enumerate(self._waiting):
@@ -470,18 +461,3 @@ class ModelThread:
         except Exception:
             # A sink that fails (the loop closed) must not take the model thread down.
             logger.exception("delivering an event for request %d failed", job.request_id)
-
-
-def token_logprob(token: int, logprobs: Any, top: int) -> TokenLogprob:
-    """The chosen token's log probability and the `top` most likely ids (mlx arrays in, floats
-    out); run on the model thread for requests that asked for logprobs only."""
-    import mlx.core as mx
-
-    chosen = float(logprobs[token].item())
-    if top == 0:
-        return TokenLogprob(token, chosen)
-    ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
-    top_ids: list[int] = ids.tolist()  # type: ignore[assignment]
-    values: list[float] = logprobs[ids].tolist()  # type: ignore[assignment]
-    pairs = sorted(zip(top_ids, values, strict=True), key=lambda p: (-p[1], p[0]))
-    return TokenLogprob(token, chosen, tuple(pairs))

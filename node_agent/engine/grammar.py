@@ -42,8 +42,10 @@ class RequestGrammar:
     samplers one by one anyway, while any processor sends the whole batch down its per-row
     logits path (measured in docs/benchmarks.md)."""
 
-    def __init__(self, matcher: Any, sent: list[int]) -> None:
+    def __init__(self, matcher: Any, sent: list[int], recipe: tuple[str, str] = ("", "")) -> None:
         self._matcher = matcher
+        # What another rank of a group needs to build the same grammar (group.py).
+        self.recipe = (*recipe, tuple(sent))
         self._last: Any = None  # the token drawn at the previous step (an mx array)
         if sent and not matcher.consume_tokens(sent):
             raise ApiError.invalid(
@@ -87,9 +89,7 @@ class Grammars:
         object), after the model's think section when it has one."""
         schema = dict(fmt.schema or {}) if fmt.type == "json_schema" else {"type": "object"}
         body = f"body: %json {json.dumps(schema | {'x-guidance': JSON_STYLE})}"
-        return RequestGrammar(
-            self._matcher(self._lark(body, opened_thinking), "response_format"), sent
-        )
+        return self.from_recipe(self._lark(body, opened_thinking), "response_format", sent)
 
     def for_tool_choice(
         self,
@@ -130,7 +130,13 @@ class Grammars:
                 *rules,
             ]
         )
-        return RequestGrammar(self._matcher(self._lark(body, opened_thinking), "tools"), sent)
+        return self.from_recipe(self._lark(body, opened_thinking), "tools", sent)
+
+    def from_recipe(
+        self, grammar: str, param: str, sent: list[int] | tuple[int, ...]
+    ) -> RequestGrammar:
+        """A grammar from its Lark text (`param`: the request field named in its errors)."""
+        return RequestGrammar(self._matcher(grammar, param), list(sent), (grammar, param))
 
     def _lark(self, body: str, opened_thinking: bool) -> str:
         """`body` (Lark rules defining `body`) as the whole answer, after a think section when

@@ -67,8 +67,13 @@ def common_length(a: tuple[int, ...], b: list[int], start: int) -> int:
 class PrefixCache:
     """KV of processed sequences by prefix, LRU under `budget_bytes` (0: off)."""
 
-    def __init__(self, budget_bytes: int, block: int = BLOCK_TOKENS) -> None:
+    def __init__(
+        self, budget_bytes: int, block: int = BLOCK_TOKENS, scale: tuple[int, int] = (1, 1)
+    ) -> None:
         self.budget_bytes = budget_bytes
+        # A group's rank holds some of the layers: it counts each entry as the whole model's
+        # (bytes x all layers / its layers), so every rank keeps and evicts the same entries.
+        self._scale = scale
         self._block = block
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
         self._index: dict[int, set[int]] = {}  # block-chain hash -> entries holding it
@@ -123,7 +128,7 @@ class PrefixCache:
         cannot trim could only serve its exact sequence, so it is not kept."""
         if self.budget_bytes <= 0 or len(tokens) <= self._block or not can_trim_prompt_cache(cache):
             return
-        nbytes = sum(c.nbytes for c in cache)
+        nbytes = sum(c.nbytes for c in cache) * self._scale[0] // self._scale[1]
         if nbytes > self.budget_bytes:
             return
         key = tuple(tokens)

@@ -63,6 +63,7 @@ class EngineServer:
             kv_bits=config.kv_bits,
             kv_group_size=config.kv_group_size,
             prefix_cache_bytes=config.prefix_cache_mib * 2**20,
+            group=config.group,
         )
         # One worker: HF fast tokenizers are not safe to call from several threads at once.
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, "mlxfleet-tokenize")
@@ -77,16 +78,19 @@ class EngineServer:
         app = web.Application(
             client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._auth]
         )
+        app.router.add_get("/v1/engine/stats", self._stats)
+        app.router.add_get("/health", self._health)
+        group = self._config.group
+        if group is not None and group.rank > 0:
+            return app  # a group's other ranks do what rank 0 sends them (group.py)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model}", self._one_model)
         app.router.add_post("/v1/engine/count_tokens", self._count_tokens)
-        app.router.add_get("/v1/engine/stats", self._stats)
         app.router.add_post("/v1/engine/prefix_cache/drop", self._drop_prefix_cache)
         app.router.add_get("/v1/engine/knobs", self._get_knobs)
         app.router.add_post("/v1/engine/knobs", self._set_knobs)
-        app.router.add_get("/health", self._health)
         return app
 
     async def serve(self) -> int:
@@ -120,6 +124,8 @@ class EngineServer:
             self._config.tier,
             self._config.knobs,
         )
+        # A rank > 0 told to stop by rank 0 ends the process as a signal would.
+        self._model.on_follow_end = lambda: self._stop_soon(loop)
         self._model.start()
         # The agent names itself: by the time we run, a dead agent would already show as 1.
         parent = int(os.environ.get(PARENT_PID_ENV) or os.getppid())
@@ -150,6 +156,9 @@ class EngineServer:
         await asyncio.to_thread(self._model.stop, MODEL_THREAD_JOIN_TIMEOUT_S)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         return exit_code
+
+    def _stop_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.call_soon_threadsafe(self._stop.set)
 
     async def _exit_when_orphaned(self, parent_pid: int) -> None:
         """Shut down when the agent that started us is gone (an agent SIGKILLed or crashed

@@ -172,6 +172,12 @@ class FakeDecoder:
     def cache_stats(self) -> None:
         return None
 
+    def idle_interval_s(self) -> None:
+        return None  # a single engine: nothing to tell anyone while idle
+
+    def idle(self) -> None:
+        pass
+
 
 class FakeTokenizer:
     detokenizer = None
