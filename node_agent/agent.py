@@ -24,15 +24,17 @@ from node_agent.advertise import Advertiser, NodeRecord
 from node_agent.cgroup import MemoryLimiter
 from node_agent.coordinator_client import NodeProfile, Session, enroll, knobs_from_pb, load_request
 from node_agent.discover import find_coordinator
+from node_agent.engine_info import EngineEvent, EngineInfo, EngineNetwork, EngineTls
 from node_agent.errors import AgentError, CoordinatorUnreachable, EnrollRefused
-from node_agent.file_server import FileServerProcess
+from node_agent.file_server import FileServerProcess, server_context
 from node_agent.identity import NodeIdentity
 from node_agent.liveness import DEFAULT_ENGINE_STALL_S
 from node_agent.metrics import AgentMetrics
 from node_agent.model_store import ModelStore
 from node_agent.probes import local_probe
 from node_agent.probes.base import NodeReading, Probe
-from node_agent.supervisor import EngineEvent, EngineNetwork, EngineTls, Supervisor
+from node_agent.rank_link import RankLink
+from node_agent.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class AgentConfig:
     disk_budget_bytes: int | None = None  # the store's most; None: the disk (less a reserve)
     serve_rate_mib_s: float = 0  # cap on serving model files to peers; 0: none
     files_port: int = 0  # where model files are served to peers; 0: any free port
+    link_port: int = 0  # where groups' rank traffic is relayed (node_agent/groups.py); 0: any
 
 
 def split_host_port(address: str, default_port: int) -> tuple[str, int]:
@@ -114,6 +117,9 @@ class Agent:
         self._files: FileServerProcess | None = None  # serves model files to fleet members
         self._files_where: tuple[str, str, bytes] = ("", "", b"")  # (bind, url host, cert)
         self.files_url = ""
+        self._link: RankLink | None = None  # relays groups' rank traffic to other members
+        self._link_where: tuple[str, str, bytes] = ("", "", b"")
+        self.link_address = ""
         self._advertiser: Advertiser | None = None
         self._facts: NodeFacts | None = None
         self._metrics: AgentMetrics | None = None
@@ -136,6 +142,11 @@ class Agent:
             request = load_request(message.load)
             me = self.identity.node_id if self.identity is not None else ""
             holders = tuple(h for h in request.holders if h.node_id != me)  # not from itself
+            problem = request.group.problem(me) if request.group else None
+            if problem is not None:  # a group this node cannot join: refused, in one line
+                info = EngineInfo(request.engine_id, request.model, request.tier, "exited")
+                self._on_event(EngineEvent("load_failed", info, "crash", detail=problem))
+                return
             coro = self.supervisor.load(replace(request, holders=holders))
         elif kind == "unload":
             coro = self.supervisor.unload(message.unload.engine_id)
@@ -172,6 +183,8 @@ class Agent:
             await self.store.close()
             if self._files is not None:
                 await self._files.stop()
+            if self._link is not None:
+                await self._link.close()
             if self._advertiser is not None:
                 await self._advertiser.close()
             await self._metrics.stop()
@@ -200,6 +213,7 @@ class Agent:
                 host, port = split_host_port(identity.coordinator, DEFAULT_GRPC_PORT)
                 self._configure_engines(identity, host, port)
                 await self._serve_files(identity)
+                await self._serve_link(identity)
                 await self._advertise(identity, facts)
                 self.session = Session(
                     identity.coordinator,
@@ -213,6 +227,7 @@ class Agent:
                     metrics_port=self.metrics_port,
                     store=self.store,
                     files_url=self.files_url,
+                    link_address=self.link_address,
                 )
                 run = asyncio.create_task(self.session.run(self._on_command))
                 await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -331,6 +346,36 @@ class Agent:
         self._files, self._files_where = files, where
         self.files_url = f"https://{network.url_host}:{files.port}"
         logger.info("serving model files to fleet members at %s", self.files_url)
+
+    async def _serve_link(self, identity: NodeIdentity) -> None:
+        """Relay groups' MLX rank traffic to and from other members (node_agent/groups.py),
+        on the engines' address, with the node certificate both ways. Started once, again
+        only if the address or certificate changed; without it this node joins no group."""
+        home = self.config.home
+        network = self.supervisor.network
+        where = (network.bind_host, network.url_host, identity.cert_pem)
+        if self._link is not None and where == self._link_where:
+            return
+        if self._link is not None:
+            await self._link.close()
+            self._link, self.link_address = None, ""
+        cert, key = home / "node.crt", home / "node.key"
+        link = RankLink(
+            server_context(cert, key, home / "fleet-ca.crt"),
+            peer_copy.client_context(cert, key, identity.fleet_ca_pem),
+            identity.node_id,
+            network.bind_host,
+            self.config.link_port,
+        )
+        try:
+            port = await link.start()
+        except OSError as exc:
+            logger.warning("not relaying group traffic: %s", exc)
+            return
+        self._link, self._link_where = link, where
+        self.supervisor.link = link
+        self.link_address = f"{network.url_host}:{port}"
+        logger.info("relaying group rank traffic at %s", self.link_address)
 
     def _on_reading(self, reading: NodeReading) -> None:
         """Each heartbeat's reading feeds /metrics and the mDNS record (rate-limited there);

@@ -20,12 +20,14 @@ from mlxfleet.v1 import fleet_pb2 as pb
 from mlxfleet.v1 import fleet_pb2_grpc
 from mlxfleet.version import package_version
 from mlxfleet.wire import enum_value, facts_to_pb
+from node_agent.engine_info import EngineEvent, EngineInfo, LoadRequest
 from node_agent.errors import CoordinatorUnreachable, EnrollRefused
+from node_agent.groups import GroupRole
 from node_agent.identity import NodeIdentity, make_csr
 from node_agent.model_store import ModelStore
 from node_agent.peer_copy import Holder
 from node_agent.probes.base import NodeReading
-from node_agent.supervisor import EngineEvent, EngineInfo, LoadRequest
+from node_agent.rank_link import Member
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ def engine_to_pb(e: EngineInfo, with_secret: bool) -> pb.EngineInfo:
         url=e.url,
         secret=e.secret if with_secret else "",
         context_length=e.context_length,
+        group_id=e.group_id,
+        rank=e.rank,
     )
 
 
@@ -212,7 +216,9 @@ class Session:
         metrics_port: int = 0,  # where this agent serves /metrics; 0: it does not
         store: ModelStore | None = None,  # the node's model files, reported each heartbeat
         files_url: str = "",  # where this node serves model files; "": it does not
+        link_address: str = "",  # where it relays groups' rank traffic; "": it does not
     ) -> None:
+        self._link_address = link_address
         self._profile = profile
         self._metrics_port = metrics_port
         self._store = store
@@ -238,6 +244,7 @@ class Session:
             engines=[engine_to_pb(e, with_secret=True) for e in self._engines()],
             metrics_port=self._metrics_port,
             files_url=self._files_url,
+            link_address=self._link_address,
         )
         yield pb.AgentMessage(hello=hello)
         while True:
@@ -328,4 +335,16 @@ def load_request(message: pb.LoadModel) -> LoadRequest:
         else DEFAULT_PREFIX_CACHE_MIB,
         manifest=manifest_from_pb(message),
         holders=tuple(Holder(h.node_id, h.url) for h in message.holders),
+        group=group_role(message.group) if message.HasField("group") else None,
+    )
+
+
+def group_role(message: pb.EngineGroup) -> GroupRole:
+    members = sorted(message.members, key=lambda m: m.rank)
+    return GroupRole(
+        message.group_id,
+        message.rank,
+        tuple(Member(m.rank, m.node_id, m.link_address) for m in members),
+        tuple(m.layers for m in members),
+        message.stall_s,
     )

@@ -12,21 +12,27 @@ import ssl
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from mlxfleet.engines import EngineState, EventKind, ExitReason
-from mlxfleet.kv import DEFAULT_KV_GROUP_SIZE, DEFAULT_PREFIX_CACHE_MIB, UNQUANTIZED_KV_BITS
-from mlxfleet.manifest import Manifest
+from mlxfleet.kv import UNQUANTIZED_KV_BITS
 from node_agent import spawn
 from node_agent.cgroup import MIB, EngineCgroup, MemoryLimiter
+from node_agent.engine_info import (
+    EngineEvent,
+    EngineInfo,
+    EngineNetwork,
+    LoadRequest,
+)
+from node_agent.groups import rank_environment
 from node_agent.liveness import DEFAULT_ENGINE_STALL_S, health_silence
 from node_agent.model_store import ModelStore, one_line
-from node_agent.peer_copy import Holder
 from node_agent.probes.base import Probe
+from node_agent.rank_link import RankLink
 
 logger = logging.getLogger(__name__)
 
@@ -38,69 +44,6 @@ HEALTH_POLL_S = 0.1  # while loading; a ready engine is checked by node_agent/li
 STOP_TIMEOUT_S = 15.0  # SIGTERM lets in-flight requests finish; SIGKILL after this
 ENGINE_CALL_TIMEOUT_S = 10.0  # one agent call to an engine's API (knobs, stats)
 LOG_TAIL_LINES = 5
-
-
-@dataclass(frozen=True, slots=True)
-class EngineTls:
-    """The node certificate an engine serves when the gateway is on another host."""
-
-    cert_path: Path
-    key_path: Path
-    fleet_ca_pem: bytes
-    node_id: str  # the certificate's name, which the gateway (and our health poll) checks
-
-
-@dataclass(frozen=True, slots=True)
-class EngineNetwork:
-    """Where engines listen and how the gateway reaches them."""
-
-    bind_host: str = "127.0.0.1"  # loopback when the coordinator is on this host
-    url_host: str = "127.0.0.1"  # the address the gateway dials
-    tls: EngineTls | None = None
-
-    def url(self, port: int) -> str:
-        return f"{'https' if self.tls else 'http'}://{self.url_host}:{port}"
-
-
-@dataclass(frozen=True, slots=True)
-class LoadRequest:
-    """What the coordinator asked this node to run."""
-
-    engine_id: str
-    model: str
-    source: str
-    tier: str
-    context_length: int
-    knobs: dict[str, int] = field(default_factory=dict)  # tier knobs; empty: engine defaults
-    kv_bits: int = UNQUANTIZED_KV_BITS  # 8 or 4: quantized (the engine runs one request at a time)
-    kv_group_size: int = DEFAULT_KV_GROUP_SIZE
-    prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_MIB  # the budget placement counted; 0: none
-    manifest: Manifest | None = None  # the model's files as the fleet knows them
-    holders: tuple[Holder, ...] = ()  # the nodes to copy them from, best first
-
-
-@dataclass(frozen=True, slots=True)
-class EngineInfo:
-    """An engine as reported up the stream; `secret` goes only in Hello and READY."""
-
-    engine_id: str
-    model: str
-    tier: str
-    state: EngineState
-    url: str = ""
-    secret: str = ""
-    context_length: int = 0
-    pid: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class EngineEvent:
-    kind: EventKind
-    engine: EngineInfo
-    exit_reason: ExitReason | None = None
-    exit_code: int = 0
-    signal: int = 0
-    detail: str = ""
 
 
 def kv_args(request: LoadRequest) -> list[str]:
@@ -174,7 +117,9 @@ class Supervisor:
         limiter: MemoryLimiter | None = None,
         stall_s: float = DEFAULT_ENGINE_STALL_S,  # a ready engine silent this long is hung
         store: ModelStore | None = None,  # default: a store beside log_dir, without a budget
+        link: RankLink | None = None,  # relays groups' rank traffic (node_agent/groups.py)
     ) -> None:
+        self.link = link
         self.store = store or ModelStore(log_dir.parent / "models")
         self._probe = probe
         self._stall_s = stall_s
@@ -202,8 +147,14 @@ class Supervisor:
         (after a copy or download of its files: node_agent/model_store.py)."""
         if request.engine_id in self._engines or request.engine_id in self._resolving:
             return  # the coordinator re-sent a command we already run
+        group = request.group
         self._resolving[request.engine_id] = EngineInfo(
-            request.engine_id, request.model, request.tier, "starting"
+            request.engine_id,
+            request.model,
+            request.tier,
+            "starting",
+            group_id=group.group_id if group else "",
+            rank=group.rank if group else 0,
         )
         try:
             model_path = await self.store.ensure(request.source, request.manifest, request.holders)
@@ -244,6 +195,7 @@ class Supervisor:
             # Always given: the engine must keep to the budget placement counted.
             "--prefix-cache-mib",
             str(request.prefix_cache_mib),
+            *(group.engine_args() if group else []),
         ]
         # The secret goes through the environment: argv is visible to every local user.
         env = {
@@ -253,6 +205,10 @@ class Supervisor:
         }  # the engine exits if we die
         cgroup = self._make_cgroup(request.engine_id)
         try:
+            if group is not None:  # MLX's environment for the rank (node_agent/groups.py)
+                if self.link is None:
+                    raise RuntimeError("this agent relays no group traffic (no rank link)")
+                env |= await rank_environment(self.link, group, self._log_dir)
             with log_path.open("ab") as log:
                 # posix_spawn, never fork(): gRPC's fork handlers could abort the child.
                 process = await spawn.start(
@@ -262,6 +218,8 @@ class Supervisor:
             self.store.release(model_path)
             if cgroup is not None:
                 cgroup.remove()
+            if group is not None and self.link is not None:
+                await self.link.close_group(group.group_id)
             raise
         info = EngineInfo(
             request.engine_id,
@@ -271,6 +229,8 @@ class Supervisor:
             secret=secret,
             context_length=request.context_length,
             pid=process.pid,
+            group_id=group.group_id if group else "",
+            rank=group.rank if group else 0,
         )
         oom_kills = cgroup.oom_kills() if cgroup is not None else self._probe.oom_kills()
         managed = _Managed(info, process, model_path, log_path, oom_kills, cgroup)
@@ -294,6 +254,8 @@ class Supervisor:
                 liveness.cancel()
         self._engines.pop(m.info.engine_id, None)
         self.store.release(m.model_path)
+        if m.info.group_id and self.link is not None:  # the other ranks see the link close
+            await self.link.close_group(m.info.group_id)
         if m.cgroup is not None:
             oom_kills = m.cgroup.oom_kills()  # its own counter: no other process's kill counts
             m.cgroup.remove()

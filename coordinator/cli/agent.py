@@ -86,6 +86,12 @@ def add_parser(subparsers: Any) -> None:
         default=0,
         help="port serving model files to other nodes (default 0: any free port)",
     )
+    add(
+        "--link-port",
+        type=int,
+        default=0,
+        help="port relaying a group's MLX rank traffic to other nodes (default 0: any free port)",
+    )
     add("--home", help=HOME_HELP)
     agent.set_defaults(func=cmd_agent)
 
@@ -118,8 +124,9 @@ def cmd_agent(args: argparse.Namespace) -> None:
         raise CliError(f"--engine-stall-s {args.engine_stall_s:g}: must be 1-3600")
     if not 0 <= args.metrics_port <= 65535:
         raise CliError(f"--metrics-port {args.metrics_port}: must be 0-65535")
-    if not 0 <= args.files_port <= 65535:
-        raise CliError(f"--files-port {args.files_port}: must be 0-65535")
+    for flag, port in (("--files-port", args.files_port), ("--link-port", args.link_port)):
+        if not 0 <= port <= 65535:
+            raise CliError(f"{flag} {port}: must be 0-65535")
     if args.disk_budget is not None and not 0 <= args.disk_budget <= 2**20:
         raise CliError(f"--disk-budget {args.disk_budget:g}: must be 0-1048576 (GiB)")
     if not 0 <= args.serve_rate <= 2**20:
@@ -145,5 +152,6 @@ def cmd_agent(args: argparse.Namespace) -> None:
         disk_budget_bytes=int(args.disk_budget * 2**30) if args.disk_budget is not None else None,
         serve_rate_mib_s=args.serve_rate,
         files_port=args.files_port,
+        link_port=args.link_port,
     )
     run_loop(Agent(config).serve())

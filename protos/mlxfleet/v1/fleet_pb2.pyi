@@ -162,7 +162,7 @@ class TierKnobs(_message.Message):
     def __init__(self, max_concurrency: _Optional[int] = ..., batch_window_ms: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., queue_limit: _Optional[int] = ...) -> None: ...
 
 class EngineInfo(_message.Message):
-    __slots__ = ("engine_id", "model", "tier", "state", "url", "secret", "context_length")
+    __slots__ = ("engine_id", "model", "tier", "state", "url", "secret", "context_length", "group_id", "rank")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +170,8 @@ class EngineInfo(_message.Message):
     URL_FIELD_NUMBER: _ClassVar[int]
     SECRET_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
     engine_id: str
     model: str
     tier: Tier
@@ -177,7 +179,9 @@ class EngineInfo(_message.Message):
     url: str
     secret: str
     context_length: int
-    def __init__(self, engine_id: _Optional[str] = ..., model: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., state: _Optional[_Union[EngineState, str]] = ..., url: _Optional[str] = ..., secret: _Optional[str] = ..., context_length: _Optional[int] = ...) -> None: ...
+    group_id: str
+    rank: int
+    def __init__(self, engine_id: _Optional[str] = ..., model: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., state: _Optional[_Union[EngineState, str]] = ..., url: _Optional[str] = ..., secret: _Optional[str] = ..., context_length: _Optional[int] = ..., group_id: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class EngineStatus(_message.Message):
     __slots__ = ("engine_id", "state", "rss_bytes", "pid")
@@ -304,16 +308,18 @@ class EngineEvent(_message.Message):
     def __init__(self, kind: _Optional[_Union[EngineEvent.Kind, str]] = ..., engine: _Optional[_Union[EngineInfo, _Mapping]] = ..., exit_reason: _Optional[_Union[ExitReason, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("facts", "engines", "metrics_port", "files_url")
+    __slots__ = ("facts", "engines", "metrics_port", "files_url", "link_address")
     FACTS_FIELD_NUMBER: _ClassVar[int]
     ENGINES_FIELD_NUMBER: _ClassVar[int]
     METRICS_PORT_FIELD_NUMBER: _ClassVar[int]
     FILES_URL_FIELD_NUMBER: _ClassVar[int]
+    LINK_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     facts: NodeFacts
     engines: _containers.RepeatedCompositeFieldContainer[EngineInfo]
     metrics_port: int
     files_url: str
-    def __init__(self, facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., engines: _Optional[_Iterable[_Union[EngineInfo, _Mapping]]] = ..., metrics_port: _Optional[int] = ..., files_url: _Optional[str] = ...) -> None: ...
+    link_address: str
+    def __init__(self, facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., engines: _Optional[_Iterable[_Union[EngineInfo, _Mapping]]] = ..., metrics_port: _Optional[int] = ..., files_url: _Optional[str] = ..., link_address: _Optional[str] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
     __slots__ = ("hello", "status", "event", "manifest")
@@ -328,7 +334,7 @@ class AgentMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., status: _Optional[_Union[NodeStatus, _Mapping]] = ..., event: _Optional[_Union[EngineEvent, _Mapping]] = ..., manifest: _Optional[_Union[ModelManifest, _Mapping]] = ...) -> None: ...
 
 class LoadModel(_message.Message):
-    __slots__ = ("engine_id", "model", "source", "tier", "context_length", "knobs", "kv_bits", "kv_group_size", "prefix_cache_mib", "manifest", "holders")
+    __slots__ = ("engine_id", "model", "source", "tier", "context_length", "knobs", "kv_bits", "kv_group_size", "prefix_cache_mib", "manifest", "holders", "group")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -340,6 +346,7 @@ class LoadModel(_message.Message):
     PREFIX_CACHE_MIB_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     HOLDERS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     engine_id: str
     model: str
     source: str
@@ -351,7 +358,34 @@ class LoadModel(_message.Message):
     prefix_cache_mib: int
     manifest: ModelManifest
     holders: _containers.RepeatedCompositeFieldContainer[FileHolder]
-    def __init__(self, engine_id: _Optional[str] = ..., model: _Optional[str] = ..., source: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., context_length: _Optional[int] = ..., knobs: _Optional[_Union[TierKnobs, _Mapping]] = ..., kv_bits: _Optional[int] = ..., kv_group_size: _Optional[int] = ..., prefix_cache_mib: _Optional[int] = ..., manifest: _Optional[_Union[ModelManifest, _Mapping]] = ..., holders: _Optional[_Iterable[_Union[FileHolder, _Mapping]]] = ...) -> None: ...
+    group: EngineGroup
+    def __init__(self, engine_id: _Optional[str] = ..., model: _Optional[str] = ..., source: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., context_length: _Optional[int] = ..., knobs: _Optional[_Union[TierKnobs, _Mapping]] = ..., kv_bits: _Optional[int] = ..., kv_group_size: _Optional[int] = ..., prefix_cache_mib: _Optional[int] = ..., manifest: _Optional[_Union[ModelManifest, _Mapping]] = ..., holders: _Optional[_Iterable[_Union[FileHolder, _Mapping]]] = ..., group: _Optional[_Union[EngineGroup, _Mapping]] = ...) -> None: ...
+
+class GroupMember(_message.Message):
+    __slots__ = ("rank", "node_id", "link_address", "first_layer", "layers")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    LINK_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    node_id: str
+    link_address: str
+    first_layer: int
+    layers: int
+    def __init__(self, rank: _Optional[int] = ..., node_id: _Optional[str] = ..., link_address: _Optional[str] = ..., first_layer: _Optional[int] = ..., layers: _Optional[int] = ...) -> None: ...
+
+class EngineGroup(_message.Message):
+    __slots__ = ("group_id", "rank", "members", "stall_s")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    STALL_S_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    rank: int
+    members: _containers.RepeatedCompositeFieldContainer[GroupMember]
+    stall_s: float
+    def __init__(self, group_id: _Optional[str] = ..., rank: _Optional[int] = ..., members: _Optional[_Iterable[_Union[GroupMember, _Mapping]]] = ..., stall_s: _Optional[float] = ...) -> None: ...
 
 class UnloadModel(_message.Message):
     __slots__ = ("engine_id",)
