@@ -17,7 +17,9 @@ from benchmarks.simulator import (
     LAPTOP_OPT_IN_P,
     MACS,
     MODELS,
+    SearchLimit,
     exact_assignment,
+    placed_groups,
     placed_replicas,
     random_demands,
     random_fleet,
@@ -27,6 +29,9 @@ from coordinator.policy import plan
 SECTION = "## Placement: fleet simulator (issue 4)"
 DEMAND_SEED_OFFSET = 1_000_000  # instance i: fleet seed i, demand seed offset + i
 TARGET_DECISION_MS = 100.0  # issue 4: plan() for 100 nodes × 50 models
+# Groups make the exact search much larger (any node set, any layer split): an instance it
+# cannot finish in this many steps (about 10 s) is counted as unsolved and left out.
+EXACT_STEPS = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +39,7 @@ class Quality:
     nodes: int
     models: int
     instances: int
+    unsolved: int  # the exact search passed EXACT_STEPS: left out of every other column
     mean_ratio: float
     worst_ratio: float
     optimal: int
@@ -42,6 +48,8 @@ class Quality:
     exact_fraction: float
     policy_models: int  # models with at least one replica
     exact_models: int
+    policy_groups: int  # replicas placed as pipeline groups
+    exact_groups: int
     trades: int  # non-optimal instances whose optimum leaves unserved a model the policy served
     solver_max_ms: float
 
@@ -49,8 +57,8 @@ class Quality:
 def quality(nodes: int, models: int, instances: int) -> Quality:
     """Policy vs exact optimum over `instances` random instances of one size."""
     ratios: list[float] = []
-    optimal = contended = requested = policy_total = exact_total = 0
-    policy_models = exact_models = trades = 0
+    optimal = contended = requested = policy_total = exact_total = unsolved = 0
+    policy_models = exact_models = policy_groups = exact_groups = trades = 0
     solver_max = 0.0
     for i in range(instances):
         offers = random_fleet(nodes, i)
@@ -58,32 +66,42 @@ def quality(nodes: int, models: int, instances: int) -> Quality:
         result = plan(demands, offers)
         got = placed_replicas(result)
         t0 = time.perf_counter()
-        assignment = exact_assignment(demands, offers)
-        solver_max = max(solver_max, time.perf_counter() - t0)
-        best = sum(len(n) for n in assignment.values())
+        try:
+            assignment = exact_assignment(demands, offers, EXACT_STEPS)
+        except SearchLimit:
+            unsolved += 1
+            continue
+        finally:
+            solver_max = max(solver_max, time.perf_counter() - t0)
+        best = placed_replicas(assignment)
         want = sum(d.replicas for d in demands)
         ratios.append(got / best if best else 1.0)
         optimal += got == best
-        served = {model for (model, _tier), p in result.items() if p.nodes}
-        trades += got < best and any(m in served and not n for m, n in assignment.items())
+        served = {model for (model, _tier), p in result.items() if p.placed}
+        trades += got < best and any(m in served and not p.placed for m, p in assignment.items())
         contended += best < want
         requested += want
         policy_total += got
         exact_total += best
-        policy_models += sum(bool(p.nodes) for p in result.values())
-        exact_models += sum(bool(n) for n in assignment.values())
+        policy_models += sum(bool(p.placed) for p in result.values())
+        exact_models += sum(bool(p.placed) for p in assignment.values())
+        policy_groups += placed_groups(result)
+        exact_groups += placed_groups(assignment)
     return Quality(
         nodes,
         models,
         instances,
-        statistics.fmean(ratios),
-        min(ratios),
+        unsolved,
+        statistics.fmean(ratios) if ratios else 1.0,
+        min(ratios, default=1.0),
         optimal,
         contended,
-        policy_total / requested,
-        exact_total / requested,
+        policy_total / requested if requested else 1.0,
+        exact_total / requested if requested else 1.0,
         policy_models,
         exact_models,
+        policy_groups,
+        exact_groups,
         trades,
         solver_max * 1000,
     )
@@ -113,7 +131,7 @@ def main() -> int:
     p = parser(__doc__ or "")
     p.add_argument("--instances", type=int, default=200, help="random instances per size")
     p.add_argument(
-        "--sizes", default="5x5,8x8", help="nodes x models of the exact comparison, comma-separated"
+        "--sizes", default="5x5,6x6", help="nodes x models of the exact comparison, comma-separated"
     )
     p.add_argument("--runs", type=int, default=20, help="timed plan() calls, large fleet")
     p.add_argument("--nodes", type=int, default=100, help="large fleet: nodes")
@@ -128,16 +146,18 @@ def main() -> int:
 
     table = "\n".join(
         [
-            "| nodes × models | instances | mean policy/optimum | worst | policy optimal "
-            "| contended | placed: policy / optimum | models served: policy / count-optimum "
+            "| nodes × models | instances (unsolved) | mean policy/optimum | worst "
+            "| policy optimal | contended | placed: policy / optimum "
+            "| models served: policy / count-optimum | groups: policy / optimum "
             "| non-optimal by trading a model | solver max (ms) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             *(
-                f"| {q.nodes} × {q.models} | {q.instances} | {q.mean_ratio:.3f} "
-                f"| {q.worst_ratio:.3f} | {q.optimal} ({q.optimal / q.instances:.0%}) "
+                f"| {q.nodes} × {q.models} | {q.instances} ({q.unsolved}) | {q.mean_ratio:.3f} "
+                f"| {q.worst_ratio:.3f} | {q.optimal} "
+                f"({q.optimal / max(1, q.instances - q.unsolved):.0%}) "
                 f"| {q.contended} | {q.policy_fraction:.1%} / {q.exact_fraction:.1%} "
-                f"| {q.policy_models} / {q.exact_models} | {q.trades} "
-                f"| {q.solver_max_ms:.1f} |"
+                f"| {q.policy_models} / {q.exact_models} | {q.policy_groups} / {q.exact_groups} "
+                f"| {q.trades} | {q.solver_max_ms:.1f} |"
                 for q in rows
             ),
         ]
@@ -158,17 +178,23 @@ already running count through `Demand.hosted_on`; they are none here, as in a fr
 Method: `benchmarks/simulator.py` draws fleets from {len(MACS)} Mac product lines (seed 002 §10:
 MacBook Air M2–M4, MacBook Pro M2 Pro–M4 Max, Mac mini M4/M4 Pro, Mac Studio M2 Max–M3 Ultra, each
 with the RAM tiers Apple sold from 16 GiB up; MacBooks are laptops, minis and Studios servers;
-{LAPTOP_OPT_IN_P:.0%} of laptops opt in to interactive). A node's free bytes are
-`node_budget(RAM, default wired limit, 0)`: min(RAM − 8 GiB, 2/3 of RAM up to 36 GiB and 3/4
-above). Demands draw from {len(MODELS)} real model shapes (Qwen2.5 0.5B–32B, Llama-3 8B/70B,
-Mixtral-8x7B) at 4 or 8 bits, a tier (interactive: 4 sequences, batch: 12), 1–3 replicas and a
-context of 4K–32K tokens (capped at the model's maximum); a replica's size is weights + 16-bit KV
-cache + engine overhead from `coordinator/memory.py`. Instance i uses fleet seed i and demand
-seed {DEMAND_SEED_OFFSET:,} + i. The optimum is `exact_assignment`: branch and bound over every
-model's node subsets under the policy's own constraints (`policy.eligible`, free bytes, one
-replica of a model per node), maximising placed replicas; it is cross-checked against brute
-force in `tests/benchmarks/test_simulator.py`. Ratio = policy's placed replicas / optimum (1 when
-the optimum is 0). *Contended*: instances where even the optimum leaves replicas unplaced.
+{LAPTOP_OPT_IN_P:.0%} of laptops opt in to interactive). A node's free bytes are `node_budget(RAM,
+default wired limit, 0)`: min(RAM − 8 GiB, 2/3 of RAM up to 36 GiB and 3/4 above). Demands draw from
+{len(MODELS)} real model shapes (Qwen2.5 0.5B–32B, Llama-3 8B/70B, Llama-3.1-405B, Mixtral-8x7B) at
+4 or 8 bits, a tier (interactive: 4 sequences, batch: 12), 1–3 replicas and a context of 4K–32K
+tokens (capped at the model's maximum); a replica's size is weights + 16-bit KV cache + engine
+overhead from `coordinator/memory.py`, and its layers and the bytes every member of a pipeline group
+holds from `memory.pipeline_shape` (a replica no single node holds runs as a group:
+`coordinator/groups.py`; Llama-3.1-405B at 8 bits fits no Mac). Instance i uses fleet seed i and
+demand seed {DEMAND_SEED_OFFSET:,} + i. The optimum is `exact_assignment`: branch and bound over
+every model's replicas under the policy's own constraints (`policy.eligible`, free bytes, one
+replica or group member of a model per node), each replica on one node or as a group of any 2 or
+more eligible nodes with any split of its layers that fits, maximising placed replicas (a group
+counts as one); it is cross-checked against brute force in `tests/benchmarks/test_simulator.py`. An
+instance the search cannot finish in {EXACT_STEPS:,} steps is *unsolved* and left out of the other
+columns. Ratio = policy's placed replicas / optimum (1 when the optimum is 0). *Contended*:
+instances where even the optimum leaves replicas unplaced. *Groups*: replicas placed as pipeline
+groups.
 
 {table}
 

@@ -205,6 +205,8 @@ def spec_tables(specs: Iterable[ModelSpec]) -> tuple[dict[str, Any], ...]:
             table["max_concurrency"] = spec.max_concurrency
         if spec.context_length is not None:
             table["context_length"] = spec.context_length
+        if spec.sharding != "auto":
+            table["sharding"] = spec.sharding
         labels = {"required": dict(spec.required_labels), "preferred": dict(spec.preferred_labels)}
         if any(labels.values()):
             table["labels"] = labels

@@ -12,6 +12,7 @@ from typing import Any
 
 from coordinator.errors import ConfigError
 from coordinator.memory import OS_RESERVE_BYTES
+from coordinator.policy import SHARDING, Sharding
 from coordinator.tls import TlsConfig, parse_tls
 from coordinator.triggers import TriggerConfig
 from mlxfleet.errors import KvCacheError, TierError
@@ -58,6 +59,9 @@ class ModelSpec:
     kv_bits 8 or 4 quantizes the KV cache, in the batch tier only: mlx-lm 0.32.2 cannot batch a
     quantized cache, so such a unit's engines decode one request at a time (max_concurrency 1,
     the others queue), while the interactive tier must let a new request join the running batch.
+
+    sharding "auto" runs a replica that no single node can hold as one pipeline group over the
+    fewest nodes that can (coordinator/groups.py); "never" keeps it pending instead.
     """
 
     name: str  # what clients put in "model"
@@ -76,6 +80,7 @@ class ModelSpec:
     prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_MIB
     required_labels: Mapping[str, str] = field(default_factory=dict)
     preferred_labels: Mapping[str, str] = field(default_factory=dict)
+    sharding: Sharding = "auto"  # "never": a replica runs on one node or not at all
 
     @property
     def key(self) -> tuple[str, Tier]:
@@ -165,6 +170,7 @@ MODEL_KEYS = {
     "pinned",
     "labels",
     "prefix_cache_mib",
+    "sharding",
 }
 
 
@@ -251,6 +257,11 @@ def _model_specs(raw: Any, where: str, prefix_cache_mib: Mapping[Tier, int]) -> 
     if not isinstance(labels, dict) or set(labels) - {"required", "preferred"}:
         raise ConfigError(f"{where}: 'labels' takes 'required' and 'preferred' tables")
     replicas = _int(raw, "replicas", 1, 1, 64, where)
+    sharding = next((m for m in SHARDING if m == raw.get("sharding", "auto")), None)
+    if sharding is None:
+        raise ConfigError(
+            f'{where}: \'sharding\' must be "auto" or "never", got {raw["sharding"]!r}'
+        )
     own_cache = raw.get("prefix_cache_mib")
     if own_cache is not None:
         own_cache = _int(raw, "prefix_cache_mib", 0, 0, MAX_PREFIX_CACHE_MIB, where)
@@ -270,6 +281,7 @@ def _model_specs(raw: Any, where: str, prefix_cache_mib: Mapping[Tier, int]) -> 
             prefix_cache_mib=prefix_cache_mib[tier] if own_cache is None else own_cache,
             required_labels=required,
             preferred_labels=preferred,
+            sharding=sharding,
         )
         for tier in tiers
     ]

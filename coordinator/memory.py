@@ -127,10 +127,37 @@ def estimated_weight_bytes(config: Mapping[str, Any]) -> int:
     MLX affine quantization stores one fp16 scale and one fp16 bias per group, so 4-bit
     weights in groups of 64 cost 4 + 32/64 = 4.5 bits each; unquantized weights are bf16.
     """
+    return math.ceil(parameter_count(config) * bits_per_weight(config) / 8)
+
+
+def bits_per_weight(config: Mapping[str, Any]) -> float:
+    """The model's bits per weight: its quantization's, scales and biases included, else bf16."""
     quant = config.get("quantization") or config.get("quantization_config") or {}
     bits = quant.get("bits")
-    per_weight = 16.0 if not bits else bits + 32 / int(quant.get("group_size", 64))
-    return math.ceil(parameter_count(config) * per_weight / 8)
+    return 16.0 if not bits else bits + 32 / int(quant.get("group_size", 64))
+
+
+def shared_weight_bytes(config: Mapping[str, Any]) -> int:
+    """Weights every rank of a pipeline group holds whatever its layers: the token embeddings,
+    the LM head (the same matrix when tied) and the final norm, counted as parameter_count
+    and estimated_weight_bytes count them."""
+    text = config.get("text_config", config)
+    try:
+        hidden, vocab = int(text["hidden_size"]), int(text["vocab_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SizingError(f"config.json lacks a decoder shape ({exc})") from None
+    params = vocab * hidden * (1 if text.get("tie_word_embeddings") else 2) + hidden
+    return math.ceil(params * bits_per_weight(config) / 8)
+
+
+def pipeline_shape(total: int, config: Mapping[str, Any]) -> tuple[int, int]:
+    """(layers, shared bytes) of an engine of `total` bytes run as a pipeline group: every rank
+    holds the shared bytes (shared_weight_bytes and engine_overhead); the rest, each layer's
+    weights, KV cache and prefix cache share, divides by layer. Shared bytes are capped so that
+    a layer costs at least a byte."""
+    layers = attention_shape(config).layers
+    shared = shared_weight_bytes(config) + engine_overhead(config)
+    return layers, max(0, min(shared, total - layers))
 
 
 @dataclass(frozen=True, slots=True)

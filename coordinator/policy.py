@@ -7,7 +7,9 @@
 - required labels filter, preferred labels rank; then nodes that already hold the model's
   files (no copy to wait for); node id breaks every tie;
 - a node without disk room for the files it lacks is not eligible;
-- a heavy model avoids nodes whose triggers ask to offload it while the others can take it.
+- a heavy model avoids nodes whose triggers ask to offload it while the others can take it;
+- a replica that no single node can hold runs as a pipeline group over the fewest nodes that
+  can (coordinator/groups.py), unless its model says sharding = "never".
 A model that fits nowhere is pending with a reason that names the shortfall. `plan()` is what
 the reconciler calls for every step's new replicas (and what benchmarks/fleet_sim.py measures).
 """
@@ -16,15 +18,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from mlxfleet.tiers import Tier
+
+if TYPE_CHECKING:
+    from coordinator.groups import Group
 
 T = TypeVar("T")
 
 GIB = 2**30
 HEAVY_MODEL_BYTES = 8 * GIB  # replicas this big go to offload-preferred nodes last
 UnitKey = tuple[str, Tier]  # the unit of placement: a model in one tier
+Sharding = Literal["auto", "never"]  # may a replica run as a pipeline group over several nodes
+SHARDING: tuple[Sharding, ...] = ("auto", "never")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +49,23 @@ class Demand:
     hosted_on: frozenset[str] = frozenset()
     source: str = ""  # the model's files: a node holding them needs no copy and no disk
     disk_bytes: int = 0  # the files' bytes on disk (0: not known yet, not counted)
+    # A replica as a pipeline group: each member holds `shared_bytes` (embeddings, LM head,
+    # engine overhead) and its layers' share of the rest (coordinator/groups.py).
+    layers: int = 0  # transformer layers; 0: not known, never a group
+    shared_bytes: int = 0
+    sharding: Sharding = "auto"
+    # Groups already running a replica, by their members: each counts as one replica, and
+    # its members take no other replica or share.
+    hosted_groups: tuple[frozenset[str], ...] = ()
 
     @property
     def key(self) -> UnitKey:
         return (self.model, self.tier)
+
+    @property
+    def running_on(self) -> frozenset[str]:
+        """Nodes running a replica or a group member of this unit."""
+        return self.hosted_on.union(*self.hosted_groups)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +86,17 @@ class Offer:
 
 @dataclass(frozen=True, slots=True)
 class Placement:
-    """Where new replicas go (node ids, in order) and why the rest could not be placed."""
+    """Where new replicas go, one node each (ids, in order) or as pipeline groups, and why
+    the rest could not be placed."""
 
     nodes: tuple[str, ...]
     pending_reason: str | None = None
+    groups: tuple[Group, ...] = ()
+
+    @property
+    def placed(self) -> int:
+        """New replicas: one per node, one per group."""
+        return len(self.nodes) + len(self.groups)
 
 
 def eligible(demand: Demand, offer: Offer) -> str | None:
@@ -100,21 +127,21 @@ def _copy_bytes(demand: Demand, offer: Offer) -> int:
     return 0 if demand.source in offer.holds else demand.disk_bytes
 
 
-def _preference(demand: Demand, offer: Offer) -> tuple[int, bool]:
+def preference(demand: Demand, offer: Offer) -> tuple[int, bool]:
     """Lower is better: more preferred labels matched, then holding the files already."""
     labels = sum(offer.labels.get(k) == v for k, v in demand.preferred_labels.items())
     return -labels, _copy_bytes(demand, offer) > 0
 
 
-def _taken(offer: Offer, demand: Demand) -> Offer:
-    """The offer once a replica of `demand` is placed there: its memory, and the disk its
-    copy of the files takes (the node holds them from then on)."""
+def _taken(offer: Offer, demand: Demand, memory: int) -> Offer:
+    """The offer once a replica of `demand` (or a group's share: `memory` bytes) is placed
+    there: its memory, and the disk its copy of the files takes (it holds them from then on)."""
     disk = offer.disk_room
     if disk is not None:
         disk -= _copy_bytes(demand, offer)
     return replace(
         offer,
-        free_bytes=offer.free_bytes - demand.bytes_per_replica,
+        free_bytes=offer.free_bytes - memory,
         disk_room=disk,
         holds=offer.holds | {demand.source} if demand.source else offer.holds,
     )
@@ -131,45 +158,62 @@ def place(demand: Demand, offers: Sequence[Offer]) -> Placement:
 
 
 def _place(demand: Demand, offers: Sequence[Offer]) -> Placement:
-    hosting = set(demand.hosted_on)
-    missing = demand.replicas - len(hosting)
+    used = set(demand.running_on)
+    # A group listed once per member is still one group: no two share all their nodes.
+    missing = demand.replicas - len(demand.hosted_on) - len(set(demand.hosted_groups))
     if missing <= 0:
         return Placement(())
-    candidates = [o for o in offers if o.node_id not in hosting and eligible(demand, o) is None]
+    candidates = [o for o in offers if o.node_id not in used and eligible(demand, o) is None]
     chosen: list[str] = []
+    groups: list[Group] = []
+    group_reason = None
     free = {o.node_id: o.free_bytes for o in candidates}
     for _ in range(missing):
         fitting = [
             o
             for o in candidates
-            if o.node_id not in chosen and free[o.node_id] >= demand.bytes_per_replica
+            if o.node_id not in used and free[o.node_id] >= demand.bytes_per_replica
         ]
-        if not fitting:
+        if fitting:
+            chosen.append(_best(demand, fitting, free).node_id)
+            used.add(chosen[-1])
+            free[chosen[-1]] -= demand.bytes_per_replica
+            continue
+        open_nodes = [o for o in candidates if o.node_id not in used]
+        if demand.sharding != "auto" or demand.layers < 2 or len(open_nodes) < 2:
             break
-        if demand.tier == "batch":  # pack: least room left after placing, then id
-            best = min(fitting, key=lambda o: (_preference(demand, o), free[o.node_id], o.node_id))
-        else:  # spread: most headroom, then id
-            best = min(fitting, key=lambda o: (_preference(demand, o), -free[o.node_id], o.node_id))
-        chosen.append(best.node_id)
-        free[best.node_id] -= demand.bytes_per_replica
-    if len(chosen) == missing:
-        return Placement(tuple(chosen))
-    return Placement(tuple(chosen), _shortfall(demand, offers, hosting, chosen))
+        from coordinator.groups import place_group  # groups.py builds on this module
+
+        group = place_group(demand, open_nodes)
+        if isinstance(group, str):
+            group_reason = group
+            break
+        groups.append(group)
+        used.update(group.nodes)
+    if len(chosen) + len(groups) == missing:
+        return Placement(tuple(chosen), None, tuple(groups))
+    placed = demand.replicas - missing + len(chosen) + len(groups)
+    reason = _shortfall(demand, offers, used, placed, group_reason)
+    return Placement(tuple(chosen), reason, tuple(groups))
+
+
+def _best(demand: Demand, fitting: Sequence[Offer], free: Mapping[str, int]) -> Offer:
+    if demand.tier == "batch":  # pack: least room left after placing, then id
+        return min(fitting, key=lambda o: (preference(demand, o), free[o.node_id], o.node_id))
+    # spread: most headroom, then id
+    return min(fitting, key=lambda o: (preference(demand, o), -free[o.node_id], o.node_id))
 
 
 def _shortfall(
-    demand: Demand, offers: Sequence[Offer], hosting: set[str], chosen: list[str]
+    demand: Demand, offers: Sequence[Offer], used: set[str], placed: int, group: str | None
 ) -> str:
     need = f"needs {demand.bytes_per_replica / GIB:.1f} GiB"
-    placed = len(hosting) + len(chosen)
     lacking = f"{demand.replicas - placed} of {demand.replicas} replicas unplaced: "
     if not offers:
         return lacking + "no node is connected"
-    open_nodes = [
-        o
-        for o in offers
-        if eligible(demand, o) is None and o.node_id not in hosting and o.node_id not in chosen
-    ]
+    if group is not None:
+        return lacking + group
+    open_nodes = [o for o in offers if eligible(demand, o) is None and o.node_id not in used]
     if not open_nodes:
         reasons = sorted(
             {f"{o.node_id}: {eligible(demand, o) or 'already runs it'}" for o in offers}
@@ -185,14 +229,18 @@ def plan_order(demand: Demand) -> tuple[bool, int, str, str]:
 
 
 def plan(demands: Sequence[Demand], offers: Sequence[Offer]) -> dict[UnitKey, Placement]:
-    """Place many units at once in `plan_order`, each seeing the room the previous ones took.
-    Keyed by unit, in that order; deterministic for the same inputs."""
+    """Place many units at once in `plan_order`, each seeing the room the previous ones took
+    (a group's members each the bytes of their share). Keyed by unit, in that order;
+    deterministic for the same inputs."""
     room = {o.node_id: o for o in offers}
     result: dict[UnitKey, Placement] = {}
     for demand in sorted(demands, key=plan_order):
         placement = place(demand, sorted(room.values(), key=lambda o: o.node_id))
         for node_id in placement.nodes:
-            room[node_id] = _taken(room[node_id], demand)
+            room[node_id] = _taken(room[node_id], demand, demand.bytes_per_replica)
+        for group in placement.groups:
+            for share in group.shares:
+                room[share.node_id] = _taken(room[share.node_id], demand, share.bytes)
         result[demand.key] = placement
     return result
 

@@ -6,12 +6,13 @@ has no size and waits. The math is coordinator/memory.py's.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 from coordinator.config import ModelSpec
 from coordinator.errors import SizingError
 from coordinator.knobs import TierKnobs
-from coordinator.memory import size_engine
+from coordinator.memory import pipeline_shape, size_engine
 from coordinator.model_files import ModelFileCache, ModelFiles
 from coordinator.policy import UnitKey
 from mlxfleet.kv import DEFAULT_CONTEXT_LENGTH
@@ -28,6 +29,7 @@ class Sizing:
         self._files = ModelFileCache(on_read)
         self._sizes: dict[UnitKey, int | SizingError] = {}
         self._contexts: dict[UnitKey, int] = {}
+        self._shapes: dict[UnitKey, tuple[int, int]] = {}
 
     def size(self, spec: ModelSpec) -> int | SizingError | None:
         """Bytes one engine of this unit needs, why it cannot be sized, or None while its
@@ -38,6 +40,12 @@ class Sizing:
                 return None
             self._sizes[spec.key] = self._measure(spec, files)
         return self._sizes[spec.key]
+
+    def shape(self, spec: ModelSpec) -> tuple[int, int] | None:
+        """(layers, bytes every rank holds) for placing this unit as a pipeline group
+        (memory.pipeline_shape); None while it has no size, or none from a config.json."""
+        self.size(spec)
+        return self._shapes.get(spec.key)
 
     def weight(self, spec: ModelSpec) -> int:
         """The size for ordering and room: 0 while unknown or unsizable."""
@@ -55,6 +63,7 @@ class Sizing:
         """max_concurrency sizes the KV cache: size again, and look again for hub models that
         were not downloaded yet."""
         self._sizes.clear()
+        self._shapes.clear()
         self._files.forget_missing()
 
     async def settled(self) -> None:
@@ -81,4 +90,8 @@ class Sizing:
         except SizingError as exc:
             return SizingError(f"{spec.name}: {exc}")
         self._contexts[spec.key] = context
+        if files.config is not None and size > 0:
+            # Sized, but a config.json with no embedding shape: never split.
+            with contextlib.suppress(SizingError):
+                self._shapes[spec.key] = pipeline_shape(size, files.config)
         return size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,14 @@ def test_cli_overrides_env_overrides_toml(tmp_path: Path, monkeypatch: pytest.Mo
             r"'prefix_cache_mib' must be an integer 0-1048576, got 2000000$",
         ),
         ("[tiers.gold]\nbatch_window_ms = 5\n", "unknown tier table"),
+        (
+            '[[models]]\nname = "a"\nsource = "x"\nsharding = "always"\n',
+            r"models\[0\]: 'sharding' must be \"auto\" or \"never\", got 'always'$",
+        ),
+        (
+            '[[models]]\nname = "a"\nsource = "x"\nsharding = false\n',
+            r"'sharding' must be \"auto\" or \"never\", got False$",
+        ),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path: Path, text: str, message: str) -> None:
@@ -160,6 +169,17 @@ def test_quantized_kv_is_a_batch_unit_of_one_slot(tmp_path: Path) -> None:
     long, q4 = load_config(path).models
     assert (long.kv_bits, long.kv_group_size, long.max_concurrency) == (8, 64, 1)
     assert (q4.kv_bits, q4.kv_group_size, q4.max_concurrency) == (4, 32, 1)
+
+
+def test_sharding_is_auto_unless_a_model_says_never(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[[models]]\nname = "big"\nsource = "/m/b"\ntiers = ["interactive", "batch"]\n'
+        'sharding = "never"\n[[models]]\nname = "q"\nsource = "/m/q"\n',
+    )
+    big_chat, big_jobs, q = load_config(path).models
+    assert (big_chat.sharding, big_jobs.sharding, q.sharding) == ("never", "never", "auto")
+    assert big_chat.engine_args() == replace(big_chat, sharding="auto").engine_args()
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -273,10 +293,12 @@ def test_models_configured_in_code_have_tables_that_give_them_back(tmp_path: Pat
         "context_length = 2048\nreplicas = 2\npinned = true\n"
         '[models.labels.required]\nsite = "east"\n'
         '[[models]]\nname = "k"\nsource = "/m/k"\ntier = "batch"\nkv_bits = 8\n'
+        '[[models]]\nname = "w"\nsource = "/m/w"\nsharding = "never"\n'
     )
     config = load_config(path)
     again = model_units(spec_tables(config.models), "t", config.prefix_cache_mib)
     assert again == config.models
+    assert [s.sharding for s in again if s.name == "w"] == ["never"]
 
 
 @pytest.mark.parametrize(

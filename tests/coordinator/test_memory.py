@@ -9,25 +9,36 @@ conversions add (bits 4, group_size 64).
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
 import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import QuantizedKVCache
 
 from benchmarks.simulator import LLAMA3_8B  # the catalogue of real config.json values
+from coordinator.config import ModelSpec
 from coordinator.errors import SizingError
 from coordinator.memory import (
     ENGINE_RUNTIME_BYTES,
     GIB,
     Attention,
     attention_shape,
+    engine_overhead,
     estimated_weight_bytes,
     footprint,
     kv_cache_bytes,
     node_budget,
     parameter_count,
+    pipeline_shape,
+    shared_weight_bytes,
     size_engine,
 )
+from coordinator.sizing import Sizing
 from mlxfleet.kv import DEFAULT_PREFIX_CACHE_BYTES
+from mlxfleet.tiers import DEFAULT_KNOBS, Knobs
 
 QWEN25_7B = {
     "hidden_size": 3584,
@@ -192,3 +203,45 @@ def test_size_engine_caps_the_default_context_and_sizes_an_uncached_hub_model_as
     assert size_engine(0, None, None, 4) == (0, 8192)  # the agent downloads it first
     with pytest.raises(SizingError, match="decodes one request at a time"):
         size_engine(GIB, LLAMA3_8B, None, sequences=2, kv_bits=8)
+
+
+def test_pipeline_shape_is_the_layers_and_what_every_rank_holds() -> None:
+    """A group's member holds the embeddings, LM head and final norm (at the model's bits) and
+    an engine's overhead whatever its layers; the rest divides by layer."""
+    config = {**LLAMA3_70B, **FOUR_BIT}
+    size = footprint(estimated_weight_bytes(config), config, 8192, 4).total
+    layers, shared = pipeline_shape(size, config)
+    assert layers == 80
+    params = 128256 * 8192 * 2 + 8192  # untied: embeddings and LM head; the final norm
+    assert shared == math.ceil(params * 4.5 / 8) + engine_overhead(config)
+    assert round(shared / GIB, 2) == 1.66  # of 48.0 GiB: each of the 80 layers costs 0.58 GiB
+    assert round((size - shared) / layers / GIB, 2) == 0.58
+    tied = {**config, "tie_word_embeddings": True}
+    assert shared_weight_bytes(tied) == math.ceil((128256 * 8192 + 8192) * 4.5 / 8)
+    assert shared_weight_bytes(LLAMA3_8B) == (128256 * 4096 * 2 + 4096) * 2  # bf16
+    assert pipeline_shape(100, config) == (80, 20)  # capped: a layer costs a byte at least
+
+
+def test_sizing_gives_a_units_shape_beside_its_size(tmp_path: Path) -> None:
+    header = json.dumps({"w": {"dtype": "U8", "shape": [7], "data_offsets": [0, 7]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA3_8B, **FOUR_BIT}))
+    spec = ModelSpec("m", str(tmp_path), context_length=4096)
+    sizing = Sizing(OneSlot(), lambda: None)  # type: ignore[arg-type]
+    size = sizing.size(spec)
+    assert isinstance(size, int)
+    assert sizing.shape(spec) == pipeline_shape(size, {**LLAMA3_8B, **FOUR_BIT})
+    assert sizing.shape(spec) == (32, shared_weight_bytes({**LLAMA3_8B, **FOUR_BIT})
+                                  + engine_overhead(LLAMA3_8B))  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA3_8B, "vocab_size": None}))
+    other = ModelSpec("n", str(tmp_path), context_length=4096)
+    sizing = Sizing(OneSlot(), lambda: None)  # type: ignore[arg-type]
+    assert isinstance(sizing.size(other), int)  # sized, but no embedding shape: never split
+    assert sizing.shape(other) is None
+
+
+class OneSlot:
+    """TierKnobs as Sizing asks it: one sequence per engine."""
+
+    def engine(self, spec: ModelSpec) -> Knobs:
+        return replace(DEFAULT_KNOBS[spec.tier], max_concurrency=1)
