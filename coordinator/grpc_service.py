@@ -20,6 +20,7 @@ from coordinator.registry import (
     Command,
     Engine,
     EngineId,
+    GroupCommand,
     LoadCommand,
     NodeId,
     NodeStatus,
@@ -78,6 +79,8 @@ def engine_from_pb(node_id: NodeId, e: pb.EngineInfo) -> Engine:
         url=e.url,
         secret=e.secret,
         context_length=e.context_length,
+        group_id=e.group_id,
+        rank=e.rank,
     )
 
 
@@ -105,6 +108,7 @@ def command_to_pb(command: Command) -> pb.CoordinatorMessage:
                 prefix_cache_mib=command.prefix_cache_mib,
                 manifest=command.manifest.to_pb() if command.manifest else None,
                 holders=[pb.FileHolder(node_id=n, url=u) for n, u in command.holders],
+                group=group_to_pb(command.group) if command.group else None,
             )
         )
     if isinstance(command, SetKnobsCommand):
@@ -112,6 +116,24 @@ def command_to_pb(command: Command) -> pb.CoordinatorMessage:
             set_knobs=pb.SetKnobs(engine_id=command.engine_id, knobs=knobs_to_pb(command.knobs))
         )
     return pb.CoordinatorMessage(unload=pb.UnloadModel(engine_id=command.engine_id))
+
+
+def group_to_pb(group: GroupCommand) -> pb.EngineGroup:
+    return pb.EngineGroup(
+        group_id=group.group_id,
+        rank=group.rank,
+        members=[
+            pb.GroupMember(
+                rank=m.rank,
+                node_id=m.node_id,
+                link_address=m.link_address,
+                first_layer=m.first_layer,
+                layers=m.layers,
+            )
+            for m in group.members
+        ],
+        stall_s=group.stall_s,
+    )
 
 
 class FleetService(fleet_pb2_grpc.FleetServicer):
@@ -172,6 +194,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         node.cordoned = self._store.node_cordoned(node_id)
         node.metrics_target = metrics_target(context.peer(), hello.metrics_port)
         node.files_url = hello.files_url
+        node.link_address = hello.link_address
         self._store.touch_node(node_id)
         logger.info("node %s connected with %d running engine(s)", node_id, len(engines))
         reader = asyncio.create_task(self._read(node_id, messages))
@@ -253,7 +276,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                 self._registry.send(node_id, UnloadCommand(engine.engine_id))
                 return
             self._registry.upsert_engine(engine)
-            if kind == "ready":
+            if kind == "ready" and engine.serves:
                 self._reconciler.engine_ready(unit_of(engine))
                 self._store.add_event(node_id, "engine_ready", f"{engine.model} {engine.url}")
             return

@@ -84,7 +84,9 @@ class TierKnobs:
         return [
             (engine, spec)
             for engine in self._registry.engines.values()
-            if engine.state in LIVE_STATES and (spec := self._units.get(unit_of(engine)))
+            if engine.state in LIVE_STATES
+            and engine.serves  # a group's rank 0 decides its batch; the others follow it
+            and (spec := self._units.get(unit_of(engine)))
         ]
 
     def _send(self, engine: Engine, knobs: Knobs) -> None:

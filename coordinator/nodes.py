@@ -43,6 +43,7 @@ def node_rows(
             state=node.liveness,
             cordoned=node.cordoned,
             files_url=node.files_url,  # where its agent serves model files to fleet members
+            link_address=node.link_address,  # where it relays groups' rank traffic
             thermal=node.status.thermal_state if node.status else "",
             available_gib=round(node.status.available_bytes / GIB, 1) if node.status else None,
             models=sorted(
@@ -87,6 +88,25 @@ def unit_state(
     return "pending"
 
 
+def group_rows(reconciler: Reconciler, key: UnitKey) -> list[dict[str, object]]:
+    return [
+        {
+            "group": g.group_id,
+            "members": [
+                {
+                    "node": s.node_id,
+                    "rank": s.rank,
+                    "layers": f"{s.first_layer}-{s.first_layer + s.layers - 1}",
+                    "bytes": s.bytes,
+                }
+                for s in g.placement.shares
+            ],
+        }
+        for g in sorted(reconciler.groups.groups.values(), key=lambda g: g.group_id)
+        if (g.model, g.tier) == key
+    ]
+
+
 def model_rows(
     reconciler: Reconciler, registry: Registry, routing: Routing
 ) -> list[dict[str, object]]:
@@ -108,7 +128,12 @@ def model_rows(
                 "state": unit_state(spec.key, reconciler, routable, engines),
                 "replicas": spec.replicas,
                 "pinned": spec.pinned,
-                "engines": [f"{e.node_id}: {e.state}" for e in engines],
+                "engines": [
+                    f"{e.node_id}: {e.state}{f' (rank {e.rank})' if e.group_id else ''}"
+                    for e in engines
+                ],
+                # Replicas spread over several nodes: each member's rank, layers and bytes.
+                "groups": group_rows(reconciler, spec.key),
                 # Why replicas are missing, and the last load failure until an engine is ready
                 # (a copy's bad file, a download refused): both, when both are known.
                 "pending": "; ".join(

@@ -22,6 +22,8 @@ from dataclasses import replace
 
 from coordinator.config import Config, ModelSpec
 from coordinator.errors import SizingError
+from coordinator.group_engines import GroupEngines, RunningGroup
+from coordinator.groups import Group
 from coordinator.holdings import Holdings
 from coordinator.holds import RESTORE_WAIT, PlacementHolds
 from coordinator.knobs import TierKnobs
@@ -43,6 +45,7 @@ from coordinator.sizing import Sizing
 from coordinator.store import Store
 from coordinator.trigger_actions import TriggerActions
 from coordinator.triggers import Triggers
+from coordinator.unit_signals import UnitSignals
 from coordinator.units import Units
 from coordinator.usage import UnitUsage
 from mlxfleet.tiers import Knobs, Tier
@@ -55,7 +58,7 @@ SIZING_PENDING = "sizing: reading the model's files"  # until the read (off the 
 MAKING_ROOM_S = 60.0  # evicted engines exit and free their memory within this
 
 
-class Reconciler:
+class Reconciler(UnitSignals):
     """Keeps the fleet matching the config. Use from the event loop.
 
     It owns the tasks that read model files (started by `size`, coordinator/sizing.py);
@@ -71,6 +74,7 @@ class Reconciler:
         for spec in config.models:
             self.metrics.unit_seen(spec.name, spec.tier)
         self._holds = PlacementHolds(store.placements())
+        self.groups = GroupEngines(registry, config.stream_stall_s)  # models over several nodes
         self.holdings = Holdings(store)  # where each model's files are (copies, disk)
         self._moving: set[EngineId] = set()  # rebalanced away: unloaded once replaced
         self._loaded_as: dict[EngineId, ModelSpec] = {}  # the spec each engine was loaded with
@@ -86,43 +90,6 @@ class Reconciler:
         self._trigger_actions = TriggerActions(
             self.triggers, registry, store, self.metrics, self._knobs, self._relocate_heaviest
         )
-
-    # Inputs from the rest of the coordinator
-    def engine_failed(self, key: UnitKey, load_failure: str | None = None) -> None:
-        """An engine of this unit exited or failed to load: wait before loading it again."""
-        if load_failure is not None:
-            self.load_failures[key] = load_failure
-        self._holds.failed(key)
-
-    def engine_ready(self, key: UnitKey) -> None:
-        self._holds.ready(key)
-        self.load_failures.pop(key, None)
-        self.usage.engine_ready(key)
-
-    def begin_request(self, key: UnitKey) -> None:
-        self.usage.begin_request(key)
-
-    def end_request(self, key: UnitKey) -> None:
-        self.usage.end_request(key)
-
-    def note_cold_start(self, key: UnitKey, waited_s: float) -> None:
-        """A request waited `waited_s` for this sleeping unit to load again."""
-        self.cold_starts.append((key, waited_s))
-
-    def observe_reading(self, node_id: NodeId) -> None:
-        """A heartbeat arrived: evaluate the node's triggers (coordinator/trigger_actions.py)."""
-        self._trigger_actions.observe_reading(node_id)
-
-    def observe_ttft(self, node_id: str, ttft_s: float, prefill_tokens: int) -> None:
-        """An interactive request's time to first token on this node and the prompt tokens
-        its engine prefilled: the prompt less its prefix-cache hit (the tail trigger)."""
-        self._trigger_actions.observe_ttft(node_id, ttft_s, prefill_tokens)
-
-    def observe_oom_kill(self, node_id: str) -> None:
-        self._trigger_actions.observe_oom_kill(node_id)
-
-    def is_asleep(self, key: UnitKey) -> bool:
-        return self.usage.is_asleep(key)
 
     def expecting(self, key: UnitKey) -> bool:
         """Will an engine of this unit be ready without anyone acting? Yes while one is
@@ -142,12 +109,6 @@ class Reconciler:
             return True
         reason = self.pending.get(key)
         return reason is None or reason == SIZING_PENDING or reason.startswith(RESTORE_WAIT)
-
-    def wake(self, key: UnitKey) -> None:
-        """A request came for a unit unloaded for idleness: load it again."""
-        if self.usage.wake(key):
-            logger.info("waking %s/%s for a request", *key)
-            self._registry.changed.set()
 
     # Tier knobs (coordinator/knobs.py)
     def knobs(self, tier: Tier) -> Knobs:
@@ -193,6 +154,10 @@ class Reconciler:
     def step(self) -> None:
         """One pass over liveness and every unit; new replicas come from one policy.plan()."""
         check_liveness(self._registry, self._store, self._config)
+        for _, engines, why in self.groups.broken():  # a group lives and dies whole
+            for engine in engines:
+                self._unload(engine, why)
+                self.groups.told(engine.engine_id)
         joined = set(self._registry.nodes) - self._known_nodes
         self._known_nodes = set(self._registry.nodes)
         running = {unit_of(e) for e in self._registry.engines.values()}
@@ -200,7 +165,8 @@ class Reconciler:
             del self._units.leaving[key]  # removed at runtime: its last engine is gone
         for engine in list(self._registry.engines.values()):
             key = unit_of(engine)
-            if key not in self._units and engine.state in LIVE_STATES:
+            # A group's other ranks go with its rank 0 (or once it is gone: `broken`).
+            if key not in self._units and engine.state in LIVE_STATES and engine.serves:
                 if self.usage.busy(key):
                     continue  # a model removed at runtime: its requests in flight finish first
                 self._unload(engine, "not in the config")
@@ -221,7 +187,7 @@ class Reconciler:
         return [
             e
             for e in self._registry.engines.values()
-            if unit_of(e) == key and e.state in LIVE_STATES
+            if unit_of(e) == key and e.state in LIVE_STATES and e.serves
         ]
 
     def _settle(self, spec: ModelSpec) -> Demand | None:
@@ -262,7 +228,7 @@ class Reconciler:
             return None
         if self._holds.backing_off(key):
             return None
-        return self._demand(spec, size, frozenset(e.node_id for e in staying))
+        return self._demand(spec, size, staying)
 
     def _apply_placement(self, demand: Demand, placement: Placement) -> None:
         """Load what the plan placed; for what it could not, evict to make room (it is
@@ -270,6 +236,8 @@ class Reconciler:
         spec = self._units[demand.key]
         for node_id in placement.nodes:
             self._load(spec, NodeId(node_id))
+        for group in placement.groups:
+            self._load_group(spec, group)
         if placement.pending_reason is None:
             self.pending.pop(demand.key, None)
             self._making_room.pop(demand.key, None)
@@ -277,9 +245,12 @@ class Reconciler:
         self._evict_for(demand)
         self.pending[demand.key] = placement.pending_reason
 
-    def _demand(
-        self, spec: ModelSpec, size: int, hosted_on: frozenset[str] = frozenset()
-    ) -> Demand:
+    def _demand(self, spec: ModelSpec, size: int, staying: list[Engine] | None = None) -> Demand:
+        """The unit as placement sees it; `staying`: its replicas that stay (a group's by
+        its members)."""
+        layers, shared = self._sizing.shape(spec) or (0, 0)
+        hosted_on = frozenset(e.node_id for e in staying or () if not e.group_id)
+        groups = tuple(frozenset(self.groups.nodes(e)) for e in staying or () if e.group_id)
         return Demand(
             spec.name,
             spec.tier,
@@ -291,6 +262,10 @@ class Reconciler:
             hosted_on,
             spec.source,
             self.holdings.disk_bytes(spec.source),
+            layers,
+            shared,
+            spec.sharding,
+            groups,
         )
 
     def offers(self) -> list[Offer]:
@@ -299,7 +274,8 @@ class Reconciler:
         for engine in self._registry.engines.values():
             key = unit_of(engine)
             if self._units.known(key) and engine.state in (*LIVE_STATES, "stopping"):
-                placed[engine.node_id] = placed.get(engine.node_id, 0) + self._weight(key)
+                weight = self.groups.weight(engine) or self._weight(key)  # a group: its share
+                placed[engine.node_id] = placed.get(engine.node_id, 0) + weight
         return [
             node_offer(
                 node,
@@ -316,18 +292,22 @@ class Reconciler:
         """Cordoned or drained node, the batch tier moved off it, moved by a rebalance or a
         memory trigger, or loaded with what its model's configuration no longer says (changed
         at runtime): the engine goes once enough replicas elsewhere are ready."""
-        node = self._registry.nodes.get(engine.node_id)
+        nodes = [self._registry.nodes.get(NodeId(n)) for n in self.groups.nodes(engine)]
         return (
-            (node is not None and node.cordoned)
+            any(node is not None and node.cordoned for node in nodes)
             or self._tripped(engine, spec)
             or engine.engine_id in self._moving
             or self._loaded_as.get(engine.engine_id, spec).engine_args() != spec.engine_args()
         )
 
     def _tripped(self, engine: Engine, spec: ModelSpec) -> bool:
-        """A trigger on its node moves it: drain, or move_batch for a batch engine."""
-        actions = self.triggers.actions(engine.node_id)
-        return "drain" in actions or (spec.tier == "batch" and "move_batch" in actions)
+        """A trigger on its node (any of its group's) moves it: drain, or move_batch for a
+        batch engine."""
+        for node_id in self.groups.nodes(engine):
+            actions = self.triggers.actions(node_id)
+            if "drain" in actions or (spec.tier == "batch" and "move_batch" in actions):
+                return True
+        return False
 
     def _relocate_heaviest(self, node_id: NodeId) -> None:
         """A memory trigger asks the node to shed load: its heaviest engine moves away."""
@@ -340,7 +320,7 @@ class Reconciler:
             return
         heaviest = max(engines, key=lambda e: (self._weight(unit_of(e)), e.engine_id))
         logger.info("relocating %s, the heaviest engine on %s", heaviest.engine_id, node_id)
-        self._moving.add(heaviest.engine_id)
+        self._moving.add(EngineId(heaviest.group_id or heaviest.engine_id))  # a group: whole
 
     def _rebalance(self, spec: ModelSpec) -> None:
         """A node joined: if the policy would now put an idle unit's replica elsewhere, start
@@ -350,8 +330,8 @@ class Reconciler:
         if not isinstance(size, int) or not self.usage.idle_for(spec.key, REBALANCE_IDLE_S):
             return
         staying = [e for e in self._live(spec.key) if not self._must_leave(e, spec)]
-        if not staying:
-            return
+        if not staying or any(e.group_id for e in staying):
+            return  # a group moves when it breaks or its nodes are drained, not on a join
         current = {e.node_id for e in staying}
         offers = [
             replace(o, free_bytes=o.free_bytes + size) if o.node_id in current else o
@@ -412,6 +392,7 @@ class Reconciler:
                 for e in self._registry.engines.values()
                 if e.node_id == offer.node_id
                 and e.state in LIVE_STATES
+                and not e.group_id  # a group leaves whole, not as one node's victim
                 and unit_of(e) != demand.key
                 and unit_of(e) in self._units
                 and not self._units[unit_of(e)].pinned
@@ -441,10 +422,23 @@ class Reconciler:
         self._moving.discard(engine.engine_id)
         self._registry.upsert_engine(replace(engine, state="stopping"))
         self._registry.send(engine.node_id, UnloadCommand(engine.engine_id))
+        if engine.group_id and engine.serves:  # rank 0 stops the others once it is done
+            for member in self.groups.members(engine.group_id):
+                if member.rank != 0 and member.state in LIVE_STATES:
+                    self._registry.upsert_engine(replace(member, state="stopping"))
 
-    def _load(self, spec: ModelSpec, node_id: NodeId) -> Engine:
-        engine_id = EngineId(f"{spec.name.replace('/', '_')}-{spec.tier[0]}-{uuid.uuid4().hex[:8]}")
-        engine = Engine(engine_id, spec.name, node_id, spec.tier, "starting")
+    @staticmethod
+    def _new_engine_id(spec: ModelSpec) -> EngineId:
+        return EngineId(f"{spec.name.replace('/', '_')}-{spec.tier[0]}-{uuid.uuid4().hex[:8]}")
+
+    def _load(
+        self, spec: ModelSpec, node_id: NodeId, group: RunningGroup | None = None, rank: int = 0
+    ) -> Engine:
+        engine_id = group.engine_id(rank) if group else self._new_engine_id(spec)
+        group_id = group.group_id if group else ""
+        engine = Engine(
+            engine_id, spec.name, node_id, spec.tier, "starting", group_id=group_id, rank=rank
+        )
         self._loaded_as[engine_id] = spec
         self._registry.upsert_engine(engine)
         self._store.save_placement(engine_id, spec.name, node_id, spec.tier)
@@ -462,12 +456,24 @@ class Reconciler:
                 spec.prefix_cache_mib,
                 self.holdings.manifest(spec.source),
                 tuple(self.holdings.holders(spec.source, self._registry.nodes.values())),
+                self.groups.command(group, rank) if group else None,
             ),
         )
         logger.info(
-            "placing %s/%s on node %s as engine %s", spec.name, spec.tier, node_id, engine_id
+            "placing %s/%s on node %s as engine %s%s",
+            spec.name,
+            spec.tier,
+            node_id,
+            engine_id,
+            f" (rank {rank} of {len(group.placement.shares)})" if group else "",
         )
         return engine
+
+    def _load_group(self, spec: ModelSpec, group: Group) -> None:
+        """Start every rank of a group (coordinator/group_engines.py); rank 0 serves."""
+        running = self.groups.add(self._new_engine_id(spec), spec.name, spec.tier, group)
+        for share in group.shares:
+            self._load(spec, NodeId(share.node_id), running, share.rank)
 
     def units(self) -> Iterable[ModelSpec]:
         return self._units.values()

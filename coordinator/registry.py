@@ -52,6 +52,15 @@ class Engine:
     context_length: int = 0
     rss_bytes: int = 0
     ready_since: float = 0.0  # monotonic time this coordinator first saw it ready
+    # One rank of a model spread over several nodes (coordinator/group_engines.py): the
+    # group's id is its rank 0's engine id; only rank 0 serves, and counts as the replica.
+    group_id: str = ""
+    rank: int = 0
+
+    @property
+    def serves(self) -> bool:
+        """Whether it takes requests: a whole model, or a group's rank 0."""
+        return self.rank == 0
 
 
 LIVE_STATES: tuple[EngineState, ...] = ("starting", "ready")  # running, or about to
@@ -75,6 +84,26 @@ class LoadCommand:
     prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_MIB  # the engine's prefix cache; 0: none
     manifest: Manifest | None = None  # the model's files as the fleet recorded them
     holders: tuple[tuple[str, str], ...] = ()  # (node id, files URL) to copy them from
+    group: GroupCommand | None = None  # one rank of a group; None: the whole model
+
+
+@dataclass(frozen=True, slots=True)
+class GroupMemberCommand:
+    rank: int
+    node_id: str
+    link_address: str  # its agent's rank link, "host:port"
+    first_layer: int
+    layers: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupCommand:
+    """This rank's place in its group, as LoadModel carries it."""
+
+    group_id: str
+    rank: int
+    members: tuple[GroupMemberCommand, ...]  # rank 0 first
+    stall_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +133,7 @@ class Node:
     cordoned: bool = False  # drained: its replicas move off and nothing new lands
     metrics_target: str = ""  # "host:port" of its agent's /metrics; "" when it serves none
     files_url: str = ""  # where its agent serves model files to fleet members; "": it does not
+    link_address: str = ""  # where its agent relays groups' rank traffic; "": it does not
     # None tells the stream writer that this connection was replaced or dropped.
     outbox: asyncio.Queue[Command | None] = field(default_factory=asyncio.Queue)
 
@@ -163,7 +193,7 @@ class Registry:
             node.liveness = "live"
             logger.info("node %s is back: routing its engines again", node_id)
             for ready in self.engines.values():
-                if ready.node_id == node_id and ready.state == "ready":
+                if ready.node_id == node_id and ready.state == "ready" and ready.serves:
                     self._routes.add_engine(ready)
             self.changed.set()
         for engine_id, rss_bytes in rss.items():
@@ -191,7 +221,8 @@ class Registry:
         self.engines[engine.engine_id] = engine
         node = self.nodes.get(engine.node_id)
         if engine.state == "ready" and node is not None and node.liveness == "live":
-            self._routes.add_engine(engine)
+            if engine.serves:  # a group's other ranks take no requests
+                self._routes.add_engine(engine)
         else:
             # A stopping engine was told to stop: it finishes what it serves, then exits.
             self._routes.remove_engine(engine.engine_id, drain=engine.state == "stopping")

@@ -86,8 +86,25 @@ def cmd_models(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    columns = ("model", "tier", "state", "replicas", "size_gib", "engines", "pending", "files_on")
-    print_table(rows, (*columns, "copies") if any(r.get("copies") for r in rows) else columns)
+    columns: tuple[str, ...] = (
+        *("model", "tier", "state", "replicas", "size_gib", "engines", "pending", "files_on"),
+    )
+    if any(r.get("copies") for r in rows):
+        columns = (*columns, "copies")
+    if any(r.get("groups") for r in rows):
+        columns = (*columns, "groups")
+        rows = [r | {"groups": [group_text(g) for g in r.get("groups") or []]} for r in rows]
+    print_table(rows, columns)
+
+
+def group_text(group: dict[str, Any]) -> str:
+    """vm-1 layers 2-5 0.6 GiB + vm-2 layers 0-1 0.3 GiB (rank 0, which serves, first)."""
+    members = group["members"]
+    return " + ".join(f"{m['node']} layers {m['layers']} {_size(m['bytes'])}" for m in members)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 // 10 else f"{n / 2**20:.0f} MiB"
 
 
 def cmd_reload(args: argparse.Namespace) -> None:
