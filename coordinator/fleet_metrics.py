@@ -78,6 +78,7 @@ class FleetCollector(Collector):
         yield from self._router()
         yield from self._tiers()
         yield from self._files()
+        yield from self._groups()
         yield GaugeMetricFamily(
             "mlxfleet_coordinator_asyncio_tasks",
             "Tasks alive on the coordinator's event loop (a leak shows as growth).",
@@ -256,6 +257,22 @@ class FleetCollector(Collector):
                     total.add_metric(values, c.bytes_total)
                     rate.add_metric(values, c.bytes_per_s)
         yield from (room, held, done, total, rate)
+
+    def _groups(self) -> Iterator[GaugeMetricFamily]:
+        """Models spread over several nodes as the reconciler placed them
+        (coordinator/group_engines.py): each member's node, rank, layers and share in bytes."""
+        members = GaugeMetricFamily(
+            "mlxfleet_group_member_bytes",
+            "Bytes of a group member's share on its node (its layers' weights and KV, and what "
+            "every member holds), labelled with its node, rank and layers.",
+            labels=["model", "tier", "group", "node", "rank", "first_layer", "layers"],
+        )
+        groups = self._reconciler.groups.groups
+        for group_id, running in sorted(groups.items()):
+            for s in running.placement.shares:
+                labels = [running.model, running.tier, group_id, s.node_id, str(s.rank)]
+                members.add_metric([*labels, str(s.first_layer), str(s.layers)], s.bytes)
+        yield members
 
 
 def _loop_tasks() -> int:

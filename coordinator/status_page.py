@@ -1,4 +1,5 @@
-"""The status page at GET /ui: nodes, units, tier knobs, events and live TTFT / tokens-per-second.
+"""The status page at GET /ui: nodes, units and their groups, tier knobs, events and live TTFT and
+tokens per second.
 
 Read-only and unauthenticated, like /metrics: it shows what `mlxfleet nodes` / `models` show
 (coordinator/nodes.py builds the rows) and never a key, a token or an engine's secret.

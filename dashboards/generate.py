@@ -159,12 +159,17 @@ def current(
     return p.mappings(mapped(names)) if names else p
 
 
-def listing(title: str, description: str, expr: str, w: int = 8) -> table.Panel:
-    """A table of the label sets `expr` returns now (its value and time columns hidden)."""
+def listing(
+    title: str, description: str, expr: str, w: int = 8, value: tuple[str, str] | None = None
+) -> table.Panel:
+    """A table of the label sets `expr` returns now (its time column hidden, and its value
+    column too unless `value` gives the column's name and unit)."""
     qs: Targets = [query(expr, instant=True).format(PromQueryFormat.TABLE)]
-    hide = {"excludeByName": {"Time": True, "Value": True}}
-    p = panel(table.Panel(), title, description, qs, w=w)
-    return p.with_transformation(dash.DataTransformerConfig(id_val="organize", options=hide))
+    options: dict[str, Any] = {"excludeByName": {"Time": True, "Value": value is None}}
+    if value is not None:
+        options["renameByName"] = {"Value": value[0]}
+    p = panel(table.Panel(), title, description, qs, value[1] if value else "short", w=w)
+    return p.with_transformation(dash.DataTransformerConfig(id_val="organize", options=options))
 
 
 def quantile(q: float, metric: str, window: str = RATE) -> str:
@@ -414,10 +419,76 @@ def fleet() -> dict[str, Any]:
     return build(
         "mlxfleet-fleet",
         "mlxfleet: fleet overview",
-        "Nodes, memory, placements, traffic and routing across the whole fleet.",
-        [("Nodes", nodes), ("Models", models), ("Traffic", traffic), ("Routing", routing)],
+        "Nodes, memory, placements, groups, traffic and routing across the whole fleet.",
+        [
+            ("Nodes", nodes),
+            ("Models", models),
+            ("Groups: models over several nodes", groups()),
+            ("Traffic", traffic),
+            ("Routing", routing),
+        ],
         [],
     )
+
+
+def groups() -> list[Any]:
+    """Models that run as a pipeline group over several nodes (issue 19): who holds which
+    layers, each rank's memory and step time, and what the rank links carry. Each panel is 0
+    while no model runs as a group (a fleet whose nodes each hold whole models)."""
+    by_rank = "model, group, rank, node"
+    members = "model, tier, group, node, rank, first_layer, layers"
+    rss = f"sum by ({by_rank}) (mlxfleet_group_rank_rss_bytes) {OR_ZERO}"
+    share = f"sum by ({by_rank}) (mlxfleet_group_member_bytes) {OR_ZERO}"
+    step_s = f"sum by ({by_rank}) (rate(mlxfleet_group_step_seconds_total[{RATE}]))"
+    steps = f"sum by ({by_rank}) (rate(mlxfleet_group_steps_total[{RATE}]))"
+    sent = f'rate(mlxfleet_group_link_bytes_total{{direction="sent"}}[{RATE}])'
+    # A group's tokens are its rank 0's: the engine on the node that runs rank 0 of the group.
+    rank_0 = 'on (node, model, tier) mlxfleet_group_rank_info{rank="0"}'
+    tokens = f"rate(mlxfleet_engine_generation_tokens_total[{RATE}]) and {rank_0}"
+    per_token = f"sum by (model) ({sent}) / (sum by (model) ({tokens}) > 0) {OR_ZERO}"
+    traffic = f"sum by (node, group, direction) (rate(mlxfleet_group_link_bytes_total[{RATE}]))"
+    rank = "{{node}} {{group}} rank {{rank}}"
+    return [
+        listing(
+            "Group members",
+            "Each group's members as placed: node, rank, layers (first_layer, and how many; "
+            "rank 0 serves requests and runs the last layers) and the bytes the member's share "
+            "takes on its node. 0 alone: no model runs as a group.",
+            f"sum by ({members}) (mlxfleet_group_member_bytes) {OR_ZERO}",
+            w=12,
+            value=("Bytes", "bytes"),
+        ),
+        graph(
+            "Memory per rank",
+            "Resident memory of each rank's process, and the share placement counted for it.",
+            targets((rss, rank), (share, f"{rank} share")),
+            "bytes",
+        ),
+        graph(
+            "Step time per rank",
+            "Mean time of one decode step on each rank (seconds in steps over steps). A rank "
+            "far slower than the others holds the whole group back.",
+            targets((f"{step_s} / ({steps} > 0) {OR_ZERO}", rank)),
+            "s",
+            w=8,
+        ),
+        graph(
+            "Link bytes per generated token",
+            "Bytes the groups' rank links sent between members for each token the model's "
+            "groups generated (activations and rank 0's step messages).",
+            targets((per_token, "{{model}}")),
+            "bytes",
+            w=8,
+        ),
+        graph(
+            "Rank link traffic",
+            "Bytes per second each node's rank link sent to and received from the other "
+            "members' agents, per group (mutual TLS between agents).",
+            targets((f"{traffic} {OR_ZERO}", "{{node}} {{group}} {{direction}}")),
+            "Bps",
+            w=8,
+        ),
+    ]
 
 
 def slo() -> dict[str, Any]:

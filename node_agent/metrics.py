@@ -3,19 +3,21 @@
 Served by aiohttp on the agent's event loop (no prometheus-client thread). The node's numbers
 come from the probe facts and the heartbeat's latest reading, engines from the supervisor, and
 each ready engine's queue, batch and counters from its GET /v1/engine/stats, asked just before
-rendering. Labels are bounded (model, tier, state, source): no node label (Prometheus service
-discovery adds node and role), and never an engine secret.
+rendering. Labels are bounded (model, tier, state, source; a group's id, rank and layers): no
+node label (Prometheus service discovery adds node and role), and never an engine secret.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -23,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mlxfleet.engines import EngineState
 from mlxfleet.facts import NodeFacts
 from mlxfleet.version import package_version
 from node_agent.probes.base import NodeReading, Probe
@@ -38,7 +41,20 @@ MS_PER_S = 1000
 PRESSURE_LEVELS = {"normal": 0, "warning": 1, "critical": 2}
 THERMAL_LEVELS = {"nominal": 0, "fair": 1, "serious": 2, "critical": 3}
 UNIT = ["model", "tier"]
+RANK = [*UNIT, "group", "rank"]
 ORIGINS = ("hub", "peer")  # where model files come from
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStatsView:
+    """One rank's part of its group, from the stats' `group` block (node_agent/engine/group.py)."""
+
+    group_id: str
+    rank: int
+    first_layer: int
+    layers: int
+    steps: int
+    step_seconds_total: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +76,7 @@ class EngineStatsView:
     cache_hits: int = 0
     cache_misses: int = 0
     cache_tokens_saved: int = 0
+    group: GroupStatsView | None = None  # None: a whole model
 
 
 def parse_stats(text: str) -> EngineStatsView | None:
@@ -68,6 +85,7 @@ def parse_stats(text: str) -> EngineStatsView | None:
         body = json.loads(text)
         knobs = body["knobs"]
         cache = body.get("prefix_cache") or {}
+        group = body.get("group")
         return EngineStatsView(
             queued=int(body["queued"]),
             active=int(body["active"]),
@@ -83,10 +101,22 @@ def parse_stats(text: str) -> EngineStatsView | None:
             cache_hits=int(cache.get("hits", 0)),
             cache_misses=int(cache.get("misses", 0)),
             cache_tokens_saved=int(cache.get("tokens_saved", 0)),
+            group=None if group is None else _group_stats(group),
         )
     except (ValueError, KeyError, TypeError) as exc:
         logger.warning("unexpected engine stats %r: %s", text[:200], exc)
         return None
+
+
+def _group_stats(group: dict[str, Any]) -> GroupStatsView:
+    return GroupStatsView(
+        group_id=str(group["group_id"]),
+        rank=int(group["rank"]),
+        first_layer=int(group["first_layer"]),
+        layers=int(group["layers"]),
+        steps=int(group["steps"]),
+        step_seconds_total=float(group["step_seconds_total"]),
+    )
 
 
 # (metric, help, field); gauges of one (model, tier) add up, knobs take the largest.
@@ -155,7 +185,9 @@ class AgentCollector(Collector):
         yield from self._node()
         if self.reading is not None:
             yield from self._reading(self.reading)
-        yield from self._engines()
+        rss = self._supervisor.rss()  # engine id -> (state, bytes, pid); read once (ps on macOS)
+        yield from self._engines(rss)
+        yield from self._groups(rss)
         yield from self._model_files()
 
     def _model_files(self) -> Iterator[Metric]:
@@ -248,13 +280,12 @@ class AgentCollector(Collector):
             "mlxfleet_node_oom_kills", "Kernel OOM kills seen.", value=r.oom_kills
         )
 
-    def _engines(self) -> Iterator[Metric]:
+    def _engines(self, rss_by_id: dict[str, tuple[EngineState, int, int]]) -> Iterator[Metric]:
         # One engine per (model, tier) as a rule; while one replaces another both show, so
         # their values add up into one series rather than repeat it.
         states: Counter[tuple[str, str, str]] = Counter()
         rss: Counter[tuple[str, str]] = Counter()
         answers: dict[tuple[str, str], list[EngineStatsView]] = {}
-        rss_by_id = self._supervisor.rss()
         for info in self._supervisor.infos():
             unit = (info.model, info.tier)
             states[(*unit, info.state)] += 1
@@ -283,6 +314,54 @@ class AgentCollector(Collector):
             for unit, views in sorted(answers.items()):
                 counter.add_metric(list(unit), sum(getattr(v, field) for v in views))
             families.append(counter)
+        yield from (family for family in families if family.samples)
+
+    def _groups(self, rss_by_id: dict[str, tuple[EngineState, int, int]]) -> Iterator[Metric]:
+        """The ranks of groups on this node (node_agent/engine/group.py): layers, memory and
+        decode steps per rank, and each group's traffic through this node's rank link. A rank
+        other than 0 serves no requests, but its stats answer all the same."""
+        info = GaugeMetricFamily(
+            "mlxfleet_group_rank_info",
+            "1 per rank of a group on this node, labelled with the layers it runs.",
+            labels=[*RANK, "first_layer", "layers"],
+        )
+        memory = GaugeMetricFamily(
+            "mlxfleet_group_rank_rss_bytes", "Resident memory of a group's rank.", labels=RANK
+        )
+        steps = CounterMetricFamily("mlxfleet_group_steps", "Decode steps a rank ran.", labels=RANK)
+        seconds = CounterMetricFamily(
+            "mlxfleet_group_step_seconds",
+            "Seconds a rank spent in decode steps (over steps: the mean step time).",
+            labels=RANK,
+        )
+        link = CounterMetricFamily(
+            "mlxfleet_group_link_bytes",
+            "Bytes of a group's rank traffic this node's rank link sent to other members' "
+            "agents or received from them.",
+            labels=[*UNIT, "group", "direction"],
+        )
+        traffic: dict[tuple[str, str, str], tuple[int, int]] = {}
+        for e in self._supervisor.infos():
+            if not e.group_id:
+                continue
+            labels = [e.model, e.tier, e.group_id, str(e.rank)]
+            if e.engine_id in rss_by_id:
+                memory.add_metric(labels, rss_by_id[e.engine_id][1])
+            view = self.stats.get(e.engine_id)
+            if view is not None and view.group is not None:
+                g = view.group
+                info.add_metric([*labels, str(g.first_layer), str(g.layers)], 1)
+                steps.add_metric(labels, g.steps)
+                seconds.add_metric(labels, g.step_seconds_total)
+            key = (e.model, e.tier, e.group_id)
+            if self._supervisor.link is not None and key not in traffic:
+                with contextlib.suppress(KeyError):  # not open (yet, or any more) on the link
+                    counted = self._supervisor.link.stats(e.group_id)
+                    traffic[key] = (counted.bytes_sent, counted.bytes_received)
+        for key, (sent, received) in sorted(traffic.items()):
+            link.add_metric([*key, "sent"], sent)
+            link.add_metric([*key, "received"], received)
+        families: list[Metric] = [info, memory, steps, seconds, link]
         yield from (family for family in families if family.samples)
 
 

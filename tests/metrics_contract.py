@@ -19,6 +19,15 @@ ENGINE_STATS_METRICS = {
     "mlxfleet_engine_prefix_cache_misses_total",
     "mlxfleet_engine_prefix_cache_saved_tokens_total",
 }
+# What the agent serves of each group rank on its node (issue 19): the rank's layers, memory
+# and decode steps from its stats' `group` block, and the group's bytes through the rank link.
+GROUP_RANK_METRICS = {
+    "mlxfleet_group_rank_info",
+    "mlxfleet_group_rank_rss_bytes",
+    "mlxfleet_group_steps_total",
+    "mlxfleet_group_step_seconds_total",
+    "mlxfleet_group_link_bytes_total",
+}
 # Every metric name of the contract: a dashboard may use no other.
 CONTRACT_METRICS = {
     # coordinator
@@ -58,6 +67,9 @@ CONTRACT_METRICS = {
     "mlxfleet_tier_batch_window_seconds",
     "mlxfleet_tier_max_batch_size",
     "mlxfleet_tier_queue_limit",
+    # groups: one model over several nodes (issue 19)
+    "mlxfleet_group_member_bytes",
+    *GROUP_RANK_METRICS,
     # agent
     "mlxfleet_node_memory_total_bytes",
     "mlxfleet_node_memory_available_bytes",

@@ -175,3 +175,29 @@ def test_agents_are_scrape_targets_at_the_address_their_stream_came_from(tmp_pat
     assert sd_targets(fleet.registry) == [
         {"targets": ["10.0.0.7:8402"], "labels": {"node": "mini-1", "role": "server"}}
     ]
+
+
+def test_group_members_are_their_shares_by_node_rank_and_layers(tmp_path: Path) -> None:
+    """A model no node can hold alone runs as a group over two: one series per member."""
+    big = model_folder(tmp_path, "big", 40 * GIB)  # 32 layers; ~45 GiB, a budget is 40 GiB
+    fleet = Fleet(tmp_path, ModelSpec("big", big))
+    fleet.join("studio-1", facts(48))
+    fleet.join("studio-2", facts(48))
+    assert not [k for k in samples(fleet) if k[0] == "mlxfleet_group_member_bytes"]
+    fleet.reconciler.step()
+    [(group_id, running)] = fleet.reconciler.groups.groups.items()
+    found = samples(fleet)
+
+    members = {
+        labels: v for (name, labels), v in found.items() if name == "mlxfleet_group_member_bytes"
+    }
+    unit = {"model": "big", "tier": "interactive", "group": group_id}
+    rank_0 = {"node": "studio-1", "rank": "0", "first_layer": "16", "layers": "16"}
+    rank_1 = {"node": "studio-2", "rank": "1", "first_layer": "0", "layers": "16"}
+    [share_0, share_1] = running.placement.shares
+    assert members == {
+        frozenset({**unit, **rank_0}.items()): share_0.bytes,
+        frozenset({**unit, **rank_1}.items()): share_1.bytes,
+    }
+    # each holds half the layers and every member's shared bytes: more than half, under 40 GiB
+    assert 20 * GIB < share_0.bytes == share_1.bytes < 40 * GIB

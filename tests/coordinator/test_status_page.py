@@ -31,6 +31,7 @@ from coordinator.status_page import (
 )
 from coordinator.store import Store
 from mlxfleet.facts import NodeFacts
+from tests.coordinator.test_placement_units import GIB, Fleet, facts, model_folder
 
 INF = math.inf
 BUCKETS = [(0.1, 2.0), (0.5, 6.0), (1.0, 8.0), (INF, 10.0)]
@@ -184,6 +185,43 @@ def test_status_json_shows_nodes_units_knobs_events_and_series(tmp_path: Path) -
     assert point["t"] == pytest.approx(time.time(), abs=5)
     [idle] = status["series"]["batch"]
     assert idle["ttft_p50_s"] is None and idle["tokens_per_s"] == 0.0
+
+
+def group_page(tmp_path: Path) -> tuple[StatusPage, Reconciler]:
+    """A page over two 48 GiB nodes and a model that neither holds alone: the reconciler
+    places it as a group of two (coordinator/groups.py), rank 0 on studio-1."""
+    big = model_folder(tmp_path, "big", 40 * GIB)  # 32 layers; ~45 GiB, a budget is 40 GiB
+    fleet = Fleet(tmp_path, ModelSpec("big", big))
+    fleet.join("studio-1", facts(48))
+    fleet.join("studio-2", facts(48))
+    fleet.reconciler.step()
+    metrics, _, _ = contract_metrics()
+    page = StatusPage(metrics, fleet.reconciler, fleet.registry, fleet.routing, fleet.store)
+    return page, fleet.reconciler
+
+
+def test_status_json_shows_a_groups_members(tmp_path: Path) -> None:
+    page, reconciler = group_page(tmp_path)
+    [(group_id, running)] = reconciler.groups.groups.items()
+    status = json.loads(json.dumps(page.status()))
+    [unit] = status["models"]
+    assert (unit["model"], unit["state"]) == ("big", "loading")
+    assert unit["engines"] == ["studio-1: starting (rank 0)", "studio-2: starting (rank 1)"]
+    share = running.placement.shares[0].bytes
+    assert unit["groups"] == [
+        {
+            "group": group_id,
+            "members": [
+                {"node": "studio-1", "rank": 0, "layers": "16-31", "bytes": share},
+                {"node": "studio-2", "rank": 1, "layers": "0-15", "bytes": share},
+            ],
+        }
+    ]
+    # the page's script reads exactly these fields into its groups table
+    html = Path(status_page.__file__).with_suffix(".html").read_text()
+    assert '<table id="groups">' in html
+    for field in ("m.groups", "g.group", "g.members", "r.rank", "r.node", "r.layers", "r.bytes"):
+        assert field in html
 
 
 def test_status_json_carries_no_secret(tmp_path: Path) -> None:

@@ -25,8 +25,11 @@ from typing import Any
 import aiohttp
 import httpx
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from tests.conftest import REPO, start_coordinator, wait_for
+from tests.coordinator.test_status_page import group_page
 from tests.e2e.fleet import Fleet, model_toml, running_fleet
 
 pytestmark = pytest.mark.e2e
@@ -247,6 +250,36 @@ async def test_status_page_of_a_fleet_without_nodes_says_why_nothing_runs(
             assert page.errors == []
     finally:
         coordinator.stop()
+
+
+@needs_chromium
+async def test_status_page_shows_a_groups_members(chromium: int, tmp_path: Path) -> None:
+    """A group needs several nodes (tests/multihost runs real ones): here the browser runs the
+    page's script over a real StatusPage whose reconciler placed a group of two in memory."""
+    page_server, reconciler = group_page(tmp_path)
+    deadline = time.monotonic() + 10
+    while not reconciler.groups.groups:  # on a running loop, sizing reads the files off it
+        assert time.monotonic() < deadline, reconciler.pending
+        await asyncio.sleep(0.05)
+        reconciler.step()
+    app = web.Application()
+    page_server.add_routes(app)
+    async with (
+        TestServer(app, host="127.0.0.1") as server,
+        open_page(chromium, str(server.make_url("/ui"))) as page,
+    ):
+        rows = await page.evaluate(
+            "[...document.getElementById('groups').tBodies[0].rows]"
+            ".map((r) => [...r.cells].map((c) => c.innerText))"
+        )
+        assert page.errors == []
+    [rank_0, rank_1] = rows
+    assert rank_0[:2] == rank_1[:2] == ["big", "interactive"]
+    assert rank_0[2] == rank_1[2] and rank_0[2].startswith("big-i-")  # the group's id
+    assert rank_0[3:6] == ["0 (serves)", "studio-1", "16-31"]
+    assert rank_1[3:6] == ["1", "studio-2", "0-15"]
+    assert rank_0[6] == rank_1[6] and rank_0[6].endswith(" GiB")
+    assert 20 < float(rank_0[6].removesuffix(" GiB")) < 40  # half the layers, the shared part
 
 
 def test_status_is_unauthenticated_and_carries_no_key_or_token(fleet: Fleet) -> None:

@@ -29,11 +29,15 @@ from node_agent import metrics as metrics_module
 from node_agent.agent import Agent, AgentConfig
 from node_agent.coordinator_client import Session
 from node_agent.errors import AgentError
-from node_agent.metrics import AgentMetrics, parse_stats
+from node_agent.groups import GroupRole
+from node_agent.metrics import AgentMetrics, GroupStatsView, parse_stats
 from node_agent.probes.base import NodeReading
 from node_agent.probes.linux import LinuxProbe
+from node_agent.rank_link import Member
 from node_agent.supervisor import EngineEvent, LoadRequest, Supervisor
-from tests.metrics_contract import ENGINE_STATS_METRICS
+from tests.metrics_contract import ENGINE_STATS_METRICS, GROUP_RANK_METRICS
+from tests.node_agent.test_file_server import Certs, make_certs
+from tests.node_agent.test_rank_link import make_link
 
 GIB = 2**30
 PROMTOOL = "/usr/bin/promtool"
@@ -61,6 +65,29 @@ READING = NodeReading(
     oom_kills=3,
 )
 KNOBS = {"max_concurrency": 2, "batch_window_ms": 25, "max_batch_size": 3, "queue_limit": 8}
+GROUP_STALL_S = 10.0  # a rank stuck this long in a collective exits (a busy 2-core box)
+# An engine's GET /v1/engine/stats, as node_agent/engine/server.py answers (fields we read),
+# and a rank's `group` block in it (node_agent/engine/group.py, Rank.stats).
+STATS = {
+    "queued": 0,
+    "active": 0,
+    "knobs": {"max_batch_size": 4, "batch_window_ms": 0, "max_concurrency": 4},
+    "kv_bits": 16,
+    "requests_total": 0,
+    "generated_tokens_total": 0,
+    "prefix_cache": None,
+    "group": None,
+}
+RANK_STATS = {
+    "group_id": "g-1",
+    "rank": 1,
+    "size": 2,
+    "first_layer": 0,
+    "layers": 3,
+    "steps": 12,
+    "step_seconds_total": 0.25,
+    "control_bytes_sent": 0,
+}
 
 
 class FixedReadings(LinuxProbe):
@@ -156,7 +183,7 @@ async def test_node_metrics_have_the_readings_values(served: int, probe: FixedRe
     assert value(samples, "mlxfleet_node_oom_kills_total") == 3
     assert value(samples, "mlxfleet_agent_connected") == 1
     # No engines: no engine series; the node label comes from service discovery, not us.
-    assert not {n for n in names(samples) if n.startswith("mlxfleet_engine_")}
+    assert not {n for n in names(samples) if n.startswith(("mlxfleet_engine_", "mlxfleet_group_"))}
     assert all("node" not in dict(labels) for _, labels in samples)
     assert probe.calls == 1  # the first scrape reads once; the second uses that reading
     await scrape(served)
@@ -253,6 +280,7 @@ async def test_engine_metrics_from_a_real_engine(tmp_path: Path, demo_model: Pat
         assert value(samples, "mlxfleet_engine_requests_total", **unit) == 1
         assert value(samples, "mlxfleet_engine_generation_tokens_total", **unit) == generated
         assert info.secret and info.secret not in text
+        assert not GROUP_RANK_METRICS & names(samples)  # a whole model is no group's rank
         promtool_check(text)
 
         os.kill(info.pid, signal.SIGSTOP)  # alive, listening, answering nothing
@@ -271,10 +299,111 @@ async def test_engine_metrics_from_a_real_engine(tmp_path: Path, demo_model: Pat
         await agent_metrics.stop()
 
 
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def group_load(rank: int, members: tuple[Member, ...], model: Path) -> LoadRequest:
+    """Rank `rank` of group g-1: the 2-layer demo model, a layer each."""
+    role = GroupRole("g-1", rank, members, (1, 1), GROUP_STALL_S)
+    engine_id = "g-1" if rank == 0 else f"g-1-r{rank}"
+    return LoadRequest(engine_id, "demo", str(model), "interactive", 512, KNOBS, group=role)
+
+
+async def test_group_metrics_from_a_real_group(
+    tmp_path: Path, demo_model: Path, certs: Certs
+) -> None:
+    """Needs two real rank processes: the demo model as a group of two on two agents'
+    supervisors and rank links (real mutual TLS on 127.0.0.1). Each agent shows its own rank's
+    layers, memory and steps, and the group's bytes through its link; rank 1 serves nothing."""
+    nodes = ("node-a", "node-b")
+    links = {n: make_link(certs, n) for n in nodes}
+    link_ports = [await links[n].start() for n in nodes]
+    members = tuple(Member(r, n, f"127.0.0.1:{link_ports[r]}") for r, n in enumerate(nodes))
+    probe = FixedReadings(READING)
+    events: dict[str, list[EngineEvent]] = {n: [] for n in nodes}
+    supervisors = {
+        n: Supervisor(probe, events[n].append, tmp_path / n / "logs", link=links[n]) for n in nodes
+    }
+    served = {n: AgentMetrics(FACTS, probe, supervisors[n], lambda: True) for n in nodes}
+    ports = {n: await served[n].start("127.0.0.1", 0) for n in nodes}
+    unit = {"model": "demo", "tier": "interactive"}
+    group = {**unit, "group": "g-1"}
+
+    async def scrape_both() -> dict[str, str]:
+        return {n: (await scrape(ports[n])).text for n in nodes}
+
+    def steps(texts: dict[str, str]) -> list[float]:
+        return [
+            value(parse(texts[n]), "mlxfleet_group_steps_total", **group, rank=str(rank))
+            for rank, n in enumerate(nodes)
+        ]
+
+    try:
+        loads = (
+            supervisors[n].load(group_load(r, members, demo_model)) for r, n in enumerate(nodes)
+        )
+        await asyncio.gather(*loads)
+        await asyncio.gather(*(wait_ready(events[n]) for n in nodes))
+        body = {"model": "demo", "prompt": "Once upon", "max_tokens": 4, "temperature": 0}
+        reply = await supervisors["node-a"].engine_request("g-1", "POST", "/v1/completions", body)
+        assert reply is not None and reply[0] == 200, reply
+        generated = json.loads(reply[1])["usage"]["completion_tokens"]
+        assert generated >= 1
+
+        # Rank 1 counts a step as it ends, a moment after rank 0 may have: scrape again.
+        deadline = time.monotonic() + 10
+        while len(set(steps(texts := await scrape_both()))) > 1:
+            assert time.monotonic() < deadline, f"the ranks' steps differ: {steps(texts)}"
+            await asyncio.sleep(0.1)
+        for rank, n in enumerate(nodes):
+            samples, me = parse(texts[n]), {**group, "rank": str(rank)}
+            layers = {"first_layer": "1" if rank == 0 else "0", "layers": "1"}  # 0 runs the last
+            info = [labels for name, labels in samples if name == "mlxfleet_group_rank_info"]
+            assert info == [frozenset({**me, **layers}.items())]
+            assert value(samples, "mlxfleet_group_rank_info", **me, **layers) == 1
+            assert value(samples, "mlxfleet_group_rank_rss_bytes", **me) > 50 * 2**20
+            assert value(samples, "mlxfleet_group_steps_total", **me) >= generated
+            assert value(samples, "mlxfleet_group_step_seconds_total", **me) > 0
+            for direction in ("sent", "received"):
+                link_bytes = value(
+                    samples, "mlxfleet_group_link_bytes_total", **group, direction=direction
+                )
+                assert link_bytes > 0
+            assert value(samples, "mlxfleet_engine_state", **unit, state="ready") == 1
+            promtool_check(texts[n])
+        tokens = [
+            value(parse(texts[n]), "mlxfleet_engine_generation_tokens_total", **unit) for n in nodes
+        ]
+        assert tokens == [generated, 0]  # only rank 0 serves requests
+        # What one agent's link sent, the other's received (beats may be on their way).
+        later = {n: parse(text) for n, text in (await scrape_both()).items()}
+
+        def link(n: str, direction: str) -> float:
+            return value(later[n], "mlxfleet_group_link_bytes_total", **group, direction=direction)
+
+        assert link("node-a", "sent") == pytest.approx(link("node-b", "received"), rel=0.01)
+        assert link("node-b", "sent") == pytest.approx(link("node-a", "received"), rel=0.01)
+    finally:
+        await asyncio.gather(*(s.stop_all() for s in supervisors.values()))
+        for n in nodes:
+            await served[n].stop()
+            await links[n].close()
+
+
+def test_parse_stats_reads_a_ranks_group_block() -> None:
+    whole = parse_stats(json.dumps(STATS))
+    assert whole is not None and whole.group is None
+    view = parse_stats(json.dumps({**STATS, "group": RANK_STATS}))
+    assert view is not None and view.group == GroupStatsView("g-1", 1, 0, 3, 12, 0.25)
+
+
 def test_parse_stats_rejects_another_shape(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="node_agent.metrics"):
         assert parse_stats('{"active": 1}') is None
         assert parse_stats("not json") is None
+        assert parse_stats(json.dumps({**STATS, "group": {"rank": 1}})) is None
     assert "unexpected engine stats" in caplog.text
 
 
