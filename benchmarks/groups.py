@@ -520,6 +520,7 @@ def measure(setup: Setup, plan: Plan, seed: int, out: dict[str, list[Any]]) -> N
         out["idle_cores"].append((after[1] + after[2] - before[1] - before[2]) / IDLE_S)
         for rep in range(plan.ttft_reps):
             out["ttft_s"].append(client.ttft_s(prompt_ids(seed + 10 + rep, TTFT_TOKENS)))
+        time.sleep(SETTLE_S)  # the TTFT requests' last messages: not in the next sample's bytes
         for rep in range(plan.decode_reps):
             out["b1"].append(client.decode(seed + 20 + 2 * rep, 1, plan.extra))
         client.window(BATCH_WINDOW_MS)
