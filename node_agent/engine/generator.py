@@ -331,20 +331,19 @@ class ModelThread:
 
     def _start(self, jobs: list[Job]) -> None:
         """Insert jobs into the decoder together (a batch prefills them together)."""
-        from node_agent.engine.group import Recipe, recipe_for
-        from node_agent.engine.sampling import processors_for, sampler_for
+        from node_agent.engine.group import recipe_for
+        from node_agent.engine.sampling import sequence_sampling
 
         ready: list[tuple[Job, Any, list[Any]]] = []
-        recipes: list[Recipe] = []
+        recipes: list[Recipe] = []  # a group's: how its other ranks build the same samplers
         for job in jobs:
             try:
                 # A group's ranks all build the same sampler from one recipe (a fixed seed).
-                recipe = recipe_for(job.params, job.grammar) if self.rank else Recipe(job.params)
-                sampler = sampler_for(recipe.params)
-                if job.grammar is not None:
-                    sampler = job.grammar.constrain(sampler)
-                ready.append((job, sampler, processors_for(job.params)))
-                recipes.append(recipe)
+                recipe = recipe_for(job.params, job.grammar) if self.rank else None
+                params = job.params if recipe is None else recipe.params
+                ready.append((job, *sequence_sampling(params, job.grammar)))
+                if recipe is not None:
+                    recipes.append(recipe)
             except Exception as exc:
                 logger.exception("could not start request %d", job.request_id)
                 self._final(job, "error", str(exc))
@@ -357,7 +356,7 @@ class ModelThread:
                 [sampler for _, sampler, _ in ready],
                 [job.params.ignore_eos for job, _, _ in ready],
                 [processors for _, _, processors in ready],
-                recipes,
+                recipes or None,
             )
         except Exception as exc:
             logger.exception("could not start %d requests", len(ready))
@@ -374,14 +373,14 @@ class ModelThread:
     def _build(self, recipe: Recipe) -> tuple[Any, list[Any]]:
         """A sequence's sampler and processors from rank 0's recipe (a rank > 0)."""
         from node_agent.engine.grammar import Grammars
-        from node_agent.engine.sampling import processors_for, sampler_for
+        from node_agent.engine.sampling import sequence_sampling
 
-        sampler = sampler_for(recipe.params)
+        grammar = None
         if recipe.grammar is not None:
             if self._grammars is None:
                 self._grammars = Grammars(self.tokenizer, self.vocab_size)
-            sampler = self._grammars.from_recipe(*recipe.grammar).constrain(sampler)
-        return sampler, processors_for(recipe.params)
+            grammar = self._grammars.from_recipe(*recipe.grammar)
+        return sequence_sampling(recipe.params, grammar)
 
     def _cancel(self, request_id: int) -> None:
         for i, waiting in enumerate(self._waiting):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.sample_utils import (
@@ -58,6 +59,16 @@ def sampler_for(params: SamplingParams) -> Sampler:
     return make_request_sampler(
         params.temperature, params.top_p, params.seed, params.top_k, params.min_p
     )
+
+
+def sequence_sampling(
+    params: SamplingParams, grammar: Any = None
+) -> tuple[Sampler, list[LogitsProcessor]]:
+    """One sequence's sampler (inside its grammar's constraint, grammar.py) and processors."""
+    sampler = sampler_for(params)
+    if grammar is not None:
+        sampler = grammar.constrain(sampler)
+    return sampler, processors_for(params)
 
 
 def processors_for(params: SamplingParams) -> list[LogitsProcessor]:
