@@ -21,6 +21,7 @@ from mlxfleet.kv import (
     DEFAULT_PREFIX_CACHE_BYTES,
     MODEL_DTYPE_BYTES,
     UNQUANTIZED_KV_BITS,
+    attention_dims,
     check_kv,
 )
 
@@ -50,21 +51,16 @@ class Attention:
 
 def attention_shape(config: Mapping[str, Any]) -> Attention:
     """Layers, KV heads (GQA), head dim and window from a Hugging Face config.json."""
-    text = config.get("text_config", config)  # multimodal configs nest the LM's
     try:
-        layers = int(text["num_hidden_layers"])
-        heads = int(text["num_attention_heads"])
-        kv_heads = int(text.get("num_key_value_heads") or heads)
-        head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SizingError(f"config.json lacks attention shape ({exc})") from None
+        layers, kv_heads, head_dim = attention_dims(config)
+    except KvCacheError as exc:
+        raise SizingError(str(exc)) from None
+    text = config.get("text_config", config)
     window = text.get("sliding_window")
     # Gemma-2 style interleaving (some layers global) is bounded by the global layers: no window.
     if text.get("use_sliding_window") is False or text.get("layer_types") or not window:
         window = None
     max_context = int(text.get("max_position_embeddings") or 0)
-    if min(layers, kv_heads, head_dim) <= 0:
-        raise SizingError("config.json has a non-positive attention dimension")
     return Attention(layers, kv_heads, head_dim, int(window) if window else None, max_context)
 
 

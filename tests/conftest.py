@@ -214,3 +214,12 @@ def demo_model_6(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from node_agent.engine.demo_model import write_demo_model
 
     return write_demo_model(tmp_path_factory.mktemp("models") / "demo6", layers=6)
+
+
+@pytest.fixture(scope="session")
+def demo_llama_6(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model's weights with 6 layers as a Llama, which mlx-lm runs without pipeline():
+    groups of it run under mlxfleet's own layer split (node_agent/engine/layer_split.py)."""
+    from node_agent.engine.demo_model import write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("models") / "llama6", 6, "llama")

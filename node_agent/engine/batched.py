@@ -38,12 +38,12 @@ class BatchDecoder(Decoder):
         eos_ids: frozenset[int],
         slots: int,
         cache_budget_bytes: int = 0,
-        layer_scale: tuple[int, int] = (1, 1),  # a group's rank: (all layers, its layers)
+        token_bytes: int = 0,  # a group's rank: what it counts a cached token at (PrefixCache)
     ) -> None:
         self._model = model
         self._cache_budget = cache_budget_bytes
-        self._scale = layer_scale
-        self.prefix = PrefixCache(cache_budget_bytes, scale=layer_scale)
+        self._token_bytes = token_bytes
+        self.prefix = PrefixCache(cache_budget_bytes, token_bytes=token_bytes)
         self._cached: dict[int, int] = {}  # uid -> prompt tokens taken from the cache
         # The only stop sequences BatchGenerator sees are EOS tokens; stop strings are ours.
         self._eos_stops = StopSequences([(t,) for t in sorted(eos_ids)])
@@ -116,7 +116,6 @@ class BatchDecoder(Decoder):
                 for response in self._bg.next_generated():
                     if response.finish_reason is not None:
                         uids.discard(response.uid)
-        self.prefix = PrefixCache(
-            self._cache_budget, scale=self._scale
-        )  # the warm-up's sequences are no prefix
+        # The warm-up's sequences are no prefix.
+        self.prefix = PrefixCache(self._cache_budget, token_bytes=self._token_bytes)
         self._cached.clear()

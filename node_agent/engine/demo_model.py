@@ -1,4 +1,6 @@
-"""A tiny random-weight Qwen2-shaped model, written offline, for tests and demos."""
+"""A tiny random-weight Qwen2-shaped model, written offline, for tests and demos. The same
+weights also make a Llama-shaped model (the Qwen2 one's attention biases are all zero), which
+mlx-lm runs without its pipeline(): groups use it to test mlxfleet's own layer split."""
 
 from __future__ import annotations
 
@@ -124,10 +126,13 @@ def _train_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def _config(vocab_size: int, eos_token_id: int, layers: int) -> dict:
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+def _config(vocab_size: int, eos_token_id: int, layers: int, model_type: str) -> dict:
     return {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
         "hidden_size": HIDDEN_SIZE,
         "num_hidden_layers": layers,
         "num_attention_heads": NUM_HEADS,
@@ -201,9 +206,12 @@ def _tokenizer_config() -> dict:
     }
 
 
-def write_demo_model(path: Path, layers: int = NUM_LAYERS) -> Path:
+def write_demo_model(path: Path, layers: int = NUM_LAYERS, model_type: str = "qwen2") -> Path:
     """Write the demo model (config, weights, tokenizer) into `path` and return it. More
-    `layers` give a model to split over a group's ranks (tests of groups use 6)."""
+    `layers` give a model to split over a group's ranks (tests of groups use 6); `model_type`
+    "llama" drops the (zero) attention biases, for mlx-lm's Llama."""
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"the demo model is one of {sorted(ARCHITECTURES)}, not {model_type!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer()
@@ -216,9 +224,11 @@ def write_demo_model(path: Path, layers: int = NUM_LAYERS) -> Path:
     (path / "special_tokens_map.json").write_text(
         json.dumps({"eos_token": EOS_TOKEN, "pad_token": "<|endoftext|>"}, indent=2) + "\n"
     )
-    config = _config(vocab_size, eos_token_id, layers)
+    config = _config(vocab_size, eos_token_id, layers, model_type)
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     weights = _weights(vocab_size, layers)
+    if model_type == "llama":
+        weights = {name: w for name, w in weights.items() if not name.endswith(".bias")}
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     logger.info("wrote demo model to %s (vocab %d)", path, vocab_size)
     return path

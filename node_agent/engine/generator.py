@@ -261,7 +261,7 @@ class ModelThread:
                 self._eos_ids,
                 self._knobs.max_concurrency,
                 self._prefix_cache_bytes,
-                self.rank.layer_scale if self.rank is not None else (1, 1),
+                self.rank.token_bytes if self.rank is not None else 0,
             )
         from node_agent.engine.sequential import SequentialDecoder
 

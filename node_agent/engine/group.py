@@ -2,11 +2,13 @@
 
 The agent starts one engine per member with MLX's own environment (MLX_RANK and MLX_HOSTFILE:
 the ring backend over TCP, every other rank reached through the agent's rank link,
-node_agent/rank_link.py). mlx-lm splits the layers, `model.model.pipeline(group, split)`: rank 0
-runs the last layers, the highest rank the first, and each rank holds only its share of the
-weights and of the KV cache. Architectures whose mlx-lm model has `pipeline()` (PipelineMixin:
-Llama, Qwen2/3, DeepSeek V2/V3, GLM4-MoE, gpt-oss, MiniMax, ...) run this way; others are
-refused at load with their name.
+node_agent/rank_link.py). Rank 0 runs the last layers, the highest rank the first, and each rank
+holds only its share of the weights and of the KV cache. Where mlx-lm's model has `pipeline()`
+(PipelineMixin, in mlx-lm 0.32.2: Qwen2, Qwen3-MoE, Qwen3-Next, Qwen3.5, DeepSeek V2/V3/V3.2,
+Kimi, GLM4-MoE, Ministral 3, Mistral 4, ...), `model.model.pipeline(group, split)` splits it;
+any other architecture runs under our own layer split over MLX's send and receive
+(layer_split.py: Llama and Mistral, Qwen3, Gemma, Phi-3, gpt-oss, ...), or is refused at load
+in one line saying why (recurrent and hybrid models).
 
 Rank 0 serves HTTP and runs the model thread as a single engine does; every other rank runs
 the same decoder (batched.py) in lockstep, as mlx_lm.server does. Before each decode step rank
@@ -25,6 +27,7 @@ streams continue on the replacement from their token ids.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -39,9 +42,11 @@ from typing import Any, NoReturn
 import mlx.core as mx
 import numpy as np
 
+from mlxfleet.kv import kv_bytes_per_token
 from mlxfleet.openai.sampling import SamplingParams
 from node_agent.engine.config import GroupSpec
 from node_agent.engine.decoder import Decoder, NewSequences, Token
+from node_agent.engine.layer_split import split_layers
 
 logger = logging.getLogger(__name__)
 
@@ -127,12 +132,17 @@ def load_shard(model_path: Path, group: Any, split: tuple[int, ...]) -> tuple[An
     loaded = mlx_lm.load(str(model_path), lazy=True)
     model, tokenizer = loaded[0], loaded[1]
     inner: Any = getattr(model, "model", None)
-    if not hasattr(inner, "pipeline"):
-        kind = getattr(getattr(model, "args", None), "model_type", type(model).__name__)
-        raise ValueError(f"mlx-lm has no pipeline() for {kind} models: it cannot run as a group")
-    inner.pipeline(group, list(split))
+    if splits_by_mlx_lm(model):
+        inner.pipeline(group, list(split))
+    else:
+        split_layers(model, group, list(split))
     mx.eval(model.parameters())
     return model, tokenizer
+
+
+def splits_by_mlx_lm(model: Any) -> bool:
+    """Whether mlx-lm's own pipeline() splits this model (else layer_split.py does)."""
+    return hasattr(getattr(model, "model", None), "pipeline")
 
 
 class Channel:
@@ -314,6 +324,10 @@ class Rank:
             self.group = join(spec)
             self.model, self.tokenizer = load_shard(model_path, self.group, spec.split)
         self.rank = int(self.group.rank())
+        by_mlx_lm = splits_by_mlx_lm(self.model)
+        self.split_by = "mlx-lm pipeline" if by_mlx_lm else "mlxfleet layer split"
+        config = json.loads((model_path / "config.json").read_text())
+        self._token_bytes = kv_bytes_per_token(config)
         self.channel = Channel(self.group, self.watchdog)
         self.steps = 0
         self.step_s_total = 0.0
@@ -325,8 +339,9 @@ class Rank:
         return sum(split[self.rank + 1 :]), split[self.rank]
 
     @property
-    def layer_scale(self) -> tuple[int, int]:
-        return sum(self.spec.split), self.spec.split[self.rank]
+    def token_bytes(self) -> int:
+        """What every rank counts a prefix-cached token at: the whole model's KV bytes."""
+        return self._token_bytes
 
     def wrap(self, local: Decoder) -> Decoder:
         """Rank 0's decoder sends every call to the others; theirs run what it sends."""
@@ -354,6 +369,7 @@ class Rank:
             "size": len(self.spec.split),
             "first_layer": first,
             "layers": count,
+            "split_by": self.split_by,
             "steps": self.steps,
             "step_seconds_total": round(self.step_s_total, 6),
             "control_bytes_sent": self.channel.sent_bytes,

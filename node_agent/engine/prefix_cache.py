@@ -67,13 +67,13 @@ def common_length(a: tuple[int, ...], b: list[int], start: int) -> int:
 class PrefixCache:
     """KV of processed sequences by prefix, LRU under `budget_bytes` (0: off)."""
 
-    def __init__(
-        self, budget_bytes: int, block: int = BLOCK_TOKENS, scale: tuple[int, int] = (1, 1)
-    ) -> None:
+    def __init__(self, budget_bytes: int, block: int = BLOCK_TOKENS, token_bytes: int = 0) -> None:
         self.budget_bytes = budget_bytes
-        # A group's rank holds some of the layers: it counts each entry as the whole model's
-        # (bytes x all layers / its layers), so every rank keeps and evicts the same entries.
-        self._scale = scale
+        # A group's rank holds some of the layers (and mlxfleet's layer split a marker value
+        # for each of the others): it counts an entry as tokens x the whole model's KV bytes
+        # per token (mlxfleet.kv), the same on every rank, so all keep and evict alike. 0: an
+        # engine alone counts the bytes its entries hold.
+        self._token_bytes = token_bytes
         self._block = block
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
         self._index: dict[int, set[int]] = {}  # block-chain hash -> entries holding it
@@ -128,7 +128,7 @@ class PrefixCache:
         cannot trim could only serve its exact sequence, so it is not kept."""
         if self.budget_bytes <= 0 or len(tokens) <= self._block or not can_trim_prompt_cache(cache):
             return
-        nbytes = sum(c.nbytes for c in cache) * self._scale[0] // self._scale[1]
+        nbytes = len(tokens) * self._token_bytes or sum(c.nbytes for c in cache)
         if nbytes > self.budget_bytes:
             return
         key = tuple(tokens)

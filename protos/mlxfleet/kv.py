@@ -9,6 +9,9 @@ head_dim, so a group size must be one it accepts and must divide the model's hea
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from mlxfleet.errors import KvCacheError
 
 UNQUANTIZED_KV_BITS = 16  # the cache in the model's dtype
@@ -64,3 +67,27 @@ def check_kv(
             f"{QUANTIZED_KV_MAX_SEQUENCES}, got {sequences} (a quantized KV cache cannot join a "
             "batch in mlx-lm 0.32.2)"
         )
+
+
+def attention_dims(config: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) from a Hugging Face config.json (multimodal configs nest
+    the language model's in text_config); KvCacheError when it lacks them."""
+    text = config.get("text_config", config)
+    try:
+        layers = int(text["num_hidden_layers"])
+        heads = int(text["num_attention_heads"])
+        kv_heads = int(text.get("num_key_value_heads") or heads)
+        head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise KvCacheError(f"config.json lacks attention shape ({exc})") from None
+    if min(layers, kv_heads, head_dim) <= 0:
+        raise KvCacheError("config.json has a non-positive attention dimension")
+    return layers, kv_heads, head_dim
+
+
+def kv_bytes_per_token(config: Mapping[str, Any]) -> int:
+    """What one token's unquantized K and V cost over all the model's layers (2 × layers ×
+    KV heads × head dim × MODEL_DTYPE_BYTES): the placement's measure, and the unit every rank
+    of a group counts its prefix cache in, so that all keep and evict alike."""
+    layers, kv_heads, head_dim = attention_dims(config)
+    return 2 * layers * kv_heads * head_dim * MODEL_DTYPE_BYTES

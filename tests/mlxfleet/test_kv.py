@@ -60,3 +60,14 @@ def test_coordinator_and_engine_refuse_the_same_setting_with_the_same_rule(
         engine_config(argv, {"MLXFLEET_ENGINE_SECRET": "s"})
     rule = "8 is for the batch tier only: a quantized KV cache cannot join a running batch"
     assert rule in str(coordinator.value) and rule in str(engine.value)
+
+
+def test_kv_bytes_per_token_of_a_config_and_its_one_line_error() -> None:
+    # 2 (K and V) x 32 layers x 8 KV heads x 128 (4096 / 32 heads) x 2 bytes: a Llama-3-8B.
+    llama = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8}
+    assert kv.kv_bytes_per_token({**llama, "hidden_size": 4096}) == 131_072
+    assert kv.kv_bytes_per_token({"text_config": {**llama, "head_dim": 64}}) == 65_536
+    with pytest.raises(
+        KvCacheError, match=r"^config.json lacks attention shape \('hidden_size'\)$"
+    ):
+        kv.kv_bytes_per_token(llama)

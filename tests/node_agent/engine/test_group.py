@@ -64,6 +64,7 @@ class Group:
     ranks: list[Proc]
     ports: list[int]
     secret: str
+    model: Path
 
     def url(self, rank: int = 0) -> str:
         return f"http://127.0.0.1:{self.ports[rank]}"
@@ -128,7 +129,7 @@ def start_group(model: Path, folder: Path, started: list[Proc], size: int) -> Gr
             return int(match.group(1)) if match else None
 
         ports.append(wait_for(listening, ENGINE_START_TIMEOUT_S, "a rank's LISTENING line"))
-    group = Group(ranks, ports, secret)
+    group = Group(ranks, ports, secret, model)
     for rank, proc in enumerate(ranks):
 
         def ready(rank: int = rank, proc: Proc = proc) -> bool:
@@ -214,21 +215,48 @@ def started() -> Iterator[list[Proc]]:
 
 
 @pytest.fixture(scope="module")
-def single(demo_model_6: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    """The same model whole in one engine: what every group must answer."""
-    engine = start_engine(demo_model_6, tmp_path_factory.mktemp("single") / "engine.log")
-    yield engine
-    engine.proc.stop()
+def singles() -> Iterator[dict[Path, Engine]]:
+    """One engine per model, started when a test first needs it."""
+    engines: dict[Path, Engine] = {}
+    yield engines
+    for engine in engines.values():
+        engine.proc.stop()
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+@pytest.fixture
+def single(
+    request: pytest.FixtureRequest,
+    singles: dict[Path, Engine],
+    demo_model_6: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Engine:
+    """The test's group's model whole in one engine: what the group must answer."""
+    model = request.getfixturevalue("group").model if "group" in request.fixturenames else None
+    model = model or demo_model_6
+    if model not in singles:
+        log = tmp_path_factory.mktemp("single") / "engine.log"
+        singles[model] = start_engine(model, log)
+    return singles[model]
+
+
+# The demo model as a Qwen2 (mlx-lm's pipeline() splits it) and as a Llama (mlxfleet's own
+# layer split does), in groups of 2 and 3 ranks.
+GROUPS = [(2, "qwen2"), (3, "qwen2"), (2, "llama"), (3, "llama")]
+SPLIT_BY = {"qwen2": "mlx-lm pipeline", "llama": "mlxfleet layer split"}
+
+
+@pytest.fixture(
+    scope="module", params=GROUPS, ids=["2ranks", "3ranks", "2ranks-llama", "3ranks-llama"]
+)
 def group(
-    request: pytest.FixtureRequest, demo_model_6: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Group]:
     """A healthy group for the module's tests that leave it running: split 4,2 or 2,2,2."""
+    size, kind = request.param
+    model = request.getfixturevalue("demo_model_6" if kind == "qwen2" else "demo_llama_6")
     procs: list[Proc] = []
     try:
-        yield start_group(demo_model_6, tmp_path_factory.mktemp("group"), procs, request.param)
+        yield start_group(model, tmp_path_factory.mktemp("group"), procs, size)
     finally:
         stop_all(procs)
 
@@ -289,6 +317,8 @@ def test_stats_show_each_ranks_layers_and_the_same_steps(group: Group, single: E
     for rank, block in enumerate(blocks):
         assert (block["group_id"], block["rank"], block["size"]) == (GROUP_ID, rank, size)
         assert (block["first_layer"], block["layers"]) == LAYERS[size][rank]
+        kind = json.loads((group.model / "config.json").read_text())["model_type"]
+        assert block["split_by"] == SPLIT_BY[kind]
         assert block["steps"] > 0
     assert blocks[0]["control_bytes_sent"] > 0
     assert single.stats()["group"] is None
@@ -356,11 +386,12 @@ def test_an_idle_group_stays_up_and_answers(group: Group, single: Engine) -> Non
 # --- a group that breaks -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("size,kind", [(2, "qwen2"), (3, "qwen2"), (3, "llama")])
 def test_a_killed_rank_ends_the_group(
-    size: int, demo_model_6: Path, tmp_path: Path, started: list[Proc]
+    size: int, kind: str, request: pytest.FixtureRequest, tmp_path: Path, started: list[Proc]
 ) -> None:
-    group = start_group(demo_model_6, tmp_path, started, size)
+    model = request.getfixturevalue("demo_model_6" if kind == "qwen2" else "demo_llama_6")
+    group = start_group(model, tmp_path, started, size)
     stream = long_stream(group)
     os.kill(group.ranks[1].popen.pid, signal.SIGKILL)
     deadline = time.monotonic() + STALL_S + EXIT_MARGIN_S

@@ -3,6 +3,8 @@ lookup, copies a request may write into, prefix entries folded, LRU under the by
 
 from __future__ import annotations
 
+import copy
+
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
@@ -111,3 +113,18 @@ def test_clear_frees_everything_and_a_zero_budget_keeps_nothing() -> None:
     off = PrefixCache(budget_bytes=0)
     off.insert(PROMPT, kv(PROMPT))
     assert off.stats().entries == 0 and off.lookup(PROMPT + [1]) == (None, 0)
+
+
+def test_a_group_rank_counts_tokens_at_the_whole_models_bytes_whatever_it_holds() -> None:
+    """Ranks of a group hold different layers (and mlxfleet's layer split a marker value for
+    the others'): counted in tokens x the whole model's bytes, every rank evicts alike."""
+    whole_model_token_bytes = 1000
+    small, large = kv(PROMPT), kv(PROMPT) + kv(PROMPT)  # one rank's layers, another's
+    ranks = [PrefixCache(250_000, token_bytes=whole_model_token_bytes) for _ in range(2)]
+    a, b, c = (list(range(s, s + 100)) for s in (10_000, 20_000, 30_000))
+    for prefix, held_kv in zip(ranks, (small, large), strict=True):
+        for tokens in (a, b, c):
+            prefix.insert(tokens, copy.deepcopy(held_kv))
+    for prefix in ranks:  # 100 tokens x 1000 bytes each: two fit in 250,000; a went first
+        assert (prefix.stats().bytes, prefix.stats().entries) == (200_000, 2)
+        assert prefix.lookup(a + [1])[1] == 0 and prefix.lookup(c + [1])[1] == 100
