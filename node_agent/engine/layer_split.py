@@ -1,6 +1,6 @@
 """A layer split of our own, over MLX's distributed send and receive, for architectures whose
-mlx-lm model has no `pipeline()` (Llama and Mistral, Qwen3, Gemma 1-3, Phi-3, Starcoder2,
-OLMo 2, gpt-oss, ... in mlx-lm 0.32.2).
+mlx-lm model has no `pipeline()` (in mlx-lm 0.32.2: Llama and Mistral, Qwen3, Gemma, Phi-3,
+Starcoder2, OLMo 2, Mixtral, gpt-oss, Cohere 2, ...).
 
 It splits as mlx-lm's PipelineMixin does: rank 0 runs the last layers, the highest rank the
 first; a rank receives the hidden state from the rank above before its first layer, sends it to
@@ -19,9 +19,10 @@ What it needs of an architecture, checked at load or on the first forward pass (
 one-line refusal naming the architecture: a `layers` list with one layer per config layer; a
 KVCache or RotatingKVCache per layer (recurrent and hybrid models keep other state: refused);
 layers called once each, in order, on every forward pass; a layer's output is the hidden state
-(one array). A model that carries other state from layer to layer (none known in mlx-lm 0.32.2)
-would pass these checks and answer differently from one engine: tests/node_agent/engine/
-test_layer_split.py compares each architecture named above against one process.
+(one array). A model that carried other state from layer to layer would pass these checks and
+answer differently from one engine: tests/node_agent/engine/test_layer_split.py compares every
+rank against one process for Llama (plain and with sliding layers), Qwen3, Gemma, Gemma 3,
+Phi-3, Starcoder2, OLMo 2, Mixtral, gpt-oss and Cohere 2; other architectures are not checked.
 """
 
 from __future__ import annotations

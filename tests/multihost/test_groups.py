@@ -10,6 +10,7 @@ rank, a cut link and a drain with no failed request, and its links must refuse n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -82,14 +83,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, demo_model_6: Path) -> Itera
     yield from start_fleet(tmp_path_factory.mktemp("groups"), demo_model_6, 4, 4.6)
 
 
-@pytest.fixture(scope="module")
-def engine(demo_model_6: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
-    """One engine of the whole model (outside the fleet), to compare the groups' text with."""
-    log = tmp_path_factory.mktemp("single") / "engine.log"
+@contextlib.contextmanager
+def single_engine(model: Path, folder: Path) -> Iterator[openai.OpenAI]:
+    """One engine of the whole model (outside the fleet), to compare a group's text with."""
     env = {**os.environ, "MLXFLEET_ENGINE_SECRET": "single-engine-secret"}
-    with log.open("wb") as err:
+    with (folder / "engine.log").open("wb") as err:
         proc = subprocess.Popen(
-            [*(sys.executable, "-m", "node_agent.engine"), "--model-path", str(demo_model_6)]
+            [*(sys.executable, "-m", "node_agent.engine"), "--model-path", str(model)]
             + ["--model-name", MODEL, "--context-length", str(CONTEXT)],
             env=env,
             stdout=subprocess.PIPE,
@@ -109,6 +109,13 @@ def engine(demo_model_6: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     finally:
         proc.kill()
         proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def engine(demo_model_6: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    """One engine of the whole model (outside the fleet), to compare the groups' text with."""
+    with single_engine(demo_model_6, tmp_path_factory.mktemp("single")) as client:
+        yield client
 
 
 def groups(fleet: Fleet) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 from node_agent.engine.layer_split import SplitError, split_layers
-from tests.conftest import REPO
-from tests.node_agent.engine.test_group import free_ports
+from tests.conftest import REPO, Proc
+from tests.node_agent.engine.conftest import ENGINE_START_TIMEOUT_S
+from tests.node_agent.engine.test_group import exit_code, free_ports, start_ranks, started
+
+__all__ = ["started"]  # a fixture this module uses
 
 PROBE_TIMEOUT_S = 240.0
 BASE = {
@@ -197,23 +201,38 @@ def one_rank() -> Any:
     return group
 
 
+MAMBA = {
+    **BASE,
+    "model_type": "mamba",
+    "state_size": 8,
+    "conv_kernel": 4,
+    "use_bias": False,
+    "use_conv_bias": True,
+    "time_step_rank": 8,
+}
+MAMBA_REFUSED = (
+    "mamba models keep ArraysCache for 4 layers: our layer split runs models with one "
+    "KVCache or RotatingKVCache per layer"
+)
+
+
 def test_a_recurrent_model_is_refused_with_its_cache_type() -> None:
-    config = {
-        **BASE,
-        "model_type": "mamba",
-        "vocab_size": 64,
-        "state_size": 8,
-        "conv_kernel": 4,
-        "use_bias": False,
-        "use_conv_bias": True,
-        "time_step_rank": 8,
-    }
     with pytest.raises(SplitError) as caught:
-        split_layers(build_model(config), one_rank(), [4])
-    assert str(caught.value) == (
-        "mamba models keep ArraysCache for 4 layers: our layer split runs models with one "
-        "KVCache or RotatingKVCache per layer"
-    )
+        split_layers(build_model({**MAMBA, "vocab_size": 64}), one_rank(), [4])
+    assert str(caught.value) == MAMBA_REFUSED
+
+
+def test_ranks_of_a_model_no_split_runs_fail_to_load_saying_why(
+    demo_model: Path, tmp_path: Path, started: list[Proc]
+) -> None:
+    """The engine's load fails (the agent reports its log's last line to the coordinator)."""
+    vocab = json.loads((demo_model / "config.json").read_text())["vocab_size"]
+    model = write_model(tmp_path / "mamba", {**MAMBA, "vocab_size": vocab}, demo_model)
+    ranks, _ = start_ranks(model, tmp_path, started, ["2,2", "2,2"])
+    deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
+    for rank, proc in enumerate(ranks):
+        assert exit_code(proc, deadline, f"rank {rank}") == 1
+        assert MAMBA_REFUSED in proc.output(), proc.output()[-2000:]
 
 
 def test_a_split_of_other_layers_is_refused() -> None:
