@@ -418,20 +418,27 @@ def rank_envs(
 
 @contextlib.contextmanager
 def running(
-    name: str, plan: Plan, model: Path, work: Path, certs: Path, tag: str
+    name: str,
+    plan: Plan,
+    model: Path,
+    work: Path,
+    certs: Path,
+    tag: str,
+    flags: tuple[str, ...] = (),
 ) -> Iterator[Setup]:
-    """Start one set-up, wait until rank 0 is ready; stop every process after the block."""
+    """Start one set-up (a group's ranks with `flags` too), wait until rank 0 is ready; stop
+    every process after the block."""
     group = ["--group-id", f"bench-{tag}", "--group-split", plan.split]
-    group += ["--group-stall-s", f"{STALL_S:g}"]
+    group += ["--group-stall-s", f"{STALL_S:g}", *flags]
     with harness.stopping([]) as procs:
         envs, links = (
             ([{}], [])
             if name == "one engine"
             else rank_envs(name, plan.split, work, certs, tag, procs)
         )
-        flags = group if len(envs) > 1 else []
+        engine_flags = group if len(envs) > 1 else []
         engines = [
-            start_rank(model, work / "logs" / f"{tag}-rank{r}.log", env, *flags)
+            start_rank(model, work / "logs" / f"{tag}-rank{r}.log", env, *engine_flags)
             for r, env in enumerate(envs)
         ]
         procs.extend(e.proc for e in engines)
@@ -726,10 +733,10 @@ TTFT is prefill-bound and the pipeline runs its two halves in turn, so a group's
 give or take the noise. On this CPU the wide model decodes hardly faster with {STREAMS} streams
 than with one (MLX's CPU matmuls are compute-bound here, unlike a Mac's GPU).
 
-An idle group keeps a core busy: rank 1 waits for rank 0's next message inside an all_sum, and
-MLX's ring waits by retrying a non-blocking recv (no poll; the same code on macOS), so one thread
-spins at 100 % for as long as the group is loaded. While decoding, each rank spins while the
-other computes, so a group fills both vCPUs where one engine used {one_cores}. Through the rank
+Inside a collective a rank waits by retrying a non-blocking recv (MLX's ring: no poll; the same
+code on macOS), a thread at 100 %. Idle, the other ranks sleep between rank 0's beats (the
+idle-group section below: "cores busy idle"); while decoding, each rank spins while the other
+computes, so a group fills both vCPUs where one engine used {one_cores}. Through the rank
 links a decode step took {relay_steps} longer than with the ranks talking directly, where its
 four exchanges at the bare relay cost measured below would take {4 * relay_s * 1e3:.2f} ms.
 Our reading: the relays need little CPU (the "+" in cores busy) but wait for a vCPU that the

@@ -21,6 +21,12 @@ from node_agent.errors import ConfigError
 SECRET_ENV = "MLXFLEET_ENGINE_SECRET"
 MLX_RANK_ENV, MLX_HOSTFILE_ENV = "MLX_RANK", "MLX_HOSTFILE"  # MLX's ring backend reads these
 DEFAULT_GROUP_STALL_S = 5.0  # the gateway's stream stall limit (coordinator/config.py)
+BEAT_FRACTION = 0.25  # a spinning group's idle rank 0 beats this often, a fraction of the stall
+# Idle, MLX's ring waits for a message by spinning on a non-blocking receive: a core per rank.
+# Instead rank 0 beats this often and the others sleep until just before the next beat; the
+# first request after idle waits up to a tick for them (docs/benchmarks.md, benchmarks/
+# group_idle.py: idle cores and that wait against spinning).
+DEFAULT_GROUP_IDLE_TICK_MS = 25.0
 DEFAULT_HOST = "127.0.0.1"
 # The seeds' names (seed 001); honoured by the batch tier when the flags are not given.
 KV_FLAGS = ("--kv-bits", "--kv-group-size", "--max-concurrency")  # check_kv names them
@@ -39,6 +45,7 @@ class GroupSpec:
     split: tuple[int, ...]  # layers per rank, as mlx-lm's pipeline() takes it
     stall_s: float  # a collective that takes longer means the group is broken
     rank: int = 0
+    idle_tick_s: float = 0.0  # idle: rank 0 beats this often, the others sleep between; 0: spin
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="a rank stuck this long in a group operation exits (the group is lost)",
     )
+    parser.add_argument(
+        "--group-idle-tick-ms",
+        type=float,
+        default=DEFAULT_GROUP_IDLE_TICK_MS,
+        metavar="MS",
+        help="idle, rank 0 beats this often and the other ranks sleep between beats instead of "
+        "spinning in MLX's receive; the first request after idle waits up to this long. 0: "
+        "they wait in the receive (a core each)",
+    )
     return parser
 
 
@@ -207,13 +223,19 @@ def _group(
         )
     if not args.group_stall_s > 0:
         raise ConfigError("--group-stall-s must be positive")
+    tick_s = args.group_idle_tick_ms / 1000
+    if not 0 <= tick_s <= args.group_stall_s * BEAT_FRACTION:
+        raise ConfigError(
+            "--group-idle-tick-ms must be from 0 to a quarter of --group-stall-s, "
+            f"got {args.group_idle_tick_ms:g}"
+        )
     rank_text = environ.get(MLX_RANK_ENV, "")
     if not rank_text.isdigit() or int(rank_text) >= len(parts):
         raise ConfigError(f"{MLX_RANK_ENV} must be a rank below {len(parts)}, got {rank_text!r}")
     if not Path(environ.get(MLX_HOSTFILE_ENV, "")).is_file():
         raise ConfigError(f"{MLX_HOSTFILE_ENV} must name the group's hostfile")
     split = tuple(int(p) for p in parts)
-    return GroupSpec(args.group_id, split, args.group_stall_s, int(rank_text))
+    return GroupSpec(args.group_id, split, args.group_stall_s, int(rank_text), tick_s)
 
 
 def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> EngineConfig:

@@ -139,7 +139,11 @@ class ModelThread:
 
     def drop_prefix_cache(self) -> concurrent.futures.Future[int]:
         """Empty the prefix cache (memory pressure) on the model thread, between two steps;
-        the future gets the bytes freed. Running requests keep their KV (it is not cached)."""
+        the future gets the bytes freed. Running requests keep their KV (it is not cached).
+        A group's rank other than 0 asks rank 0, which drops on every rank (group.Channel)."""
+        rank = self.rank
+        if rank is not None and rank.rank > 0:
+            return rank.channel.ask_drop()
         done: concurrent.futures.Future[int] = concurrent.futures.Future()
         self._inbox.put(_DropCache(done))
         return done

@@ -16,7 +16,9 @@ the same decoder (batched.py) in lockstep, as mlx_lm.server does. Before each de
 (prompt ids, max tokens and a sampling recipe: the request's parameters with a fixed seed, and
 its grammar's text), sequences removed, the batch size, cache drops. So every rank's
 BatchGenerator, samplers, grammars and prefix cache take the same decisions and draw the same
-tokens. An idle rank 0 sends a beat every quarter of the stall limit.
+tokens. An idle rank 0 sends a beat every tick (--group-idle-tick-ms, 25 ms), and the other ranks
+sleep until just before the next: MLX's ring would have them spin in its receive, a core each.
+With a tick of 0 they wait in the receive and rank 0 beats every quarter of the stall limit.
 
 A rank stuck in a collective for the stall limit (a dead or hung peer, a cut link) exits, and
 so does one whose step fails: a group out of lockstep cannot be mended in place. Its agent
@@ -34,6 +36,7 @@ import pickle
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,16 +47,16 @@ import numpy as np
 
 from mlxfleet.kv import kv_bytes_per_token
 from mlxfleet.openai.sampling import SamplingParams
-from node_agent.engine.config import GroupSpec
+from node_agent.engine.config import BEAT_FRACTION, GroupSpec
 from node_agent.engine.decoder import Decoder, NewSequences, Token
 from node_agent.engine.layer_split import split_layers
 
 logger = logging.getLogger(__name__)
 
 EXIT_GROUP_LOST = 3  # the group broke (a peer died, hung or was cut off): place it again
-BEAT_FRACTION = 0.25  # an idle rank 0 sends a beat this often, as a fraction of the stall limit
 LOAD_STALL_S = 300.0  # joining and loading wait for the slowest member's start, not a step
 GRAMMAR_STALL_S = 60.0  # a step after which another rank compiled a request's grammar
+WAKE_EARLY_S = 0.0015  # an idle follower is back in the receive this long before the next beat
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,29 +148,63 @@ def splits_by_mlx_lm(model: Any) -> bool:
     return hasattr(getattr(model, "model", None), "pipeline")
 
 
+# The two commonest messages are one sum of a size that no message has: a plain step, a beat.
+_STEP, _BEAT = 0, -1
+_OPS: dict[int, tuple[str]] = {_STEP: ("step",), _BEAT: ("beat",)}
+
+
 class Channel:
     """Rank 0's messages to every other rank, over the group itself (two sums: the size,
-    then the bytes; a plain step is the size 0 alone). Used on the model thread only."""
+    then the bytes; a plain step and a beat are a size alone). Used on the model thread only,
+    but for ask_drop.
+
+    The size's sum carries one answer back: whether another rank was asked to drop its prefix
+    cache (its agent saw memory pressure). A rank cannot drop alone, or the ranks' caches would
+    differ: rank 0 then drops, and sends the drop to all, at the same point of the lockstep."""
 
     def __init__(self, group: Any, watchdog: Watchdog) -> None:
         self._group = group
         self.watchdog = watchdog
         self.sent_bytes = 0
+        self.beats_sent = 0
+        self._drops: list[Future[int]] = []  # a follower's drop requests, until rank 0's drop
+        self._drops_lock = threading.Lock()
 
-    def send(self, ops: list[tuple[Any, ...]]) -> None:
-        data = b"" if ops == [("step",)] else pickle.dumps(ops)
+    def send(self, ops: list[tuple[Any, ...]]) -> bool:
+        """Send `ops` to the others; whether one of them asks for a prefix-cache drop."""
+        size = next((n for n, op in _OPS.items() if ops == [op]), None)
+        data = b"" if size is not None else pickle.dumps(ops)
         with self.watchdog.waiting("sending to the group"):
-            self._sum(mx.array(len(data)))
+            total = self._sum(mx.array([len(data) if size is None else size, 0], dtype=mx.int32))
             if data:
                 self._sum(mx.array(np.frombuffer(data, dtype=np.uint8)))
         self.sent_bytes += len(data)
+        self.beats_sent += size == _BEAT
+        return total[1].item() != 0
+
+    def ask_drop(self) -> Future[int]:
+        """A follower's prefix-cache drop, asked from any thread; done (bytes freed) once rank
+        0's drop has come and run here."""
+        done: Future[int] = Future()
+        with self._drops_lock:
+            self._drops.append(done)
+        return done
+
+    def dropped(self, freed: int) -> None:
+        with self._drops_lock:
+            done, self._drops = self._drops, []
+        for future in done:
+            future.set_result(freed)
 
     def receive(self) -> list[tuple[Any, ...]]:
-        # Idle, rank 0 beats every BEAT_FRACTION of the stall limit: a silent rank 0 is lost.
+        # Idle, rank 0 beats every tick (or BEAT_FRACTION of the stall limit): a silent rank 0
+        # is lost.
         with self.watchdog.waiting("waiting for rank 0"):
-            size: int = self._sum(mx.array(0)).item()  # type: ignore[assignment]
-            if size == 0:
-                return [("step",)]
+            asking = 1 if self._drops else 0
+            total = self._sum(mx.array([0, asking], dtype=mx.int32))
+            size: int = total[0].item()  # type: ignore[assignment]
+            if size <= 0:
+                return [_OPS[size]]
             data = self._sum(mx.zeros(size, dtype=mx.uint8))
         # Only group members reach this socket (the rank link checks certificates).
         ops: list[tuple[Any, ...]] = pickle.loads(np.array(data).tobytes())  # noqa: S301
@@ -193,8 +230,10 @@ class GroupLeader(Decoder):
         channel: Channel,
         watchdog: Watchdog,
         on_step: Callable[[float], None] = lambda seconds: None,
+        idle_tick_s: float = 0.0,
     ) -> None:
         self._local = local
+        self._beat_s = idle_tick_s or watchdog.stall_s * BEAT_FRACTION
         self._on_step = on_step
         self._channel = channel
         self._watchdog = watchdog
@@ -225,7 +264,7 @@ class GroupLeader(Decoder):
         # A rank compiles a new sequence's grammar before its step: on a large vocabulary that
         # takes seconds, which are no stall.
         compiling = any(op[0] == "insert" and any(r.grammar for r in op[3]) for op in self._ops)
-        self._flush(("step",))
+        asked = self._flush(("step",))
         try:
             with self._watchdog.waiting("a decode step", GRAMMAR_STALL_S if compiling else None):
                 tokens = self._local.step()
@@ -234,14 +273,16 @@ class GroupLeader(Decoder):
             # must break (the gateway then continues them on the replacement), not end.
             _exit_lost(f"a decode step failed: {type(exc).__name__}: {exc}")
         self._on_step(time.monotonic() - began)
+        if asked:  # after this step: where the others run the drop, first in the next message
+            self.drop_cache()
         return tokens
 
     def idle(self) -> None:
-        if time.monotonic() - self._last_sent >= self._watchdog.stall_s * BEAT_FRACTION:
-            self._flush(("beat",))
+        if time.monotonic() - self._last_sent >= self._beat_s and self._flush(("beat",)):
+            self.drop_cache()
 
     def idle_interval_s(self) -> float | None:
-        return self._watchdog.stall_s * BEAT_FRACTION
+        return self._beat_s
 
     def cached(self, uid: int) -> int:
         return self._local.cached(uid)
@@ -250,8 +291,11 @@ class GroupLeader(Decoder):
         return self._local.cache_stats()
 
     def drop_cache(self) -> int:
+        """Drop here and, in a message sent now, on the others (all between the same steps)."""
         self._ops.append(("drop_cache",))
-        return self._local.drop_cache()
+        freed = self._local.drop_cache()
+        self._flush(("beat",))
+        return freed
 
     def reset(self) -> None:
         # A failed step leaves the ranks out of lockstep: only a new group mends that.
@@ -265,13 +309,15 @@ class GroupLeader(Decoder):
     def close(self) -> None:
         self._flush(("stop",))
 
-    def _flush(self, last: tuple[Any, ...]) -> None:
+    def _flush(self, last: tuple[Any, ...]) -> bool:
+        """Send the ops so far and `last`; whether another rank asks for a cache drop."""
         ops, self._ops = [*self._ops, last], []
         try:
-            self._channel.send(ops)
+            asked = self._channel.send(ops)
         except Exception as exc:  # a peer lost: the same as a failed step
             _exit_lost(f"sending to the group failed: {type(exc).__name__}: {exc}")
         self._last_sent = time.monotonic()
+        return asked
 
 
 def follow(
@@ -279,11 +325,17 @@ def follow(
     channel: Channel,
     build: Callable[[Recipe], tuple[Any, list[Any]]],
     stats: Callable[[float], None],
+    idle_tick_s: float = 0.0,
 ) -> None:
     """A rank other than 0: do what rank 0 sends, in order, until it says stop. `build` makes
-    a sequence's sampler and processors from its recipe; `stats` gets each step's seconds."""
+    a sequence's sampler and processors from its recipe; `stats` gets each step's seconds.
+    After a beat alone (rank 0 is idle) it sleeps until just before the next tick."""
     while True:
-        for op in channel.receive():
+        ops = channel.receive()
+        if idle_tick_s and ops == [("beat",)]:
+            time.sleep(max(0.0, idle_tick_s - WAKE_EARLY_S))
+            continue
+        for op in ops:
             kind = op[0]
             if kind == "step":
                 began = time.monotonic()
@@ -305,7 +357,7 @@ def follow(
             elif kind == "slots":
                 local.slots(op[1])
             elif kind == "drop_cache":
-                local.drop_cache()
+                channel.dropped(local.drop_cache())
             elif kind == "warm_up":
                 with channel.watchdog.waiting("warming up", LOAD_STALL_S):
                     local.warm_up(op[1], op[2])
@@ -347,13 +399,15 @@ class Rank:
         """Rank 0's decoder sends every call to the others; theirs run what it sends."""
         if self.rank != 0:
             return local
-        return GroupLeader(local, self.channel, self.watchdog, self._note_step)
+        return GroupLeader(
+            local, self.channel, self.watchdog, self._note_step, self.spec.idle_tick_s
+        )
 
     def follow(self, local: Decoder, build: Callable[[Recipe], tuple[Any, list[Any]]]) -> None:
         """A rank other than 0: run until rank 0 says stop; exit the process if the group
         breaks (a peer lost, a failed step)."""
         try:
-            follow(local, self.channel, build, self._note_step)
+            follow(local, self.channel, build, self._note_step, self.spec.idle_tick_s)
         except Exception as exc:
             _exit_lost(f"{type(exc).__name__}: {exc}")
 
@@ -373,4 +427,5 @@ class Rank:
             "steps": self.steps,
             "step_seconds_total": round(self.step_s_total, 6),
             "control_bytes_sent": self.channel.sent_bytes,
+            "beats_sent": self.channel.beats_sent,
         }

@@ -80,6 +80,8 @@ class EngineServer:
         )
         app.router.add_get("/v1/engine/stats", self._stats)
         app.router.add_get("/health", self._health)
+        # Memory pressure on any member's node (its agent asks its own rank; rank 0 drops on all).
+        app.router.add_post("/v1/engine/prefix_cache/drop", self._drop_prefix_cache)
         group = self._config.group
         if group is not None and group.rank > 0:
             return app  # a group's other ranks do what rank 0 sends them (group.py)
@@ -88,7 +90,6 @@ class EngineServer:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model}", self._one_model)
         app.router.add_post("/v1/engine/count_tokens", self._count_tokens)
-        app.router.add_post("/v1/engine/prefix_cache/drop", self._drop_prefix_cache)
         app.router.add_get("/v1/engine/knobs", self._get_knobs)
         app.router.add_post("/v1/engine/knobs", self._set_knobs)
         return app

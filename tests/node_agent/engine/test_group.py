@@ -372,13 +372,47 @@ def test_the_group_reuses_its_prefix_cache_on_every_rank(group: Group, single: E
         assert after[rank]["bytes"] > 0, rank
 
 
+def test_a_cache_drop_asked_of_any_rank_empties_every_ranks_alike(
+    group: Group, single: Engine
+) -> None:
+    """Memory pressure on a member's node: its agent asks its own rank. A rank cannot drop
+    alone (the ranks' caches would differ); rank 0 drops on all at one point of the lockstep."""
+    size = len(group.ranks)
+    ask = client(group).chat.completions.create
+    headers = {"Authorization": f"Bearer {group.secret}"}
+    for asked in range(size):
+        ask(model="demo", messages=LONG, max_tokens=8, temperature=0)  # an entry on every rank
+        held = [group.stats(rank)["prefix_cache"]["bytes"] for rank in range(size)]
+        assert all(held), held
+        reply = httpx.post(
+            group.url(asked) + "/v1/engine/prefix_cache/drop", headers=headers, timeout=30
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.json() == {"freed_bytes": held[asked]}
+
+        def emptied() -> bool:  # rank 0 has sent the drop: the others run it as it arrives
+            caches = [group.stats(rank)["prefix_cache"] for rank in range(size)]
+            return [(c["bytes"], c["entries"]) for c in caches] == [(0, 0)] * size
+
+        wait_for(emptied, 5, f"every rank's prefix cache empty (asked of rank {asked})")
+        again = ask(model="demo", messages=LONG, max_tokens=8, temperature=0)
+        assert cached_tokens(again) == 0  # nothing left to reuse, on any rank
+        reference = client(single).chat.completions.create(
+            model="demo", messages=LONG, max_tokens=8, temperature=0
+        )
+        assert again.choices[0].message.content == reference.choices[0].message.content
+
+
 def test_an_idle_group_stays_up_and_answers(group: Group, single: Engine) -> None:
-    """Rank 0's beats keep the others' stall limit from firing while nothing is asked."""
+    """Rank 0's beats keep the others' stall limit from firing while nothing is asked; the
+    others sleep between them (one each tick, the default 25 ms: ~200 in 5 s)."""
     before = group.stats(0)["group"]
     time.sleep(2 * STALL_S + 1)  # what is tested: time passing with nothing to do
     assert all(proc.alive() for proc in group.ranks)
     after = group.stats(0)["group"]
-    assert after["control_bytes_sent"] > before["control_bytes_sent"]  # the beats
+    beats = after["beats_sent"] - before["beats_sent"]
+    assert 2 * STALL_S / 0.025 / 4 < beats <= (2 * STALL_S + 2) / 0.025  # ticks, give or take
+    assert after["control_bytes_sent"] == before["control_bytes_sent"]  # a beat is a size alone
     assert after["steps"] == before["steps"]  # a beat is not a decode step
     assert text(group) == text(single)
 
@@ -475,8 +509,21 @@ def test_a_rank_of_another_group_is_refused(
             {"MLX_RANK": "0", "MLX_HOSTFILE": "/nonexistent/hosts.json"},
             "MLX_HOSTFILE must name the group's hostfile",
         ),
+        (
+            ["--group-split", "4,2", "--group-idle-tick-ms", "2000"],
+            {"MLX_RANK": "0"},
+            "--group-idle-tick-ms must be from 0 to a quarter of --group-stall-s, got 2000",
+        ),
     ],
-    ids=["no-rank", "rank-out-of-range", "no-split", "kv-bits", "zero-layers", "no-hostfile"],
+    ids=[
+        "no-rank",
+        "rank-out-of-range",
+        "no-split",
+        "kv-bits",
+        "zero-layers",
+        "no-hostfile",
+        "tick-over-stall",
+    ],
 )
 def test_a_bad_group_configuration_is_one_line_and_exit_2(
     flags: list[str], environ: dict[str, str], message: str, tmp_path: Path
