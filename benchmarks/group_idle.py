@@ -106,6 +106,29 @@ def report(results: dict[str, Any], rounds: int, started: str) -> str:
             f"| {label} | {_spread(r['idle_cores'], 1, 2)} | {_spread(r['after_pause_s'], 1000)} "
             f"| {_spread(r['back_to_back_s'], 1000)} | {waited * 1000:+.0f} |"
         )
+
+    def cores(label: str) -> float:
+        return statistics.median(results[label]["idle_cores"])
+
+    def waited_ms(label: str) -> float:
+        r = results[label]
+        return 1000 * (
+            statistics.median(r["after_pause_s"]) - statistics.median(r["back_to_back_s"])
+        )
+
+    direct, links = f"group, direct, tick {TICK} ms", f"group, rank links, tick {TICK} ms"
+    reading = (
+        f"Reading: sleeping between beats (the default tick, {TICK} ms) takes an idle 2-rank "
+        f"group from {cores('group, direct, spinning'):.2f} cores to {cores(direct):.2f} with "
+        f"the ranks direct and from {cores('group, rank links, spinning'):.2f} to "
+        f"{cores(links):.2f} through the rank links (the relays carry every beat). The first "
+        f"request after a pause waits for the ranks to wake: {waited_ms(direct):+.0f} ms direct "
+        f"and {waited_ms(links):+.0f} ms through the links over one back to back, against "
+        f"{waited_ms('group, direct, spinning'):+.0f} ms spinning (noisy: per-request ranges "
+        "overlap); in theory a tick at most and half of one on average, plus the relays' hops "
+        "through the links. A Mac's idle cores matter more than this box's: a spinning "
+        "group kept a laptop's core at 100 % for as long as the model was loaded."
+    )
     return f"""{SECTION}
 
 Measured {started} with `{harness.command_line()}`.
@@ -119,6 +142,8 @@ Method: benchmarks/group_idle.py's docstring; {rounds} starts of each set-up, me
 | first token back to back (ms) | waited for idleness (ms) |
 |---|---:|---:|---:|---:|
 {chr(10).join(rows)}
+
+{reading}
 """
 
 
