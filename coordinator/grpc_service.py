@@ -29,6 +29,7 @@ from coordinator.registry import (
     UnloadCommand,
 )
 from coordinator.store import Store
+from mlxfleet.engines import EXIT_CANNOT_SPLIT
 from mlxfleet.facts import NodeFacts
 from mlxfleet.manifest import Manifest, ManifestError
 from mlxfleet.tiers import Knobs
@@ -293,6 +294,9 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         self._store.delete_placement(engine.engine_id)
         if reason == "oom":
             self._reconciler.observe_oom_kill(node_id)
+        spec = self._reconciler.unit(engine.model, engine.tier)
+        if engine.group_id and event.exit_code == EXIT_CANNOT_SPLIT and spec is not None:
+            self._reconciler.cannot_split(spec, detail)
         if reason != "clean":
             self._reconciler.engine_failed(
                 unit_of(engine), detail if kind == "load_failed" else None

@@ -82,6 +82,7 @@ class Reconciler(UnitSignals):
         self.usage = UnitUsage(self._units)
         self.pending: dict[UnitKey, str] = {}  # unit -> why it is not (fully) placed
         self.load_failures: dict[UnitKey, str] = {}  # unit -> its last load failure, until ready
+        self.unsplittable: dict[str, str] = {}  # model files (source) that cannot run as groups
         self.cold_starts: list[tuple[UnitKey, float]] = []  # (unit, seconds waited)
         self._making_room: dict[UnitKey, float] = {}  # unit -> when engines were evicted for it
         self._knobs = TierKnobs(config, store, registry, self._units)
@@ -264,7 +265,7 @@ class Reconciler(UnitSignals):
             self.holdings.disk_bytes(spec.source),
             layers,
             shared,
-            spec.sharding,
+            self.sharding(spec),
             groups,
         )
 

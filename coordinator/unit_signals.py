@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 
+from coordinator.config import ModelSpec
 from coordinator.holds import PlacementHolds
-from coordinator.policy import UnitKey
+from coordinator.policy import Sharding, UnitKey
 from coordinator.registry import NodeId, Registry
 from coordinator.trigger_actions import TriggerActions
 from coordinator.usage import UnitUsage
@@ -22,6 +23,7 @@ class UnitSignals:
     _trigger_actions: TriggerActions
     usage: UnitUsage
     load_failures: dict[UnitKey, str]
+    unsplittable: dict[str, str]
     cold_starts: list[tuple[UnitKey, float]]
 
     def engine_failed(self, key: UnitKey, load_failure: str | None = None) -> None:
@@ -29,6 +31,20 @@ class UnitSignals:
         if load_failure is not None:
             self.load_failures[key] = load_failure
         self._holds.failed(key)
+
+    def cannot_split(self, spec: ModelSpec, why: str) -> None:
+        """A rank of this unit's group found that its model's architecture cannot run split:
+        from now on the model's files (its source) run on single nodes only, as with sharding =
+        "never", until the coordinator restarts. `why` also stays in its load failure."""
+        if spec.source not in self.unsplittable:
+            logger.warning(
+                "model %s cannot run as a group: placing it on single nodes only", spec.name
+            )
+        self.unsplittable[spec.source] = why
+
+    def sharding(self, spec: ModelSpec) -> Sharding:
+        """The spec's sharding, or "never" once its files are known not to split."""
+        return "never" if spec.source in self.unsplittable else spec.sharding
 
     def engine_ready(self, key: UnitKey) -> None:
         self._holds.ready(key)

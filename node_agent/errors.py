@@ -36,3 +36,12 @@ class QueueFull(Error):
 
 class ModelLoadFailed(Error):
     """The model could not be loaded or warmed up."""
+
+
+class SplitError(Error, ValueError):
+    """This model cannot run under mlxfleet's layer split (engine/layer_split.py; the message
+    says why, in one line)."""
+
+
+class CannotSplit(ModelLoadFailed):
+    """A group's rank: the model's architecture cannot run split over several engines."""

@@ -19,7 +19,7 @@ from node_agent.engine.decoder import Decoder, Token
 from node_agent.engine.jobs import EngineStats, Event, Job, TokenLogprob, token_logprob
 from node_agent.engine.knobs import admit_now, window_remaining_ms
 from node_agent.engine.textstream import TextStream
-from node_agent.errors import ModelLoadFailed, QueueFull
+from node_agent.errors import CannotSplit, ModelLoadFailed, QueueFull, SplitError
 
 if TYPE_CHECKING:
     from node_agent.engine.config import GroupSpec
@@ -193,7 +193,8 @@ class ModelThread:
             self._load()
         except Exception as exc:
             logger.error("model load failed for %s: %s", self._model_path, exc)
-            self.loaded.set_exception(ModelLoadFailed(f"{self._model_path}: {exc}"))
+            failed = CannotSplit if isinstance(exc, SplitError) else ModelLoadFailed
+            self.loaded.set_exception(failed(f"{self._model_path}: {exc}"))
             return
         self.loaded.set_result(None)
         if self.rank is not None and self.rank.rank > 0:

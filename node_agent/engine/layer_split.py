@@ -33,11 +33,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from node_agent.errors import SplitError
+
 SPLITTABLE_CACHES = ("KVCache", "RotatingKVCache")
-
-
-class SplitError(ValueError):
-    """This model cannot run under our layer split (the message says why, in one line)."""
 
 
 def kind_of(model: Any) -> str:

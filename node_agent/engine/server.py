@@ -18,6 +18,7 @@ from typing import Any, Literal, TextIO
 
 from aiohttp import web
 
+from mlxfleet.engines import EXIT_CANNOT_SPLIT
 from mlxfleet.errors import ApiError
 from mlxfleet.openai.protocol import (
     ChatRequest,
@@ -34,7 +35,7 @@ from node_agent.engine.generator import Event, Job, ModelThread
 from node_agent.engine.grammar import Grammars, RequestGrammar
 from node_agent.engine.knobs import updated_knobs
 from node_agent.engine.respond import Answer, Handle, collect, json_error, stream
-from node_agent.errors import QueueFull
+from node_agent.errors import CannotSplit, QueueFull
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class EngineServer:
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         exit_code = 0
         if loaded.done() and loaded.exception() is not None:
-            exit_code = 1
+            exit_code = EXIT_CANNOT_SPLIT if isinstance(loaded.exception(), CannotSplit) else 1
         elif loaded.done():
             # Everything allocated so far (modules, the model's Python objects, the tokenizer)
             # lives as long as the engine: keep it out of the cyclic collector, whose full

@@ -382,3 +382,24 @@ def test_model_rows_and_the_wire_show_each_member(tmp_path: Path) -> None:
         command_to_pb(replace(load, group=None)).SerializeToString()
     )
     assert not no_group.load.HasField("group")
+
+
+def test_a_model_that_cannot_split_is_not_placed_as_a_group_again_until_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rank exited with EXIT_CANNOT_SPLIT (grpc_service): placement keeps the model to
+    single nodes, as sharding = "never" would; other files under the same name may split."""
+    clock = [1000.0]
+    monkeypatch.setattr(holds, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    fleet, group_id = placed_pair(tmp_path)
+    fleet.reconciler.cannot_split(fleet.spec, "big engine: crash: mamba models keep ArraysCache")
+    fleet.exited(f"{group_id}-r1")
+    fleet.exited(group_id)
+    clock[0] += max(holds.RELOAD_BACKOFF_S)  # past any backoff
+    sent = fleet.step()
+    assert loads(sent) == {} and fleet.reconciler.groups.groups == {}
+    assert fleet.reconciler.sharding(fleet.spec) == "never"
+    assert fleet.reconciler.pending[KEY].startswith("1 of 1 replicas unplaced: needs 9.8 GiB")
+    assert fleet.reconciler.sharding(replace(fleet.spec, tier="batch")) == "never"  # same files
+    other = replace(fleet.spec, source=str(model_folder(tmp_path, "other", 5 * GIB)))
+    assert fleet.reconciler.sharding(other) == "auto"

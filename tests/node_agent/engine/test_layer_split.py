@@ -24,7 +24,9 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from node_agent.engine.layer_split import SplitError, split_layers
+from mlxfleet.engines import EXIT_CANNOT_SPLIT
+from node_agent.engine.layer_split import split_layers
+from node_agent.errors import SplitError
 from tests.conftest import REPO, Proc
 from tests.node_agent.engine.conftest import ENGINE_START_TIMEOUT_S
 from tests.node_agent.engine.test_group import exit_code, free_ports, start_ranks, started
@@ -225,13 +227,14 @@ def test_a_recurrent_model_is_refused_with_its_cache_type() -> None:
 def test_ranks_of_a_model_no_split_runs_fail_to_load_saying_why(
     demo_model: Path, tmp_path: Path, started: list[Proc]
 ) -> None:
-    """The engine's load fails (the agent reports its log's last line to the coordinator)."""
+    """The engine's load fails with EXIT_CANNOT_SPLIT (the agent reports it and its log's last
+    line; the coordinator then places the model on single nodes only)."""
     vocab = json.loads((demo_model / "config.json").read_text())["vocab_size"]
     model = write_model(tmp_path / "mamba", {**MAMBA, "vocab_size": vocab}, demo_model)
     ranks, _ = start_ranks(model, tmp_path, started, ["2,2", "2,2"])
     deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
     for rank, proc in enumerate(ranks):
-        assert exit_code(proc, deadline, f"rank {rank}") == 1
+        assert exit_code(proc, deadline, f"rank {rank}") == EXIT_CANNOT_SPLIT
         assert MAMBA_REFUSED in proc.output(), proc.output()[-2000:]
 
 
