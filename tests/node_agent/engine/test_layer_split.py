@@ -12,6 +12,7 @@ real processes (tests/node_agent/engine/split_probe.py) joined over MLX's ring b
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -119,7 +120,7 @@ def probe(model: Path, folder: Path, split: str | None = None) -> list[dict[str,
         subprocess.Popen(
             command,
             cwd=REPO,
-            env={**_environ(), **env},
+            env={**os.environ, **env},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -141,12 +142,6 @@ def probe(model: Path, folder: Path, split: str | None = None) -> list[dict[str,
     ]
     assert not failed, "\n".join(failed)
     return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
-
-
-def _environ() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
 
 
 @pytest.fixture(scope="module")
