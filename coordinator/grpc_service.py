@@ -82,6 +82,8 @@ def engine_from_pb(node_id: NodeId, e: pb.EngineInfo) -> Engine:
         context_length=e.context_length,
         group_id=e.group_id,
         rank=e.rank,
+        group_split=tuple(e.group_split),
+        group_nodes=tuple(e.group_nodes),
     )
 
 

@@ -8,13 +8,22 @@ Triggers on the node close it to new placements or to the batch tier.
 
 from __future__ import annotations
 
-from collections.abc import Set
+from collections.abc import Callable, Iterable, Set
 from typing import Literal
 
 from coordinator.holdings import Holdings
 from coordinator.memory import node_budget
 from coordinator.policy import Offer
-from coordinator.registry import Node
+from coordinator.registry import LIVE_STATES, Engine, Node
+
+
+def placed_bytes(engines: Iterable[Engine], weight: Callable[[Engine], int]) -> dict[str, int]:
+    """Bytes each node's live (or stopping) engines take, by node id."""
+    placed: dict[str, int] = {}
+    for engine in engines:
+        if engine.state in (*LIVE_STATES, "stopping"):
+            placed[engine.node_id] = placed.get(engine.node_id, 0) + weight(engine)
+    return placed
 
 
 def node_offer(

@@ -29,7 +29,7 @@ from coordinator.holds import RESTORE_WAIT, PlacementHolds
 from coordinator.knobs import TierKnobs
 from coordinator.liveness import check_liveness
 from coordinator.metrics import Metrics
-from coordinator.offers import node_offer
+from coordinator.offers import node_offer, placed_bytes
 from coordinator.policy import Demand, Offer, Placement, UnitKey, place, plan, victims
 from coordinator.registry import (
     LIVE_STATES,
@@ -155,7 +155,7 @@ class Reconciler(UnitSignals):
     def step(self) -> None:
         """One pass over liveness and every unit; new replicas come from one policy.plan()."""
         check_liveness(self._registry, self._store, self._config)
-        for _, engines, why in self.groups.broken():  # a group lives and dies whole
+        for _, engines, why in self.groups.broken(self._unit_demand):  # lives and dies whole
             for engine in engines:
                 self._unload(engine, why)
                 self.groups.told(engine.engine_id)
@@ -269,14 +269,18 @@ class Reconciler(UnitSignals):
             groups,
         )
 
+    def _unit_demand(self, engine: Engine) -> Demand | None:
+        """The engine's unit as placement sees it now (None: not in the config, or unsized)."""
+        spec = self._units.get(unit_of(engine))
+        size = self.size(spec) if spec is not None else None
+        return self._demand(spec, size) if spec is not None and isinstance(size, int) else None
+
     def offers(self) -> list[Offer]:
         """Every live node's room: its budget minus what its engines need."""
-        placed: dict[NodeId, int] = {}
-        for engine in self._registry.engines.values():
-            key = unit_of(engine)
-            if self._units.known(key) and engine.state in (*LIVE_STATES, "stopping"):
-                weight = self.groups.weight(engine) or self._weight(key)  # a group: its share
-                placed[engine.node_id] = placed.get(engine.node_id, 0) + weight
+        placed = placed_bytes(
+            (e for e in self._registry.engines.values() if self._units.known(unit_of(e))),
+            lambda e: self.groups.weight(e) or self._weight(unit_of(e)),  # a group: its share
+        )
         return [
             node_offer(
                 node,

@@ -56,6 +56,10 @@ class Engine:
     # group's id is its rank 0's engine id; only rank 0 serves, and counts as the replica.
     group_id: str = ""
     rank: int = 0
+    # The group as its agent reports it (layers and node ids by rank): a coordinator that
+    # restarted takes the group back from these.
+    group_split: tuple[int, ...] = ()
+    group_nodes: tuple[str, ...] = ()
 
     @property
     def serves(self) -> bool:

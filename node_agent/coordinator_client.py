@@ -75,6 +75,8 @@ def engine_to_pb(e: EngineInfo, with_secret: bool) -> pb.EngineInfo:
         context_length=e.context_length,
         group_id=e.group_id,
         rank=e.rank,
+        group_split=e.group_split,
+        group_nodes=e.group_nodes,
     )
 
 

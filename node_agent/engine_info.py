@@ -70,6 +70,8 @@ class EngineInfo:
     pid: int = 0
     group_id: str = ""  # one rank of this group ("": a whole model)
     rank: int = 0
+    group_split: tuple[int, ...] = ()  # the group as told: layers and nodes by rank
+    group_nodes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ import json
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from node_agent.rank_link import Member, RankLink
 
@@ -51,6 +52,20 @@ class GroupRole:
             "--group-stall-s",
             f"{self.stall_s:g}",
         ]
+
+
+def group_fields(role: GroupRole | None) -> dict[str, Any]:
+    """An EngineInfo's group fields for a rank of `role` (none for a whole model): what a
+    coordinator that restarted takes the group back from."""
+    if role is None:
+        return {}
+    nodes = tuple(m.node_id for m in role.members)
+    return {
+        "group_id": role.group_id,
+        "rank": role.rank,
+        "group_split": role.split,
+        "group_nodes": nodes,
+    }
 
 
 def free_port() -> int:

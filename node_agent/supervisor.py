@@ -28,7 +28,7 @@ from node_agent.engine_info import (
     EngineNetwork,
     LoadRequest,
 )
-from node_agent.groups import rank_environment
+from node_agent.groups import group_fields, rank_environment
 from node_agent.liveness import DEFAULT_ENGINE_STALL_S, health_silence
 from node_agent.model_store import ModelStore, one_line
 from node_agent.probes.base import Probe
@@ -153,8 +153,7 @@ class Supervisor:
             request.model,
             request.tier,
             "starting",
-            group_id=group.group_id if group else "",
-            rank=group.rank if group else 0,
+            **group_fields(group),
         )
         try:
             model_path = await self.store.ensure(request.source, request.manifest, request.holders)
@@ -229,8 +228,7 @@ class Supervisor:
             secret=secret,
             context_length=request.context_length,
             pid=process.pid,
-            group_id=group.group_id if group else "",
-            rank=group.rank if group else 0,
+            **group_fields(group),
         )
         oom_kills = cgroup.oom_kills() if cgroup is not None else self._probe.oom_kills()
         managed = _Managed(info, process, model_path, log_path, oom_kills, cgroup)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import holds
+from coordinator import group_engines, holds
 from coordinator.config import Config, ModelSpec
 from coordinator.grpc_service import command_to_pb, engine_from_pb, group_to_pb
 from coordinator.memory import OS_RESERVE_BYTES
@@ -278,11 +278,11 @@ def test_a_cordoned_member_moves_the_whole_group_once_its_replacement_serves(
     assert {t.engine_id for t in fleet.routing._targets.values()} == {new_group}
 
 
-def test_engines_of_a_group_this_coordinator_did_not_place_are_unloaded(tmp_path: Path) -> None:
-    """After a coordinator restart the agents' Hellos list the ranks of a group it has no
-    record of: it cannot tell their layers or members, so they go."""
-    fleet = GroupFleet(tmp_path)
-    hello = {
+def old_hellos(layout: bool, ranks: tuple[int, ...] = (0, 1)) -> dict[str, pb.EngineInfo]:
+    """What the agents of nodes b (rank 0, 17 layers) and a (rank 1, 15) list after a
+    coordinator restart for a group "old" of the model; `layout`: with the group's layout."""
+    told = {"group_split": [17, 15], "group_nodes": ["b", "a"]} if layout else {}
+    hellos = {
         "b": pb.EngineInfo(
             engine_id="old",
             model="big",
@@ -291,6 +291,7 @@ def test_engines_of_a_group_this_coordinator_did_not_place_are_unloaded(tmp_path
             url="http://10.0.0.17:9000",
             group_id="old",
             rank=0,
+            **told,
         ),
         "a": pb.EngineInfo(
             engine_id="old-r1",
@@ -299,30 +300,76 @@ def test_engines_of_a_group_this_coordinator_did_not_place_are_unloaded(tmp_path
             state=pb.ENGINE_STATE_READY,
             group_id="old",
             rank=1,
+            **told,
         ),
     }
-    for node_id, ram in (("a", 16), ("b", 17)):
-        engine = engine_from_pb(NodeId(node_id), hello[node_id])
-        fleet.registry.connect(NodeId(node_id), facts(ram), [engine])
-        fleet.registry.heartbeat(NodeId(node_id), STATUS, {})
-    assert (
-        fleet.registry.engines[EngineId("old-r1")].group_id,
-        fleet.registry.engines[EngineId("old-r1")].rank,
-    ) == ("old", 1)
+    return {node: hellos[node] for node, rank in (("b", 0), ("a", 1)) if rank in ranks}
 
+
+def restarted(tmp_path: Path, hellos: dict[str, pb.EngineInfo]) -> GroupFleet:
+    """A coordinator with no record of the group, nodes a and b connected with `hellos`."""
+    fleet = GroupFleet(tmp_path)
+    for node_id, ram in (("a", 16), ("b", 17)):
+        engines = [engine_from_pb(NodeId(node_id), hellos[node_id])] if node_id in hellos else []
+        fleet.registry.connect(NodeId(node_id), facts(ram), engines)
+        fleet.registry.nodes[NodeId(node_id)].link_address = f"10.0.0.{ram}:7400"
+        fleet.registry.heartbeat(NodeId(node_id), STATUS, {})
+    return fleet
+
+
+def test_a_group_from_before_a_restart_is_taken_back_when_every_rank_reports_alike(
+    tmp_path: Path,
+) -> None:
+    """A coordinator restart must not reload a model spread over several Macs: the ranks
+    report the layout they were told; all of them alike, the group is this coordinator's."""
+    fleet = restarted(tmp_path, old_hellos(layout=True))
+    sent = fleet.step()
+    assert not any(cs for cs in sent.values()), sent  # nothing unloaded, nothing placed
+    running = fleet.reconciler.groups.groups["old"]
+    assert [(s.node_id, s.rank, s.first_layer, s.layers) for s in running.placement.shares] == [
+        ("b", 0, 15, 17),
+        ("a", 1, 0, 15),
+    ]
+    assert fleet.reconciler.groups.weight(fleet.registry.engines[EngineId("old-r1")]) == (
+        running.placement.shares[1].bytes
+    )
+    assert fleet.routing.units() == {KEY}
+    assert KEY not in fleet.reconciler.pending
+    assert fleet.step() == {"a": [], "b": []}
+
+
+@pytest.mark.parametrize(
+    "hellos",
+    [old_hellos(layout=False), old_hellos(layout=True, ranks=(0,))],
+    ids=["no-layout", "rank-1-missing"],
+)
+def test_engines_of_a_group_this_coordinator_did_not_place_are_unloaded(
+    hellos: dict[str, pb.EngineInfo], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a coordinator restart the agents' Hellos list the ranks of a group it has no
+    record of: without its layout (an agent from before it was reported), or with a rank
+    that does not come back within RESTORE_GRACE_S, it cannot be taken back, so its ranks go."""
+    clock = [1000.0]
+    monkeypatch.setattr(group_engines, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    fleet = restarted(tmp_path, hellos)
+    assert fleet.registry.engines[EngineId("old")].group_id == "old"
+    waited = fleet.step()  # a rank may still be on its way back
+    assert not any(isinstance(c, UnloadCommand) for cs in waited.values() for c in cs)
+    clock[0] += holds.RESTORE_GRACE_S
     sent = fleet.step()
     assert sent["b"][0] == UnloadCommand(EngineId("old"))
-    assert sent["a"][0] == UnloadCommand(EngineId("old-r1"))
-    assert {e.engine_id: e.state for e in fleet.registry.engines.values()} == {
-        "old": "stopping",
-        "old-r1": "stopping",
-    }
+    ranks = {"old": "stopping"}
+    if "a" in hellos:
+        assert sent["a"][0] == UnloadCommand(EngineId("old-r1"))
+        ranks["old-r1"] = "stopping"
+    assert {e.engine_id: e.state for e in fleet.registry.engines.values()} == ranks
     assert fleet.routing.units() == set()
     assert not any(isinstance(c, UnloadCommand) for cs in fleet.step().values() for c in cs)
 
     # Once they have exited, the unit is placed afresh as a group of this coordinator's.
     fleet.exited("old", failed=False)
-    fleet.exited("old-r1", failed=False)
+    if "a" in hellos:
+        fleet.exited("old-r1", failed=False)
     placed = loads(fleet.step())
     [new_group] = fleet.reconciler.groups.groups
     assert {n: [c.engine_id for c in cs] for n, cs in placed.items()} == {

@@ -37,3 +37,21 @@ def test_a_group_of_three_serves_as_one_engine_does(fleet3: Fleet, engine: opena
     client = fleet3.client()
     for stream in (False, True):
         assert chat(client, stream) == chat(engine, stream) != ""
+
+
+def test_a_coordinator_restart_takes_the_group_back_without_a_reload(
+    fleet3: Fleet, engine: openai.OpenAI
+) -> None:
+    """kill -9 of the coordinator: its successor takes the running group back from what the
+    ranks' agents report (each rank's layout), so no rank is started again."""
+    group = wait_for(lambda: serving_group(fleet3, 3), READY_TIMEOUT_S, "a group of three")
+    pids = rank_pids(group["group"])
+    old = fleet3.runtime
+    fleet3.kill_coordinator()
+    fleet3.start_coordinator((old["gateway_port"], old["grpc_port"], old["enroll_port"]))
+    back = wait_for(lambda: serving_group(fleet3, 3), READY_TIMEOUT_S, "the group taken back")
+    assert back["group"] == group["group"]
+    assert back["members"] == group["members"]  # nodes, ranks, layers and bytes as placed
+    assert rank_pids(group["group"]) == pids
+    assert "took back group " + group["group"] in fleet3.coordinator_output()
+    assert chat(fleet3.client(), False) == chat(engine, False)

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from mlxfleet.v1 import fleet_pb2 as pb
-from node_agent.coordinator_client import load_request
-from node_agent.groups import GroupRole
+from node_agent.coordinator_client import engine_to_pb, load_request
+from node_agent.engine_info import EngineInfo
+from node_agent.groups import GroupRole, group_fields
 from node_agent.rank_link import Member
 from tests.node_agent.test_file_server import Certs, make_certs
 from tests.node_agent.test_rank_link import make_link
@@ -53,6 +54,17 @@ def test_load_model_group_becomes_a_role_by_rank() -> None:
     assert request.group.problem("vm-b") is None
     whole = pb.LoadModel(engine_id="demo-i-2", model="demo", source="/models/demo")
     assert load_request(whole).group is None
+
+
+def test_a_rank_reports_the_layout_it_was_told_for_a_restarted_coordinator() -> None:
+    """What the engine's EngineInfo carries up the stream (Hello, events): its group, rank and
+    the whole layout, from which a coordinator that restarted takes the group back."""
+    role = load_request(load_message(1, MEMBERS)).group
+    info = EngineInfo("demo-i-1-r1", "demo", "interactive", "ready", **group_fields(role))
+    wire = engine_to_pb(info, with_secret=False)
+    assert (wire.group_id, wire.rank) == ("demo-i-1", 1)
+    assert (list(wire.group_split), list(wire.group_nodes)) == ([4, 2], ["vm-a", "vm-b"])
+    assert group_fields(None) == {}
 
 
 @pytest.mark.parametrize(

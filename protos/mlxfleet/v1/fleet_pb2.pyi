@@ -162,7 +162,7 @@ class TierKnobs(_message.Message):
     def __init__(self, max_concurrency: _Optional[int] = ..., batch_window_ms: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., queue_limit: _Optional[int] = ...) -> None: ...
 
 class EngineInfo(_message.Message):
-    __slots__ = ("engine_id", "model", "tier", "state", "url", "secret", "context_length", "group_id", "rank")
+    __slots__ = ("engine_id", "model", "tier", "state", "url", "secret", "context_length", "group_id", "rank", "group_split", "group_nodes")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,8 @@ class EngineInfo(_message.Message):
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    GROUP_NODES_FIELD_NUMBER: _ClassVar[int]
     engine_id: str
     model: str
     tier: Tier
@@ -181,7 +183,9 @@ class EngineInfo(_message.Message):
     context_length: int
     group_id: str
     rank: int
-    def __init__(self, engine_id: _Optional[str] = ..., model: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., state: _Optional[_Union[EngineState, str]] = ..., url: _Optional[str] = ..., secret: _Optional[str] = ..., context_length: _Optional[int] = ..., group_id: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+    group_split: _containers.RepeatedScalarFieldContainer[int]
+    group_nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, engine_id: _Optional[str] = ..., model: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., state: _Optional[_Union[EngineState, str]] = ..., url: _Optional[str] = ..., secret: _Optional[str] = ..., context_length: _Optional[int] = ..., group_id: _Optional[str] = ..., rank: _Optional[int] = ..., group_split: _Optional[_Iterable[int]] = ..., group_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EngineStatus(_message.Message):
     __slots__ = ("engine_id", "state", "rss_bytes", "pid")
