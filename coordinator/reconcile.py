@@ -271,8 +271,7 @@ class Reconciler(UnitSignals):
 
     def _unit_demand(self, engine: Engine) -> Demand | None:
         """The engine's unit as placement sees it now (None: not in the config, or unsized)."""
-        spec = self._units.get(unit_of(engine))
-        size = self.size(spec) if spec is not None else None
+        size = self.size(spec) if (spec := self._units.get(unit_of(engine))) else None
         return self._demand(spec, size) if spec is not None and isinstance(size, int) else None
 
     def offers(self) -> list[Offer]:
@@ -295,14 +294,15 @@ class Reconciler(UnitSignals):
 
     def _must_leave(self, engine: Engine, spec: ModelSpec) -> bool:
         """Cordoned or drained node, the batch tier moved off it, moved by a rebalance or a
-        memory trigger, or loaded with what its model's configuration no longer says (changed
-        at runtime): the engine goes once enough replicas elsewhere are ready."""
+        memory trigger, loaded with what its model's configuration no longer says (changed at
+        runtime; a group of a model now on single nodes only): it goes once replaced."""
         nodes = [self._registry.nodes.get(NodeId(n)) for n in self.groups.nodes(engine)]
         return (
             any(node is not None and node.cordoned for node in nodes)
             or self._tripped(engine, spec)
             or engine.engine_id in self._moving
             or self._loaded_as.get(engine.engine_id, spec).engine_args() != spec.engine_args()
+            or (bool(engine.group_id) and self.sharding(spec) == "never")
         )
 
     def _tripped(self, engine: Engine, spec: ModelSpec) -> bool:

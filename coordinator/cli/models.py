@@ -17,6 +17,7 @@ FIELDS = {  # flag -> (fleet.toml field, type, help)
     "--replicas": ("replicas", int, "engines per tier (default 1)"),
     "--context-length": ("context_length", int, "tokens of context (default: the model's)"),
     "--max-concurrency": ("max_concurrency", int, "requests at once per engine (the tier's)"),
+    "--sharding": ("sharding", str, "auto: split over several nodes when none holds it; never"),
 }
 
 

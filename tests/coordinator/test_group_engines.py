@@ -450,3 +450,23 @@ def test_a_model_that_cannot_split_is_not_placed_as_a_group_again_until_it_chang
     assert fleet.reconciler.sharding(replace(fleet.spec, tier="batch")) == "never"  # same files
     other = replace(fleet.spec, source=str(model_folder(tmp_path, "other", 5 * GIB)))
     assert fleet.reconciler.sharding(other) == "auto"
+
+
+def test_a_group_of_a_model_set_to_sharding_never_is_replaced_by_a_single_node(
+    tmp_path: Path,
+) -> None:
+    """sharding = "never" at runtime: a node that holds the model alone takes it, and the
+    group serves until that engine is ready, then goes (rank 0 first, the others with it)."""
+    fleet, group_id = placed_pair(tmp_path)
+    fleet.ready(group_id)
+    fleet.ready(f"{group_id}-r1")
+    fleet.join("c", 32)  # a 24 GiB budget: holds the 9.8 GiB engine alone
+    fleet.reconciler.set_units([replace(fleet.spec, sharding="never")])
+    sent = loads(fleet.step())
+    [single] = sent["c"]
+    assert single.group is None and "a" not in sent and "b" not in sent
+    assert fleet.registry.engines[EngineId(group_id)].state == "ready"  # serves meanwhile
+    fleet.ready(single.engine_id)
+    sent = fleet.step()
+    assert UnloadCommand(EngineId(group_id)) in sent["b"]
+    assert fleet.routing.units() == {KEY}

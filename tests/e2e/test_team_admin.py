@@ -213,6 +213,12 @@ def test_models_added_changed_and_removed_at_runtime(fleet: Fleet, demo_model: P
     assert "'replicas' must be an integer 1-64" in cli_fails(
         fleet, "models", "set", "second", "--replicas", "0"
     )
+    assert """'sharding' must be "auto" or "never", got 'maybe'""" in cli_fails(
+        fleet, "models", "set", "second", "--sharding", "maybe"
+    )
+    assert fleet.cli("models", "set", "second", "--sharding", "never") == (
+        "second: changed (interactive)"
+    )
     streaming.join(120)
     assert streaming.completed(), (streaming.error, streaming.finish, streaming.tokens)
 
