@@ -379,7 +379,8 @@ class Rank:
         by_mlx_lm = splits_by_mlx_lm(self.model)
         self.split_by = "mlx-lm pipeline" if by_mlx_lm else "mlxfleet layer split"
         config = json.loads((model_path / "config.json").read_text())
-        self._token_bytes = kv_bytes_per_token(config)
+        # What every rank counts a prefix-cached token at: the whole model's KV bytes.
+        self.token_bytes = kv_bytes_per_token(config)
         self.channel = Channel(self.group, self.watchdog)
         self.steps = 0
         self.step_s_total = 0.0
@@ -389,11 +390,6 @@ class Rank:
         """(first layer, layer count) this rank runs."""
         split = self.spec.split
         return sum(split[self.rank + 1 :]), split[self.rank]
-
-    @property
-    def token_bytes(self) -> int:
-        """What every rank counts a prefix-cached token at: the whole model's KV bytes."""
-        return self._token_bytes
 
     def wrap(self, local: Decoder) -> Decoder:
         """Rank 0's decoder sends every call to the others; theirs run what it sends."""

@@ -27,6 +27,7 @@ Phi-3, Starcoder2, OLMo 2, Mixtral, gpt-oss and Cohere 2; other architectures ar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,22 +67,21 @@ def split_layers(model: nn.Module, group: Any, split: list[int]) -> None:
     first = sum(split[rank + 1 :])
     own = range(first, first + split[rank])
     order = _Order(kind, len(layers))
-    _become(model, _Pass, order)
+    _become(model, _pass, order)
     for index, layer in enumerate(layers):
         hooks = _Hooks(
             index=index,
             order=order,
-            kind=kind,
             group=group,
             receive_from=rank + 1 if index == own.start and rank < size - 1 else None,
             send_to=rank - 1 if index == own.stop - 1 and rank > 0 else None,
             gather=index == len(layers) - 1,
         )
         if index in own:
-            _become(layer, _Run, hooks)
+            _become(layer, _run, hooks)
         else:
             layer.update(_emptied(layer.parameters()))
-            _become(layer, _PassThrough, hooks)
+            _become(layer, _pass_through, hooks)
 
 
 class _Order:
@@ -117,7 +117,6 @@ class _Hooks:
 
     index: int
     order: _Order
-    kind: str
     group: Any
     receive_from: int | None
     send_to: int | None
@@ -152,8 +151,8 @@ def _run(self: Any, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
     out = self._mlxfleet_base.__call__(self, x, *args, **kwargs)
     if not isinstance(out, mx.array):
         raise SplitError(
-            f"{hooks.kind} layers return {type(out).__name__}, not the hidden state: our layer "
-            "split cannot run them"
+            f"{hooks.order.kind} layers return {type(out).__name__}, not the hidden state: our "
+            "layer split cannot run them"
         )
     if hooks.send_to is not None:
         out = mx.distributed.send(out, hooks.send_to, group=hooks.group)
@@ -192,20 +191,16 @@ def _gathered(h: mx.array, hooks: _Hooks) -> mx.array:
     return mx.distributed.all_gather(h, group=hooks.group)[: h.shape[0]]
 
 
-_Run = "Run"
-_PassThrough = "PassThrough"
-_Pass = "Pass"
-_CALLS = {_Run: _run, _PassThrough: _pass_through, _Pass: _pass}
-_classes: dict[tuple[type, str], type] = {}
+_classes: dict[tuple[type, Callable[..., Any]], type] = {}
 
 
-def _become(layer: nn.Module, role: str, hooks: _Hooks | _Order) -> None:
-    """Give `layer` (or the model) a subclass of its own class whose call is `role`'s."""
-    base = type(layer)
-    cls = _classes.get((base, role))
+def _become(obj: nn.Module, call: Callable[..., Any], hooks: _Hooks | _Order) -> None:
+    """Give `obj` (a layer, or the model) a subclass of its own class whose call is `call`."""
+    base = type(obj)
+    cls = _classes.get((base, call))
     if cls is None:
-        members = {"__call__": _CALLS[role], "_mlxfleet_base": base}
-        cls = type(f"Split{role}{base.__name__}", (base,), members)
-        _classes[(base, role)] = cls
-    object.__setattr__(layer, "_mlxfleet_split", hooks)  # a plain attribute, not a parameter
-    layer.__class__ = cls
+        members = {"__call__": call, "_mlxfleet_base": base}
+        cls = type(f"Split{base.__name__}{call.__name__}", (base,), members)
+        _classes[(base, call)] = cls
+    object.__setattr__(obj, "_mlxfleet_split", hooks)  # a plain attribute, not a parameter
+    obj.__class__ = cls

@@ -282,28 +282,20 @@ def old_hellos(layout: bool, ranks: tuple[int, ...] = (0, 1)) -> dict[str, pb.En
     """What the agents of nodes b (rank 0, 17 layers) and a (rank 1, 15) list after a
     coordinator restart for a group "old" of the model; `layout`: with the group's layout."""
     told = {"group_split": [17, 15], "group_nodes": ["b", "a"]} if layout else {}
-    hellos = {
-        "b": pb.EngineInfo(
-            engine_id="old",
+    return {
+        node: pb.EngineInfo(
+            engine_id="old" if rank == 0 else f"old-r{rank}",
             model="big",
             tier=pb.TIER_INTERACTIVE,
             state=pb.ENGINE_STATE_READY,
-            url="http://10.0.0.17:9000",
+            url="http://10.0.0.17:9000" if rank == 0 else "",  # only rank 0 serves
             group_id="old",
-            rank=0,
+            rank=rank,
             **told,
-        ),
-        "a": pb.EngineInfo(
-            engine_id="old-r1",
-            model="big",
-            tier=pb.TIER_INTERACTIVE,
-            state=pb.ENGINE_STATE_READY,
-            group_id="old",
-            rank=1,
-            **told,
-        ),
+        )
+        for node, rank in (("b", 0), ("a", 1))
+        if rank in ranks
     }
-    return {node: hellos[node] for node, rank in (("b", 0), ("a", 1)) if rank in ranks}
 
 
 def restarted(tmp_path: Path, hellos: dict[str, pb.EngineInfo]) -> GroupFleet:
